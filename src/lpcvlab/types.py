@@ -88,6 +88,19 @@ class InferenceResult:
     seconds: float
     job_id: str | None = None
     job_url: str | None = None
+    # Runtime-specific scores, logged as "<name>/<component>" (e.g. device_parity_cosine_min).
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """A remote job came into being or changed state; the pipeline records it as it happens."""
+
+    component: str
+    kind: str  # "compile" | "profile" | "inference" | "upload"
+    job_id: str
+    url: str | None = None
+    status: str | None = None  # e.g. "SUBMITTED", "SUCCESS", "FAILED: <reason>", "REUSED"
 
 
 @dataclass

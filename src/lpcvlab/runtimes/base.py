@@ -8,12 +8,22 @@ before waiting on any (``run_components``), a local one runs them in turn.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from lpcvlab.types import CompileResult, ComponentRun, ExportResult, InferenceResult, ProfileResult
+from lpcvlab.types import (
+    CompileResult,
+    ComponentRun,
+    ExportResult,
+    InferenceResult,
+    JobEvent,
+    ProfileResult,
+)
+
+JobListener = Callable[[JobEvent], None]
 
 
 @dataclass
@@ -30,7 +40,11 @@ class ComponentJob:
 
 @runtime_checkable
 class Runtime(Protocol):
+    """``job_listener``, when the pipeline sets it, is called for every remote job as soon as its
+    ID exists, so that a run that fails later still records the jobs it paid for."""
+
     name: str
+    job_listener: JobListener | None
 
     def compile(self, exported: ExportResult) -> CompileResult: ...
 
@@ -43,6 +57,8 @@ class Runtime(Protocol):
 
 class SequentialRuntime:
     """Mixin: compile -> profile -> infer, one component after the other."""
+
+    job_listener: JobListener | None = None
 
     def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
         runs: dict[str, ComponentRun] = {}
