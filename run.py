@@ -1,0 +1,15 @@
+"""Hydra entry point: ``python run.py`` (the Track 1 demo), ``python run.py -m ...`` (sweeps)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from lpcvlab.app import run_job
+
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

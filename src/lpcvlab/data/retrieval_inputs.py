@@ -1,0 +1,85 @@
+"""Turn Track 1 files into the tensors the deployed encoders receive.
+
+Images: exactly the organisers' upload path — PIL ``resize((224, 224))`` with PIL's default
+filter, ``/255``, NCHW float32; mean/std only when the preprocess config asks for it on the host.
+Text: CLIP BPE to ``(77,)`` int64 with SOT/EOT; longer captions are truncated and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from lpcvlab.data.lpcvc_track1 import ImageRow, Skip
+
+log = logging.getLogger(__name__)
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    size: int = 224
+    resample: str | None = None  # None = PIL's default for Image.resize (what the organisers use)
+    mean: tuple[float, float, float] | None = None  # applied on the host, before upload
+    std: tuple[float, float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.resample is not None and self.resample not in _RESAMPLE:
+            raise ValueError(f"preprocess.image.resample must be one of {sorted(_RESAMPLE)} or null")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("preprocess.image.mean and std must be set together")
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = img.convert("RGB")
+        size = (self.size, self.size)
+        img = img.resize(size) if self.resample is None else img.resize(size, _RESAMPLE[self.resample])
+        x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        if self.mean is not None:
+            mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+            std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+            x = (x - mean) / std
+        return x.astype(np.float32)
+
+
+def load_images(
+    rows: Sequence[ImageRow], preprocess: ImagePreprocess
+) -> tuple[np.ndarray, list[ImageRow], list[Skip]]:
+    """Decode every listed image; unreadable or truncated files are skipped and reported."""
+    arrays, kept, skipped = [], [], []
+    for row in tqdm(rows, desc="decode images", unit="img"):
+        try:
+            with Image.open(row.path) as img:
+                img.load()  # forces a full decode: a truncated file fails here, not later
+                arrays.append(preprocess(img))
+            kept.append(row)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            msg = f"unreadable image (row {row.row} of img_list.csv): {exc}"
+            log.warning("%s: %s; skipped", row.path, msg)
+            skipped.append(Skip(row.name, row.row, msg))
+    shape = (0, 3, preprocess.size, preprocess.size)
+    return (np.stack(arrays) if arrays else np.empty(shape, np.float32)), kept, skipped
+
+
+def tokenize(
+    captions: Sequence[str], tokenizer, context_length: int = 77
+) -> tuple[np.ndarray, list[int]]:
+    """CLIP BPE tokens ``(N, 77)`` int64, and the indices of captions that were truncated."""
+    encoder = getattr(tokenizer, "encode", None)
+    truncated = []
+    if encoder is not None:
+        for i, caption in enumerate(captions):
+            if len(encoder(caption)) + 2 > context_length:  # + SOT and EOT
+                truncated.append(i)
+    tokens = tokenizer(list(captions), context_length=context_length)
+    return np.asarray(tokens, dtype=np.int64), truncated

@@ -1,0 +1,138 @@
+"""open_clip backbones for Track 1 and their export wrappers.
+
+``backbone.pretrained`` is an open_clip tag (resolved from the local cache only: the Hugging Face
+cache or open_clip's URL cache), a checkpoint file path, or null (random init).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+from lpcvlab.errors import ConfigError
+from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
+
+log = logging.getLogger(__name__)
+
+CONTEXT_LENGTH = 77
+
+
+def _cached_checkpoint(model_name: str, tag: str, cache_dir: str | None) -> str | None:
+    """Path of the tag's checkpoint if it is already on disk; no network access."""
+    pcfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not pcfg:
+        raise ConfigError(
+            f"backbone.pretrained={tag!r} is not an open_clip tag for {model_name}; known tags: "
+            f"{open_clip.list_pretrained_tags_by_model(model_name)} (or give a file path, or null)"
+        )
+    hf = pcfg.get("hf_hub", "")
+    if hf:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(hf)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for name in names:
+            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = pcfg.get("url", "")
+    if url:
+        candidate = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def build_clip(backbone: Any) -> tuple[nn.Module, Any, str]:
+    """(model in eval mode, tokenizer, weights description) for a ``backbone`` config."""
+    name = backbone.model_name
+    tokenizer = tokenizer_for(backbone)
+    model_cfg = backbone.get("model_cfg")
+    pretrained = backbone.get("pretrained")
+    cache_dir = backbone.get("cache_dir")
+    if model_cfg is not None:  # a custom architecture (clip_tiny): nothing to download
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else model_cfg
+        model = open_clip.CLIP(**cfg)
+        weights = RANDOM
+        if pretrained:
+            _load_file(model, pretrained)
+            weights = str(pretrained)
+        else:
+            warn_random_weights(f"{backbone.name} ({name})", "backbone.pretrained is null")
+        return model.eval(), tokenizer, weights
+
+    if pretrained is None:
+        model = open_clip.create_model(name, pretrained=None)
+        warn_random_weights(f"{backbone.name} ({name})", "backbone.pretrained is null")
+        return model.eval(), tokenizer, RANDOM
+    pretrained = str(pretrained)
+    if looks_like_path(pretrained):
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(backbone.get("quick_gelu", False)))
+        _load_file(model, pretrained)
+        return model.eval(), tokenizer, pretrained
+    path = _cached_checkpoint(name, pretrained, cache_dir)
+    quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
+    if path is None:
+        warn_random_weights(
+            f"{backbone.name} ({name})",
+            f"open_clip weights {pretrained!r} are not in the local cache and nothing is "
+            "downloaded at run time; put the checkpoint in the cache or set "
+            "backbone.pretrained=/path/to/checkpoint",
+        )
+        return model.eval(), tokenizer, RANDOM
+    log.info("loading %s weights %r from %s", name, pretrained, path)
+    open_clip.load_checkpoint(model, path)
+    return model.eval(), tokenizer, pretrained
+
+
+def _load_file(model: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"backbone.pretrained={path}: no such checkpoint file")
+    log.info("loading weights from %s", path)
+    open_clip.load_checkpoint(model, path)
+
+
+class ImageEncoder(nn.Module):
+    """``image`` (1,3,H,W) in [0,1] as the organisers upload it -> image embedding.
+
+    When ``mean``/``std`` are given they are applied inside the graph, so that the deployed model
+    takes exactly the tensor the organisers send.
+    """
+
+    def __init__(self, model: nn.Module, mean=None, std=None) -> None:
+        super().__init__()
+        self.model = model
+        self.normalize = mean is not None
+        if self.normalize:
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.normalize:
+            image = (image - self.mean) / self.std
+        return self.model.encode_image(image)
+
+
+class TextEncoder(nn.Module):
+    """``text`` (1,77) int64 CLIP tokens -> text embedding (EOT pooled at the argmax token)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(text)
+
+
+def tokenizer_for(backbone: Any) -> Any:
+    """The CLIP BPE tokenizer of a backbone, without building the model."""
+    return open_clip.get_tokenizer(backbone.get("tokenizer") or backbone.model_name)

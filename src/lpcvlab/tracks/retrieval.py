@@ -1,0 +1,178 @@
+"""Track 1: rank captions for each image with CLIP encoders; score Recall@10 (official)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
+from lpcvlab.data.lpcvc_track1 import ImageRow, read_track1
+from lpcvlab.data.retrieval_inputs import ImagePreprocess, load_images, tokenize
+from lpcvlab.errors import ConfigError, DataError
+from lpcvlab.metrics import cosine_similarity, recall_at_k
+from lpcvlab.tracks.base import RunLog, TrackData
+from lpcvlab.types import Component, EvalResult, ModelBundle, TensorSpec
+
+log = logging.getLogger(__name__)
+
+IMAGE, TEXT = "image_encoder", "text_encoder"
+
+
+@dataclass
+class RetrievalPayload:
+    images: list[ImageRow]  # aligned with inputs[IMAGE]
+    text_ids: list[int]  # aligned with inputs[TEXT]
+    missing_text_ids: list[int]
+
+
+def image_settings(cfg: Any) -> Any:
+    image = cfg.preprocess.get("image")
+    if image is None:
+        raise ConfigError(
+            f"preprocess={cfg.preprocess.name} has no Track 1 image settings; "
+            "use preprocess=lpcvc_sample or preprocess=clip_mean_std with track=retrieval"
+        )
+    return image
+
+
+def host_preprocess(cfg: Any) -> ImagePreprocess:
+    """What happens to an image before upload; mean/std only when not baked into the model."""
+    image = image_settings(cfg)
+    on_host = image.mean is not None and not image.normalize_in_model
+    return ImagePreprocess(
+        size=int(image.size),
+        resample=image.resample,
+        mean=tuple(image.mean) if on_host else None,
+        std=tuple(image.std) if on_host else None,
+    )
+
+
+def _write_skips(path: Path, skips) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "row", "reason"])
+        w.writerows((s.file, s.row, s.reason) for s in skips)
+    return path
+
+
+class RetrievalTrack:
+    name = "retrieval"
+
+    def load_data(self, cfg: Any, work_dir: Path) -> TrackData:
+        data = cfg.data
+        if data.root is None:
+            raise ConfigError(
+                f"data={data.name} needs data.root=/path/to/track1 (the folder with "
+                f"{data.img_list}, {data.txt_list} and {data.images_dir}/)"
+            )
+        if data.get("demo"):
+            make_demo_retrieval_dataset(data.root, num_images=data.demo.num_images, seed=cfg.seed)
+        ds = read_track1(data.root, data.images_dir, data.img_list, data.txt_list)
+        images, kept, unreadable = load_images(ds.images, host_preprocess(cfg))
+        ds.skipped.extend(unreadable)
+        if not kept:
+            raise DataError(f"{ds.root}: no readable images; see the warnings above")
+
+        from lpcvlab.models.clip import CONTEXT_LENGTH, tokenizer_for
+
+        text_ids = list(ds.texts)
+        tokens, truncated = tokenize([ds.texts[t] for t in text_ids], tokenizer_for(cfg.backbone))
+        if truncated:
+            log.warning(
+                "%d caption(s) longer than %d tokens were truncated: text IDs %s",
+                len(truncated),
+                CONTEXT_LENGTH,
+                [text_ids[i] for i in truncated],
+            )
+        referenced = {t for r in kept for t in r.text_ids}
+        missing = sorted(referenced - set(text_ids))
+        stats = ds.stats() | {
+            "images": len(kept),
+            "skipped_images": len(ds.skipped),
+            "truncated_captions": len(truncated),
+            "missing_text_ids": len(missing),
+        }
+        reports = []
+        if ds.skipped:
+            reports.append(_write_skips(work_dir / "skipped.csv", ds.skipped))
+        return TrackData(
+            inputs={IMAGE: images, TEXT: tokens},
+            stats={k: float(v) for k, v in stats.items()},
+            reports=reports,
+            payload=RetrievalPayload(kept, text_ids, missing),
+        )
+
+    def build_model(self, cfg: Any) -> ModelBundle:
+        from lpcvlab.models.clip import CONTEXT_LENGTH, ImageEncoder, TextEncoder, build_clip
+
+        model, _, weights = build_clip(cfg.backbone)
+        image = image_settings(cfg)
+        bake = image.mean is not None and image.normalize_in_model
+        size = int(image.size)
+        return ModelBundle(
+            components=[
+                Component(
+                    IMAGE,
+                    ImageEncoder(model, image.mean if bake else None, image.std if bake else None),
+                    TensorSpec("image", (1, 3, size, size), "float32"),
+                ),
+                Component(
+                    TEXT, TextEncoder(model), TensorSpec("text", (1, CONTEXT_LENGTH), "int64")
+                ),
+            ],
+            weights=weights,
+            model=model,
+        )
+
+    def train(self, cfg: Any, bundle: ModelBundle, data: TrackData, run: RunLog) -> None:
+        raise ConfigError(
+            f"train={cfg.train.name} is not available for track=retrieval; use train=none"
+        )
+
+    def evaluate(
+        self, cfg: Any, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
+    ) -> EvalResult:
+        payload: RetrievalPayload = data.payload
+        img_emb, txt_emb = outputs[IMAGE], outputs[TEXT]
+        if len(img_emb) != len(payload.images) or len(txt_emb) != len(payload.text_ids):
+            raise DataError(
+                f"got {len(img_emb)} image / {len(txt_emb)} text embeddings for "
+                f"{len(payload.images)} images / {len(payload.text_ids)} texts"
+            )
+        sim = cosine_similarity(img_emb, txt_emb)
+        gt = [r.text_ids for r in payload.images]
+        ks = sorted({int(k) for k in cfg.track.recall_ks} | {10})
+        res = recall_at_k(sim, payload.text_ids, gt, ks=ks)
+        known = set(payload.text_ids)
+        best = float(np.mean([len(set(g) & known) / len(g) for g in gt]))
+        metrics = {f"recall_at_{k}": v for k, v in res.recall.items()}
+        metrics |= {"hit_at_10": res.hit_at_10, "best_achievable_recall_at_10": best}
+
+        per_image = work_dir / "per_image_results.csv"
+        with open(per_image, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "csv_row", "ground_truth_ids", "top10_ids", "hits_at_10"]
+                       + [f"recall_at_{k}" for k in ks])
+            for i, row in enumerate(payload.images):
+                w.writerow(
+                    [row.name, row.row, ";".join(map(str, row.text_ids)),
+                     ";".join(map(str, res.top10[i].tolist())), int(res.per_image_hits[i])]
+                    + [f"{res.per_image_recall[k][i]:.6f}" for k in ks]
+                )
+        emb = work_dir / "embeddings.h5"
+        with h5py.File(emb, "w") as f:
+            f["image_embeddings"] = img_emb
+            f["text_embeddings"] = txt_emb
+            f["image_names"] = np.array([r.name for r in payload.images], dtype=h5py.string_dtype())
+            f["text_ids"] = np.asarray(payload.text_ids, dtype=np.int64)
+        return EvalResult(
+            metrics=metrics,
+            artifacts=[per_image, emb],
+            summary={"missing_text_ids": payload.missing_text_ids},
+        )
