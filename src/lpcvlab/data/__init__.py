@@ -1,0 +1,1 @@
+"""Data readers, writers and generators for both tracks (one module per format)."""
