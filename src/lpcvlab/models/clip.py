@@ -6,8 +6,10 @@ cache or open_clip's URL cache), a checkpoint file path, or null (random init).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,25 @@ def _cached_checkpoint(model_name: str, tag: str, cache_dir: str | None) -> str 
     return None
 
 
+@contextlib.contextmanager
+def _quiet_root() -> Iterator[None]:
+    """open_clip narrates model creation at INFO on the root logger; keep its warnings only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def build_clip(backbone: Any) -> tuple[nn.Module, Any, str]:
     """(model in eval mode, tokenizer, weights description) for a ``backbone`` config."""
+    with _quiet_root():
+        return _build_clip(backbone)
+
+
+def _build_clip(backbone: Any) -> tuple[nn.Module, Any, str]:
     name = backbone.model_name
     tokenizer = tokenizer_for(backbone)
     model_cfg = backbone.get("model_cfg")

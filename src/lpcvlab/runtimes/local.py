@@ -8,6 +8,7 @@ It writes its profile in the shape AI Hub's ``ProfileJob.download_profile()`` re
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import statistics
 import threading
 import time
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from lpcvlab.errors import RuntimeStageError
 from lpcvlab.profile import parse_profile
 from lpcvlab.runtimes.base import SequentialRuntime
-from lpcvlab.types import CompileResult, ExportResult, InferenceResult, ProfileResult
+from lpcvlab.types import CompileResult, ExportResult, InferenceResult, ProfileResult, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class _PeakRss:
         self._thread.join()
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
+    def peak_now(self) -> int:
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return self.peak
+
     @property
     def delta(self) -> int:
         return max(0, self.peak - self.baseline)
@@ -75,22 +80,19 @@ class LocalRuntime(SequentialRuntime):
         self.warmup_iterations = warmup_iterations
         self.profile_iterations = profile_iterations
         self.intra_op_threads = intra_op_threads
-        self._load_bytes: dict[str, int] = {}
 
     def compile(self, exported: ExportResult) -> CompileResult:
         opts = ort.SessionOptions()
         if self.intra_op_threads:
             opts.intra_op_num_threads = int(self.intra_op_threads)
         try:
-            with _PeakRss() as mem:
-                session = ort.InferenceSession(
-                    str(exported.path), sess_options=opts, providers=["CPUExecutionProvider"]
-                )
+            session = ort.InferenceSession(
+                str(exported.path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeStageError(
                 f"ONNX Runtime could not load {exported.path} ({exported.component}): {exc}"
             ) from exc
-        self._load_bytes[exported.component] = mem.delta
         return CompileResult(
             component=exported.component,
             runtime="onnxruntime",
@@ -99,53 +101,77 @@ class LocalRuntime(SequentialRuntime):
             exported=exported,
         )
 
-    def _feed(self, compiled: CompileResult, sample: np.ndarray) -> dict[str, np.ndarray]:
-        spec = compiled.exported.input
-        return {spec.name: np.ascontiguousarray(sample, dtype=spec.dtype)}
-
     def profile(self, compiled: CompileResult) -> ProfileResult:
-        spec = compiled.exported.input
-        rng = np.random.default_rng(0)
-        if np.issubdtype(np.dtype(spec.dtype), np.integer):
-            sample = rng.integers(0, 1000, size=spec.shape)
-        else:
-            sample = rng.random(spec.shape, dtype=np.float32)
-        feed = self._feed(compiled, sample)
-        session = compiled.handle
-        for _ in range(self.warmup_iterations):
-            session.run(None, feed)
-        times_us: list[float] = []
-        with _PeakRss() as mem:
-            for _ in tqdm(
-                range(self.profile_iterations),
-                desc=f"profile {compiled.component}",
-                leave=False,
-                unit="it",
-            ):
-                t0 = time.perf_counter()
-                session.run(None, feed)
-                times_us.append((time.perf_counter() - t0) * 1e6)
-        low = self._load_bytes.get(compiled.component, 0)
+        """Timed runs in a fresh process, so memory is the model's own and not what this
+        process's allocator kept from earlier stages."""
+        exported = compiled.exported
+        log.info(
+            "profiling %s: %d warm-up + %d timed runs in a fresh process",
+            compiled.component,
+            self.warmup_iterations,
+            self.profile_iterations,
+        )
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            stats = pool.apply(
+                _profile_in_child,
+                (
+                    str(exported.path),
+                    exported.input,
+                    self.warmup_iterations,
+                    self.profile_iterations,
+                    self.intra_op_threads,
+                ),
+            )
+        times_us = stats["times_us"]
         raw = {
             "execution_summary": {
                 "estimated_inference_time": int(round(statistics.median(times_us))),
                 "all_inference_times": [int(round(t)) for t in times_us],
-                "inference_memory_peak_range": [int(min(low, mem.delta)), int(max(low, mem.delta))],
+                "inference_memory_peak_range": [stats["load_bytes"], stats["peak_bytes"]],
                 "warmup_iterations": self.warmup_iterations,
                 "measured_on": "host_cpu (onnxruntime CPUExecutionProvider)",
             },
-            "execution_detail": _execution_detail(compiled.exported.path),
+            "execution_detail": _execution_detail(exported.path),
         }
         return parse_profile(compiled.component, raw)
 
     def infer(self, compiled: CompileResult, inputs: np.ndarray) -> InferenceResult:
         session = compiled.handle
+        spec = compiled.exported.input
         t0 = time.perf_counter()
         outputs: list[np.ndarray] = []
         for i in tqdm(range(len(inputs)), desc=f"infer {compiled.component}", unit="sample"):
-            outputs.append(session.run(None, self._feed(compiled, inputs[i : i + 1]))[0])
+            feed = {spec.name: np.ascontiguousarray(inputs[i : i + 1], dtype=spec.dtype)}
+            outputs.append(session.run(None, feed)[0])
         stacked = np.concatenate(outputs, axis=0) if outputs else np.empty((0,))
         return InferenceResult(compiled.component, stacked, time.perf_counter() - t0)
+
+
+def _profile_in_child(
+    path: str, spec: TensorSpec, warmup: int, iterations: int, threads: int | None
+) -> dict[str, Any]:
+    """Load, warm up and time one model; memory above this fresh process's baseline."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    rng = np.random.default_rng(0)
+    if np.issubdtype(np.dtype(spec.dtype), np.integer):
+        sample = rng.integers(0, 1000, size=spec.shape).astype(spec.dtype)
+    else:
+        sample = rng.random(spec.shape, dtype=np.float32).astype(spec.dtype)
+    feed = {spec.name: sample}
+    with _PeakRss() as mem:
+        session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        load_bytes = mem.peak_now() - mem.baseline
+        for _ in range(warmup):
+            session.run(None, feed)
+        times_us: list[float] = []
+        for _ in range(iterations):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times_us.append((time.perf_counter() - t0) * 1e6)
+    return {"times_us": times_us, "load_bytes": max(0, load_bytes), "peak_bytes": mem.delta}
 
 
 def _execution_detail(path: Any) -> list[dict[str, Any]]:
