@@ -7,10 +7,10 @@ deployed.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import contextlib
+import hashlib
 import io
+import logging
 import shutil
 import tempfile
 import time

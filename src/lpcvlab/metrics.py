@@ -59,7 +59,10 @@ def recall_at_k(
     per_image: dict[int, np.ndarray] = {}
     for k in ks:
         per_image[k] = np.array(
-            [len(set(ranked[i, :k].tolist()) & set(gt)) / len(set(gt)) for i, gt in enumerate(ground_truth)]
+            [
+                len(set(ranked[i, :k].tolist()) & set(gt)) / len(set(gt))
+                for i, gt in enumerate(ground_truth)
+            ]
         )
     hits10 = np.array(
         [len(set(ranked[i, :10].tolist()) & set(gt)) for i, gt in enumerate(ground_truth)]

@@ -65,7 +65,11 @@ def git_info(cwd: Path | None = None) -> dict[str, str]:
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
-    return {"git_commit": commit, "git_dirty": str(dirty).lower(), "mlflow.source.git.commit": commit}
+    return {
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "mlflow.source.git.commit": commit,
+    }
 
 
 def resolve_uri(uri: str) -> str:

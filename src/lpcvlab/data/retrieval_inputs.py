@@ -36,14 +36,20 @@ class ImagePreprocess:
 
     def __post_init__(self) -> None:
         if self.resample is not None and self.resample not in _RESAMPLE:
-            raise ValueError(f"preprocess.image.resample must be one of {sorted(_RESAMPLE)} or null")
+            raise ValueError(
+                f"preprocess.image.resample must be one of {sorted(_RESAMPLE)} or null"
+            )
         if (self.mean is None) != (self.std is None):
             raise ValueError("preprocess.image.mean and std must be set together")
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         img = img.convert("RGB")
         size = (self.size, self.size)
-        img = img.resize(size) if self.resample is None else img.resize(size, _RESAMPLE[self.resample])
+        img = (
+            img.resize(size)
+            if self.resample is None
+            else img.resize(size, _RESAMPLE[self.resample])
+        )
         x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
         if self.mean is not None:
             mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]

@@ -38,7 +38,11 @@ def _cached_checkpoint(model_name: str, tag: str, cache_dir: str | None) -> str 
         from huggingface_hub import try_to_load_from_cache
 
         repo, filename = os.path.split(hf)
-        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        names = (
+            [filename]
+            if filename
+            else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        )
         for name in names:
             found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
             if isinstance(found, str) and os.path.isfile(found):
@@ -78,7 +82,11 @@ def _build_clip(backbone: Any) -> tuple[nn.Module, Any, str]:
     if model_cfg is not None:  # a custom architecture (clip_tiny): nothing to download
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.to_container(model_cfg, resolve=True) if not isinstance(model_cfg, dict) else model_cfg
+        cfg = (
+            OmegaConf.to_container(model_cfg, resolve=True)
+            if not isinstance(model_cfg, dict)
+            else model_cfg
+        )
         model = open_clip.CLIP(**cfg)
         weights = RANDOM
         if pretrained:
@@ -94,7 +102,9 @@ def _build_clip(backbone: Any) -> tuple[nn.Module, Any, str]:
         return model.eval(), tokenizer, RANDOM
     pretrained = str(pretrained)
     if looks_like_path(pretrained):
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(backbone.get("quick_gelu", False)))
+        model = open_clip.create_model(
+            name, pretrained=None, force_quick_gelu=bool(backbone.get("quick_gelu", False))
+        )
         _load_file(model, pretrained)
         return model.eval(), tokenizer, pretrained
     path = _cached_checkpoint(name, pretrained, cache_dir)

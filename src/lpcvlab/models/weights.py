@@ -27,4 +27,8 @@ def warn_random_weights(what: str, why: str) -> None:
 
 
 def looks_like_path(value: str) -> bool:
-    return "/" in value or "\\" in value or Path(value).suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+    return (
+        "/" in value
+        or "\\" in value
+        or Path(value).suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+    )

@@ -157,12 +157,19 @@ class RetrievalTrack:
         per_image = work_dir / "per_image_results.csv"
         with open(per_image, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["image", "csv_row", "ground_truth_ids", "top10_ids", "hits_at_10"]
-                       + [f"recall_at_{k}" for k in ks])
+            w.writerow(
+                ["image", "csv_row", "ground_truth_ids", "top10_ids", "hits_at_10"]
+                + [f"recall_at_{k}" for k in ks]
+            )
             for i, row in enumerate(payload.images):
                 w.writerow(
-                    [row.name, row.row, ";".join(map(str, row.text_ids)),
-                     ";".join(map(str, res.top10[i].tolist())), int(res.per_image_hits[i])]
+                    [
+                        row.name,
+                        row.row,
+                        ";".join(map(str, row.text_ids)),
+                        ";".join(map(str, res.top10[i].tolist())),
+                        int(res.per_image_hits[i]),
+                    ]
                     + [f"{res.per_image_recall[k][i]:.6f}" for k in ks]
                 )
         emb = work_dir / "embeddings.h5"

@@ -1,0 +1,41 @@
+"""Shared fixtures: composed configs (as the Lightning-Hydra template does) and tiny settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def tiny_overrides(tmp: Path, demo: bool = True) -> list[str]:
+    """A Track 1 run that takes seconds: clip_tiny, few images, few timed iterations."""
+    return [
+        *(["data.demo.num_images=12"] if demo else []),
+        "backbone=clip_tiny",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.artifact_root={tmp}/artifacts",
+        f"paths.cache_dir={tmp}/cache",
+        "hub.profile_iterations=3",
+        "hub.warmup_iterations=1",
+        "export.parity_samples=4",
+    ]
+
+
+@pytest.fixture
+def cfg_factory(tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str, demo: bool = True) -> DictConfig:
+        return compose_config(*overrides, *tiny_overrides(tmp_path, demo=demo))
+
+    return make
