@@ -44,9 +44,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urljoin
 
 import numpy as np
 import onnx
@@ -306,11 +307,6 @@ def load_client_config() -> qai_hub.ClientConfig:
     )
 
 
-def make_client(config: qai_hub.ClientConfig | None = None) -> qai_hub.Client:
-    """A ``qai_hub.Client`` bound to an explicit config (never the module-global one)."""
-    return qai_hub.Client(config=config or load_client_config())
-
-
 class _Redactor:
     """Removes the API token from any text that leaves this module."""
 
@@ -397,6 +393,42 @@ def call_with_retries(
             raise RuntimeStageError(f"AI Hub: {what} failed{tries}: {message}") from None
 
 
+class HubClient(qai_hub.Client):
+    """A ``qai_hub.Client`` whose ``get_job`` survives a network blip.
+
+    ``submit_*_job`` creates a job and then fetches it with ``get_job``. Were that fetch to fail,
+    retrying the whole submission would create -- and bill -- a second job; so the fetch itself
+    is retried here, and every fetched ID is noted, so that a submission that still fails can
+    tell whether its job exists (:meth:`AIHubRuntime._submit`).
+    """
+
+    def __init__(
+        self, config: qai_hub.ClientConfig, retries: int = 5, backoff_s: float = 2.0
+    ) -> None:
+        super().__init__(config=config)
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.fetched_job_ids: list[str] = []
+        self._redact = _Redactor(config.api_token)
+
+    def get_job(self, job_id: str, job_type: Any = None) -> Any:  # type: ignore[override]
+        self.fetched_job_ids.append(job_id)
+        parent = super()
+        return call_with_retries(
+            lambda: parent.get_job(job_id, job_type),
+            f"fetching job {job_id}",
+            self.retries,
+            self.backoff_s,
+            self._redact,
+            passthrough=(hub_client.UserError,),
+        )
+
+
+def make_client(config: qai_hub.ClientConfig | None = None) -> HubClient:
+    """A client bound to an explicit config (never the module-global one)."""
+    return HubClient(config or load_client_config())
+
+
 def list_devices(
     client: qai_hub.Client | None = None,
     attributes: Sequence[str] = (),
@@ -476,6 +508,15 @@ def _array_digest(x: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------- runtime
+
+
+class _CreatedButUnfetched(Exception):
+    """A submission created its job, then lost the connection before it could be fetched."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -577,6 +618,9 @@ class AIHubRuntime:
         self.track = track
         self.job_listener: JobListener | None = None
         config = client.config  # raises the client's own error when it has none
+        if isinstance(client, HubClient):
+            client.retries = int(self.settings.retries)
+            client.backoff_s = float(self.settings.retry_backoff_s)
         self._redact = _Redactor(config.api_token)
         self._api_url = config.api_url
         self._hub_device = qai_hub.Device(name=device)
@@ -617,7 +661,7 @@ class AIHubRuntime:
             if not cache_dir:
                 raise ConfigError("set paths.cache_dir (or hub.ledger_path) for the AI Hub ledger")
             ledger_path = Path(cache_dir) / "aihub_ledger.jsonl"
-        client = make_client(load_client_config())
+        client = HubClient(load_client_config(), settings.retries, settings.retry_backoff_s)
         return cls(
             client=client,
             device=str(device),
@@ -687,6 +731,22 @@ class AIHubRuntime:
             self._redact,
             passthrough,
         )
+
+    def _submit(self, fn: Callable[[], T], what: str) -> T:
+        """Submit a job, retrying only while no job exists yet (see :class:`HubClient`)."""
+        fetched = getattr(self.client, "fetched_job_ids", None)
+
+        def attempt() -> T:
+            seen = len(fetched) if fetched is not None else 0
+            try:
+                return fn()
+            except Exception as exc:
+                created = fetched[seen:] if fetched is not None else []
+                if created:
+                    raise _CreatedButUnfetched(created[-1], _plain(self._redact(exc))) from None
+                raise
+
+        return self._call(attempt, what, passthrough=(_CreatedButUnfetched,))
 
     def _emit(self, component: str, kind: str, job_id: str, url: str | None, status: str) -> None:
         if self.job_listener is not None:
@@ -769,20 +829,27 @@ class AIHubRuntime:
                 self._emit(state.component, kind, job.job_id, job.url, how)
         if job is None:
             self._ensure_device()
-            job = submit()
-            entry = self.ledger.record(
-                LedgerEntry(
-                    key=key,
-                    kind=kind,
-                    component=state.component,
-                    job_id=job.job_id,
-                    status=SUBMITTED,
-                    device=self.device,
-                    options=options,
-                    inputs=inputs,
-                    url=job.url,
-                )
+            new_entry = LedgerEntry(
+                key=key,
+                kind=kind,
+                component=state.component,
+                job_id="",
+                status=SUBMITTED,
+                device=self.device,
+                options=options,
+                inputs=inputs,
             )
+            try:
+                job = submit()
+            except _CreatedButUnfetched as lost:
+                url = urljoin(self.client.config.web_url, f"jobs/{lost.job_id}/")
+                self.ledger.record(replace(new_entry, job_id=lost.job_id, url=url))
+                self._emit(state.component, kind, lost.job_id, url, SUBMITTED)
+                raise RuntimeStageError(
+                    f"{state.component}: AI Hub created {kind} job {lost.job_id} ({url}) but "
+                    f"fetching it failed: {lost.reason}. It is in the ledger; rerun to pick it up."
+                ) from None
+            entry = self.ledger.record(replace(new_entry, job_id=job.job_id, url=job.url))
             log.info(
                 "AI Hub: submitted %s job %s for %s (%s)",
                 kind,
@@ -898,7 +965,7 @@ class AIHubRuntime:
 
         def submit() -> Any:
             model = self._upload_model(state)
-            return self._call(
+            return self._submit(
                 lambda: self.client.submit_compile_job(
                     model,
                     device=self._hub_device,
@@ -1045,7 +1112,7 @@ class AIHubRuntime:
             model = self._target_model(handle)
             name = self._job_name(state.component, "profile")
             if "profile" in self._inference_kwargs:  # qai-hub >= 0.56: profiling is inference
-                return self._call(
+                return self._submit(
                     lambda: self.client.submit_inference_job(
                         model,
                         device=self._hub_device,
@@ -1056,7 +1123,7 @@ class AIHubRuntime:
                     ),
                     f"submitting the profile job of {state.component}",
                 )
-            return self._call(
+            return self._submit(
                 lambda: self.client.submit_profile_job(
                     model, device=self._hub_device, name=name, options=options
                 ),
@@ -1145,7 +1212,7 @@ class AIHubRuntime:
             dataset.dataset_id,
         )
         model = self._target_model(handle)
-        return self._call(
+        return self._submit(
             lambda: self.client.submit_inference_job(
                 model,
                 device=self._hub_device,

@@ -1,0 +1,612 @@
+"""A fake Qualcomm AI Hub behind the real ``qai_hub`` client: only the HTTP transport is faked.
+
+``FakeAIHub.install(monkeypatch)`` replaces ``requests.adapters.HTTPAdapter.send`` -- the one
+place every request of the client goes through, the AI Hub REST API and the pre-signed storage
+uploads and downloads alike -- with a router that answers with the client's own protobuf
+messages. Everything above it (``qai_hub.Client``, jobs, models, datasets, protobuf parsing,
+multipart uploads, h5 datasets, error mapping) runs for real. Nothing reaches the network: an
+unknown route fails the test.
+
+The fake behaves like the service where the runtime relies on it:
+
+- compile jobs read the uploaded ONNX model (a file or a zipped ``.onnx`` directory), apply
+  ``--truncate_64bit_io``, ``--force_channel_last_input`` and ``--output_names`` to the target
+  model's I/O, and take ``steps`` status polls to finish;
+- inference jobs reject a dataset whose shape or dtype differs from the compiled input (as the
+  device would), run the model with ONNX Runtime (channel-last inputs transposed back) and add a
+  small deterministic error, as a device would;
+- profile jobs return a ``ProfileDetail`` (µs, bytes, per-layer compute units).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h5py
+import numpy as np
+import onnx
+import onnxruntime as ort
+import qai_hub.public_api_pb2 as pb
+import requests
+from google.protobuf.timestamp_pb2 import Timestamp
+from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
+from requests.adapters import HTTPAdapter
+from requests.structures import CaseInsensitiveDict
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+STORAGE = "fake-storage.invalid"
+DEVICES = ("XR2 Gen 2 (Proxy)", "Dragonwing IQ-9075 EVK", "Samsung Galaxy S25")
+
+_TARGET_TYPES = {
+    "qnn_dlc": pb.MODEL_TYPE_QNN_DLC,
+    "qnn_context_binary": pb.MODEL_TYPE_QNN_CONTEXT_BINARY,
+    "tflite": pb.MODEL_TYPE_TFLITE,
+    "onnx": pb.MODEL_TYPE_ONNX,
+    "precompiled_qnn_onnx": pb.MODEL_TYPE_ONNX,
+}
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+}
+
+
+def _now() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def _later(days: int = 30) -> Timestamp:
+    ts = _now()
+    ts.seconds += days * 86400
+    return ts
+
+
+def _tensor_list(specs: list[tuple[str, tuple[int, ...], str]]) -> pb.NamedTensorTypeList:
+    from qai_hub.api_utils import get_type_value_from_str
+
+    return pb.NamedTensorTypeList(
+        types=[
+            pb.NamedTensorType(
+                name=name,
+                tensor_type=pb.TensorType(shape=list(shape), dtype=get_type_value_from_str(dtype)),
+            )
+            for name, shape, dtype in specs
+        ]
+    )
+
+
+def _options(options: str) -> dict[str, str]:
+    tokens = options.split()
+    out: dict[str, str] = {}
+    for i, tok in enumerate(tokens):
+        if tok.startswith("--"):
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+            out[tok] = "" if nxt.startswith("--") else nxt
+    return out
+
+
+@dataclass
+class FakeModel:
+    model_id: str
+    name: str
+    model_type: int
+    is_directory: bool = False
+    data: bytes = b""
+    # compiled models only
+    onnx_bytes: bytes = b""  # the source graph, runnable (external data folded in)
+    inputs: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+    outputs: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+    source_input: tuple[str, tuple[int, ...], str] | None = None
+    channel_last: bool = False
+    producer_id: str = ""
+
+    def pb(self) -> pb.Model:
+        model = pb.Model(
+            model_id=self.model_id,
+            name=self.name,
+            model_type=self.model_type,
+            creation_time=_now(),
+            is_directory=self.is_directory,
+            file_upload_complete=True,
+            producer_id=self.producer_id,
+        )
+        if self.inputs:
+            model.input_spec.CopyFrom(_tensor_list(self.inputs))
+            model.output_spec.CopyFrom(_tensor_list(self.outputs))
+        return model
+
+
+@dataclass
+class FakeJob:
+    job_id: str
+    kind: str  # "compile" | "inference"
+    request: Any  # the CompileJob / InferenceJob protobuf the client sent
+    device: str
+    profiling: bool = False
+    polls: int = 0
+    state: int = pb.JOB_STATE_CREATED
+    failure: str = ""
+    target_model_id: str = ""
+    output_dataset_id: str = ""
+    created_seq: int = 0
+    done_seq: int | None = None
+
+
+class FakeAIHub:
+    """State and routes of the fake service; see the module docstring."""
+
+    def __init__(self, token: str, steps: int = 3, noise: float = 1e-4) -> None:
+        self.token = token
+        self.steps = steps  # status polls (GET jobs/<id>) a job takes before it finishes
+        self.noise = noise  # relative error added to device outputs
+        self.models: dict[str, FakeModel] = {}
+        self.datasets: dict[str, bytes] = {}
+        self.dataset_names: dict[str, str] = {}
+        self.jobs: dict[str, FakeJob] = {}
+        self.shared: dict[str, list[str]] = {}
+        self.requests: list[tuple[str, str]] = []  # (method, url) in order
+        self.hold = False  # keep every job running (simulates a slow queue)
+        self.compile_failures: dict[str, str] = {}  # model name fragment -> failure reason
+        self.inference_failures: dict[str, str] = {}  # job name fragment -> failure reason
+        self.profile_detail: Callable[[FakeJob], pb.ProfileDetail] = self._profile_detail
+        self._errors: list[tuple[Callable[[str, str], bool], int, type[Exception]]] = []
+        self._uploads: dict[str, bytes] = {}
+        self._seq = 0
+        self._ids = 0
+
+    # ------------------------------------------------------------------ test controls
+
+    def install(self, monkeypatch: Any) -> None:
+        """Route every HTTP request of this process through the fake."""
+        fake = self
+
+        def send(adapter: HTTPAdapter, request: requests.PreparedRequest, **kwargs: Any) -> Any:
+            return fake.handle(request)
+
+        monkeypatch.setattr(HTTPAdapter, "send", send)
+
+    def fail_requests(
+        self,
+        match: Callable[[str, str], bool],
+        times: int = 1,
+        exc: type[Exception] = requests.exceptions.ConnectionError,
+    ) -> None:
+        """The next ``times`` requests for which ``match(method, path)`` holds raise ``exc``."""
+        self._errors.append((match, times, exc))
+
+    def count(self, method: str, pattern: str) -> int:
+        """How many requests matched ``method`` and the URL path regex ``pattern``."""
+        return sum(
+            1 for m, url in self.requests if m == method and re.search(pattern, urlsplit(url).path)
+        )
+
+    def jobs_of(self, kind: str, profiling: bool | None = None) -> list[FakeJob]:
+        return [
+            j
+            for j in self.jobs.values()
+            if j.kind == kind and (profiling is None or j.profiling == profiling)
+        ]
+
+    # ------------------------------------------------------------------ transport
+
+    def _new_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}{self._ids:05d}"
+
+    def handle(self, request: requests.PreparedRequest) -> requests.Response:
+        method = request.method or "GET"
+        url = request.url or ""
+        self.requests.append((method, url))
+        parts = urlsplit(url)
+        for i, (match, times, exc) in enumerate(self._errors):
+            if times > 0 and match(method, parts.path):
+                self._errors[i] = (match, times - 1, exc)
+                raise exc(f"simulated network failure for {method} {parts.path}", request=request)
+        body = request.body
+        if hasattr(body, "read"):
+            body = body.read()
+        if isinstance(body, str):
+            body = body.encode()
+        body = body or b""
+        if parts.hostname == STORAGE:
+            return self._storage(request, method, parts.path, body)
+        if request.headers.get("Authorization") != f"token {self.token}":
+            return self._reply(request, 401, b'{"detail": "Invalid token."}', "application/json")
+        path = parts.path
+        if not path.startswith("/api/v1/"):
+            raise AssertionError(f"unexpected request {method} {url}")
+        route = path[len("/api/v1/") :].strip("/").split("/")
+        params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        handler = getattr(self, f"_{method.lower()}_{route[0]}", None)
+        if handler is None:
+            raise AssertionError(f"unexpected request {method} {url}")
+        result = handler(route[1:], params, body)
+        if isinstance(result, requests.Response):
+            return result
+        status, message = result if isinstance(result, tuple) else (200, result)
+        return self._reply(request, status, message.SerializeToString())
+
+    @staticmethod
+    def _reply(
+        request: requests.PreparedRequest,
+        status: int,
+        content: bytes,
+        content_type: str = "application/x-protobuf",
+        headers: dict[str, str] | None = None,
+    ) -> requests.Response:
+        response = requests.Response()
+        response.status_code = status
+        response.reason = "OK" if status < 400 else "Error"
+        response.headers = CaseInsensitiveDict(
+            {"Content-Type": content_type, "Content-Length": str(len(content)), **(headers or {})}
+        )
+        response.raw = io.BytesIO(content)
+        response.url = request.url or ""
+        response.request = request
+        return response
+
+    def _storage(
+        self, request: requests.PreparedRequest, method: str, path: str, body: bytes
+    ) -> requests.Response:
+        if method == "PUT":  # a part of a multipart model upload
+            self._uploads[path] = body
+            return self._reply(request, 200, b"", "text/plain", {"ETag": f'"etag-{len(body)}"'})
+        if method == "POST":  # a form upload of a dataset
+            decoder = MultipartDecoder(body, request.headers["content-type"])
+            for part in decoder.parts:
+                disposition = part.headers.get(b"Content-Disposition", b"").decode()
+                if 'name="file"' in disposition:
+                    self.datasets[path.rsplit("/", 1)[-1]] = part.content
+            return self._reply(request, 204, b"", "text/plain")
+        if method == "GET":
+            dataset_id = path.strip("/").split("/")[1]
+            return self._reply(request, 200, self.datasets[dataset_id], "application/x-hdf5")
+        raise AssertionError(f"unexpected storage request {method} {path}")
+
+    # ------------------------------------------------------------------ devices
+
+    def _get_devices(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        name = params.get("name", "")
+        devices = pb.DeviceList()
+        for device in DEVICES:
+            if not name or name == device:
+                devices.devices.append(
+                    pb.Device(
+                        name=device,
+                        os="14",
+                        attributes=[
+                            "framework:qnn",
+                            "framework:onnx",
+                            "framework:tflite",
+                            "os:android",
+                        ],
+                    )
+                )
+        devices.total_query_count = len(devices.devices)
+        return devices
+
+    # ------------------------------------------------------------------ models
+
+    def _post_models(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        if not route:
+            request = pb.Model()
+            request.ParseFromString(body)
+            model_id = self._new_id("m")
+            self.models[model_id] = FakeModel(
+                model_id, request.name, request.model_type, request.is_directory
+            )
+            return pb.CreateUpdateResponse(id=model_id, creation_time=_now())
+        model_id, action = route[0], route[1]
+        assert action == "multipart_upload"
+        complete = pb.FileMultipartUploadComplete()
+        complete.ParseFromString(body)
+        assert complete.upload_id == f"upload-{model_id}" and len(complete.etags) == 1
+        self.models[model_id].data = self._uploads.pop(f"/models/{model_id}/part0")
+        return pb.CreateUpdateResponse(id=model_id)
+
+    def _get_models(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        model_id = route[0]
+        if len(route) == 1:
+            return self.models[model_id].pb()
+        assert route[1] == "multipart_upload"
+        size = int(params["file_size"])
+        return pb.FileUploadResponse(
+            multipart_url=pb.FileMultipartUploadURL(
+                urls=[f"https://{STORAGE}/models/{model_id}/part0"],
+                upload_id=f"upload-{model_id}",
+                max_part_size=max(size, 1),
+            )
+        )
+
+    # ------------------------------------------------------------------ datasets
+
+    def _post_datasets(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        request = pb.Dataset()
+        request.ParseFromString(body)
+        dataset_id = self._new_id("d")
+        self.dataset_names[dataset_id] = request.name
+        return pb.CreateUpdateResponse(
+            id=dataset_id, creation_time=_now(), expiration_time=_later()
+        )
+
+    def _patch_datasets(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        assert route[0] in self.datasets, "dataset confirmed before its upload"
+        return pb.CreateUpdateResponse(id=route[0])
+
+    def _get_datasets(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        dataset_id = route[0]
+        if len(route) == 1:
+            return pb.Dataset(
+                dataset_id=dataset_id,
+                name=self.dataset_names.get(dataset_id, "outputs"),
+                creation_time=_now(),
+                expiration_time=_later(),
+            )
+        if route[1] == "upload_url":
+            return pb.FileUploadResponse(
+                url=pb.FileUploadURL(
+                    url=f"https://{STORAGE}/datasets/{dataset_id}",
+                    file_field_name="file",
+                    fields={"key": f"datasets/{dataset_id}.h5"},
+                )
+            )
+        assert route[1] == "download_data"
+        return pb.FileDownloadResponse(
+            url=pb.FileDownloadURL(
+                url=f"https://{STORAGE}/datasets/{dataset_id}/data", filename=f"{dataset_id}.h5"
+            )
+        )
+
+    # ------------------------------------------------------------------ jobs
+
+    def _post_jobs(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        request = pb.Job()
+        request.ParseFromString(body)
+        self._seq += 1
+        which = request.WhichOneof("job")
+        job_id = self._new_id("j")
+        if which == "compile_job":
+            job = FakeJob(
+                job_id, "compile", request.compile_job, request.compile_job.devices.devices[0].name
+            )
+            # Like the service (?seed_target_model=true), the target model exists from the start;
+            # the compiler fills it in when the job finishes.
+            assert params.get("seed_target_model") == "true"
+            target = _options(request.compile_job.options).get("--target_runtime", "tflite")
+            source = self.models[request.compile_job.model.model_id]
+            job.target_model_id = self._new_id("m")
+            self.models[job.target_model_id] = FakeModel(
+                job.target_model_id,
+                f"{source.name}.{target}",
+                _TARGET_TYPES[target],
+                producer_id=job_id,
+            )
+        elif which == "inference_job":
+            inference = request.inference_job
+            job = FakeJob(
+                job_id,
+                "inference",
+                inference,
+                inference.device.name,
+                profiling=inference.is_profiling_on,
+            )
+        else:
+            raise AssertionError(f"unexpected job type {which}")
+        job.created_seq = self._seq
+        self.jobs[job_id] = job
+        return pb.CreateUpdateResponse(id=job_id, creation_time=_now())
+
+    def _patch_jobs(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        job_id, action = route[0], route[1]
+        assert action == "shared_access"
+        change = pb.SharedAccessChange()
+        change.ParseFromString(body)
+        self.shared.setdefault(job_id, []).extend(change.add_email)
+        return pb.CreateUpdateResponse(id=job_id)
+
+    def _get_jobs(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        job_id = route[0]
+        if job_id not in self.jobs:
+            return (404, pb.CreateUpdateResponse())
+        job = self.jobs[job_id]
+        if len(route) == 1:
+            self._advance(job)
+            return self._job_pb(job)
+        assert route[1] == "result"
+        detail = self.profile_detail(job) if job.profiling else None
+        result = pb.InferenceJobResult(
+            inference_job_id=job_id, output_dataset_id=job.output_dataset_id
+        )
+        if detail is not None:
+            result.detail.CopyFrom(detail)
+        return pb.JobResult(inference_job_result=result)
+
+    def _advance(self, job: FakeJob) -> None:
+        if job.state in (pb.JOB_STATE_DONE, pb.JOB_STATE_FAILED):
+            return
+        job.polls += 1
+        running = (
+            pb.JOB_STATE_OPTIMIZING_MODEL
+            if job.kind == "compile"
+            else pb.JOB_STATE_MEASURING_PERFORMANCE
+            if job.profiling
+            else pb.JOB_STATE_RUNNING_INFERENCE
+        )
+        if self.hold or job.polls < self.steps:
+            job.state = pb.JOB_STATE_CREATED if job.polls <= 1 else running
+            return
+        self._seq += 1
+        job.done_seq = self._seq
+        try:
+            if job.kind == "compile":
+                self._finish_compile(job)
+            else:
+                self._finish_inference(job)
+            job.state = pb.JOB_STATE_DONE
+        except _JobFailure as failure:
+            job.state = pb.JOB_STATE_FAILED
+            job.failure = str(failure)
+
+    def _job_pb(self, job: FakeJob) -> pb.Job:
+        if job.kind == "compile":
+            compile_job = pb.CompileJob()
+            compile_job.CopyFrom(job.request)
+            source = self.models[compile_job.model.model_id]
+            compile_job.model.CopyFrom(source.pb())
+            compile_job.compile_job_id = job.job_id
+            compile_job.job_state = job.state
+            compile_job.failure_reason = job.failure
+            compile_job.creation_time.CopyFrom(_now())
+            compile_job.device.CopyFrom(pb.Device(name=job.device, os="14"))
+            target = self.models[job.target_model_id]
+            compile_job.target_model.CopyFrom(target.pb())
+            if target.inputs:
+                compile_job.target_tensor_type_list.CopyFrom(_tensor_list(target.inputs))
+            return pb.Job(compile_job=compile_job)
+        inference = pb.InferenceJob()
+        inference.CopyFrom(job.request)
+        inference.inference_job_id = job.job_id
+        inference.model.CopyFrom(self.models[inference.model.model_id].pb())
+        inference.job_state = job.state
+        inference.failure_reason = job.failure
+        inference.creation_time.CopyFrom(_now())
+        if inference.dataset.dataset_id:
+            inference.dataset.creation_time.CopyFrom(_now())
+            inference.dataset.expiration_time.CopyFrom(_later())
+        return pb.Job(inference_job=inference)
+
+    # ------------------------------------------------------------------ "device" work
+
+    def _finish_compile(self, job: FakeJob) -> None:
+        request: pb.CompileJob = job.request
+        source = self.models[request.model.model_id]
+        for fragment, reason in self.compile_failures.items():
+            if fragment in source.name:
+                raise _JobFailure(reason)
+        graph = _load_onnx(source)
+        options = _options(request.options)
+        truncate = "--truncate_64bit_io" in options
+        forced = set(filter(None, options.get("--force_channel_last_input", "").split(",")))
+        out_names = [n for n in options.get("--output_names", "").split(",") if n]
+
+        specs = {t.name: t for t in request.tensor_type_list.types}
+        inputs, source_input, channel_last = [], None, False
+        for value in graph.graph.input:
+            dims = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
+            dtype = _DTYPES[value.type.tensor_type.elem_type]
+            if value.name in specs:
+                dims = tuple(specs[value.name].tensor_type.shape)
+            source_input = (value.name, dims, dtype)
+            if truncate and dtype == "int64":
+                dtype = "int32"
+            if value.name in forced and len(dims) >= 3:
+                dims = (dims[0], *dims[2:], dims[1])
+                channel_last = True
+            inputs.append((value.name, dims, dtype))
+        outputs = []
+        for i, value in enumerate(graph.graph.output):
+            dims = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
+            name = out_names[i] if i < len(out_names) else f"output_{i}"
+            outputs.append((name, dims, _DTYPES[value.type.tensor_type.elem_type]))
+        target = self.models[job.target_model_id]
+        target.onnx_bytes = graph.SerializeToString()
+        target.inputs = inputs
+        target.outputs = outputs
+        target.source_input = source_input
+        target.channel_last = channel_last
+
+    def _finish_inference(self, job: FakeJob) -> None:
+        request: pb.InferenceJob = job.request
+        for fragment, reason in self.inference_failures.items():
+            if fragment in request.name:
+                raise _JobFailure(reason)
+        if job.profiling:
+            return
+        model = self.models[request.model.model_id]
+        with h5py.File(io.BytesIO(self.datasets[request.dataset.dataset_id]), "r") as h5:
+            entries = h5_to_dataset_entries(h5)
+        ((name, device_shape, device_dtype),) = model.inputs
+        assert model.source_input is not None
+        source_name, _, source_dtype = model.source_input
+        samples = entries.get(name)
+        if samples is None:
+            raise _JobFailure(f"dataset has no input {name!r} (has {sorted(entries)})")
+        session = ort.InferenceSession(model.onnx_bytes, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(len(samples))
+        outputs = []
+        for x in samples:
+            if tuple(x.shape) != device_shape or str(x.dtype) != device_dtype:
+                raise _JobFailure(
+                    f"input {name} is {tuple(x.shape)} {x.dtype}, the model takes "
+                    f"{device_shape} {device_dtype}"
+                )
+            if model.channel_last:
+                x = np.moveaxis(x, -1, 1)
+            y = session.run(None, {source_name: x.astype(source_dtype)})[0]
+            scale = self.noise * (float(np.abs(y).max()) or 1.0)
+            outputs.append((y + rng.normal(0, scale, y.shape)).astype(y.dtype))
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as h5:
+            dataset_entries_to_h5({model.outputs[0][0]: outputs}, h5)
+        dataset_id = self._new_id("d")
+        self.datasets[dataset_id] = buffer.getvalue()
+        job.output_dataset_id = dataset_id
+
+    @staticmethod
+    def _profile_detail(job: FakeJob) -> pb.ProfileDetail:
+        detail = pb.ProfileDetail(
+            major_version=1,
+            minor_version=2,
+            execution_time=5400,
+            after_execution_peak_memory=185 * 1024 * 1024,
+            all_execution_times=[5400, 5500, 5300],
+        )
+        detail.execution_memory.peak.lower = 0
+        detail.execution_memory.peak.upper = 185 * 1024 * 1024
+        detail.execution_memory.increase.upper = 1024
+        for i in range(3):
+            detail.layer_details.append(
+                pb.LayerDetail(
+                    name=f"layer_{i}",
+                    layer_type_name="Conv",
+                    compute_unit=pb.COMPUTE_UNIT_NPU,
+                    execution_time=100,
+                )
+            )
+        detail.layer_details.append(
+            pb.LayerDetail(name="head", layer_type_name="Softmax", compute_unit=pb.COMPUTE_UNIT_CPU)
+        )
+        return detail
+
+
+class _JobFailure(Exception):
+    pass
+
+
+def _load_onnx(model: FakeModel) -> onnx.ModelProto:
+    """The uploaded source model, external data folded in (as the compiler would see it)."""
+    if not model.is_directory:
+        return onnx.load_from_string(model.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(io.BytesIO(model.data)) as archive:
+            names = archive.namelist()
+            archive.extractall(tmp)
+        (graph_name,) = [n for n in names if n.endswith(".onnx") and not n.endswith("/")]
+        assert graph_name.split("/")[0].endswith(".onnx"), names
+        return onnx.load(str(Path(tmp) / graph_name))
+
+
+def ledger_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of a JSON-lines ledger, parsed."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
