@@ -680,6 +680,10 @@ def test_token_never_leaves_the_runtime(
         texts.append(str(err.value))
     captured = capsys.readouterr()
     texts += [caplog.text, captured.out, captured.err, repr(events), repr(runtime.__dict__)]
+    exc: BaseException | None = err.value
+    while exc is not None:  # nothing attached to the error quotes it either
+        texts.append(repr(exc))
+        exc = exc.__cause__ or exc.__context__
     texts.append((tmp_path / "cache" / "aihub_ledger.jsonl").read_text())
     assert "was refused" in str(err.value)  # the reason itself is shown ...
     for text in texts:

@@ -349,6 +349,10 @@ def _is_auth_failure(message: str) -> bool:
     return "Failed to authenticate" in message or "API token is missing" in message
 
 
+# What the client and its transport raise; anything else is a bug and keeps its traceback.
+_CLIENT_ERRORS = (hub_client.Error, APIException, requests.RequestException, ValueError)
+
+
 def call_with_retries(
     fn: Callable[[], T],
     what: str,
@@ -360,7 +364,8 @@ def call_with_retries(
     """``fn()`` with transient network errors retried after ``backoff_s * 2**attempt`` seconds.
 
     A rejected token becomes a ConfigError, any other client error a RuntimeStageError naming
-    ``what``; ``passthrough`` exception types reach the caller untouched.
+    ``what``, its message scrubbed of the token and raised without the original exception
+    attached (which may quote the token); ``passthrough`` types reach the caller untouched.
     """
     attempt = 0
     while True:
@@ -368,29 +373,31 @@ def call_with_retries(
             return fn()
         except passthrough:
             raise
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except _CLIENT_ERRORS as exc:
+            transient = _is_transient(exc)
             message = _plain(redact(exc)) or type(exc).__name__
-            if _is_transient(exc) and attempt < retries:
-                delay = min(backoff_s * (2**attempt), _MAX_BACKOFF_S)
-                attempt += 1
-                log.warning(
-                    "AI Hub: %s failed (%s); retry %d of %d in %.1f s",
-                    what,
-                    message,
-                    attempt,
-                    retries,
-                    delay,
-                )
-                time.sleep(delay)
-                continue
-            if _is_auth_failure(message):
-                raise ConfigError(
-                    f"AI Hub rejected the API token while {what}. Check the token on the Account "
-                    f"page of https://aihub.qualcomm.com, then run `qai-hub configure "
-                    f"--api_token <token>` or set {TOKEN_ENV}."
-                ) from None
-            tries = f" after {attempt + 1} tries" if _is_transient(exc) else ""
-            raise RuntimeStageError(f"AI Hub: {what} failed{tries}: {message}") from None
+        if transient and attempt < retries:
+            delay = min(backoff_s * (2**attempt), _MAX_BACKOFF_S)
+            attempt += 1
+            log.warning(
+                "AI Hub: %s failed (%s); retry %d of %d in %.1f s",
+                what,
+                message,
+                attempt,
+                retries,
+                delay,
+            )
+            time.sleep(delay)
+            continue
+        break
+    if _is_auth_failure(message):
+        raise ConfigError(
+            f"AI Hub rejected the API token while {what}. Check the token on the Account page of "
+            f"https://aihub.qualcomm.com, then run `qai-hub configure --api_token <token>` or set "
+            f"{TOKEN_ENV}."
+        )
+    tries = f" after {attempt + 1} tries" if transient else ""
+    raise RuntimeStageError(f"AI Hub: {what} failed{tries}: {message}")
 
 
 class HubClient(qai_hub.Client):
@@ -742,9 +749,12 @@ class AIHubRuntime:
                 return fn()
             except Exception as exc:
                 created = fetched[seen:] if fetched is not None else []
-                if created:
-                    raise _CreatedButUnfetched(created[-1], _plain(self._redact(exc))) from None
-                raise
+                if not created:
+                    raise
+                reason = _plain(self._redact(exc))
+            # Raised outside the handler, so the original error (it may quote the token) is not
+            # attached as __context__.
+            raise _CreatedButUnfetched(created[-1], reason)
 
         return self._call(attempt, what, passthrough=(_CreatedButUnfetched,))
 
@@ -839,16 +849,19 @@ class AIHubRuntime:
                 options=options,
                 inputs=inputs,
             )
+            lost: _CreatedButUnfetched | None = None
             try:
                 job = submit()
-            except _CreatedButUnfetched as lost:
+            except _CreatedButUnfetched as exc:
+                lost = exc
+            if lost is not None:
                 url = urljoin(self.client.config.web_url, f"jobs/{lost.job_id}/")
                 self.ledger.record(replace(new_entry, job_id=lost.job_id, url=url))
                 self._emit(state.component, kind, lost.job_id, url, SUBMITTED)
                 raise RuntimeStageError(
                     f"{state.component}: AI Hub created {kind} job {lost.job_id} ({url}) but "
                     f"fetching it failed: {lost.reason}. It is in the ledger; rerun to pick it up."
-                ) from None
+                )
             entry = self.ledger.record(replace(new_entry, job_id=job.job_id, url=job.url))
             log.info(
                 "AI Hub: submitted %s job %s for %s (%s)",
