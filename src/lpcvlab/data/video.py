@@ -313,13 +313,25 @@ def preprocess_frames(
     """``(T, H, W, 3)`` uint8 RGB -> ``(3, T, crop, crop)`` float32, the official recipe.
 
     Same operations, order and memory layout as torchvision's ``ConvertImageDtype`` ->
-    ``Resize(antialias=False)`` -> ``CenterCrop`` on a ``TCHW`` clip, so results are bitwise equal.
+    ``Resize(antialias=False)`` -> ``CenterCrop`` on a ``TCHW`` clip. The resize runs on one
+    thread: torch's vectorised bilinear kernel rounds the last bit differently depending on how
+    the work is split between threads, so this pins the result to the same bits on every machine,
+    in every worker process and in every cache entry.
     """
     x = torch.as_tensor(frames)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {tuple(x.shape)} {x.dtype}")
     x = x.permute(0, 3, 1, 2).to(torch.float32) / 255
-    x = F.interpolate(x, size=list(resize), mode="bilinear", align_corners=False, antialias=False)
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        x = F.interpolate(
+            x, size=list(resize), mode="bilinear", align_corners=False, antialias=False
+        )
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
     h, w = resize
     top = int(round((h - crop) / 2.0))
     left = int(round((w - crop) / 2.0))
@@ -876,8 +888,6 @@ def decode_videos(
     ``return_tensors=False`` (needs ``cache_dir``) only fills the cache, for datasets too big to
     hold in memory.
     """
-    if workers < 0:
-        raise ConfigError(f"workers={workers} must be >= 0 (0 decodes in this process)")
     if not return_tensors and cache_dir is None:
         raise ConfigError("decode_videos(return_tensors=False) needs a cache_dir to write to")
     items = [str(p) for p in paths]
@@ -895,16 +905,16 @@ def decode_videos(
             message=message,
         )
 
-    bar = tqdm(total=len(items), desc=desc, unit="video", disable=not progress, leave=False)
-    try:
-        if workers == 0 or len(items) <= 1:
-            for i, path in enumerate(items):
-                store(i, _decode_job(path, preprocess, cdir, return_tensors))
-                bar.update(1)
-        else:
-            _run_pool(items, preprocess, cdir, return_tensors, workers, store, bar.update)
-    finally:
-        bar.close()
+    jobs = [(path, preprocess, cdir, return_tensors) for path in items]
+    outs = parallel_map(_decode_job, jobs, workers, progress=progress, desc=desc)
+    for i, out in enumerate(outs):
+        if isinstance(out, BrokenProcessPool):
+            msg = (
+                f"{items[i]}: {WORKER_CRASHED}: a decoding worker died (a decoder crash on some "
+                "file in flight); rerun with workers=0 to find the file"
+            )
+            out = (None, None, False, WORKER_CRASHED, msg)
+        store(i, out)
 
     final: list[VideoResult] = []
     skipped: list[SkippedVideo] = []
@@ -916,34 +926,56 @@ def decode_videos(
     return DecodeBatch(final, skipped)
 
 
-def _run_pool(
-    items: list[str],
-    preprocess: VideoPreprocess,
-    cache_dir: str | None,
-    return_tensors: bool,
+def parallel_map(
+    fn: Callable[..., Any],
+    jobs: Sequence[tuple[Any, ...]],
     workers: int,
-    store: Callable[[int, tuple[Any, ...]], None],
-    tick: Callable[[int], Any],
-) -> None:
-    # "spawn": torch's thread pools are not fork-safe once used in the parent.
-    ctx = multiprocessing.get_context("spawn")
-    done: set[int] = set()
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(items)), mp_context=ctx, initializer=_worker_init
-    ) as pool:
-        futures: dict[Future[Any], int] = {
-            pool.submit(_decode_job, path, preprocess, cache_dir, return_tensors): i
-            for i, path in enumerate(items)
-        }
-        for fut in as_completed(futures):
-            i = futures[fut]
-            try:
-                store(i, fut.result())
-            except BrokenProcessPool:
-                msg = (
-                    f"{items[i]}: {WORKER_CRASHED}: a decoding worker died (a decoder crash on "
-                    "some file in flight); rerun with workers=0 to find the file"
-                )
-                store(i, (None, None, False, WORKER_CRASHED, msg))
-            done.add(i)
-            tick(1)
+    *,
+    progress: bool = True,
+    desc: str = "",
+    unit: str = "video",
+) -> list[Any]:
+    """``[fn(*job) for job in jobs]`` in ``workers`` spawned processes (0 = in this process),
+    in input order, with a progress bar. A job whose worker died comes back as a
+    :class:`BrokenProcessPool` instance instead of a result, so callers can count it; when the
+    pool dies before any job finished (typically an unguarded main script), ConfigError.
+
+    ``fn`` must be a picklable top-level function. Processes are spawned, not forked: torch's
+    thread pools are not fork-safe once the parent has used them.
+    """
+    if workers < 0:
+        raise ConfigError(f"workers={workers} must be >= 0 (0 runs in this process)")
+    out: list[Any] = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress, leave=False)
+    try:
+        if workers == 0 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                out[i] = fn(*job)
+                bar.update(1)
+            return out
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init
+        ) as pool:
+            futures: dict[Future[Any], int] = {
+                pool.submit(fn, *job): i for i, job in enumerate(jobs)
+            }
+            completed = 0
+            for fut in as_completed(futures):
+                i = futures[fut]
+                try:
+                    out[i] = fut.result()
+                    completed += 1
+                except BrokenProcessPool as e:
+                    if completed == 0:
+                        raise ConfigError(
+                            f"the {workers} worker processes died before finishing any job. "
+                            "Workers are spawned and re-import the main script: put a script's "
+                            "top-level code under `if __name__ == '__main__':`. If the script "
+                            "is guarded, a decoder crashed: rerun with workers=0 to find the file."
+                        ) from e
+                    out[i] = e
+                bar.update(1)
+        return out
+    finally:
+        bar.close()
