@@ -155,6 +155,7 @@ class FakeAIHub:
         self.dataset_names: dict[str, str] = {}
         self.jobs: dict[str, FakeJob] = {}
         self.shared: dict[str, list[str]] = {}
+        self.expired: set[str] = set()  # dataset IDs past their 30 days
         self.requests: list[tuple[str, str]] = []  # (method, url) in order
         self.hold = False  # keep every job running (simulates a slow queue)
         self.compile_failures: dict[str, str] = {}  # model name fragment -> failure reason
@@ -351,7 +352,7 @@ class FakeAIHub:
                 dataset_id=dataset_id,
                 name=self.dataset_names.get(dataset_id, "outputs"),
                 creation_time=_now(),
-                expiration_time=_later(),
+                expiration_time=_later(-1 if dataset_id in self.expired else 30),
             )
         if route[1] == "upload_url":
             return pb.FileUploadResponse(

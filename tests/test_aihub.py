@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import math
@@ -388,6 +389,18 @@ def test_compile_options_extra_and_conflicts(models) -> None:
         compile_options(exported, "qnn_dlc", "", (), "--target_runtime tflite")
 
 
+def test_graph_already_channel_last_is_not_forced(models) -> None:
+    if "channel_last" not in TensorSpec.__dataclass_fields__:
+        pytest.skip("TensorSpec has no channel_last flag in this checkout")
+    exported = models["video_classifier"]
+    spec = TensorSpec("video", (1, 4, 6, 6, 3), "float32", channel_last=True)  # type: ignore[call-arg]
+    exported = dataclasses.replace(exported, input=spec)
+    got = compile_options(exported, "qnn_context_binary", "--truncate_64bit_io", ("video",))
+    assert (
+        got == "--target_runtime qnn_context_binary --truncate_64bit_io --output_names class_probs"
+    )
+
+
 def test_extra_options_reach_the_jobs(fake: FakeAIHub, models, tmp_path: Path) -> None:
     cfg = make_cfg(
         tmp_path,
@@ -471,6 +484,26 @@ def test_second_run_reuses_every_job(fake: FakeAIHub, models, tmp_path: Path) ->
     assert entry["inputs"]["model_sha256"] and entry["options"] == TRACK1_OPTIONS
     assert entry["device"] == "XR2 Gen 2 (Proxy)" and entry["url"].endswith(f"{entry['job_id']}/")
     assert any(e["kind"] == "inference" and e["inputs"]["dataset_sha256"] for e in ledger)
+
+
+def test_reused_job_with_expired_outputs_runs_again(
+    fake: FakeAIHub, models, tmp_path: Path
+) -> None:
+    cfg = make_cfg(tmp_path)
+    first, _ = runtime_with_events(cfg)
+    jobs = [ComponentJob(models["text_encoder"], text_inputs(3))]
+    before = first.run_components(jobs)["text_encoder"]
+    fake.expired |= {j.output_dataset_id for j in fake.jobs_of("inference", profiling=False)}
+
+    second, events = runtime_with_events(cfg)
+    after = second.run_components(jobs)["text_encoder"]
+    assert statuses(events, "text_encoder", "compile") == ["REUSED"]
+    assert statuses(events, "text_encoder", "inference")[:2] == ["REUSED", "SUBMITTED"]
+    assert len(fake.jobs_of("inference", profiling=False)) == 2
+    assert after.inference.job_id != before.inference.job_id
+    assert after.inference.job_id == fake.jobs_of("inference", profiling=False)[-1].job_id
+    scale = float(np.abs(before.inference.outputs).max())
+    np.testing.assert_allclose(after.inference.outputs, before.inference.outputs, atol=2e-3 * scale)
 
 
 class _Interrupted(Exception):

@@ -196,7 +196,8 @@ def compile_options(
     ``hub.extra_compile_options`` (last, so that a user's flag reads as the final word):
 
     - ``--force_channel_last_input <name>`` when the component's input is in
-      ``channel_last_inputs`` and has a channel axis to move (rank >= 3);
+      ``channel_last_inputs`` and has a channel axis to move (rank >= 3) -- unless the exported
+      graph already takes it channel-last (``TensorSpec.channel_last``);
     - ``--output_names <name>`` when the exported output is not AI Hub's default ``output_0``
       (Track 2's ``class_probs``), so the device output keeps the exported name.
     """
@@ -215,7 +216,8 @@ def compile_options(
             )
     parts = ["--target_runtime", target_runtime, *runtime_tokens]
     spec = exported.input
-    if spec.name in channel_last_inputs and len(spec.shape) >= 3:
+    exported_channel_last = bool(getattr(spec, "channel_last", False))
+    if spec.name in channel_last_inputs and len(spec.shape) >= 3 and not exported_channel_last:
         parts += ["--force_channel_last_input", spec.name]
     if exported.output_name and exported.output_name != AIHUB_DEFAULT_OUTPUT_NAME:
         parts += ["--output_names", exported.output_name]
@@ -570,6 +572,7 @@ class _Pending:
     label: str = ""
     code: str = ""
     started: float = field(default_factory=time.monotonic)
+    restart: Callable[[], _Pending] | None = None  # set for reused jobs: submit anew
 
     @property
     def title(self) -> str:
@@ -818,11 +821,16 @@ class AIHubRuntime:
         submit: Callable[[], Any],
         on_success: Callable[[_Pending], list[_Pending]],
         label: str = "",
+        force_new: bool = False,
     ) -> _Pending:
-        """Reuse, resume or submit one job (in that order of preference) and track it."""
+        """Reuse, resume or submit one job (in that order of preference) and track it.
+
+        ``force_new`` skips the ledger (a reused job whose results are gone).
+        """
+        given = inputs
         inputs = {**inputs, "api_url": self._api_url}
         key = job_key(kind, self.device, options, inputs)
-        entry = self.ledger.latest(key) if self.settings.reuse else None
+        entry = self.ledger.latest(key) if self.settings.reuse and not force_new else None
         job = None
         if entry is not None and entry.status in (SUBMITTED, SUCCESS):
             job = self._fetch_recorded(entry)
@@ -874,7 +882,12 @@ class AIHubRuntime:
         assert entry is not None
         state.job_ids.setdefault(kind, []).append(job.job_id)
         state.job_urls.setdefault(kind, []).append(job.url)
-        return _Pending(kind, state, job, entry, on_success, label)
+        pending = _Pending(kind, state, job, entry, on_success, label)
+        if entry.status == SUCCESS:
+            pending.restart = lambda: self._start(
+                kind, state, given, options, submit, on_success, label, force_new=True
+            )
+        return pending
 
     def _fetch_recorded(self, entry: LedgerEntry) -> Any | None:
         try:
@@ -1186,21 +1199,39 @@ class AIHubRuntime:
             )
         pending = []
         for ci, (a, b) in enumerate(bounds):
-            batch = self._device_batch(handle, state.inputs[a:b])
             label = f"{ci + 1}/{len(bounds)}" if len(bounds) > 1 else ""
-            inputs = {"compile_job": handle.compile_job_id, "dataset_sha256": _array_digest(batch)}
+            digest = _array_digest(self._device_batch(handle, state.inputs[a:b]))
+            inputs = {"compile_job": handle.compile_job_id, "dataset_sha256": digest}
 
-            def submit(batch: np.ndarray = batch, label: str = label) -> Any:
+            # The device batch is rebuilt at submission rather than kept: a reused chunk needs
+            # none, and holding every chunk until the end would double the inputs' memory.
+            def submit(a: int = a, b: int = b, label: str = label) -> Any:
+                assert state.inputs is not None
+                batch = self._device_batch(handle, state.inputs[a:b])
                 return self._submit_inference(state, handle, batch, label, options)
 
             def on_success(p: _Pending, ci: int = ci, expected: int = b - a) -> list[_Pending]:
-                state.chunk_outputs[ci] = self._download_outputs(state, p, expected)
+                try:
+                    state.chunk_outputs[ci] = self._download_outputs(state, p, expected)
+                except RuntimeStageError as exc:
+                    if p.restart is None:
+                        raise
+                    # AI Hub deletes datasets after 30 days: a reused job may have lost its
+                    # outputs. Running it again is the only way to get them back.
+                    log.warning(
+                        "AI Hub: outputs of reused inference job %s are gone (%s); running it "
+                        "again",
+                        p.job.job_id,
+                        exc,
+                    )
+                    state.job_ids["inference"].remove(p.job.job_id)
+                    state.job_urls["inference"].remove(p.job.url)
+                    return [p.restart()]
                 return []
 
             pending.append(
                 self._start("inference", state, inputs, options, submit, on_success, label)
             )
-            del batch
         return pending
 
     def _submit_inference(
