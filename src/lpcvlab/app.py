@@ -32,16 +32,48 @@ def hydra_dirs() -> tuple[Path | None, Path | None]:
     return out, out / hc.output_subdir if hc.output_subdir else None
 
 
+def sweep_job() -> tuple[bool, dict[str, str]]:
+    """(is this job part of a multirun, tags naming it: job number and its overrides)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False, {}
+    hc = HydraConfig.get()
+    return True, {
+        "sweep_job": str(hc.job.num),
+        "sweep_overrides": " ".join(str(o) for o in hc.overrides.task)[:5000],
+    }
+
+
 def run_job(cfg: DictConfig) -> float | None:
-    """Run one job; returns the track's headline metric (for sweepers), exits 1 on user error."""
+    """Run one job; returns the objective for sweepers (``track.objective``, budget applied).
+
+    A user error (:class:`LpcvlabError`) in a single run prints its message and exits 1. In a
+    multirun it is logged and the job returns None instead: raising would make Hydra's basic
+    sweeper abort the sweep (and skip its end-of-sweep callbacks), while None lets it go on, and
+    the Optuna sweeper records the trial as failed (see ``max_failure_rate``). The job's MLflow
+    run is FAILED either way and the sweep's parent run counts it.
+    """
     from lpcvlab import pipeline
 
     quiet_third_party()
     out_dir, hydra_dir = hydra_dirs()
+    multirun, tags = sweep_job()
     try:
-        result = pipeline.run(cfg, work_dir=out_dir, hydra_dir=hydra_dir)
+        if cfg.get("reproduce"):
+            from lpcvlab.reproduce import reproduce_from_hydra
+
+            return reproduce_from_hydra(cfg, out_dir, hydra_dir)
+        result = pipeline.run(cfg, work_dir=out_dir, hydra_dir=hydra_dir, extra_tags=tags)
     except LpcvlabError as exc:
         log.error("%s", exc)
+        if multirun:
+            from lpcvlab.sweep import note_job_failure
+
+            note_job_failure(f"{type(exc).__name__}: {exc}")
+            return None
         print(f"\nerror: {exc}", file=sys.stderr)
         sys.exit(1)
-    return result.metrics.get(str(cfg.track.objective))
+    assert result.objective is not None
+    return result.objective.value

@@ -1,0 +1,312 @@
+"""``lpcvlab compare``: runs side by side, what differs between them, and the Pareto front.
+
+The columns are the parameters that differ between the runs (a config group shows as its choice,
+e.g. ``backbone=clip_tiny``, not as the dozen keys that come with it), accuracy, latency and
+peak memory per component, total latency, weights and runtime. A sweep parent run gets the same
+table as ``sweep_runs.csv`` and an accuracy-vs-latency Pareto plot as ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lpcvlab import console
+from lpcvlab.errors import LpcvlabError
+from lpcvlab.runstore import (
+    RunInfo,
+    child_runs,
+    experiment_runs,
+    get_run,
+    open_store,
+    tracking_uri,
+)
+
+# Accuracy metrics of both tracks, in display order; only those some run has are shown.
+ACCURACY_METRICS = (
+    "recall_at_10",
+    "recall_at_5",
+    "recall_at_1",
+    "hit_at_10",
+    "top1",
+    "top5",
+    "clip_top1",
+    "clip_top5",
+)
+PER_COMPONENT = ("latency_ms", "peak_memory_mb", "parity_cosine_min")
+TOTAL_LATENCY = "latency_ms/total"
+_INFO_TAGS = ("weights", "runtime", "device", "hub")
+
+
+@dataclass
+class Comparison:
+    """A table of runs: ``columns`` in order, one dict per run in ``rows``."""
+
+    runs: list[RunInfo]
+    swept: list[str]
+    accuracy: list[str]
+    components: list[str]
+    columns: list[str] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_csv(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns)
+            w.writeheader()
+            for row in self.rows:
+                w.writerow({k: _csv_value(row.get(k)) for k in self.columns})
+        return path
+
+    def render(self) -> str:
+        """The terminal table: short run IDs, no experiment ID or parity columns."""
+        skip = {"run_id", "experiment_id", "name"} | {
+            c for c in self.columns if c.startswith("parity_cosine_min/")
+        }
+        cols = ["run"] + [c for c in self.columns if c not in skip]
+        rows = [[r["run_id"][:8]] + [_cell(r.get(c)) for c in cols[1:]] for r in self.rows]
+        return console.table(cols, rows)
+
+
+def objective_name(run: RunInfo) -> str:
+    """The metric the run's track optimises (``track.objective``), recall_at_10 if unknown."""
+    return run.params.get("track.objective", "recall_at_10")
+
+
+def swept_params(runs: Sequence[RunInfo]) -> list[str]:
+    """Params that differ between runs, a config group collapsed to ``<group>.name``.
+
+    ``backbone.model_cfg.*`` differs whenever ``backbone.name`` does; such keys are shown only when
+    they also differ between runs that chose the same group option (an explicit override).
+    """
+    if len(runs) < 2:
+        return []
+    keys = sorted(set().union(*(r.params for r in runs)))
+    differ = [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
+    groups = {k[: -len(".name")] for k in differ if k.endswith(".name")}
+    out = []
+    for key in differ:
+        group = next((g for g in groups if key.startswith(g + ".")), None)
+        if group is None or key == f"{group}.name":
+            out.append(key)
+            continue
+        by_choice: dict[str | None, set[str | None]] = {}
+        for r in runs:
+            by_choice.setdefault(r.params.get(f"{group}.name"), set()).add(r.params.get(key))
+        if any(len(v) > 1 for v in by_choice.values()):
+            out.append(key)
+    return out
+
+
+def build_comparison(runs: Sequence[RunInfo]) -> Comparison:
+    runs = list(runs)
+    swept = swept_params(runs)
+    all_metrics = set().union(*(r.metrics for r in runs)) if runs else set()
+    accuracy = [m for m in ACCURACY_METRICS if m in all_metrics]
+    components = sorted(
+        {
+            m.split("/", 1)[1]
+            for m in all_metrics
+            if m.startswith("latency_ms/") and m != TOTAL_LATENCY
+        }
+    )
+    columns = ["run_id", "name", "experiment_id", "status"]
+    columns += [_param_column(p) for p in swept]
+    columns += list(_INFO_TAGS) + accuracy + ["objective"]
+    columns += [f"{m}/{c}" for c in components for m in PER_COMPONENT]
+    columns += [TOTAL_LATENCY, "over_budget", "cache_hits"]
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {
+            "run_id": r.run_id,
+            "name": r.name,
+            "experiment_id": r.experiment_id,
+            "status": r.status,
+            "over_budget": r.tags.get("over_budget", ""),
+            "cache_hits": r.tags.get("cache/hits", ""),
+        }
+        row |= {_param_column(p): r.params.get(p, "") for p in swept}
+        row |= {t: r.tags.get(t, "") for t in _INFO_TAGS}
+        row |= {m: r.metrics.get(m, math.nan) for m in accuracy + ["objective", TOTAL_LATENCY]}
+        row |= {
+            f"{m}/{c}": r.metrics.get(f"{m}/{c}", math.nan)
+            for c in components
+            for m in PER_COMPONENT
+        }
+        rows.append(row)
+    return Comparison(runs, swept, accuracy, components, columns, rows)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower latency (x) and higher accuracy (y)."""
+    order = sorted(
+        (i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)),
+        key=lambda i: (points[i][0], -points[i][1]),
+    )
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def accuracy_latency(runs: Sequence[RunInfo]) -> list[tuple[float, float]]:
+    """(total latency ms, the track's objective metric) per run; NaN where missing."""
+    return [
+        (r.metrics.get(TOTAL_LATENCY, math.nan), r.metrics.get(objective_name(r), math.nan))
+        for r in runs
+    ]
+
+
+def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | None:
+    """Accuracy vs total latency with the Pareto front; None when no run has both numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = comparison.runs
+    points = accuracy_latency(runs)
+    ok = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+    if not ok:
+        return None
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter(
+        [points[i][0] for i in ok],
+        [points[i][1] for i in ok],
+        color="tab:gray",
+        label="runs",
+        zorder=2,
+    )
+    ax.plot(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        "o-",
+        color="tab:red",
+        label="Pareto front",
+        zorder=3,
+    )
+    for i in ok:
+        ax.annotate(
+            _label(comparison, i), points[i], fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+    budgets = {runs[i].params.get("budget.latency_ms") for i in ok} - {None, "None", "null"}
+    for b in sorted(budgets):
+        ax.axvline(float(b), color="tab:orange", linestyle="--", label=f"budget {float(b):g} ms")
+    objectives = sorted({objective_name(runs[i]) for i in ok})
+    measured = {runs[i].tags.get("hub", "") for i in ok}
+    where = "host CPU, hub=local" if measured == {"local"} else ", ".join(sorted(measured))
+    ax.set_xlabel(f"total latency, ms ({where})")
+    ax.set_ylabel(" / ".join(objectives))
+    ax.set_title(title or "accuracy vs latency")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _label(comparison: Comparison, i: int) -> str:
+    row = comparison.rows[i]
+    parts = [str(row.get(_param_column(p), "")) for p in comparison.swept]
+    return ",".join(p for p in parts if p) or comparison.runs[i].short_id
+
+
+def _param_column(param: str) -> str:
+    return param[: -len(".name")] if param.endswith(".name") else param
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return value
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return value
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def select_runs(
+    uri: str, run_ids: Sequence[str] = (), experiment: str | None = None, sweep: str | None = None
+) -> tuple[list[RunInfo], str]:
+    """The runs to compare and a phrase saying where they came from."""
+    client = open_store(uri)
+    if sum(bool(x) for x in (run_ids, experiment, sweep)) != 1:
+        raise LpcvlabError(
+            "say which runs: RUN_ID ... (one sweep parent ID compares its children), "
+            "--experiment NAME, or --sweep PARENT_RUN_ID"
+        )
+    if experiment:
+        return experiment_runs(client, experiment), f"experiment {experiment!r}"
+    if sweep:
+        get_run(client, sweep)
+        return child_runs(client, sweep), f"sweep {sweep}"
+    if len(run_ids) == 1:
+        children = child_runs(client, run_ids[0])
+        if children:
+            return children, f"sweep {run_ids[0]}"
+    return [get_run(client, r) for r in run_ids], f"{len(run_ids)} run(s)"
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    uri = tracking_uri(args.tracking_uri)
+    runs, source = select_runs(uri, args.run_ids, args.experiment, args.sweep)
+    if not runs:
+        raise LpcvlabError(f"no runs in {source} at {uri}")
+    comparison = build_comparison(runs)
+    print(f"{len(runs)} run(s) from {source} ({uri})")
+    if comparison.swept:
+        print("differ in: " + ", ".join(_param_column(p) for p in comparison.swept))
+    print(comparison.render())
+    front = pareto_front(accuracy_latency(comparison.runs))
+    if front:
+        print(
+            "\nPareto front (higher accuracy, lower total latency): "
+            + ", ".join(f"{runs[i].short_id} ({_label(comparison, i)})" for i in front)
+        )
+    if args.csv:
+        print(f"table written to {comparison.to_csv(Path(args.csv))}")
+    if args.plot:
+        written = plot_pareto(comparison, Path(args.plot), title=source)
+        print(f"Pareto plot written to {written}" if written else "no run has accuracy and latency")
+    return 0
+
+
+def add_compare_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="compare runs: swept params, accuracy, latency and memory per component",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "run_ids",
+        nargs="*",
+        metavar="RUN_ID",
+        help="runs to compare; a single sweep parent ID compares its children",
+    )
+    p.add_argument("--experiment", "-e", help="every run of this MLflow experiment")
+    p.add_argument("--sweep", "-s", metavar="PARENT_RUN_ID", help="the children of a sweep")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
+    )
+    p.add_argument("--csv", metavar="FILE", help="also write the full table as CSV")
+    p.add_argument("--plot", metavar="FILE.png", help="also write the accuracy-vs-latency plot")
+    p.set_defaults(func=compare_command)

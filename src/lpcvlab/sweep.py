@@ -1,0 +1,343 @@
+"""A Hydra multirun as one MLflow parent run with every job as a child run.
+
+:class:`MlflowSweepCallback` is registered under ``hydra.callbacks`` in ``conf/config.yaml``:
+
+- ``on_multirun_start`` (the launching process) creates the parent run and writes its ID to
+  ``<sweep dir>/.lpcvlab/parent_run.json`` and to ``$LPCVLAB_PARENT_RUN_ID``;
+- ``on_job_start`` (in whichever process runs the job: the same one for the basic launcher, a
+  worker for joblib, a cluster node for submitit) reads that file and sets the variable, which
+  :func:`lpcvlab.tracking.start_run` turns into the ``mlflow.parentRunId`` tag; the file works
+  where environment variables do not travel, as long as the sweep dir is on a shared disk;
+- ``on_job_end`` writes ``<sweep dir>/.lpcvlab/jobs/<num>.json``: status, objective, error;
+- ``on_multirun_end`` logs the summary on the parent (jobs, finished, failed, runs missing, the
+  best run by ``objective``, ``sweep_runs.csv``, ``pareto.png``) and ends it.
+
+A job that fails with a user error returns no objective (``lpcvlab.app.run_job``): its run is
+FAILED, the sweep goes on and the parent counts it. If the sweep itself dies (an unexpected
+exception re-raised by Hydra's sweeper, Ctrl-C), an exit hook still summarises what finished and
+ends the parent FAILED. Single runs are left alone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from lpcvlab.tracking import PARENT_RUN_ENV
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = ".lpcvlab"
+PARENT_FILE = "parent_run.json"
+JOBS_DIR = "jobs"
+
+# Set by lpcvlab.app.run_job when a job fails with a user error; read by on_job_end in the same
+# process right after, so that the job's status file can say why it failed.
+_last_job_error: str | None = None
+
+
+def note_job_failure(message: str) -> None:
+    """Record why the current job failed (it returns None rather than raising: see app)."""
+    global _last_job_error
+    _last_job_error = message
+
+
+@dataclass(frozen=True)
+class SweepParent:
+    run_id: str
+    tracking_uri: str
+    experiment_id: str
+
+
+@dataclass
+class JobStatus:
+    """One job's outcome, written by the process that ran it."""
+
+    num: int
+    overrides: list[str]
+    status: str  # "COMPLETED" | "FAILED"
+    objective: float | None
+    error: str | None
+    output_dir: str
+
+    @property
+    def failed(self) -> bool:
+        return self.status != "COMPLETED"
+
+
+@dataclass
+class SweepSummary:
+    jobs: int
+    finished: int
+    failed: int
+    child_runs: int
+    missing_runs: int
+    best_run_id: str | None
+    best_objective: float | None
+    objective_name: str
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "sweep/jobs": float(self.jobs),
+            "sweep/finished": float(self.finished),
+            "sweep/failed": float(self.failed),
+            "sweep/child_runs": float(self.child_runs),
+            "sweep/missing_runs": float(self.missing_runs),
+        }
+        if self.best_objective is not None:
+            out["best/objective"] = self.best_objective
+        return out
+
+
+def is_multirun(config: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN
+
+
+def sweep_dir(config: DictConfig) -> Path:
+    return Path(str(config.hydra.sweep.dir))
+
+
+def read_parent(sweep: Path) -> SweepParent | None:
+    path = sweep / STATE_DIR / PARENT_FILE
+    if not path.is_file():
+        return None
+    return SweepParent(**json.loads(path.read_text()))
+
+
+def read_job_statuses(sweep: Path) -> list[JobStatus]:
+    jobs = []
+    for path in sorted((sweep / STATE_DIR / JOBS_DIR).glob("*.json")):
+        jobs.append(JobStatus(**json.loads(path.read_text())))
+    return sorted(jobs, key=lambda j: j.num)
+
+
+def sweep_overrides(config: DictConfig) -> list[str]:
+    """What the sweep varies: command-line overrides plus ``hydra.sweeper.params``."""
+    overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    return overrides + [f"{k}={v}" for k, v in params.items()]
+
+
+class MlflowSweepCallback(Callback):
+    """Parent run for a multirun; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._config: DictConfig | None = None
+        self._parent: SweepParent | None = None
+        self._done = False
+
+    # -- the launching process ---------------------------------------------------------
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from lpcvlab.tracking import get_experiment_id, git_info, resolve_uri
+
+        sweep = sweep_dir(config)
+        uri = resolve_uri(str(config.tracking.uri))
+        client = MlflowClient(tracking_uri=uri)
+        exp_id = get_experiment_id(
+            client, str(config.tracking.experiment), config.tracking.get("artifact_root")
+        )
+        overrides = sweep_overrides(config)
+        tags = {
+            "sweep": "true",
+            "sweep_dir": str(sweep.resolve()),
+            "sweep_overrides": " ".join(overrides)[:5000],
+            "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
+            "launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),
+            "track": str(config.track.name),
+        } | git_info()
+        outer = os.environ.get(PARENT_RUN_ENV)  # a sweep may itself nest under a run
+        if outer:
+            tags["mlflow.parentRunId"] = outer
+        base = config.tracking.get("run_name")
+        name = f"{base} (sweep)" if base else "sweep " + " ".join(overrides)
+        run = client.create_run(exp_id, run_name=name[:250], tags=tags)
+        self._parent = SweepParent(run.info.run_id, uri, exp_id)
+        self._config = config
+        client.log_text(run.info.run_id, _base_config_yaml(config), "config.yaml")
+
+        state = sweep / STATE_DIR
+        (state / JOBS_DIR).mkdir(parents=True, exist_ok=True)
+        for stale in (state / JOBS_DIR).glob("*.json"):  # a re-used sweep dir
+            stale.unlink()
+        _write_json(state / PARENT_FILE, asdict(self._parent))
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        atexit.register(self._finish_at_exit)
+        log.info(
+            "sweep parent run %s in experiment %s", run.info.run_id, config.tracking.experiment
+        )
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish(config, status=None)
+
+    # -- the process that runs a job -----------------------------------------------------
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _last_job_error
+        if not is_multirun(config):
+            return
+        _last_job_error = None
+        parent = read_parent(sweep_dir(config))
+        if parent is not None:
+            os.environ[PARENT_RUN_ENV] = parent.run_id
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus as HydraStatus
+
+        global _last_job_error
+        if not is_multirun(config):
+            return
+        error = _last_job_error
+        objective: float | None = None
+        if job_return.status == HydraStatus.FAILED:
+            error = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
+        else:
+            value = job_return.return_value
+            if isinstance(value, int | float) and not math.isnan(float(value)):
+                objective = float(value)
+            elif error is None:
+                error = f"the job returned no objective ({value!r}); see its log"
+        status = JobStatus(
+            num=int(config.hydra.job.num),
+            overrides=[str(o) for o in job_return.overrides or []],
+            status="COMPLETED" if error is None else "FAILED",
+            objective=objective,
+            error=error,
+            output_dir=str(config.hydra.runtime.output_dir),
+        )
+        _write_json(
+            sweep_dir(config) / STATE_DIR / JOBS_DIR / f"{status.num:05d}.json", asdict(status)
+        )
+        _last_job_error = None
+
+    # -- summary -------------------------------------------------------------------------
+
+    def _finish_at_exit(self) -> None:
+        if not self._done and self._config is not None:
+            self._finish(self._config, status="FAILED")
+
+    def _finish(self, config: DictConfig, status: str | None) -> None:
+        """Summarise and end the parent; ``status`` None = decide from the jobs."""
+        if self._done or self._parent is None:
+            return
+        self._done = True
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self._parent.tracking_uri)
+        run_id = self._parent.run_id
+        try:
+            summary = summarise_sweep(client, run_id, sweep_dir(config))
+            if status is None:
+                all_failed = summary.jobs > 0 and summary.failed == summary.jobs
+                status = "FAILED" if all_failed else "FINISHED"
+            else:
+                client.set_tag(
+                    run_id,
+                    "error",
+                    "the sweep ended before Hydra's on_multirun_end (a job raised an unexpected "
+                    "exception, or the sweep was interrupted); see the console and job logs",
+                )
+            _print_summary(summary, run_id)
+        finally:
+            client.set_terminated(run_id, status=status or "FAILED")
+            os.environ.pop(PARENT_RUN_ENV, None)
+
+
+def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
+    """Log the sweep's outcome on its parent run and return it."""
+    from mlflow.entities import Metric, RunTag
+
+    from lpcvlab.compare import build_comparison, objective_name, plot_pareto
+    from lpcvlab.runstore import child_runs
+
+    children = child_runs(client, parent_id)
+    jobs = read_job_statuses(sweep)
+    n_jobs = len(jobs) if jobs else len(children)
+    failed = sum(j.failed for j in jobs) if jobs else sum(c.status == "FAILED" for c in children)
+    finished = [c for c in children if c.status == "FINISHED"]
+    scored = [c for c in finished if math.isfinite(c.metrics.get("objective", math.nan))]
+    best = max(scored, key=lambda c: c.metrics["objective"], default=None)
+    obj_name = objective_name(children[0]) if children else "objective"
+    summary = SweepSummary(
+        jobs=n_jobs,
+        finished=len(finished),
+        failed=failed,
+        child_runs=len(children),
+        missing_runs=max(0, n_jobs - len(children)),
+        best_run_id=best.run_id if best else None,
+        best_objective=best.metrics["objective"] if best else None,
+        objective_name=obj_name,
+    )
+    metrics = summary.metrics()
+    tags: dict[str, str] = {}
+    if best is not None:
+        metrics[f"best/{obj_name}"] = best.metrics.get(obj_name, math.nan)
+        tags |= {"best_run_id": best.run_id, "best_run_name": best.name}
+        if best.tags.get("sweep_overrides"):
+            tags["best_overrides"] = best.tags["sweep_overrides"]
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_id,
+        metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if math.isfinite(v)],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        (tmpdir / "jobs.json").write_text(json.dumps([asdict(j) for j in jobs], indent=1))
+        client.log_artifact(parent_id, str(tmpdir / "jobs.json"))
+        if children:
+            comparison = build_comparison(children)
+            client.log_artifact(parent_id, str(comparison.to_csv(tmpdir / "sweep_runs.csv")))
+            plot = plot_pareto(comparison, tmpdir / "pareto.png", title=f"sweep {parent_id[:8]}")
+            if plot is not None:
+                client.log_artifact(parent_id, str(plot))
+        multirun_yaml = sweep / "multirun.yaml"
+        if multirun_yaml.is_file():
+            client.log_artifact(parent_id, str(multirun_yaml))
+    return summary
+
+
+def _print_summary(summary: SweepSummary, parent_id: str) -> None:
+    lines = [
+        f"Sweep {parent_id}: {summary.jobs} job(s), {summary.finished} finished, "
+        f"{summary.failed} failed"
+        + (f", {summary.missing_runs} without an MLflow run" if summary.missing_runs else ""),
+    ]
+    if summary.best_run_id:
+        lines.append(
+            f"best by objective ({summary.objective_name}, budget applied): run "
+            f"{summary.best_run_id} = {summary.best_objective:.4f}"
+        )
+    lines.append(f"compare: lpcvlab compare {parent_id}")
+    print("\n" + "\n".join(lines))
+
+
+def _base_config_yaml(config: DictConfig) -> str:
+    """The sweep's base config without the hydra node, resolved where it can be."""
+    body = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    try:
+        return OmegaConf.to_yaml(body, resolve=True)
+    except Exception:  # an interpolation that only resolves inside a job (hydra:job.num, ...)
+        return OmegaConf.to_yaml(body)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
