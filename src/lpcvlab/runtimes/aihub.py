@@ -14,13 +14,13 @@ What one component goes through (``run_components`` does this for all components
    order, and the first ``parity_samples`` are compared with ONNX Runtime on this machine
    (``device_parity_cosine_min``, ``device_parity_psnr`` in ``InferenceResult.metrics``).
 
-Layout convention: the pipeline always hands inputs in the exported (channel-first) layout,
-``(N, C, ...)``. When the compiled model takes an input channel-last
+Layout convention: the pipeline always hands inputs in the exported layout, ``(N, C, ...)`` for
+a channel-first graph. When the compiled model takes an input channel-last
 (``--force_channel_last_input``; Track 2's ``video`` is ``(1, 16, 112, 112, 3)`` on device), each
-sample is transposed with
-``np.moveaxis(x, 1, -1)`` before upload -- the layout is read from the compile job's target input
-shapes, so it follows what AI Hub actually built. 64-bit integer inputs are cast to the device's
-dtype (int32 under ``--truncate_64bit_io``) the same way.
+sample is transposed with ``np.moveaxis(x, 1, -1)`` before upload. The layout is read from the
+compile job's target input shapes, so it follows what AI Hub actually built; 64-bit integer
+inputs are cast to the device's dtype (int32 under ``--truncate_64bit_io``) the same way. Outputs
+come back as the device produces them (no ``--force_channel_last_output`` is added).
 
 Every job goes into a :class:`~lpcvlab.ledger.JobLedger` keyed by the content hash of its inputs,
 device and options, so an identical rerun reuses finished jobs and an interrupted run picks up
@@ -97,7 +97,7 @@ class HubSettings:
     extra_compile_options: str = ""
     extra_profile_options: str = ""
     extra_inference_options: str = ""
-    channel_last_inputs: tuple[str, ...] = ()
+    channel_last_inputs: tuple[str, ...] = ("video",)
     reuse: bool = True
     share_with: tuple[str, ...] = ()
     poll_interval_s: float = 10.0
