@@ -10,7 +10,10 @@ import sys
 from lpcvlab.errors import LpcvlabError
 
 # Each module exposes add_<name>_commands(subparsers) and sets `func` on its parsers.
-_COMMAND_MODULES: list[tuple[str, str]] = []
+_COMMAND_MODULES: list[tuple[str, str]] = [
+    ("lpcvlab.compare", "add_compare_commands"),
+    ("lpcvlab.reproduce", "add_reproduce_commands"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,10 +65,11 @@ class Comparison:
         return path
 
     def render(self) -> str:
-        """The terminal table: short run IDs, no experiment ID or parity columns."""
-        skip = {"run_id", "experiment_id", "name"} | {
-            c for c in self.columns if c.startswith("parity_cosine_min/")
-        }
+        """The terminal table: short run IDs; no experiment, device, hub or parity columns (the
+        CSV has them), and no column that is empty for every run."""
+        skip = {"run_id", "experiment_id", "name", "device", "hub"}
+        skip |= {c for c in self.columns if c.startswith("parity_cosine_min/")}
+        skip |= {c for c in self.columns if all(r.get(c) in ("", None) for r in self.rows)}
         cols = ["run"] + [c for c in self.columns if c not in skip]
         rows = [[r["run_id"][:8]] + [_cell(r.get(c)) for c in cols[1:]] for r in self.rows]
         return console.table(cols, rows)
@@ -219,8 +220,8 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
 
 def _label(comparison: Comparison, i: int) -> str:
     row = comparison.rows[i]
-    parts = [str(row.get(_param_column(p), "")) for p in comparison.swept]
-    return ",".join(p for p in parts if p) or comparison.runs[i].short_id
+    parts = [f"{_param_column(p)}={row.get(_param_column(p), '')}" for p in comparison.swept]
+    return " ".join(parts) or comparison.runs[i].short_id
 
 
 def _param_column(param: str) -> str:

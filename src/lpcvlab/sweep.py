@@ -124,11 +124,21 @@ def read_job_statuses(sweep: Path) -> list[JobStatus]:
     return sorted(jobs, key=lambda j: j.num)
 
 
-def sweep_overrides(config: DictConfig) -> list[str]:
-    """What the sweep varies: command-line overrides plus ``hydra.sweeper.params``."""
+def sweep_overrides(config: DictConfig, swept_only: bool = False) -> list[str]:
+    """The sweep's command-line overrides plus ``hydra.sweeper.params``; with ``swept_only``
+    just those that vary (``a=1,2``, ``range(...)``, ``choice(...)``)."""
     overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    return overrides + [f"{k}={v}" for k, v in params.items()]
+    overrides += [f"{k}={v}" for k, v in params.items()]
+    if not swept_only:
+        return overrides
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # a sweeper-specific syntax Hydra's grammar does not know: keep them all
+        return overrides
+    return [text for text, o in zip(overrides, parsed, strict=True) if o.is_sweep_override()]
 
 
 class MlflowSweepCallback(Callback):
@@ -144,11 +154,11 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from lpcvlab.tracking import get_experiment_id, git_info, resolve_uri
+        from lpcvlab.tracking import RetryingClient, get_experiment_id, git_info, resolve_uri
 
         sweep = sweep_dir(config)
         uri = resolve_uri(str(config.tracking.uri))
-        client = MlflowClient(tracking_uri=uri)
+        client = RetryingClient(MlflowClient(tracking_uri=uri))
         exp_id = get_experiment_id(
             client, str(config.tracking.experiment), config.tracking.get("artifact_root")
         )
@@ -165,7 +175,8 @@ class MlflowSweepCallback(Callback):
         if outer:
             tags["mlflow.parentRunId"] = outer
         base = config.tracking.get("run_name")
-        name = f"{base} (sweep)" if base else "sweep " + " ".join(overrides)
+        swept = " ".join(sweep_overrides(config, swept_only=True))
+        name = f"{base} (sweep)" if base else f"sweep {swept}".strip()
         run = client.create_run(exp_id, run_name=name[:250], tags=tags)
         self._parent = SweepParent(run.info.run_id, uri, exp_id)
         self._config = config
@@ -238,7 +249,9 @@ class MlflowSweepCallback(Callback):
         self._done = True
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self._parent.tracking_uri)
+        from lpcvlab.tracking import RetryingClient
+
+        client = RetryingClient(MlflowClient(tracking_uri=self._parent.tracking_uri))
         run_id = self._parent.run_id
         try:
             summary = summarise_sweep(client, run_id, sweep_dir(config))

@@ -79,12 +79,55 @@ def resolve_uri(uri: str) -> str:
     return uri
 
 
+def is_local_store(uri: str) -> bool:
+    """A store on this machine's disk (SQLite, file), as opposed to a tracking server."""
+    return "://" not in uri or uri.startswith(("sqlite:", "file:"))
+
+
+_LOCKED = ("database is locked", "database table is locked")
+
+
+class RetryingClient:
+    """An MlflowClient whose calls are retried while a SQLite store is locked.
+
+    Parallel sweep jobs (``hydra/launcher=joblib``) write to one SQLite file; MLflow waits on a
+    busy database, but SQLite refuses a writer outright in some lock upgrades ("database is
+    locked"). The failed transaction is rolled back, so retrying it is safe.
+    """
+
+    def __init__(self, client: MlflowClient, attempts: int = 8, delay_s: float = 0.2) -> None:
+        self._client = client
+        self._attempts = attempts
+        self._delay_s = delay_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(self._attempts):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:
+                    locked = any(m in str(exc).lower() for m in _LOCKED)
+                    if not locked or attempt == self._attempts - 1:
+                        raise
+                    log.debug("MLflow store locked (%s); retrying %s", exc, name)
+                    time.sleep(min(5.0, self._delay_s * 2**attempt))
+            raise AssertionError("unreachable")
+
+        return call
+
+
 def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    """The experiment's ID, creating it if needed. ``artifact_root`` applies to a local store
+    only: a tracking server keeps artifacts where it is told to (``--artifacts-destination``)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
-    if artifact_root:
+    if artifact_root and is_local_store(str(client.tracking_uri)):
         root = Path(artifact_root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
@@ -163,7 +206,7 @@ def start_run(
 ) -> Iterator[RunRecorder]:
     """Open a run; it ends FINISHED, FAILED (with ``error.txt``) or KILLED (Ctrl-C)."""
     uri = resolve_uri(str(tracking.uri))
-    client = MlflowClient(tracking_uri=uri)
+    client: Any = RetryingClient(MlflowClient(tracking_uri=uri))
     exp_id = get_experiment_id(client, experiment, tracking.get("artifact_root"))
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV)
     all_tags = dict(tags)
