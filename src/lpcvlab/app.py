@@ -64,7 +64,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if cfg.get("reproduce"):
             from lpcvlab.reproduce import reproduce_from_hydra
 
-            return reproduce_from_hydra(cfg, out_dir, hydra_dir)
+            return reproduce_from_hydra(cfg, out_dir)
         result = pipeline.run(cfg, work_dir=out_dir, hydra_dir=hydra_dir, extra_tags=tags)
     except LpcvlabError as exc:
         log.error("%s", exc)
