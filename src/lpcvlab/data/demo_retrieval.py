@@ -15,6 +15,7 @@ import json
 import random
 from pathlib import Path
 
+from filelock import FileLock
 from PIL import Image, ImageDraw
 
 COLOURS = {
@@ -52,8 +53,18 @@ def _draw(shape: str, colour, bg, place, size, rng: random.Random) -> Image.Imag
 
 
 def make_demo_retrieval_dataset(root: Path | str, num_images: int = 40, seed: int = 0) -> Path:
-    """Write ``root/images/`` + ``img_list.csv`` + ``txt_list.csv``; a no-op when already there."""
+    """Write ``root/images/`` + ``img_list.csv`` + ``txt_list.csv``; a no-op when already there.
+
+    A lock file beside ``root`` makes parallel sweep jobs wait for the one that writes, instead
+    of reading half-written images.
+    """
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{root}.lock"):
+        return _write_demo_dataset(root, num_images, seed)
+
+
+def _write_demo_dataset(root: Path, num_images: int, seed: int) -> Path:
     params = {"num_images": num_images, "seed": seed, "version": _VERSION}
     marker = root / "demo.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
