@@ -158,8 +158,9 @@ def test_long_caption_is_truncated_and_reported():
 
 
 def test_track_load_data_reports_skips(cfg_factory, tmp_path):
-    cfg = cfg_factory("data.demo.num_images=6")
-    root = make_demo_retrieval_dataset(cfg.data.root, num_images=6, seed=cfg.seed)
+    cfg = cfg_factory()
+    n = cfg.data.demo.num_images
+    root = make_demo_retrieval_dataset(cfg.data.root, num_images=n, seed=cfg.seed)
     victim = _csv_rows(root / "img_list.csv")[0][0]
     (root / "images" / victim).write_bytes(b"\x89PNG broken")
     work = tmp_path / "work"
@@ -167,7 +168,7 @@ def test_track_load_data_reports_skips(cfg_factory, tmp_path):
     data = RetrievalTrack().load_data(cfg, work)
     assert data.stats["skipped_images"] == 1.0
     assert data.stats["missing_text_ids"] >= 1.0  # the demo has one ID without a caption
-    assert data.inputs["image_encoder"].shape == (5, 3, 224, 224)
+    assert data.inputs["image_encoder"].shape == (n - 1, 3, 224, 224)
     assert data.inputs["text_encoder"].shape[1] == 77
     report = _csv_rows(work / "skipped.csv")
     assert report[0][0] == victim

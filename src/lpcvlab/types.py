@@ -20,6 +20,9 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name: "float32", "int64"
+    # True when the exported graph already takes channels last (e.g. (1,16,112,112,3)); a
+    # runtime must then not move the channel axis again.
+    channel_last: bool = False
 
 
 @dataclass

@@ -50,7 +50,9 @@ class Track(Protocol):
 
     def build_model(self, cfg: Any) -> ModelBundle: ...
 
-    def train(self, cfg: Any, bundle: ModelBundle, data: TrackData, run: RunLog) -> None: ...
+    def train(
+        self, cfg: Any, bundle: ModelBundle, data: TrackData, run: RunLog, work_dir: Path
+    ) -> None: ...
 
     def evaluate(
         self, cfg: Any, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path

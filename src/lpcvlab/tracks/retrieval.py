@@ -130,7 +130,9 @@ class RetrievalTrack:
             model=model,
         )
 
-    def train(self, cfg: Any, bundle: ModelBundle, data: TrackData, run: RunLog) -> None:
+    def train(
+        self, cfg: Any, bundle: ModelBundle, data: TrackData, run: RunLog, work_dir: Path
+    ) -> None:
         raise ConfigError(
             f"train={cfg.train.name} is not available for track=retrieval; use train=none"
         )

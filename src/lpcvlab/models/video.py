@@ -1,0 +1,157 @@
+"""torchvision video classifiers for Track 2 and their export wrapper.
+
+``backbone.pretrained``: ``kinetics400`` (torchvision's Kinetics-400 weights, taken from the torch
+hub cache only), a checkpoint path, or null (random init). The classifier head is resized to the
+class map, so Kinetics weights give a pretrained trunk with a fresh head.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import video as tv_video
+
+from lpcvlab.errors import ConfigError
+from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
+
+log = logging.getLogger(__name__)
+
+# R(2+1)D / R3D / MC3 were trained on Kinetics with this normalisation; it is baked into exports.
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+
+_TORCHVISION = {
+    "r2plus1d_18": (tv_video.r2plus1d_18, tv_video.R2Plus1D_18_Weights),
+    "r3d_18": (tv_video.r3d_18, tv_video.R3D_18_Weights),
+    "mc3_18": (tv_video.mc3_18, tv_video.MC3_18_Weights),
+}
+
+
+class TinyVideoNet(nn.Module):
+    """A few-thousand-parameter 3D CNN with the R(2+1)D layer names (``stem``, ``layer4``,
+    ``fc``), so freezing policies and checkpoints treat it like the real backbones."""
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv3d(3, width, (3, 7, 7), stride=(1, 4, 4), padding=(1, 3, 3), bias=False),
+            nn.BatchNorm3d(width),
+            nn.ReLU(inplace=True),
+        )
+        self.layer4 = nn.Sequential(
+            nn.Conv3d(width, 2 * width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm3d(2 * width),
+            nn.ReLU(inplace=True),
+        )
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.layer4(self.stem(x))).flatten(1))
+
+
+def _cached_kinetics(weights_enum: Any) -> Path | None:
+    """The torchvision checkpoint if the torch hub cache already has it; never downloads."""
+    url = weights_enum.KINETICS400_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    return path if path.is_file() else None
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    if model.fc.out_features != num_classes:
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+
+
+def _load_state(model: nn.Module, path: Path, num_classes: int) -> None:
+    """Load a torchvision, fine-tuned or Lightning checkpoint; a head of another size is reset."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+    head = state.get("fc.weight")
+    if head is not None and head.shape[0] != num_classes:
+        log.info(
+            "checkpoint head has %d classes, not %d: head re-initialised",
+            head.shape[0],
+            num_classes,
+        )
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("fc.")]:
+        raise ConfigError(
+            f"{path}: checkpoint does not fit this backbone (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); check backbone= against the checkpoint"
+        )
+
+
+def build_video_model(backbone: Any, num_classes: int) -> tuple[nn.Module, str]:
+    """(model, weights description) for a Track 2 ``backbone`` config."""
+    arch = backbone.arch
+    pretrained = backbone.get("pretrained")
+    if arch == "video_tiny":
+        model: nn.Module = TinyVideoNet(num_classes, width=int(backbone.get("width", 16)))
+        builder_weights = None
+    elif arch in _TORCHVISION:
+        builder, builder_weights = _TORCHVISION[arch]
+        model = builder(weights=None)
+    else:
+        raise ConfigError(
+            f"backbone.arch={arch!r} is not a video model; "
+            "use r2plus1d_18, r3d_18, mc3_18 or video_tiny"
+        )
+    if pretrained is None:
+        if arch != "video_tiny":
+            _replace_head(model, num_classes)
+        warn_random_weights(f"{backbone.name} ({arch})", "backbone.pretrained is null")
+        return model, RANDOM
+    pretrained = str(pretrained)
+    if looks_like_path(pretrained):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ConfigError(f"backbone.pretrained={pretrained}: no such checkpoint file")
+        if arch != "video_tiny":
+            _replace_head(model, num_classes)
+        _load_state(model, path, num_classes)
+        return model, pretrained
+    if pretrained != "kinetics400" or builder_weights is None:
+        raise ConfigError(
+            f"backbone.pretrained={pretrained!r}: use kinetics400, a checkpoint path, or null"
+        )
+    cached = _cached_kinetics(builder_weights)
+    _replace_head(model, num_classes)
+    if cached is None:
+        warn_random_weights(
+            f"{backbone.name} ({arch})",
+            f"Kinetics-400 weights are not in the torch hub cache ({torch.hub.get_dir()}/"
+            "checkpoints) and nothing is downloaded at run time; put the checkpoint there or set "
+            "backbone.pretrained=/path/to/checkpoint",
+        )
+        return model, RANDOM
+    log.info("loading Kinetics-400 weights from %s", cached)
+    _load_state(model, cached, num_classes)
+    return model, "kinetics400"
+
+
+class VideoClassifier(nn.Module):
+    """``video`` as the device receives it -> ``class_probs`` logits (softmax is the scorer's).
+
+    The Kinetics mean/std live in the graph so the device takes the [0,1] clip unchanged;
+    ``channel_last`` takes ``(1,T,H,W,C)`` and permutes inside the graph.
+    """
+
+    def __init__(
+        self, model: nn.Module, mean=KINETICS_MEAN, std=KINETICS_STD, channel_last: bool = False
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.channel_last = channel_last
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1, 1))
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        if self.channel_last:
+            video = video.permute(0, 4, 1, 2, 3)
+        return self.model((video - self.mean) / self.std)

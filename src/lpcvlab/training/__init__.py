@@ -1,0 +1,1 @@
+"""Lightning fine-tuning for Track 2."""

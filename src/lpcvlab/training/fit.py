@@ -1,0 +1,143 @@
+"""Run a fine-tuning job inside the pipeline's MLflow run (one run, not two).
+
+Lightning's MLflow logger writes into the run the pipeline already owns; checkpoints go to the
+job's output folder and the best one becomes an artifact. Ctrl-C keeps the last checkpoint, logs
+it, and leaves the run KILLED; ``train.resume_from`` (a checkpoint path or an MLflow run ID)
+continues from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from pytorch_lightning.loggers import MLFlowLogger
+
+from lpcvlab.errors import ConfigError
+from lpcvlab.tracks.base import RunLog
+from lpcvlab.training.module import ClipDataModule, VideoClassifierModule, set_trainable
+
+log = logging.getLogger(__name__)
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_RESUMABLE = ("last.ckpt", "interrupted.ckpt")
+
+
+class SharedRunMLFlowLogger(MLFlowLogger):
+    """Logs metrics into an existing run and leaves its params and status to the pipeline."""
+
+    def log_hyperparams(self, params: Any) -> None:  # the resolved config is already logged
+        return None
+
+    def finalize(self, status: str = "success") -> None:  # the pipeline ends the run
+        return None
+
+
+@dataclass
+class FitResult:
+    best_checkpoint: Path | None
+    best_val_top1: float
+    epochs: int
+    trainable_params: int
+    total_params: int
+
+
+def resolve_resume(resume_from: str | None, run: RunLog, work_dir: Path) -> Path | None:
+    """A checkpoint path as given, or the newest resumable checkpoint logged by an MLflow run."""
+    if not resume_from:
+        return None
+    if _RUN_ID.match(str(resume_from)):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=run.tracking_uri)
+        names = {a.path for a in client.list_artifacts(str(resume_from), "checkpoints")}
+        for name in _RESUMABLE:
+            if f"checkpoints/{name}" in names:
+                dest = work_dir / "resume"
+                dest.mkdir(parents=True, exist_ok=True)
+                return Path(
+                    client.download_artifacts(str(resume_from), f"checkpoints/{name}", str(dest))
+                )
+        raise ConfigError(
+            f"train.resume_from={resume_from}: that MLflow run has no checkpoints/last.ckpt "
+            "or checkpoints/interrupted.ckpt to resume from"
+        )
+    path = Path(resume_from)
+    if not path.is_file():
+        raise ConfigError(f"train.resume_from={resume_from}: no such checkpoint file or run ID")
+    return path
+
+
+def finetune(
+    cfg: DictConfig, net: torch.nn.Module, data: ClipDataModule, run: RunLog, work_dir: Path
+) -> FitResult:
+    """Fine-tune ``net`` in place (best checkpoint's weights loaded back at the end)."""
+    train = cfg.train
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    trainable, total = set_trainable(net.model, list(train.trainable))
+    log.info("training %d of %d parameters (prefixes %s)", trainable, total, list(train.trainable))
+    run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
+    module = VideoClassifierModule(
+        net,
+        optimizer=instantiate(train.optimizer),
+        scheduler=instantiate(train.scheduler) if train.get("scheduler") else None,
+    )
+    ckpt_dir = work_dir / "checkpoints"
+    checkpoint: ModelCheckpoint = instantiate(train.checkpoint, dirpath=str(ckpt_dir))
+    on_interrupt = OnExceptionCheckpoint(dirpath=str(ckpt_dir), filename="interrupted")
+    logger = SharedRunMLFlowLogger(tracking_uri=run.tracking_uri, run_id=run.run_id)
+    trainer: pl.Trainer = instantiate(
+        train.trainer,
+        logger=logger,
+        callbacks=[checkpoint, on_interrupt],
+        default_root_dir=str(work_dir),
+        enable_model_summary=False,
+    )
+    ckpt_path = resolve_resume(train.get("resume_from"), run, work_dir)
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+        run.set_tags({"resumed_from": str(train.resume_from)})
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after saving; make it an interrupt again.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if trainer.interrupted:
+            _log_checkpoints(run, ckpt_dir)
+            raise KeyboardInterrupt from None
+        raise
+    except BaseException:
+        _log_checkpoints(run, ckpt_dir)
+        raise
+    if trainer.interrupted:  # interrupted without the SystemExit path (e.g. in a test)
+        _log_checkpoints(run, ckpt_dir)
+        raise KeyboardInterrupt
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    best_score = (
+        float(checkpoint.best_model_score)
+        if checkpoint.best_model_score is not None
+        else float("nan")
+    )
+    if best is not None and best.is_file():
+        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+        run.log_artifact(best, "checkpoints")
+        run.set_tags({"best_checkpoint": best.name})
+    if checkpoint.last_model_path and Path(checkpoint.last_model_path).is_file():
+        run.log_artifact(Path(checkpoint.last_model_path), "checkpoints")
+    run.log_metrics({"train/best_val_top1": best_score})
+    return FitResult(best, best_score, trainer.current_epoch, trainable, total)
+
+
+def _log_checkpoints(run: RunLog, ckpt_dir: Path) -> None:
+    for p in sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []:
+        run.log_artifact(p, "checkpoints")
