@@ -8,16 +8,17 @@ motion of a coloured disc on a noisy background, easy for a tiny 3D conv net to 
 ==============================  ===========================================================
 class (default)                 motion
 ==============================  ===========================================================
-alternating_lateral_lunge       swings side to side
-arm_circles                     travels round a circle
 coming_closer_to_the_webcam     grows (comes closer), staying in place
+hook_left                       travels right to left
 squats                          bobs down and up
+uppercut_right                  travels left to right
 ==============================  ===========================================================
 
 Colour, size, speed, phase, start position, background and noise are drawn per video, so only
-the motion tells the classes apart. Videos are 24 or 30 fps and 4.5-6.5 s long, plus
-``short_videos`` train videos of 2.5 s: too short for 16 frames at 4 fps, so ``lpcvc_sample``
-skips them (counted, reason ``too-short``) while ``dynamic_fps`` keeps them.
+the motion tells the classes apart (left-to-right and right-to-left differ only in the direction
+of time). Videos are 24 or 30 fps and 4.5-6.5 s long, plus ``short_videos`` train videos of
+2.5 s: too short for 16 frames at 4 fps, so ``lpcvc_sample`` skips them (counted, reason
+``too-short``) while ``dynamic_fps`` keeps them.
 
 Deterministic: the same parameters give byte-identical files (one encoder thread, every random
 draw from a generator seeded per video). Idempotent: a marker file records the parameters, and a
@@ -38,14 +39,9 @@ import numpy as np
 from lpcvlab.data.qevd import SPLITS, VideoSample, load_class_map
 from lpcvlab.errors import ConfigError, DataError
 
-DEMO_CLASSES = (
-    "alternating_lateral_lunge",
-    "arm_circles",
-    "coming_closer_to_the_webcam",
-    "squats",
-)
+DEMO_CLASSES = ("coming_closer_to_the_webcam", "hook_left", "squats", "uppercut_right")
 # Motions in the order classes get them (by position in ``classes``).
-MOTIONS = ("side_to_side", "circle", "grow", "up_down", "shrink", "diagonal")
+MOTIONS = ("grow", "right_to_left", "up_down", "left_to_right", "side_to_side", "shrink")
 MARKER = ".lpcvlab_demo_video.json"
 _FORMAT = 1
 _SHORT_DURATION_S = 2.5
@@ -78,32 +74,31 @@ def _pick_codec(codec: str) -> str:
 
 
 def _trajectory(
-    motion: str, t: np.ndarray, rng: np.random.Generator, h: int, w: int
+    motion: str, t: np.ndarray, rng: np.random.Generator, h: int, w: int, duration_s: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centre x, y and radius (pixels) at times ``t`` (seconds) for one video."""
-    period = rng.uniform(1.6, 2.6)
-    phase = rng.uniform(0, 2 * math.pi)
-    ang = 2 * math.pi * t / period + phase
-    r0 = rng.uniform(0.08, 0.13) * h
-    cx = rng.uniform(0.4, 0.6) * w
+    r0 = rng.uniform(0.1, 0.15) * h
+    cx = rng.uniform(0.42, 0.58) * w
     cy = rng.uniform(0.4, 0.6) * h
-    amp = rng.uniform(0.22, 0.3)
-    ones = np.ones_like(t)
     wobble = rng.uniform(0.5, 1.5) * np.sin(2 * math.pi * t * rng.uniform(0.3, 0.7))
-    if motion == "side_to_side":
-        return cx + amp * w * np.sin(ang), cy + wobble, r0 * ones
+    ones = np.ones_like(t)
+    # Travel: 55-70 % of the width over the whole video, from near one side.
+    travel = rng.uniform(0.55, 0.7) * w * t / duration_s
+    start = rng.uniform(0.15, 0.25) * w
+    swing = np.sin(2 * math.pi * t / rng.uniform(1.6, 2.4) + rng.uniform(0, 2 * math.pi))
+    growth = rng.uniform(0.35, 0.5) * t  # radius grows by 35-50 % of r0 per second
+    if motion == "left_to_right":
+        return start + travel, cy + wobble, r0 * ones
+    if motion == "right_to_left":
+        return w - start - travel, cy + wobble, r0 * ones
     if motion == "up_down":
-        return cx + wobble, cy + amp * h * np.sin(ang), r0 * ones
-    if motion == "circle":
-        a = amp * 0.8 * h
-        return cx + a * np.cos(ang), cy + a * np.sin(ang), r0 * ones
-    if motion == "diagonal":
-        return cx + amp * w * np.sin(ang), cy + amp * h * np.sin(ang), r0 * ones
-    growth = rng.uniform(0.35, 0.55) * t  # radius grows by 35-55 % of r0 per second
+        return cx + wobble, cy + rng.uniform(0.22, 0.3) * h * swing, r0 * ones
+    if motion == "side_to_side":
+        return cx + rng.uniform(0.2, 0.28) * w * swing, cy + wobble, r0 * ones
     if motion == "grow":
-        return cx + wobble, cy + 0 * t, r0 * (0.7 + growth)
+        return cx + wobble, cy * ones, r0 * (0.6 + growth)
     if motion == "shrink":
-        return cx + wobble, cy + 0 * t, r0 * np.maximum(0.3, 3.2 - growth)
+        return cx + wobble, cy * ones, r0 * np.maximum(0.3, 3.0 - growth)
     raise ConfigError(f"unknown demo motion {motion!r}")
 
 
@@ -120,9 +115,11 @@ def _write_video(
     h, w = size
     n = int(round(fps * duration_s))
     t = np.arange(n) / fps
-    xs, ys, rs = _trajectory(motion, t, rng, h, w)
-    colour = rng.integers(90, 256, 3).astype(np.uint8)
-    bg = rng.integers(0, 70, 3)
+    xs, ys, rs = _trajectory(motion, t, rng, h, w, duration_s)
+    colour = rng.integers(40, 256, 3)
+    colour[int(rng.integers(0, 3))] = rng.integers(190, 256)  # always clearly brighter than bg
+    colour = colour.astype(np.uint8)
+    bg = rng.integers(0, 60, 3)
     noise_amp = int(rng.integers(4, 12))
     # A small bank of noise frames, cycled: per-frame fresh noise costs more than the encoding.
     bank = [
@@ -158,8 +155,8 @@ def make_demo_video_dataset(
     root: str | Path,
     seed: int = 0,
     classes: Sequence[str] = DEMO_CLASSES,
-    videos_per_class_train: int = 8,
-    videos_per_class_val: int = 3,
+    videos_per_class_train: int = 12,
+    videos_per_class_val: int = 4,
     *,
     size: tuple[int, int] = (120, 160),
     fps_choices: Sequence[int] = (24, 30),
