@@ -215,7 +215,10 @@ def make_demo_video_dataset(
             previous = json.loads(marker.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             previous = None
-        if previous != params:
+        same = isinstance(previous, dict) and all(
+            previous.get(k) == v for k, v in params.items() if k != "pyav"
+        )  # files from another PyAV version are still valid videos: reuse them
+        if not same:
             raise DataError(
                 f"{base} holds a demo video dataset made with other parameters ({marker}); "
                 "use another root"

@@ -132,7 +132,10 @@ class VideoPreprocess:
         if not math.isfinite(fps) or fps <= 0:
             raise ConfigError(f"preprocess.fps={self.fps!r} must be a positive number")
         object.__setattr__(self, "fps", fps)
-        resize = tuple(self.resize)
+        try:
+            resize = tuple(self.resize)
+        except TypeError:
+            resize = ()
         if len(resize) != 2 or not all(_is_positive_int(v) for v in resize):
             raise ConfigError(
                 f"preprocess.resize={self.resize!r} must be [height, width], positive integers"
