@@ -203,6 +203,7 @@ class MlflowSweepCallback(Callback):
         if not is_multirun(config):
             return
         _last_job_error = None
+        _plain_start_method()
         parent = read_parent(sweep_dir(config))
         if parent is not None:
             os.environ[PARENT_RUN_ENV] = parent.run_id
@@ -269,6 +270,16 @@ class MlflowSweepCallback(Callback):
         finally:
             client.set_terminated(run_id, status=status or "FAILED")
             os.environ.pop(PARENT_RUN_ENV, None)
+
+
+def _plain_start_method() -> None:
+    """In a joblib (loky) worker the default start method is "loky"; a process this job starts
+    with the standard library (the local runtime profiles in a fresh one) would be told to use
+    it, fail to find it in a plain interpreter, and die at start, over and over. Use "spawn"."""
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) == "loky":
+        multiprocessing.set_start_method("spawn", force=True)
 
 
 def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
