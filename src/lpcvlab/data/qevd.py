@@ -601,6 +601,13 @@ def write_preprocessed(
             f"two videos would write the same tensor {dup[0]} (same class and file stem); "
             "rename one of them"
         )
+    as_text = [str(p) for p in tensor_paths]
+    if sorted(as_text) != as_text:
+        raise DataError(
+            f"the tensor files under {out} would not sort in the manifest order (video file "
+            "names with dots or unusual characters?); the organisers' inference script sorts "
+            "the .npy paths and would misalign results — rename those videos"
+        )
     planned = set(tensor_paths)
     stray = sorted(p for p in out.rglob("*.npy") if p not in planned) if out.exists() else []
     if stray:
@@ -638,12 +645,6 @@ def write_preprocessed(
                 )
             )
 
-    written = [r.tensor_path for r in records]
-    if sorted(written) != written:
-        raise DataError(
-            f"the tensor files under {out} do not sort in the manifest order (file names with "
-            "dots or unusual characters?); the official inference script would misalign them"
-        )
     manifest = out / "manifest.jsonl"
     _atomic_write_text(manifest, "".join(r.to_json() + "\n" for r in records))
     skipped_csv = out / "skipped.csv"
