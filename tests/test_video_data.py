@@ -510,3 +510,13 @@ def test_cli_preprocess_on_demo(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert args.func(args) == 0
     assert "preprocessed 4 of 4 val videos" in capsys.readouterr().out
     assert len(qevd.read_manifest(tmp_path / "pre" / "manifest.jsonl")) == 4
+
+
+def test_write_preprocessed_refuses_names_that_would_misalign(tmp_path: Path) -> None:
+    """'a.mp4' < 'a.n.mp4' but 'a.n.npy' < 'a.npy': run_inference.py's sort would shift rows."""
+    samples = [
+        qevd.VideoSample(tmp_path / "val" / "burpee" / name, 8, "burpee")
+        for name in ("a.mp4", "a.n.mp4")
+    ]
+    with pytest.raises(DataError, match="would not sort in the manifest order"):
+        qevd.write_preprocessed(samples, LPCVC, tmp_path / "pre", progress=False)
