@@ -22,14 +22,19 @@ of time). Videos are 24 or 30 fps and 4.5-6.5 s long, plus ``short_videos`` trai
 
 Deterministic: the same parameters give byte-identical files (one encoder thread, every random
 draw from a generator seeded per video). Idempotent: a marker file records the parameters, and a
-second call with the same ones returns without encoding.
+second call with the same ones returns without encoding; concurrent calls (parallel sweep jobs)
+serialise on a file lock. A root made with other parameters is an error, never overwritten:
+give each parameter set (e.g. each seed) its own root.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +60,22 @@ class DemoVideoDataset:
     splits: dict[str, list[VideoSample]]  # sorted full-path order, labels from the class map
     codec: str
     generated: bool  # False when an identical dataset was already there
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX); no locking where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _pick_codec(codec: str) -> str:
@@ -128,7 +149,7 @@ def _write_video(
     ]
     yy, xx = np.mgrid[0:h, 0:w]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     container = av.open(str(tmp), "w", format="mp4")
     try:
         stream = container.add_stream(codec, rate=fps)
@@ -208,36 +229,40 @@ def make_demo_video_dataset(
                 plan.append((split, cls, i, base / split / cls / f"{seed:02d}{serial:06d}.mp4"))
                 serial += 1
 
-    marker = base / MARKER
-    generated = True
-    if marker.exists():
-        try:
-            previous = json.loads(marker.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            previous = None
-        same = isinstance(previous, dict) and all(
-            previous.get(k) == v for k, v in params.items() if k != "pyav"
-        )  # files from another PyAV version are still valid videos: reuse them
-        if not same:
-            raise DataError(
-                f"{base} holds a demo video dataset made with other parameters ({marker}); "
-                "use another root"
-            )
-        generated = not all(p.exists() for *_, p in plan)
-    if generated:
-        short_left = short_videos
-        for split, cls, i, path in plan:
-            ci = classes.index(cls)
-            rng = np.random.default_rng([seed, ci, SPLITS.index(split), i])
-            fps = int(fps_choices[int(rng.integers(0, len(fps_choices)))])
-            dur = float(rng.uniform(*duration_s))
-            if split == "train" and i == 0 and short_left > 0:
-                dur = _SHORT_DURATION_S
-                short_left -= 1
-            _write_video(
-                path, motions[cls], rng, fps=fps, duration_s=dur, size=size, codec=codec_name
-            )
-        marker.write_text(json.dumps(params, indent=1) + "\n", encoding="utf-8")
+    base.mkdir(parents=True, exist_ok=True)
+    with _exclusive(base / f"{MARKER}.lock"):  # parallel jobs: one generates, the others wait
+        marker = base / MARKER
+        generated = True
+        if marker.exists():
+            try:
+                previous = json.loads(marker.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                previous = None
+            same = isinstance(previous, dict) and all(
+                previous.get(k) == v for k, v in params.items() if k != "pyav"
+            )  # files from another PyAV version are still valid videos: reuse them
+            if not same:
+                raise DataError(
+                    f"{base} holds a demo video dataset made with other parameters ({marker}); "
+                    "use another root"
+                )
+            generated = not all(p.exists() for *_, p in plan)
+        if generated:
+            short_left = short_videos
+            for split, cls, i, path in plan:
+                ci = classes.index(cls)
+                rng = np.random.default_rng([seed, ci, SPLITS.index(split), i])
+                fps = int(fps_choices[int(rng.integers(0, len(fps_choices)))])
+                dur = float(rng.uniform(*duration_s))
+                if split == "train" and i == 0 and short_left > 0:
+                    dur = _SHORT_DURATION_S
+                    short_left -= 1
+                _write_video(
+                    path, motions[cls], rng, fps=fps, duration_s=dur, size=size, codec=codec_name
+                )
+            tmp = marker.with_name(f"{MARKER}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(params, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, marker)
 
     splits: dict[str, list[VideoSample]] = {}
     for split in SPLITS:
