@@ -1,0 +1,58 @@
+"""Helpers for tests that run ``python run.py`` in a subprocess against a throwaway store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from lpcvlab.runstore import RunInfo, search
+from lpcvlab.tracking import PARENT_RUN_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+
+# clip_tiny on 8 demo images, two timed iterations: a run takes seconds plus imports.
+TINY = [
+    "backbone=clip_tiny",
+    "data.demo.num_images=8",
+    "hub.profile_iterations=2",
+    "hub.warmup_iterations=1",
+    "export.parity_samples=2",
+]
+
+
+def store_overrides(tmp: Path, cache: Path | None = None) -> list[str]:
+    """A store, a cache and output folders under ``tmp`` (absolute: run.py runs in the repo)."""
+    return [
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.artifact_root={tmp}/artifacts",
+        f"paths.cache_dir={cache or tmp / 'cache'}",
+        f"hydra.run.dir={tmp}/outputs",
+        f"hydra.sweep.dir={tmp}/multirun",
+    ]
+
+
+def run_py(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """``python run.py ARGS`` from the repository root, in a clean environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", PARENT_RUN_ENV)}
+    return subprocess.run(
+        [sys.executable, "run.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def all_runs(tmp: Path) -> list[RunInfo]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    return search(client, [e.experiment_id for e in client.search_experiments()])
+
+
+def explain(proc: subprocess.CompletedProcess[str]) -> str:
+    out, err = proc.stdout[-4000:], proc.stderr[-6000:]
+    return f"exit {proc.returncode}\n--- stdout\n{out}\n--- stderr\n{err}"
