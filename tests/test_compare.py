@@ -1,0 +1,142 @@
+"""``lpcvlab compare``: the swept columns, the Pareto front, the table, the CLI on a real store."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from lpcvlab import cli
+from lpcvlab.compare import build_comparison, pareto_front, swept_params
+from lpcvlab.runstore import RunInfo, RunLookupError
+
+
+def _run(run_id: str, params: dict, metrics: dict, tags: dict | None = None) -> RunInfo:
+    return RunInfo(run_id, run_id, "FINISHED", "1", 0, params, metrics, tags or {})
+
+
+def test_a_group_choice_shows_as_one_column_and_explicit_overrides_still_show():
+    tiny = {"backbone.name": "clip_tiny", "backbone.width": "64", "seed": "0", "export.opset": "18"}
+    b32 = {"backbone.name": "clip_vit_b32", "backbone.width": "768", "seed": "0"}
+    b32 |= {"export.opset": "18"}
+    runs = [_run("a", tiny, {}), _run("b", b32, {})]
+    assert swept_params(runs) == ["backbone.name"]  # width comes with the choice
+    wider = _run("c", tiny | {"backbone.width": "128", "seed": "1"}, {})
+    assert swept_params([*runs, wider]) == ["backbone.name", "backbone.width", "seed"]
+    assert swept_params(runs[:1]) == []
+
+
+def test_pareto_front_keeps_runs_nothing_beats():
+    points = [(10.0, 0.5), (5.0, 0.4), (20.0, 0.7), (12.0, 0.45), (5.0, 0.3), (math.nan, 0.9)]
+    assert pareto_front(points) == [1, 0, 2]
+    assert pareto_front([]) == []
+
+
+def test_table_has_params_accuracy_and_per_component_latency_memory():
+    metrics = {
+        "recall_at_10": 0.5,
+        "objective": 0.5,
+        "latency_ms/image_encoder": 3.0,
+        "peak_memory_mb/image_encoder": 10.0,
+        "latency_ms/text_encoder": 1.0,
+        "peak_memory_mb/text_encoder": 5.0,
+        "latency_ms/total": 4.0,
+    }
+    runs = [
+        _run("r1", {"preprocess.name": "lpcvc_sample"}, metrics, {"weights": "random"}),
+        _run("r2", {"preprocess.name": "clip_mean_std"}, metrics | {"recall_at_10": 0.6}),
+    ]
+    table = build_comparison(runs)
+    assert table.components == ["image_encoder", "text_encoder"]
+    for col in ("preprocess", "recall_at_10", "latency_ms/image_encoder", "weights", "runtime"):
+        assert col in table.columns
+    assert table.rows[1]["recall_at_10"] == 0.6 and table.rows[0]["weights"] == "random"
+    text = table.render()
+    assert "clip_mean_std" in text and "latency_ms/text_encoder" in text
+    assert "over_budget" not in text  # empty for every run: left out of the terminal table
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A parent run with three children, written directly (no pipeline needed)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("lpcvc-retrieval")
+    parent = client.create_run(exp, run_name="sweep backbone=...", tags={"sweep": "true"})
+    children = {}
+    for backbone, recall, latency in (("clip_tiny", 0.3, 2.0), ("clip_vit_b32", 0.6, 9.0),
+                                      ("mobileclip2_s0", 0.5, 12.0)):  # fmt: skip
+        run = client.create_run(
+            exp, run_name=backbone, tags={"mlflow.parentRunId": parent.info.run_id}
+        )
+        client.log_batch(
+            run.info.run_id,
+            metrics=[
+                Metric("recall_at_10", recall, 0, 0),
+                Metric("objective", recall, 0, 0),
+                Metric("latency_ms/image_encoder", latency * 0.8, 0, 0),
+                Metric("latency_ms/text_encoder", latency * 0.2, 0, 0),
+                Metric("latency_ms/total", latency, 0, 0),
+                Metric("peak_memory_mb/image_encoder", 100.0, 0, 0),
+            ],
+            params=[
+                Param("backbone.name", backbone),
+                Param("track.objective", "recall_at_10"),
+                Param("seed", "0"),
+            ],
+            tags=[
+                RunTag("weights", "random"),
+                RunTag("runtime", "qnn_dlc"),
+                RunTag("hub", "local"),
+            ],
+        )
+        client.set_terminated(run.info.run_id)
+        children[backbone] = run.info.run_id
+    return uri, parent.info.run_id, children
+
+
+def test_compare_cli_on_a_sweep_parent_writes_table_and_plot(store, tmp_path, capsys):
+    uri, parent, children = store
+    csv_path, png = tmp_path / "t.csv", tmp_path / "p.png"
+    code = cli.main(
+        ["compare", parent, "--tracking-uri", uri, "--csv", str(csv_path), "--plot", str(png)]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert f"3 run(s) from sweep {parent}" in out and "differ in: backbone" in out
+    front = out.split("Pareto front", 1)[1]
+    assert children["clip_tiny"][:8] in front and children["clip_vit_b32"][:8] in front
+    assert children["mobileclip2_s0"][:8] not in front  # slower and less accurate than b32
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["run_id"] for r in rows} == set(children.values())
+    assert {r["backbone"] for r in rows} == set(children)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_by_experiment_and_by_ids(store, capsys):
+    uri, parent, children = store
+    assert cli.main(["compare", "--experiment", "lpcvc-retrieval", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 run(s) from experiment")  # the sweep parent is not a row
+    ids = [children["clip_tiny"], children["clip_vit_b32"]]
+    assert cli.main(["compare", *ids, "--tracking-uri", uri]) == 0
+    assert "2 run(s)" in capsys.readouterr().out
+
+
+def test_compare_errors_say_what_to_pass(store, tmp_path, capsys):
+    uri, _, _ = store
+    assert cli.main(["compare", "--experiment", "nope", "--tracking-uri", uri]) == 1
+    assert "lpcvc-retrieval" in capsys.readouterr().err  # lists the experiments there
+    assert cli.main(["compare", "0" * 32, "--tracking-uri", uri]) == 1
+    assert "--tracking-uri" in capsys.readouterr().err
+    missing = f"sqlite:///{tmp_path}/none/mlflow.db"
+    assert cli.main(["compare", "--experiment", "x", "--tracking-uri", missing]) == 1
+    assert "no MLflow store" in capsys.readouterr().err
+    with pytest.raises(RunLookupError):
+        from lpcvlab.compare import select_runs
+
+        select_runs(missing, experiment="x")
