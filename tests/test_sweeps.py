@@ -209,6 +209,20 @@ def test_a_failing_job_is_failed_and_counted_while_the_sweep_goes_on(tmp_path, s
 
 
 @pytest.mark.slow
+def test_a_bug_in_a_job_still_leaves_a_summarised_failed_parent(tmp_path, shared_cache):
+    # profile_iterations=0 makes the local runtime raise a plain ValueError: not a user error,
+    # so Hydra's sweeper re-raises it after the batch and skips on_multirun_end.
+    proc = run_py(
+        "-m", *TINY, "hub.profile_iterations=2,0", *store_overrides(tmp_path, shared_cache)
+    )
+    assert proc.returncode == 1 and "profile_iterations must be >= 1" in proc.stderr
+    parent, children, _ = _sweep_runs(tmp_path)
+    assert parent.status == "FAILED" and "on_multirun_end" in parent.tags["error"]
+    assert parent.metrics["sweep/jobs"] == 2 and parent.metrics["sweep/failed"] == 1
+    assert sorted(c.status for c in children) == ["FAILED", "FINISHED"]
+
+
+@pytest.mark.slow
 def test_optuna_search_penalises_runs_over_the_latency_budget(tmp_path, shared_cache):
     proc = run_py(
         "hparams_search=retrieval_optuna",
