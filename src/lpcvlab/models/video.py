@@ -32,26 +32,29 @@ _TORCHVISION = {
 
 
 class TinyVideoNet(nn.Module):
-    """A few-thousand-parameter 3D CNN with the R(2+1)D layer names (``stem``, ``layer4``,
-    ``fc``), so freezing policies and checkpoints treat it like the real backbones."""
+    """A small 3D CNN with R(2+1)D's layer names (``stem``, ``layer3``, ``layer4``, ``fc``), so
+    freezing policies and checkpoints treat it like the real backbones; for tests and demos."""
 
     def __init__(self, num_classes: int, width: int = 16) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv3d(3, width, (3, 7, 7), stride=(1, 4, 4), padding=(1, 3, 3), bias=False),
-            nn.BatchNorm3d(width),
-            nn.ReLU(inplace=True),
-        )
-        self.layer4 = nn.Sequential(
-            nn.Conv3d(width, 2 * width, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm3d(2 * width),
-            nn.ReLU(inplace=True),
-        )
+
+        def block(cin: int, cout: int, kernel, stride) -> nn.Sequential:
+            pad = tuple(k // 2 for k in kernel)
+            return nn.Sequential(
+                nn.Conv3d(cin, cout, kernel, stride=stride, padding=pad, bias=False),
+                nn.BatchNorm3d(cout),
+                nn.ReLU(inplace=True),
+            )
+
+        self.stem = block(3, width, (1, 7, 7), (1, 4, 4))  # spatial only, as R(2+1)D's stem
+        self.layer3 = block(width, 2 * width, (3, 3, 3), (1, 2, 2))  # motion
+        self.layer4 = block(2 * width, 4 * width, (3, 3, 3), (2, 2, 2))
         self.avgpool = nn.AdaptiveAvgPool3d(1)
-        self.fc = nn.Linear(2 * width, num_classes)
+        self.fc = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.avgpool(self.layer4(self.stem(x))).flatten(1))
+        x = self.layer4(self.layer3(self.stem(x)))
+        return self.fc(self.avgpool(x).flatten(1))
 
 
 def _cached_kinetics(weights_enum: Any) -> Path | None:

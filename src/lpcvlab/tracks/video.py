@@ -8,7 +8,6 @@ the organisers' ``evaluate.py`` reads it unchanged.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from lpcvlab.data.qevd import (
+    ManifestRecord,
     VideoSample,
     check_results_against_manifest,
     load_class_map,
@@ -57,8 +57,12 @@ def video_settings(cfg: Any) -> VideoPreprocess:
 def _decode(cfg: Any, samples: list[VideoSample], pp: VideoPreprocess, desc: str, keep: bool):
     cache = Path(cfg.paths.cache_dir) / "video_clips"
     return decode_videos(
-        [s.path for s in samples], pp, cache_dir=cache, workers=int(cfg.data.workers),
-        return_tensors=keep, desc=desc,
+        [s.path for s in samples],
+        pp,
+        cache_dir=cache,
+        workers=int(cfg.data.workers),
+        return_tensors=keep,
+        desc=desc,
     )
 
 
@@ -104,9 +108,15 @@ class VideoTrack:
         train, train_cache = [], []
         if train_split is not None:
             one_clip = VideoPreprocess(**{**pp.__dict__, "clips_per_video": 1})
-            tb = _decode(cfg, train_split.samples, one_clip, f"decode {data.train_split}", keep=False)
+            tb = _decode(
+                cfg, train_split.samples, one_clip, f"decode {data.train_split}", keep=False
+            )
             batches[data.train_split] = tb
-            pairs = [(s, r.cache_path) for s, r in zip(train_split.samples, tb.results, strict=True) if r.ok]
+            pairs = [
+                (s, r.cache_path)
+                for s, r in zip(train_split.samples, tb.results, strict=True)
+                if r.ok
+            ]
             train = [s for s, _ in pairs]
             train_cache = [p for _, p in pairs]
             if not train:
@@ -168,20 +178,29 @@ class VideoTrack:
         payload: VideoPayload = data.payload
         aug = cfg.train.augment
         train_set = ClipDataset(
-            payload.train_cache, [s.label for s in payload.train],
-            flip=bool(aug.flip), translate=int(aug.translate), seed=int(cfg.seed),
+            payload.train_cache,
+            [s.label for s in payload.train],
+            flip=bool(aug.flip),
+            translate=int(aug.translate),
+            seed=int(cfg.seed),
         )
         # Validation during training: the first clip of each validation video, channel-first.
         val_set = ClipDataset(
             [p for p in payload.val_cache if p is not None],
             [s.label for s, p in zip(payload.val, payload.val_cache, strict=True) if p is not None],
         )
-        dm = ClipDataModule(train_set, val_set, int(cfg.train.batch_size), int(cfg.train.num_workers))
+        dm = ClipDataModule(
+            train_set, val_set, int(cfg.train.batch_size), int(cfg.train.num_workers)
+        )
         net = VideoClassifier(bundle.model, tuple(cfg.backbone.mean), tuple(cfg.backbone.std))
         net.train()
         result = finetune(cfg, net, dm, run, work_dir)
         bundle.components[0].module.eval()
-        log.info("fine-tuning done: best val/top1 %.4f (%s)", result.best_val_top1, result.best_checkpoint)
+        log.info(
+            "fine-tuning done: best val/top1 %.4f (%s)",
+            result.best_val_top1,
+            result.best_checkpoint,
+        )
 
     def evaluate(
         self, cfg: Any, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
@@ -205,27 +224,41 @@ class VideoTrack:
         rows = clip_logits[:, 0] if c == 1 else np.log(np.maximum(probs, 1e-30))
         results = write_results_h5(work_dir / "results.h5", rows)
         manifest = work_dir / "manifest.jsonl"
+        shape = [c, *data.inputs[VIDEO].shape[1:]]
         with open(manifest, "w") as f:
             for s, p in zip(payload.val, payload.val_cache, strict=True):
-                rec = {
-                    "video_path": str(s.path), "label": int(s.label),
-                    "tensor_path": str(p) if p else None,
-                    "shape": [c, *data.inputs[VIDEO].shape[1:]], "dtype": "float32",
-                }
-                f.write(json.dumps(rec) + "\n")
+                record = ManifestRecord(
+                    video_path=str(s.path),
+                    label=s.class_name,
+                    tensor_path=str(p) if p else "",
+                    shape=shape,
+                    dtype="torch.float32",
+                )
+                f.write(record.to_json() + "\n")
         check_results_against_manifest(manifest, results)
         per_video = work_dir / "per_video_predictions.csv"
         top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
         with open(per_video, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["video_path", "label", "class", "predicted", "predicted_class", "prob", "top5"])
+            w.writerow(
+                ["video_path", "label", "class", "predicted", "predicted_class", "prob", "top5"]
+            )
             for i, s in enumerate(payload.val):
                 p = int(top5[i, 0])
-                w.writerow([
-                    s.path, s.label, s.class_name, p, payload.class_names[p],
-                    f"{probs[i, p]:.6f}", ";".join(payload.class_names[j] for j in top5[i]),
-                ])
-        confusion = _confusion_png(work_dir / "confusion_matrix.png", labels, top5[:, 0], payload.class_names)
+                w.writerow(
+                    [
+                        s.path,
+                        s.label,
+                        s.class_name,
+                        p,
+                        payload.class_names[p],
+                        f"{probs[i, p]:.6f}",
+                        ";".join(payload.class_names[j] for j in top5[i]),
+                    ]
+                )
+        confusion = _confusion_png(
+            work_dir / "confusion_matrix.png", labels, top5[:, 0], payload.class_names
+        )
         return EvalResult(
             metrics=metrics,
             artifacts=[results, manifest, per_video, confusion],

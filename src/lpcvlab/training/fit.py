@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from lpcvlab.errors import ConfigError
@@ -29,7 +29,7 @@ from lpcvlab.training.module import ClipDataModule, VideoClassifierModule, set_t
 log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_RESUMABLE = ("last.ckpt", "interrupted.ckpt")
+_RESUMABLE = ("interrupted.ckpt", "last.ckpt")  # newest state first
 
 
 class SharedRunMLFlowLogger(MLFlowLogger):
@@ -40,6 +40,23 @@ class SharedRunMLFlowLogger(MLFlowLogger):
 
     def finalize(self, status: str = "success") -> None:  # the pipeline ends the run
         return None
+
+
+class SaveOnException(Callback):
+    """Saves ``interrupted.ckpt`` when training stops on Ctrl-C or an error, so it can resume.
+
+    (Lightning's OnExceptionCheckpoint also makes every plain ``fit`` look for a "last"
+    checkpoint to resume from; this one does nothing until something goes wrong.)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exc: BaseException
+    ) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(str(self.path))
 
 
 @dataclass
@@ -93,7 +110,7 @@ def finetune(
     )
     ckpt_dir = work_dir / "checkpoints"
     checkpoint: ModelCheckpoint = instantiate(train.checkpoint, dirpath=str(ckpt_dir))
-    on_interrupt = OnExceptionCheckpoint(dirpath=str(ckpt_dir), filename="interrupted")
+    on_interrupt = SaveOnException(ckpt_dir / "interrupted.ckpt")
     logger = SharedRunMLFlowLogger(tracking_uri=run.tracking_uri, run_id=run.run_id)
     trainer: pl.Trainer = instantiate(
         train.trainer,
