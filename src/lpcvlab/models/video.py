@@ -82,7 +82,14 @@ def _load_state(model: nn.Module, path: Path, num_classes: int) -> None:
             num_classes,
         )
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape
+        first = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln][:1]
+        raise ConfigError(
+            f"{path}: checkpoint does not fit this backbone ({first[0] if first else exc}); "
+            "check backbone= against the checkpoint"
+        ) from None
     if unexpected or [k for k in missing if not k.startswith("fc.")]:
         raise ConfigError(
             f"{path}: checkpoint does not fit this backbone (missing {missing[:5]}, "
