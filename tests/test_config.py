@@ -9,7 +9,13 @@ import pytest
 from conftest import CONF, REPO, compose_config
 from omegaconf import OmegaConf
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("."))
+# Experiments and searches are global presets, tested in test_experiments.py.
+PRESETS = {"experiment", "hparams_search"}
+GROUPS = sorted(
+    p.name
+    for p in CONF.iterdir()
+    if p.is_dir() and not p.name.startswith(".") and p.name not in PRESETS
+)
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
