@@ -1,4 +1,8 @@
-"""Track 1: rank captions for each image with CLIP encoders; score Recall@10 (official)."""
+"""Track 1: rank captions for each image with CLIP encoders; score Recall@10 (official).
+
+open_clip (and the torchvision it imports: seconds) is imported with the track, not inside the
+data stage, so that ``stage_seconds/*`` measure the stages' own work.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from lpcvlab.data.lpcvc_track1 import ImageRow, read_track1
 from lpcvlab.data.retrieval_inputs import ImagePreprocess, load_images, tokenize
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import cosine_similarity, recall_at_k
+from lpcvlab.models.clip import CONTEXT_LENGTH, ImageEncoder, TextEncoder, build_clip, tokenizer_for
 from lpcvlab.tracks.base import RunLog, TrackData
 from lpcvlab.types import Component, EvalResult, ModelBundle, TensorSpec
 
@@ -79,8 +84,6 @@ class RetrievalTrack:
         if not kept:
             raise DataError(f"{ds.root}: no readable images; see the warnings above")
 
-        from lpcvlab.models.clip import CONTEXT_LENGTH, tokenizer_for
-
         text_ids = list(ds.texts)
         tokens, truncated = tokenize([ds.texts[t] for t in text_ids], tokenizer_for(cfg.backbone))
         if truncated:
@@ -109,8 +112,6 @@ class RetrievalTrack:
         )
 
     def build_model(self, cfg: Any) -> ModelBundle:
-        from lpcvlab.models.clip import CONTEXT_LENGTH, ImageEncoder, TextEncoder, build_clip
-
         model, _, weights = build_clip(cfg.backbone)
         image = image_settings(cfg)
         bake = image.mean is not None and image.normalize_in_model
