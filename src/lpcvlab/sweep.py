@@ -209,17 +209,16 @@ class MlflowSweepCallback(Callback):
             os.environ[PARENT_RUN_ENV] = parent.run_id
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus as HydraStatus
-
         global _last_job_error
         if not is_multirun(config):
             return
         error = _last_job_error
         objective: float | None = None
-        if job_return.status == HydraStatus.FAILED:
-            error = f"{type(job_return._return_value).__name__}: {job_return._return_value}"
-        else:
+        try:
             value = job_return.return_value
+        except Exception as exc:  # the job raised: Hydra re-raises it on access
+            error = f"{type(exc).__name__}: {exc}"
+        else:
             if isinstance(value, int | float) and not math.isnan(float(value)):
                 objective = float(value)
             elif error is None:
