@@ -231,7 +231,10 @@ def report(rep: Reproduction) -> str:
     if rep.forced:
         lines.append("forced past: " + "; ".join(rep.forced))
     if rep.reproduced:
-        lines.append("REPRODUCED: every accuracy and parity metric is identical.")
+        lines.append(
+            "REPRODUCED: every metric that is not a measurement (accuracy, parity, data) "
+            "is identical."
+        )
     else:
         names = ", ".join(d.name for d in rep.mismatches)
         lines.append(f"NOT REPRODUCED: {len(rep.mismatches)} metric(s) differ: {names}")
