@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 from lpcvlab.cache import (
     RecordStore,
     StageCache,
-    array_digest,
     export_key,
     runtime_key,
     state_dict_digest,
 )
 from lpcvlab.errors import ConfigError, ParityError
+from lpcvlab.hashing import array_sha256
 from lpcvlab.runtimes.base import ComponentJob, SequentialRuntime
 from lpcvlab.types import (
     CompileResult,
@@ -192,8 +192,8 @@ def test_content_digests_see_weights_dtypes_and_samples():
     comp.module.half()
     assert state_dict_digest(comp.module) != digest
     a = np.arange(6, dtype=np.int64)
-    assert array_digest(a) != array_digest(a.astype(np.int32))
-    assert array_digest(a) != array_digest(a.reshape(2, 3))
+    assert array_sha256(a) != array_sha256(a.astype(np.int32))
+    assert array_sha256(a) != array_sha256(a.reshape(2, 3))
 
 
 def test_cache_config_is_checked():

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from lpcvlab.export import file_sha256
+from lpcvlab.hashing import file_sha256
 from lpcvlab.profile import parse_profile
 from lpcvlab.runtimes import ComponentJob
 from lpcvlab.runtimes.local import LocalRuntime

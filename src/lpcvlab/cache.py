@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from lpcvlab.errors import ConfigError, ParityError
+from lpcvlab.hashing import array_sha256
 from lpcvlab.runtimes.base import ComponentJob, JobListener, Runtime
 from lpcvlab.types import (
     CompileResult,
@@ -85,14 +86,6 @@ class StageRecord:
 def _sha256_json(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def array_digest(x: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and bytes (C order)."""
-    x = np.ascontiguousarray(x)
-    h = hashlib.sha256(f"{x.dtype.str}|{x.shape}\n".encode())
-    h.update(x.view(np.uint8).reshape(-1) if x.size else b"")
-    return h.hexdigest()
 
 
 def state_dict_digest(module: Any) -> str:
@@ -163,7 +156,7 @@ def export_key(component: Component, samples: np.ndarray, opset: int) -> str:
             "versions": {
                 p: package_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime")
             },
-            "parity_samples": array_digest(samples),
+            "parity_samples": array_sha256(samples),
         }
     )
 
@@ -213,7 +206,7 @@ def runtime_key(onnx_sha256: str, cfg: Any) -> str:
 
 def inference_key(runtime_key_: str, inputs: np.ndarray) -> str:
     return _sha256_json(
-        {"format": CACHE_FORMAT, "runtime": runtime_key_, "inputs": array_digest(inputs)}
+        {"format": CACHE_FORMAT, "runtime": runtime_key_, "inputs": array_sha256(inputs)}
     )
 
 

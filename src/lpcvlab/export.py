@@ -8,7 +8,6 @@ deployed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import shutil
@@ -23,17 +22,10 @@ import onnxruntime as ort
 import torch
 
 from lpcvlab.errors import ParityError
+from lpcvlab.hashing import file_sha256
 from lpcvlab.types import Component, ExportResult
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:

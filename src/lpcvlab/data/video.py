@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lpcvlab.errors import ConfigError, DataError
+from lpcvlab.hashing import file_sha256
 
 FRAME_SELECTIONS = ("lpcvc_sample", "dynamic_fps", "uniform_span")
 
@@ -749,15 +750,6 @@ def verify_video(path: str | os.PathLike[str], *, full_decode: bool = True) -> i
 
 
 # --------------------------------------------------------------------------- cache
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes: the cache key survives renames and catches edits."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_path(cache_dir: str | os.PathLike[str], sha256: str, preprocess: VideoPreprocess) -> Path:

@@ -61,6 +61,7 @@ from qai_hub.public_rest_api import DEFAULT_HUB_API_URL, DEFAULT_HUB_WEB_URL, AP
 from tqdm.auto import tqdm
 
 from lpcvlab.errors import ConfigError, RuntimeStageError
+from lpcvlab.hashing import array_sha256, file_sha256
 from lpcvlab.ledger import FAILED, SUBMITTED, SUCCESS, JobLedger, LedgerEntry, job_key
 from lpcvlab.profile import parse_profile
 from lpcvlab.runtimes.base import ComponentJob, JobListener
@@ -476,14 +477,6 @@ def _external_data_files(path: Path) -> list[Path]:
     return [path.parent / loc for loc in sorted(locations)]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stage_model(path: Path, data_files: list[Path], workdir: Path) -> Path:
     """A ``<stem>.onnx/`` directory with the graph and exactly one ``.data`` file, as AI Hub takes
     ONNX models with external weights. Files already in that shape are linked, not copied."""
@@ -507,13 +500,6 @@ def _stage_model(path: Path, data_files: list[Path], workdir: Path) -> Path:
         size_threshold=1024,
     )
     return target
-
-
-def _array_digest(x: np.ndarray) -> str:
-    h = hashlib.sha256()
-    h.update(f"{x.dtype.str}{tuple(x.shape)}".encode())
-    h.update(np.ascontiguousarray(x).data)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- runtime
@@ -808,7 +794,7 @@ class AIHubRuntime:
             else:
                 h = hashlib.sha256(exported.sha256.encode())
                 for data in data_files:
-                    h.update(_file_sha256(data).encode())
+                    h.update(file_sha256(data).encode())
                 self._digests[path] = h.hexdigest()
         return self._digests[path]
 
@@ -1200,7 +1186,7 @@ class AIHubRuntime:
         pending = []
         for ci, (a, b) in enumerate(bounds):
             label = f"{ci + 1}/{len(bounds)}" if len(bounds) > 1 else ""
-            digest = _array_digest(self._device_batch(handle, state.inputs[a:b]))
+            digest = array_sha256(self._device_batch(handle, state.inputs[a:b]))
             inputs = {"compile_job": handle.compile_job_id, "dataset_sha256": digest}
 
             # The device batch is rebuilt at submission rather than kept: a reused chunk needs

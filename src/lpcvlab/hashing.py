@@ -1,0 +1,25 @@
+"""Content hashes that name files, cache entries and remote jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's bytes: a key that survives renames and catches edits."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def array_sha256(x: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (C order)."""
+    x = np.ascontiguousarray(x)
+    h = hashlib.sha256(f"{x.dtype.str}|{x.shape}\n".encode())
+    h.update(x.view(np.uint8).reshape(-1) if x.size else b"")
+    return h.hexdigest()
