@@ -191,7 +191,10 @@ class RunRecorder:
         tags = {base: event.job_id}
         if event.url:
             tags[f"{base}_url"] = event.url
-        if event.status:
+        if event.status and event.status.startswith("SHARED with "):
+            # Sharing is the LPCVC submission step: kept apart from the job's state.
+            tags[f"{base}_shared_with"] = event.status.removeprefix("SHARED with ")
+        elif event.status:
             tags[f"{base}_status"] = event.status
         self.set_tags(tags)
 

@@ -1,0 +1,44 @@
+"""`python run.py hub=aihub` end to end, with the real qai-hub client over a faked transport."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_config, tiny_overrides
+from mlflow.tracking import MlflowClient
+from test_aihub import TOKEN, fake  # noqa: F401  (the fixture)
+
+from lpcvlab import pipeline
+
+pytestmark = [pytest.mark.slow, pytest.mark.hub]
+
+
+def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path):  # noqa: F811
+    local_only = ("hub.",)
+    cfg = compose_config(
+        *[o for o in tiny_overrides(tmp_path) if not o.startswith(local_only)],
+        "hub=aihub",
+        "hub.poll_interval_s=0",
+        "hub.retry_backoff_s=0",
+        "hub.share_with=[lpcv@example.com]",
+        "cache.enabled=false",
+    )
+    res = pipeline.run(cfg, work_dir=tmp_path / "work")
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(res.run_id)
+    assert run.info.status == "FINISHED"
+    tags, metrics = run.data.tags, run.data.metrics
+    for comp in ("image_encoder", "text_encoder"):
+        for kind in ("compile", "profile", "inference"):
+            assert tags[f"aihub/{comp}/{kind}_job"], (comp, kind)
+        assert tags[f"aihub/{comp}/compile_job_status"] == "SUCCESS"
+        assert tags[f"aihub/{comp}/compile_job_shared_with"] == "lpcv@example.com"
+        assert metrics[f"device_parity_cosine_min/{comp}"] > 0.99
+        assert metrics[f"latency_ms/{comp}"] > 0
+        assert f"compute_units/{comp}/npu" in metrics
+    assert 0.0 <= metrics["recall_at_10"] <= 1.0
+    assert "measured_on" not in tags and tags["hub"] == "aihub"
+    # The token is nowhere in what the run logged.
+    logged = [str(run.data.params), str(tags), str(metrics)]
+    for art in ("config.yaml", "profiles/image_encoder.json", "profiles/text_encoder.json"):
+        logged.append(open(client.download_artifacts(res.run_id, art, str(tmp_path))).read())
+    assert all(TOKEN not in text for text in logged)
