@@ -164,4 +164,5 @@ class TextEncoder(nn.Module):
 
 def tokenizer_for(backbone: Any) -> Any:
     """The CLIP BPE tokenizer of a backbone, without building the model."""
-    return open_clip.get_tokenizer(backbone.get("tokenizer") or backbone.model_name)
+    with _quiet_root():
+        return open_clip.get_tokenizer(backbone.get("tokenizer") or backbone.model_name)
