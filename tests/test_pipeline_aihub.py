@@ -8,15 +8,36 @@ from mlflow.tracking import MlflowClient
 from test_aihub import TOKEN, fake  # noqa: F401  (the fixture)
 
 from lpcvlab import pipeline
+from lpcvlab.errors import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
 
-def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path):  # noqa: F811
+def _aihub_cfg(tmp_path, *extra):
     local_only = ("hub.",)
-    cfg = compose_config(
+    return compose_config(
         *[o for o in tiny_overrides(tmp_path) if not o.startswith(local_only)],
         "hub=aihub",
+        *extra,
+    )
+
+
+def test_missing_token_stops_the_run_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("QAI_HUB_API_TOKEN", raising=False)
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "absent-client.ini"))
+    cfg = _aihub_cfg(tmp_path)
+    with pytest.raises(ConfigError, match="no Qualcomm AI Hub API token"):
+        pipeline.run(cfg, work_dir=tmp_path / "work")
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lpcvc-retrieval").experiment_id])
+    assert run.info.status == "FAILED"
+    assert not any(k.startswith("data/") for k in run.data.metrics)  # no data was even read
+    assert not (tmp_path / "cache" / "onnx").exists()  # nothing exported
+
+
+def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path):  # noqa: F811
+    cfg = _aihub_cfg(
+        tmp_path,
         "hub.poll_interval_s=0",
         "hub.retry_backoff_s=0",
         "hub.share_with=[lpcv@example.com]",

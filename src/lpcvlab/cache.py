@@ -382,8 +382,8 @@ class StageCache:
     ) -> dict[str, ComponentRun]:
         """Reuse what is cached per component and stage; run the rest on the runtime.
 
-        The runtime is built only when something has to run (a fully cached ``hub=aihub`` run
-        needs no account or network). Components that need all three stages go through
+        The runtime is asked for only when something has to run (a fully cached ``hub=aihub``
+        run makes no network request). Components that need all three stages go through
         ``run_components`` together, so a remote runtime can submit them at once.
         """
         if self.store is None:

@@ -21,7 +21,7 @@ from lpcvlab import console
 from lpcvlab.cache import StageCache
 from lpcvlab.export import export_component
 from lpcvlab.objective import Objective, score
-from lpcvlab.runtimes import ComponentJob, Runtime, build_runtime
+from lpcvlab.runtimes import ComponentJob, build_runtime
 from lpcvlab.tracking import RunRecorder, flatten, git_info, start_run
 from lpcvlab.tracks import get_track
 from lpcvlab.types import ComponentRun, EvalResult, ExportResult
@@ -153,6 +153,9 @@ def run(
 def _stages(cfg: DictConfig, track: Any, rec: RunRecorder, work_dir: Path) -> PipelineResult:
     seed_everything(int(cfg.seed))
     clock = StageClock()
+    # Built first: it checks the hub settings and credentials (no network) before any work.
+    runtime = build_runtime(cfg)
+    runtime.job_listener = rec.on_job
     cache = StageCache.from_config(cfg, rec.run_id, job_listener=rec.on_job)
     console.stage("data", f"{cfg.data.name} (track={cfg.track.name})")
     data = track.load_data(cfg, work_dir)
@@ -202,14 +205,11 @@ def _stages(cfg: DictConfig, track: Any, rec: RunRecorder, work_dir: Path) -> Pi
     rec.set_tags(cache.tags())
     clock.lap("export")
 
-    def make_runtime() -> Runtime:
-        runtime = build_runtime(cfg)
-        runtime.job_listener = rec.on_job
-        return runtime
-
     console.stage("compile, profile, infer", f"hub={cfg.hub.name}")
     runs = cache.run_components(
-        cfg, [ComponentJob(exp, data.inputs[name]) for name, exp in exports.items()], make_runtime
+        cfg,
+        [ComponentJob(exp, data.inputs[name]) for name, exp in exports.items()],
+        lambda: runtime,
     )
     rec.set_tags(cache.tags())
     if cache.hits:
