@@ -97,7 +97,6 @@ class RetrievalTrack:
         missing = sorted(referenced - set(text_ids))
         stats = ds.stats() | {
             "images": len(kept),
-            "skipped_images": len(ds.skipped),
             "truncated_captions": len(truncated),
             "missing_text_ids": len(missing),
         }
