@@ -26,3 +26,23 @@ class ParityError(LpcvlabError):
 
 class RuntimeStageError(LpcvlabError):
     """A compile, profile or inference stage failed on a runtime (local or remote)."""
+
+
+class StorageError(LpcvlabError):
+    """A file that could not be written: disk full, read-only, no permission (names the path)."""
+
+
+class TrackingStoreError(LpcvlabError):
+    """The MLflow tracking store cannot be used (names the URI)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by Ctrl-C (SIGINT) or SIGTERM; it ends KILLED with what it had.
+
+    A ``KeyboardInterrupt``, so that everything that already handles Ctrl-C (Lightning's
+    interrupt checkpoint, ``with`` blocks that clean up temporary folders) handles SIGTERM too.
+    """
+
+    def __init__(self, signal_name: str = "SIGINT") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
