@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import lpcvlab.config  # noqa: F401  (registers the typed schemas before Hydra composes)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
@@ -12,4 +14,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from lpcvlab.app import hydra_entry
+
+    hydra_entry(main)

@@ -9,6 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import lpcvlab.config  # noqa: F401  (registers the typed schemas Hydra composes with)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 DATA = Path(__file__).resolve().parent / "data"

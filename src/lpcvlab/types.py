@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,6 +23,23 @@ class TensorSpec:
     # True when the exported graph already takes channels last (e.g. (1,16,112,112,3)); a
     # runtime must then not move the channel axis again.
     channel_last: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "channel_last": self.channel_last,
+        }
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(
+            str(d["name"]),
+            tuple(int(s) for s in d["shape"]),
+            str(d["dtype"]),
+            bool(d.get("channel_last", False)),
+        )
 
 
 @dataclass
@@ -59,6 +76,37 @@ class ExportResult:
     parity_samples: int
     seconds: float
 
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready; the file's size lets a reader notice a replaced file."""
+        path = Path(self.path).resolve()
+        return {
+            "path": str(path),
+            "size": path.stat().st_size,
+            "sha256": self.sha256,
+            "input": self.input.to_record(),
+            "output_name": self.output_name,
+            "parity_cosine_min": self.parity_cosine_min,
+            "parity_samples": self.parity_samples,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_record(cls, component: str, d: dict[str, Any]) -> ExportResult | None:
+        """None when the recorded file is gone or has another size than when it was recorded."""
+        path = Path(d["path"])
+        if not path.is_file() or path.stat().st_size != int(d["size"]):
+            return None
+        return cls(
+            component=component,
+            path=path,
+            sha256=str(d["sha256"]),
+            input=TensorSpec.from_record(d["input"]),
+            output_name=str(d["output_name"]),
+            parity_cosine_min=float(d["parity_cosine_min"]),
+            parity_samples=int(d["parity_samples"]),
+            seconds=float(d["seconds"]),
+        )
+
 
 @dataclass
 class CompileResult:
@@ -69,6 +117,27 @@ class CompileResult:
     exported: ExportResult
     job_id: str | None = None
     job_url: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything but the handle (a live session or remote model is not data)."""
+        return {
+            "runtime": self.runtime,
+            "device": self.device,
+            "job_id": self.job_id,
+            "job_url": self.job_url,
+        }
+
+    @classmethod
+    def from_record(cls, exported: ExportResult, d: dict[str, Any]) -> CompileResult:
+        return cls(
+            component=exported.component,
+            runtime=str(d["runtime"]),
+            device=str(d["device"]),
+            handle=None,
+            exported=exported,
+            job_id=d.get("job_id"),
+            job_url=d.get("job_url"),
+        )
 
 
 @dataclass
@@ -83,6 +152,29 @@ class ProfileResult:
     job_id: str | None = None
     job_url: str | None = None
 
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "latency_ms": self.latency_ms,
+            "peak_memory_mb": list(self.peak_memory_mb),
+            "compute_units": self.compute_units,
+            "raw": self.raw,
+            "job_id": self.job_id,
+            "job_url": self.job_url,
+        }
+
+    @classmethod
+    def from_record(cls, component: str, d: dict[str, Any]) -> ProfileResult:
+        low, high = d["peak_memory_mb"]
+        return cls(
+            component=component,
+            latency_ms=float(d["latency_ms"]),
+            peak_memory_mb=(float(low), float(high)),
+            compute_units={str(k): int(v) for k, v in d["compute_units"].items()},
+            raw=d["raw"],
+            job_id=d.get("job_id"),
+            job_url=d.get("job_url"),
+        )
+
 
 @dataclass
 class InferenceResult:
@@ -93,6 +185,29 @@ class InferenceResult:
     job_url: str | None = None
     # Runtime-specific scores, logged as "<name>/<component>" (e.g. device_parity_cosine_min).
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything but the outputs, which are stored beside the record as an array."""
+        outputs = np.asarray(self.outputs)
+        return {
+            "seconds": self.seconds,
+            "metrics": self.metrics,
+            "shape": list(outputs.shape),
+            "dtype": str(outputs.dtype),
+            "job_id": self.job_id,
+            "job_url": self.job_url,
+        }
+
+    @classmethod
+    def from_record(cls, component: str, d: dict[str, Any], outputs: np.ndarray) -> InferenceResult:
+        return cls(
+            component=component,
+            outputs=outputs,
+            seconds=float(d["seconds"]),
+            job_id=d.get("job_id"),
+            job_url=d.get("job_url"),
+            metrics={str(k): float(v) for k, v in d.get("metrics", {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -108,11 +223,24 @@ class JobEvent:
 
 @dataclass
 class ComponentRun:
-    """Everything a runtime produced for one component."""
+    """Everything a hub produced for one component; a stage that was not asked for is None."""
 
     compiled: CompileResult
-    profile: ProfileResult
-    inference: InferenceResult
+    profile: ProfileResult | None
+    inference: InferenceResult | None
+
+
+class RunLog(Protocol):
+    """What a stage may record while it runs (the pipeline's MLflow recorder)."""
+
+    run_id: str
+    tracking_uri: str
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""ONNX Runtime on this machine: the default runtime, needs no account.
+"""ONNX Runtime on this machine (``hub=local``): the default hub, needs no account.
 
 It writes its profile in the shape AI Hub's ``ProfileJob.download_profile()`` returns
 (``execution_summary.estimated_inference_time`` in µs, ``inference_memory_peak_range`` in bytes,
@@ -7,8 +7,10 @@ It writes its profile in the shape AI Hub's ``ProfileJob.download_profile()`` re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
+import platform
 import statistics
 import threading
 import time
@@ -20,9 +22,10 @@ import onnxruntime as ort
 import psutil
 from tqdm.auto import tqdm
 
+from lpcvlab.config.schema import DeviceConfig, LocalHubConfig, RuntimeConfig
 from lpcvlab.errors import RuntimeStageError
-from lpcvlab.profile import parse_profile
-from lpcvlab.runtimes.base import SequentialRuntime
+from lpcvlab.hubs.base import SequentialHub
+from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.types import CompileResult, ExportResult, InferenceResult, ProfileResult, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -62,24 +65,42 @@ class _PeakRss:
         return max(0, self.peak - self.baseline)
 
 
-class LocalRuntime(SequentialRuntime):
-    """Compile = an ONNX Runtime session; profile = timed runs; infer = the dataset, in order."""
+class LocalHub(SequentialHub):
+    """Compile = an ONNX Runtime session; profile = timed runs; infer = the dataset, in order.
+
+    ``device`` and ``runtime`` are recorded as the target; what is measured is this machine.
+    """
 
     name = "local"
 
     def __init__(
         self,
-        device: str = "host_cpu",
-        warmup_iterations: int = 3,
-        profile_iterations: int = 20,
-        intra_op_threads: int | None = None,
+        settings: LocalHubConfig | None = None,
+        device: DeviceConfig | None = None,
+        runtime: RuntimeConfig | None = None,
     ) -> None:
-        if profile_iterations < 1:
-            raise ValueError("hub.profile_iterations must be >= 1")
-        self.device = device
-        self.warmup_iterations = warmup_iterations
-        self.profile_iterations = profile_iterations
-        self.intra_op_threads = intra_op_threads
+        self.settings = settings or LocalHubConfig()
+        self.device = device.name if device is not None else "host_cpu"
+        self.runtime = runtime.name if runtime is not None else "onnx"
+        self.warmup_iterations = int(self.settings.warmup_iterations)
+        self.profile_iterations = int(self.settings.profile_iterations)
+        self.intra_op_threads = self.settings.intra_op_threads
+
+    def identity(self) -> dict[str, Any]:
+        """Settings, target names, ONNX Runtime's version and this machine: a latency is a
+        property of the machine that measured it."""
+        return {
+            "hub": dataclasses.asdict(self.settings),
+            "device": self.device,
+            "runtime": self.runtime,
+            "onnxruntime": ort.__version__,
+            "host": {
+                "machine": platform.machine(),
+                "processor": platform.processor(),
+                "node": platform.node(),
+                "cpus": psutil.cpu_count(logical=True),
+            },
+        }
 
     def compile(self, exported: ExportResult) -> CompileResult:
         opts = ort.SessionOptions()

@@ -1,0 +1,136 @@
+"""Typed configuration: schemas registered with Hydra, loaded and checked once, at the top.
+
+``import lpcvlab.config`` registers every schema in Hydra's ConfigStore (``run.py`` does it before
+composing). :func:`load_settings` turns a composed DictConfig into a :class:`RunConfig` of plain
+dataclasses, checks values and group combinations, and raises a one-line
+:class:`~lpcvlab.errors.ConfigError` naming the key or the two groups -- before any MLflow run,
+data or model work. :func:`composition_error` does the same for errors Hydra raises while
+composing (an unknown key, a value of the wrong type, a missing option).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from lpcvlab.config.checks import check_combinations
+from lpcvlab.config.schema import SCHEMAS, RunConfig, validate
+from lpcvlab.errors import ConfigError
+
+__all__ = ["RunConfig", "composition_error", "load_settings", "register"]
+
+# Keys a run may carry beside the schema: `+reproduce=RUN_ID` is handled before the pipeline.
+EXTRA_KEYS = ("reproduce",)
+
+
+def register() -> None:
+    """Store the schemas: ``run_config`` (top level) and ``schema/<group>/<kind>``."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_config", node=RunConfig)
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+register()
+
+
+def load_settings(cfg: DictConfig | RunConfig) -> RunConfig:
+    """The composed config as typed dataclasses, every value and combination checked."""
+    if isinstance(cfg, RunConfig):
+        settings = cfg
+    else:
+        body = cfg
+        extra = [k for k in EXTRA_KEYS if k in cfg]
+        if extra:
+            body = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in extra])
+        if OmegaConf.get_type(body) is not RunConfig:
+            # A config composed without the schema (a test's hand-made config): type it now.
+            body = OmegaConf.merge(OmegaConf.structured(RunConfig), body)
+        try:
+            settings = OmegaConf.to_object(body)
+        except MissingMandatoryValue as exc:
+            key = getattr(exc, "full_key", "") or "a required key"
+            raise ConfigError(
+                f"{key} is not set; give it on the command line ({key}=...) or in its config file"
+            ) from None
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_omegaconf_message(exc)) from None
+    assert isinstance(settings, RunConfig)
+    validate(settings)
+    check_combinations(settings)
+    return settings
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", "") or ""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{key}: {first}" if key else first
+
+
+# --------------------------------------------------------------------------- Hydra's errors
+
+_NOT_IN = re.compile(r"Key '(?P<key>[^']+)' (?:not in|is not in struct) '?(?P<type>\w+)'?")
+_FULL_KEY = re.compile(r"full_key: (?P<full>\S+)")
+_IN_CONFIG = re.compile(r"^In '(?P<where>[\w/]+)'")
+_CONVERT = re.compile(r"Value '(?P<value>.*)' of type '(?P<got>\w+)' could not be converted to (?P<to>\w+)")
+_KINDS = {"Integer": "a whole number", "Float": "a number", "Boolean": "true or false"}
+_NOT_FOUND = re.compile(r"Could not find '(?P<group>[\w/]+)/(?P<option>[\w.-]+)'")
+
+
+def _schema_by_name(name: str) -> type | None:
+    for node in SCHEMAS.values():
+        if node.__name__ == name:
+            return node
+    return None
+
+
+def _who_has(group: str, key: str) -> list[str]:
+    out = []
+    for (g, _), node in SCHEMAS.items():
+        if g == group and key in {f.name for f in fields(node)}:
+            out.append(str(getattr(node, "what", node.__name__)))
+    return out
+
+
+def composition_error(exc: BaseException) -> str | None:
+    """One line for an error Hydra raised while composing, or None when it is not one."""
+    from hydra.errors import HydraException
+
+    if not isinstance(exc, (HydraException, OmegaConfBaseException)):
+        return None
+    text = "\n".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    found = _NOT_FOUND.search(text)
+    if found:
+        group, option = found["group"], found["option"]
+        options = re.findall(r"^\t(\S+)$", text, re.M)
+        listed = f"; choose one of: {', '.join(options)}" if options else ""
+        return f"{group}={option} is not an option of the {group} group{listed}"
+    full = _FULL_KEY.search(text)
+    key = full["full"] if full else ""
+    where = _IN_CONFIG.search(str(exc))
+    missing = _NOT_IN.search(text)
+    if missing and key:
+        group = key.split(".")[0]
+        node = _schema_by_name(missing["type"])
+        chosen = getattr(node, "what", missing["type"]) if node else missing["type"]
+        others = [w for w in _who_has(group, missing["key"]) if w != chosen]
+        has = f"; {' and '.join(others)} has it" if others else ""
+        if where and where["where"].split("/")[0] in ("experiment", "hparams_search"):
+            preset = where["where"].replace("/", "=", 1)
+            return (
+                f"{preset} sets {key}, which {chosen} does not have{has}: choose the other "
+                f"option, or remove {key} from the preset"
+            )
+        return f"{key} is not a setting of {chosen}{has}; check the spelling or the group option"
+    convert = _CONVERT.search(text)
+    if convert and key:
+        wanted = _KINDS.get(convert["to"], convert["to"].lower())
+        return f"{key}={convert['value']!r} is not {wanted}; give {wanted} there"
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    if key and key not in first:
+        first = f"{key}: {first}"
+    return f"{first} (`python run.py --cfg job` prints the composed config)"

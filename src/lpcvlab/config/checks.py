@@ -1,0 +1,97 @@
+"""Combinations of config groups that cannot run, found when the config is loaded.
+
+Each check names the two groups (or the key) and says what to choose instead; they run before
+any MLflow run, data or model work (:func:`lpcvlab.config.load_settings`).
+"""
+
+from __future__ import annotations
+
+from lpcvlab.config.schema import (
+    AIHubConfig,
+    ClipBackboneConfig,
+    NoTrainConfig,
+    RetrievalDataConfig,
+    RetrievalTrackConfig,
+    RunConfig,
+    VideoBackboneConfig,
+    VideoDataConfig,
+    VideoTrackConfig,
+)
+from lpcvlab.errors import ConfigError
+
+TRACK1_BACKBONES = "clip_vit_b16, clip_vit_b32, mobileclip2_s0, clip_tiny"
+TRACK2_BACKBONES = "r2plus1d_18, r3d_18, mc3_18, video_tiny"
+TRACK1_PREPROCESS = "lpcvc_sample, clip_mean_std"
+TRACK2_PREPROCESS = "lpcvc_sample, dynamic_fps, uniform_span"
+AIHUB_DEVICES = "xr2_gen2_proxy, dragonwing_iq9075_evk, galaxy_s25"
+
+
+def check_combinations(s: RunConfig) -> None:
+    """Raise a ConfigError for the first combination of groups that cannot run."""
+    if isinstance(s.track, RetrievalTrackConfig):
+        _check_retrieval(s)
+    elif isinstance(s.track, VideoTrackConfig):
+        _check_video(s)
+    if s.track.objective not in s.track.metrics():
+        raise ConfigError(
+            f"track.objective={s.track.objective!r} is not a metric of track={s.track.name}; "
+            f"choose one of: {', '.join(s.track.metrics())}"
+        )
+    if isinstance(s.hub, AIHubConfig) and not s.device.aihub_name:
+        raise ConfigError(
+            f"device={s.device.name} has no AI Hub device (device.aihub_name is empty), so it "
+            f"cannot go with hub=aihub: pick device={AIHUB_DEVICES.replace(', ', ' or device=')}, "
+            "or use hub=local"
+        )
+
+
+def _check_retrieval(s: RunConfig) -> None:
+    if s.preprocess.image is None:
+        raise ConfigError(
+            f"preprocess={s.preprocess.name} has no Track 1 image settings, so it cannot go with "
+            f"track=retrieval; use preprocess={TRACK1_PREPROCESS.replace(', ', ' or preprocess=')}"
+        )
+    if not isinstance(s.backbone, ClipBackboneConfig):
+        raise ConfigError(
+            f"backbone={s.backbone.name} is {s.backbone.what}, which track=retrieval cannot use; "
+            f"choose one of: {TRACK1_BACKBONES}"
+        )
+    if not isinstance(s.data, RetrievalDataConfig):
+        raise ConfigError(
+            f"data={s.data.name} is {s.data.what}, which track=retrieval cannot read; "
+            "use data=demo_retrieval or data=lpcvc_track1"
+        )
+    if not isinstance(s.train, NoTrainConfig):
+        raise ConfigError(
+            f"train={s.train.name} is not available for track=retrieval; use train=none"
+        )
+    if s.data.root is None:
+        d = s.data
+        raise ConfigError(
+            f"data={d.name} needs data.root=/path/to/track1 (the folder with "
+            f"{d.img_list}, {d.txt_list} and {d.images_dir}/)"
+        )
+
+
+def _check_video(s: RunConfig) -> None:
+    if s.preprocess.video is None:
+        raise ConfigError(
+            f"preprocess={s.preprocess.name} has no Track 2 video settings, so it cannot go with "
+            f"track=video; use preprocess={TRACK2_PREPROCESS.replace(', ', ' or preprocess=')}"
+        )
+    if not isinstance(s.backbone, VideoBackboneConfig):
+        raise ConfigError(
+            f"backbone={s.backbone.name} is {s.backbone.what}, which track=video cannot use; "
+            f"choose one of: {TRACK2_BACKBONES}"
+        )
+    if not isinstance(s.data, VideoDataConfig):
+        raise ConfigError(
+            f"data={s.data.name} is {s.data.what}, which track=video cannot read; "
+            "use data=demo_video or data=qevd"
+        )
+    if s.data.root is None:
+        d = s.data
+        raise ConfigError(
+            f"data={d.name} needs data.root=/path/to/qevd (with {d.train_split}/ and "
+            f"{d.val_split}/ class folders; `lpcvlab qevd organise` makes that layout)"
+        )

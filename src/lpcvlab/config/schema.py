@@ -1,0 +1,435 @@
+"""Typed schemas of every config group and top-level section (Hydra structured configs).
+
+Each YAML option in ``conf/<group>/`` starts from one of these dataclasses (its defaults list
+names ``/schema/<group>/<kind>@_here_``), so composing a config already rejects a key the schema
+does not have, or a value of the wrong type, with the key's full name. What a type cannot say --
+ranges, choices, fields that only make sense together -- is declared next to the field
+(:func:`setting`) or in a ``check()`` method, and :func:`lpcvlab.config.load_settings` verifies it
+before any MLflow run or compute. Cross-group combinations are checked in
+:mod:`lpcvlab.config.checks`.
+
+This module imports nothing heavy: ``python run.py`` reads it before torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import MISSING as _DC_MISSING
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Optional
+
+from omegaconf import MISSING
+
+from lpcvlab.errors import ConfigError
+
+# The stages whose results the stage cache can reuse (``cache.stages``).
+CACHE_STAGES = ("export", "compile", "profile", "inference")
+FRAME_SELECTIONS = ("lpcvc_sample", "dynamic_fps", "uniform_span")
+PIL_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
+# AI Hub refuses datasets over 2 GB.
+AIHUB_DATASET_LIMIT_BYTES = 2 * 1024**3
+
+
+def setting(
+    default: Any = _DC_MISSING,
+    *,
+    factory: Any = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    each: bool = False,
+) -> Any:
+    """A dataclass field with a constraint checked by :func:`validate` (``each``: per list item)."""
+    meta = {"ge": ge, "gt": gt, "le": le, "choices": choices, "each": each}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=MISSING if default is _DC_MISSING else default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@dataclass
+class TrackConfig:
+    """``track``: which competition track, and the metric returned to sweepers."""
+
+    what: ClassVar[str] = "a track"
+    name: str = MISSING
+    objective: str = MISSING
+
+    def metrics(self) -> tuple[str, ...]:
+        """Scalar metrics this track reports (what ``objective`` may name)."""
+        raise NotImplementedError
+
+
+@dataclass
+class RetrievalTrackConfig(TrackConfig):
+    what: ClassVar[str] = "track=retrieval"
+    name: str = "retrieval"
+    objective: str = "recall_at_10"
+    recall_ks: list[int] = setting(factory=lambda: [1, 5, 10], ge=1, each=True)
+
+    def metrics(self) -> tuple[str, ...]:
+        ks = sorted({*self.recall_ks, 10})
+        return (*(f"recall_at_{k}" for k in ks), "hit_at_10", "best_achievable_recall_at_10")
+
+
+@dataclass
+class VideoTrackConfig(TrackConfig):
+    what: ClassVar[str] = "track=video"
+    name: str = "video"
+    objective: str = "top1"
+    # false: the exported model takes (1,3,T,H,W) and hub=aihub compiles it channel-last;
+    # true: the exported graph itself takes (1,T,H,W,3).
+    channel_last: bool = False
+
+    def metrics(self) -> tuple[str, ...]:
+        return ("top1", "top5", "clip_top1", "clip_top5")
+
+
+@dataclass
+class BackboneConfig:
+    what: ClassVar[str] = "a backbone"
+    name: str = MISSING
+    pretrained: Optional[str] = None  # a tag resolved from the local cache, a file path, or null
+
+
+@dataclass
+class ClipBackboneConfig(BackboneConfig):
+    """An open_clip model (Track 1)."""
+
+    what: ClassVar[str] = "a CLIP backbone (Track 1)"
+    model_name: str = MISSING  # open_clip architecture
+    tokenizer: Optional[str] = None  # null = the model's own
+    cache_dir: Optional[str] = None  # where cached weights are looked for
+    model_cfg: Optional[dict[str, Any]] = None  # a custom architecture (clip_tiny)
+
+
+@dataclass
+class VideoBackboneConfig(BackboneConfig):
+    """A torchvision video classifier (Track 2); mean/std are baked into the export."""
+
+    what: ClassVar[str] = "a video backbone (Track 2)"
+    arch: str = setting(MISSING, choices=("r2plus1d_18", "r3d_18", "mc3_18"))
+    mean: list[float] = field(default_factory=lambda: [0.43216, 0.394666, 0.37645])
+    std: list[float] = setting(factory=lambda: [0.22803, 0.22145, 0.216989], gt=0, each=True)
+
+    def check(self, prefix: str) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError(f"{prefix}.mean and {prefix}.std need 3 values (RGB)")
+
+
+@dataclass
+class TinyVideoBackboneConfig(VideoBackboneConfig):
+    """``video_tiny``: a small 3D CNN with R(2+1)D's layer names, for tests and demos."""
+
+    arch: str = setting("video_tiny", choices=("video_tiny",))
+    width: int = setting(16, ge=1)
+
+
+@dataclass
+class ImagePreprocessConfig:
+    """Track 1: PIL resize, /255, optional mean/std (in the graph or on the host)."""
+
+    size: int = setting(224, ge=1)
+    resample: Optional[str] = setting(None, choices=PIL_FILTERS)  # null = PIL's default
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = setting(None, gt=0, each=True)
+    normalize_in_model: bool = False
+
+    def check(self, prefix: str) -> None:
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError(f"{prefix}.mean and {prefix}.std must be set together (or both null)")
+        if self.mean is not None and (len(self.mean) != 3 or len(self.std or ()) != 3):
+            raise ConfigError(f"{prefix}.mean and {prefix}.std need 3 values (RGB)")
+
+
+@dataclass
+class VideoPreprocessConfig:
+    """Track 2: frame selection and pixels (see :mod:`lpcvlab.data.frames`)."""
+
+    frame_selection: str = setting(MISSING, choices=FRAME_SELECTIONS)
+    fps: float = setting(4.0, gt=0)
+    num_frames: int = setting(16, ge=1)
+    resize: list[int] = setting(factory=lambda: [128, 171], ge=1, each=True)  # [height, width]
+    crop: int = setting(112, ge=1)
+    clips_per_video: int = setting(1, ge=1)  # clips per video for evaluation
+
+    def check(self, prefix: str) -> None:
+        if len(self.resize) != 2:
+            raise ConfigError(f"{prefix}.resize={self.resize} must be [height, width]")
+        if self.crop > min(self.resize):
+            raise ConfigError(
+                f"{prefix}.crop={self.crop} is larger than the resized frame {self.resize}"
+            )
+
+
+@dataclass
+class PreprocessConfig:
+    """``preprocess``: one option for both tracks; each track reads its own section."""
+
+    what: ClassVar[str] = "a preprocessing"
+    name: str = MISSING
+    image: Optional[ImagePreprocessConfig] = None
+    video: Optional[VideoPreprocessConfig] = None
+
+
+@dataclass
+class DeviceConfig:
+    what: ClassVar[str] = "a device"
+    name: str = MISSING
+    aihub_name: Optional[str] = None  # the exact name AI Hub knows; null = not on AI Hub
+
+
+@dataclass
+class RuntimeConfig:
+    """``runtime``: the AI Hub target runtime and its compile options."""
+
+    what: ClassVar[str] = "a target runtime"
+    name: str = MISSING
+    target_runtime: str = MISSING
+    compile_options: str = ""
+
+
+@dataclass
+class HubConfig:
+    """``hub``: where models are compiled, profiled and run."""
+
+    what: ClassVar[str] = "a hub"
+    name: str = MISSING
+    # Timed iterations of one profile: the local median's sample size, or AI Hub's
+    # --max_profiler_iterations (the official submissions use 100).
+    profile_iterations: int = setting(20, ge=1)
+
+
+@dataclass
+class LocalHubConfig(HubConfig):
+    what: ClassVar[str] = "hub=local"
+    name: str = "local"
+    warmup_iterations: int = setting(3, ge=0)
+    intra_op_threads: Optional[int] = setting(None, ge=1)  # null = ONNX Runtime's default
+
+
+@dataclass
+class AIHubConfig(HubConfig):
+    what: ClassVar[str] = "hub=aihub"
+    name: str = "aihub"
+    profile_iterations: int = setting(100, ge=1)
+    extra_compile_options: str = ""
+    extra_profile_options: str = ""
+    extra_inference_options: str = ""
+    channel_last_inputs: list[str] = field(default_factory=lambda: ["video"])
+    reuse: bool = True
+    share_with: list[str] = field(default_factory=list)
+    poll_interval_s: float = setting(10.0, ge=0)
+    # Seconds to wait for AI Hub to answer the first request of a run.
+    connect_timeout_s: float = setting(10.0, gt=0)
+    chunk_bytes: int = setting(1_296_000_000, gt=0, le=AIHUB_DATASET_LIMIT_BYTES)
+    parity_samples: int = setting(32, ge=0)
+    ledger_path: Optional[str] = None  # null = <paths.cache_dir>/aihub_ledger.jsonl
+
+
+@dataclass
+class DataConfig:
+    what: ClassVar[str] = "a dataset"
+    name: str = MISSING
+    root: Optional[str] = None
+
+
+@dataclass
+class RetrievalDemoConfig:
+    num_images: int = setting(40, ge=1)
+
+
+@dataclass
+class RetrievalDataConfig(DataConfig):
+    """Track 1 data in the organisers' layout (images + img_list.csv + txt_list.csv)."""
+
+    what: ClassVar[str] = "a Track 1 dataset"
+    images_dir: str = "images"
+    img_list: str = "img_list.csv"
+    txt_list: str = "txt_list.csv"
+    demo: Optional[RetrievalDemoConfig] = None  # set: generate this demo dataset under root
+
+
+@dataclass
+class VideoDemoConfig:
+    videos_per_class_train: int = setting(12, ge=1)
+    videos_per_class_val: int = setting(4, ge=1)
+
+
+@dataclass
+class VideoDataConfig(DataConfig):
+    """Track 2 data: root/{train,val}/<class>/<video>.mp4."""
+
+    what: ClassVar[str] = "a Track 2 dataset"
+    class_map: Optional[str] = None  # null = the official 92-class map shipped with lpcvlab
+    train_split: str = "train"
+    val_split: str = "val"
+    workers: int = setting(2, ge=0)  # decoding processes (0 = in this process)
+    demo: Optional[VideoDemoConfig] = None
+
+
+@dataclass
+class TrainConfig:
+    what: ClassVar[str] = "a training setting"
+    name: str = MISSING
+
+
+@dataclass
+class NoTrainConfig(TrainConfig):
+    what: ClassVar[str] = "train=none"
+    name: str = "none"
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = False
+    translate: int = setting(8, ge=0)
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Lightning fine-tuning; trainer, optimizer, scheduler and checkpoint are ``_target_``s."""
+
+    what: ClassVar[str] = "train=finetune"
+    name: str = "finetune"
+    trainable: list[str] = field(default_factory=lambda: ["layer4", "fc"])
+    batch_size: int = setting(8, ge=1)
+    num_workers: int = setting(0, ge=0)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    resume_from: Optional[str] = None
+    trainer: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    scheduler: Optional[dict[str, Any]] = None
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, prefix: str) -> None:
+        for key in ("trainer", "optimizer", "checkpoint"):
+            if "_target_" not in getattr(self, key):
+                raise ConfigError(f"{prefix}.{key} needs a _target_ (see conf/train/finetune.yaml)")
+
+
+@dataclass
+class TrackingConfig:
+    what: ClassVar[str] = "an MLflow store"
+    uri: str = MISSING
+    artifact_root: Optional[str] = None  # for new experiments on a local store
+    experiment: str = MISSING
+    run_name: Optional[str] = None  # null = <backbone>/<preprocess>/<device>/<hub>
+    log_onnx: bool = False
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = MISSING
+
+
+# --------------------------------------------------------------------------- top level
+
+
+@dataclass
+class ExportConfig:
+    opset: int = setting(18, ge=14, le=23)
+    parity_threshold: float = setting(0.999, ge=-1.0, le=1.0)
+    parity_samples: int = setting(8, ge=1)
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = True
+    dir: str = MISSING
+    stages: list[str] = setting(factory=lambda: list(CACHE_STAGES), choices=CACHE_STAGES, each=True)
+
+
+@dataclass
+class BudgetConfig:
+    latency_ms: Optional[float] = setting(None, gt=0)
+    penalty: float = setting(1.0, ge=0)
+
+
+@dataclass
+class RunConfig:
+    """The whole composed config of one run (``conf/config.yaml``)."""
+
+    track: TrackConfig = MISSING
+    backbone: BackboneConfig = MISSING
+    preprocess: PreprocessConfig = MISSING
+    device: DeviceConfig = MISSING
+    runtime: RuntimeConfig = MISSING
+    hub: HubConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    paths: PathsConfig = MISSING
+    seed: int = setting(0, ge=0)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+
+# (group, name) -> schema; each YAML option's defaults list names one of these.
+SCHEMAS: dict[tuple[str, str], type] = {
+    ("track", "retrieval"): RetrievalTrackConfig,
+    ("track", "video"): VideoTrackConfig,
+    ("backbone", "clip"): ClipBackboneConfig,
+    ("backbone", "video"): VideoBackboneConfig,
+    ("backbone", "video_tiny"): TinyVideoBackboneConfig,
+    ("preprocess", "preprocess"): PreprocessConfig,
+    ("device", "device"): DeviceConfig,
+    ("runtime", "runtime"): RuntimeConfig,
+    ("hub", "local"): LocalHubConfig,
+    ("hub", "aihub"): AIHubConfig,
+    ("data", "retrieval"): RetrievalDataConfig,
+    ("data", "video"): VideoDataConfig,
+    ("train", "none"): NoTrainConfig,
+    ("train", "finetune"): FinetuneConfig,
+    ("tracking", "mlflow"): TrackingConfig,
+    ("paths", "paths"): PathsConfig,
+}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _violations(value: Any, meta: dict[str, Any]) -> str | None:
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        return f"must be one of {', '.join(map(str, meta['choices']))}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if meta.get("ge") is not None and value < meta["ge"]:
+        return f"must be >= {meta['ge']:g}"
+    if meta.get("gt") is not None and not value > meta["gt"]:
+        return f"must be > {meta['gt']:g}"
+    if meta.get("le") is not None and value > meta["le"]:
+        return f"must be <= {meta['le']:g}"
+    return None
+
+
+def walk(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, dataclass instance) for ``obj`` and every dataclass nested in it."""
+    if not is_dataclass(obj):
+        return
+    yield prefix, obj
+    for f in fields(obj):
+        yield from walk(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+
+
+def validate(settings: Any) -> None:
+    """Check every declared constraint and ``check()`` method; the first failure is a
+    ConfigError naming the full key, its value and what it must be."""
+    for prefix, obj in walk(settings):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if value is None or not f.metadata:
+                continue
+            items = value if f.metadata.get("each") and isinstance(value, list) else [value]
+            for item in items:
+                problem = _violations(item, dict(f.metadata))
+                if problem:
+                    key = f"{prefix}.{f.name}" if prefix else f.name
+                    raise ConfigError(f"{key}={value!r} {problem}")
+        check = getattr(obj, "check", None)
+        if callable(check):
+            check(prefix)

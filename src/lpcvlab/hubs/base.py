@@ -1,0 +1,103 @@
+"""The hub protocol: where an exported model is compiled, profiled and run (the ``hub`` group).
+
+``hub=local`` (ONNX Runtime on this machine) and ``hub=aihub`` (Qualcomm AI Hub) implement it, and
+so does the stage cache (:class:`lpcvlab.cache.CachedHub`), which wraps either. The pipeline
+hands a hub one :class:`ComponentJob` per network and receives one
+:class:`~lpcvlab.types.ComponentRun` per network. A job names the stages it needs: the cache asks
+the hub it wraps only for what it does not hold, and the hub alone decides how its stages run
+(one after the other locally; every job submitted before any is waited on, remotely).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from lpcvlab.types import (
+    CompileResult,
+    ComponentRun,
+    ExportResult,
+    InferenceResult,
+    JobEvent,
+    ProfileResult,
+)
+
+JobListener = Callable[[JobEvent], None]
+
+COMPILE, PROFILE, INFERENCE = "compile", "profile", "inference"
+ALL_STAGES = frozenset({COMPILE, PROFILE, INFERENCE})
+
+
+@dataclass
+class ComponentJob:
+    """One exported network, the inputs to run it on, and the stages wanted from the hub.
+
+    ``inputs`` has shape ``(N, *exported.input.shape[1:])`` for models exported with batch 1:
+    the hub feeds sample ``i`` as ``inputs[i:i+1]`` and returns outputs in the same order.
+    Compiling is implied by the other stages; a stage left out comes back as None.
+    """
+
+    exported: ExportResult
+    inputs: np.ndarray
+    stages: frozenset[str] = field(default=ALL_STAGES)
+
+    @property
+    def component(self) -> str:
+        return self.exported.component
+
+
+@runtime_checkable
+class Hub(Protocol):
+    """``job_listener``, when the pipeline sets it, is called for every remote job as soon as its
+    ID exists, so that a run that fails later still records the jobs it paid for.
+
+    ``records_jobs`` is True for a hub that keeps its own record of paid jobs (the AI Hub job
+    ledger): that record alone answers "was this already paid for?", and the stage cache leaves
+    such a hub's stages to it.
+    """
+
+    name: str
+    job_listener: JobListener | None
+    records_jobs: bool
+
+    def preflight(self) -> None:
+        """Fail fast, before any data or model work, when the hub cannot be used."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What determines this hub's compile and profile results (settings, versions, host),
+        without secrets: part of the stage cache's keys."""
+        ...
+
+    def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]: ...
+
+
+class SequentialHub:
+    """Mixin: compile -> profile -> infer, one component after the other, only what is asked."""
+
+    job_listener: JobListener | None = None
+    records_jobs = False
+
+    def preflight(self) -> None:
+        return None
+
+    def compile(self, exported: ExportResult) -> CompileResult:
+        raise NotImplementedError
+
+    def profile(self, compiled: CompileResult) -> ProfileResult:
+        raise NotImplementedError
+
+    def infer(self, compiled: CompileResult, inputs: np.ndarray) -> InferenceResult:
+        raise NotImplementedError
+
+    def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
+        runs: dict[str, ComponentRun] = {}
+        for job in jobs:
+            compiled = self.compile(job.exported)
+            profile = self.profile(compiled) if PROFILE in job.stages else None
+            inference = self.infer(compiled, job.inputs) if INFERENCE in job.stages else None
+            runs[job.component] = ComponentRun(compiled, profile, inference)
+        return runs
