@@ -35,6 +35,14 @@ def tiny_overrides(tmp: Path, demo: bool = True) -> list[str]:
     ]
 
 
+def build_track_for(cfg: DictConfig):
+    """The track a run of ``cfg`` would build (typed settings, checked), as the pipeline does."""
+    from lpcvlab.config import load_settings
+    from lpcvlab.tracks import build_track
+
+    return build_track(load_settings(cfg))
+
+
 @pytest.fixture
 def cfg_factory(tmp_path: Path) -> Callable[..., DictConfig]:
     def make(*overrides: str, demo: bool = True) -> DictConfig:

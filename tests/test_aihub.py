@@ -17,13 +17,7 @@ import pytest
 import qai_hub.public_api_pb2 as pb
 from aihub_fake import DEVICES, FakeAIHub, ledger_lines
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from onnx import TensorProto, helper, numpy_helper
-
-from lpcvlab.cli_hub import add_hub_commands
-from lpcvlab.errors import ConfigError, RuntimeStageError
 from lpcvlab.ledger import JobLedger, LedgerEntry, job_key
-from lpcvlab.profile import parse_profile
 from lpcvlab.runtimes import ComponentJob, aihub, build_runtime
 from lpcvlab.runtimes.aihub import (
     AIHubRuntime,
@@ -32,6 +26,12 @@ from lpcvlab.runtimes.aihub import (
     compile_options,
     samples_per_chunk,
 )
+from omegaconf import OmegaConf
+from onnx import TensorProto, helper, numpy_helper
+
+from lpcvlab.cli_hub import add_hub_commands
+from lpcvlab.errors import ConfigError, RuntimeStageError
+from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.types import ExportResult, JobEvent, TensorSpec
 
 pytestmark = pytest.mark.hub

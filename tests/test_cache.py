@@ -7,19 +7,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import compose_config
 from lpcvlab_runs import TINY, all_runs, explain, run_py, store_overrides
-from omegaconf import OmegaConf
 
 from lpcvlab.cache import (
+    CachedHub,
     RecordStore,
     StageCache,
     export_key,
     runtime_key,
     state_dict_digest,
 )
+from lpcvlab.config import load_settings
+from lpcvlab.config.schema import CacheConfig
 from lpcvlab.errors import ConfigError, ParityError
 from lpcvlab.hashing import array_sha256
-from lpcvlab.runtimes.base import ComponentJob, SequentialRuntime
+from lpcvlab.hubs import ComponentJob, SequentialHub
 from lpcvlab.types import (
     CompileResult,
     Component,
@@ -32,23 +35,25 @@ from lpcvlab.types import (
 SPEC = TensorSpec("x", (1, 4), "float32")
 
 
-def _cfg(**hub):
-    return OmegaConf.create(
-        {
-            "hub": {"name": "local", "profile_iterations": 2, "api_token": "s3cret", **hub},
-            "device": {"name": "host_cpu"},
-            "runtime": {"name": "onnx"},
-        }
-    )
+def _identity(**hub):
+    return {
+        "hub": {"name": "local", "profile_iterations": 2, "api_token": "s3cret", **hub},
+        "device": "host_cpu",
+        "runtime": "onnx",
+    }
 
 
-class FakeRuntime(SequentialRuntime):
+class FakeHub(SequentialHub):
     """Records which stages ran; outputs depend on the inputs so that reuse is checkable."""
 
     name = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, **hub) -> None:
         self.calls: list[tuple[str, str]] = []
+        self._identity = _identity(**hub)
+
+    def identity(self):
+        return self._identity
 
     def compile(self, exported: ExportResult) -> CompileResult:
         self.calls.append(("compile", exported.component))
@@ -72,6 +77,11 @@ class FakeRuntime(SequentialRuntime):
         return InferenceResult(compiled.component, out, 0.25, metrics={"device_cos": 0.99})
 
 
+class NoHub(FakeHub):
+    def run_components(self, jobs):
+        raise AssertionError("a fully cached run must not ask the hub for anything")
+
+
 def _export(tmp: Path, name: str, sha: str = "ab" * 32) -> ExportResult:
     path = tmp / f"{name}.onnx"
     path.write_bytes(b"onnx " + name.encode())
@@ -85,26 +95,21 @@ def _jobs(tmp: Path, inputs: np.ndarray) -> list[ComponentJob]:
     ]
 
 
-def _no_runtime():
-    raise AssertionError("a fully cached run must not build a runtime")
-
-
 def test_runtime_stages_are_reused_per_component_and_stage(tmp_path):
     store = RecordStore(tmp_path / "stages")
     inputs = np.arange(12, dtype=np.float32).reshape(3, 4)
-    cfg = _cfg()
 
-    first_rt = FakeRuntime()
-    first = StageCache(store, "run-1").run_components(
-        cfg, _jobs(tmp_path, inputs), lambda: first_rt
+    first_hub = FakeHub()
+    first = CachedHub(first_hub, StageCache(store, "run-1")).run_components(
+        _jobs(tmp_path, inputs)
     )
-    assert sorted(first_rt.calls) == sorted(
+    assert sorted(first_hub.calls) == sorted(
         (s, c) for s in ("compile", "profile", "infer") for c in ("a", "b")
     )
 
     events = []
     cache = StageCache(store, "run-2", job_listener=events.append)
-    again = cache.run_components(cfg, _jobs(tmp_path, inputs), _no_runtime)
+    again = CachedHub(NoHub(), cache).run_components(_jobs(tmp_path, inputs))
     for name in ("a", "b"):
         np.testing.assert_array_equal(again[name].inference.outputs, first[name].inference.outputs)
         assert again[name].profile.latency_ms == 1.5
@@ -118,11 +123,11 @@ def test_runtime_stages_are_reused_per_component_and_stage(tmp_path):
     assert {(e.component, e.kind, e.status) for e in events} >= {("a", "compile", "CACHED")}
 
     # Not allowed to reuse profiles: re-measure them, keep the cached outputs.
-    rt = FakeRuntime()
-    StageCache(store, "run-3", frozenset({"compile", "inference"})).run_components(
-        cfg, _jobs(tmp_path, inputs), lambda: rt
+    hub = FakeHub()
+    CachedHub(hub, StageCache(store, "run-3", frozenset({"compile", "inference"}))).run_components(
+        _jobs(tmp_path, inputs)
     )
-    assert sorted(rt.calls) == [
+    assert sorted(hub.calls) == [
         ("compile", "a"),
         ("compile", "b"),
         ("profile", "a"),
@@ -130,24 +135,35 @@ def test_runtime_stages_are_reused_per_component_and_stage(tmp_path):
     ]
 
     # New inputs: the profile is still valid, inference is not.
-    rt = FakeRuntime()
-    other = StageCache(store, "run-4").run_components(cfg, _jobs(tmp_path, inputs + 1), lambda: rt)
-    assert sorted(rt.calls) == [("compile", "a"), ("compile", "b"), ("infer", "a"), ("infer", "b")]
+    hub = FakeHub()
+    other = CachedHub(hub, StageCache(store, "run-4")).run_components(
+        _jobs(tmp_path, inputs + 1)
+    )
+    assert sorted(hub.calls) == [("compile", "a"), ("compile", "b"), ("infer", "a"), ("infer", "b")]
     assert other["a"].inference.outputs[0, 0] == first["a"].inference.outputs[0, 0] + 8
 
     # Another hub setting is another key: everything runs again.
-    rt = FakeRuntime()
-    StageCache(store, "run-5").run_components(
-        _cfg(profile_iterations=3), _jobs(tmp_path, inputs), lambda: rt
-    )
-    assert len(rt.calls) == 6
+    hub = FakeHub(profile_iterations=3)
+    CachedHub(hub, StageCache(store, "run-5")).run_components(_jobs(tmp_path, inputs))
+    assert len(hub.calls) == 6
+
+
+def test_a_hub_that_records_its_own_jobs_is_not_wrapped(tmp_path):
+    hub = FakeHub()
+    hub.records_jobs = True  # the AI Hub ledger: the one store of paid remote jobs
+    cache = StageCache(RecordStore(tmp_path / "stages"), "run-1")
+    assert cache.wrap(hub) is hub
+    assert isinstance(cache.wrap(FakeHub()), CachedHub)
+    assert StageCache(None, "run-1").wrap(FakeHub()).__class__ is FakeHub
 
 
 def test_runtime_key_ignores_secrets_but_not_settings():
-    base = runtime_key("ab" * 32, _cfg())
-    assert runtime_key("ab" * 32, _cfg(api_token="other")) == base
-    assert runtime_key("ab" * 32, _cfg(profile_iterations=5)) != base
-    assert runtime_key("cd" * 32, _cfg()) != base
+    module = "lpcvlab.hubs.local"
+    base = runtime_key("ab" * 32, _identity(), module)
+    assert runtime_key("ab" * 32, _identity(api_token="other"), module) == base
+    assert runtime_key("ab" * 32, _identity(profile_iterations=5), module) != base
+    assert runtime_key("cd" * 32, _identity(), module) != base
+    assert runtime_key("ab" * 32, _identity(), "lpcvlab.hubs.base") != base
 
 
 def _component() -> Component:
@@ -197,13 +213,10 @@ def test_content_digests_see_weights_dtypes_and_samples():
 
 
 def test_cache_config_is_checked():
-    off = StageCache.from_config(OmegaConf.create({"cache": {"enabled": False}}), "r")
+    off = StageCache.from_settings(CacheConfig(enabled=False, dir="/tmp/x"), "r")
     assert not off.enabled and off.tags() == {}
-    absent = StageCache.from_config(OmegaConf.create({}), "r")
-    assert not absent.enabled
-    bad = OmegaConf.create({"cache": {"enabled": True, "dir": "/tmp/x", "stages": ["exprot"]}})
     with pytest.raises(ConfigError, match="exprot"):
-        StageCache.from_config(bad, "r")
+        load_settings(compose_config("cache.stages=[exprot]"))
 
 
 @pytest.mark.slow

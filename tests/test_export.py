@@ -6,17 +6,18 @@ import numpy as np
 import onnx
 import pytest
 
+from lpcvlab.config.schema import LocalHubConfig
 from lpcvlab.errors import ParityError
-from lpcvlab.export import cosine_per_sample, export_component
-from lpcvlab.runtimes.local import LocalRuntime
-from lpcvlab.tracks.retrieval import RetrievalTrack
+from lpcvlab.export import export_component
+from lpcvlab.hubs.local import LocalHub
+from lpcvlab.metrics import cosine_per_sample
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle():
-    from conftest import compose_config
+    from conftest import build_track_for, compose_config
 
-    return RetrievalTrack().build_model(compose_config("backbone=clip_tiny"))
+    return build_track_for(compose_config("backbone=clip_tiny")).build_model()
 
 
 def _inputs(rng, spec, n=3):
@@ -68,7 +69,7 @@ def test_mean_std_baked_into_the_image_encoder(tiny_bundle, tmp_path):
     x_host = (
         (x - np.array(mean, np.float32)[:, None, None]) / np.array(std, np.float32)[:, None, None]
     ).astype(np.float32)
-    rt = LocalRuntime(profile_iterations=1, warmup_iterations=0)
+    rt = LocalHub(LocalHubConfig(profile_iterations=1, warmup_iterations=0))
     out_baked = rt.infer(rt.compile(export_component(baked, x, tmp_path / "a")), x).outputs
     out_host = rt.infer(rt.compile(export_component(plain, x_host, tmp_path / "b")), x_host)
     assert cosine_per_sample(out_baked, out_host.outputs).min() > 0.9999

@@ -6,10 +6,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from lpcvlab.config.schema import LocalHubConfig
 from lpcvlab.hashing import file_sha256
-from lpcvlab.profile import parse_profile
-from lpcvlab.runtimes import ComponentJob
-from lpcvlab.runtimes.local import LocalRuntime
+from lpcvlab.hubs import ComponentJob
+from lpcvlab.hubs.local import LocalHub
+from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.types import ExportResult, TensorSpec
 
 
@@ -41,7 +42,7 @@ def _scale_model(path):
 def test_run_components_profiles_and_keeps_order(tmp_path):
     exported = _scale_model(tmp_path / "scale.onnx")
     x = np.arange(20, dtype=np.float32).reshape(5, 4)
-    rt = LocalRuntime(profile_iterations=4, warmup_iterations=1)
+    rt = LocalHub(LocalHubConfig(profile_iterations=4, warmup_iterations=1))
     runs = rt.run_components([ComponentJob(exported, x)])
     run = runs["scaler"]
     np.testing.assert_array_equal(run.inference.outputs, 2 * x)

@@ -13,11 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 from lpcvlab_runs import TINY, all_runs, explain, run_py, store_overrides
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from lpcvlab import app
+from lpcvlab.config import load_settings
+from lpcvlab.config.schema import BudgetConfig
 from lpcvlab.errors import ConfigError
 from lpcvlab.objective import score
 from lpcvlab.sweep import read_job_statuses, read_parent, sweep_overrides
@@ -26,37 +29,37 @@ from lpcvlab.tracking import PARENT_RUN_ENV, RetryingClient, start_run
 # ----------------------------------------------------------------------------- fast
 
 
-def _cfg(budget=None, penalty=1.0, objective="recall_at_10"):
-    return OmegaConf.create(
-        {"track": {"objective": objective}, "budget": {"latency_ms": budget, "penalty": penalty}}
-    )
+def _budget(budget=None, penalty=1.0):
+    return BudgetConfig(latency_ms=budget, penalty=penalty)
 
 
 METRICS = {"recall_at_10": 0.6, "latency_ms/image_encoder": 30.0, "latency_ms/text_encoder": 10.0}
 
 
 def test_objective_without_budget_is_the_metric():
-    obj = score(_cfg(), METRICS)
+    obj = score("recall_at_10", _budget(), METRICS)
     assert obj.value == obj.raw == 0.6 and not obj.over_budget
     assert obj.total_latency_ms == 40.0 and obj.tags() == {}
 
 
 def test_objective_over_budget_is_penalised_below_any_run_within_it():
-    within = score(_cfg(budget=50.0), METRICS)
-    over = score(_cfg(budget=20.0), METRICS)
+    within = score("recall_at_10", _budget(50.0), METRICS)
+    over = score("recall_at_10", _budget(20.0), METRICS)
     assert within.value == 0.6 and within.tags()["over_budget"] == "false"
     assert over.over_budget and over.tags()["over_budget"] == "true"
     assert over.value == pytest.approx(0.6 - 1.0 * 40.0 / 20.0)
     assert over.value < 0.0  # below every in-budget accuracy in [0, 1]
-    slower = score(_cfg(budget=20.0), METRICS | {"latency_ms/text_encoder": 30.0})
+    slower = score("recall_at_10", _budget(20.0), METRICS | {"latency_ms/text_encoder": 30.0})
     assert slower.value < over.value  # among over-budget runs, faster ranks higher
 
 
 def test_objective_errors_name_the_fix():
     with pytest.raises(ConfigError, match="recall_at_10"):
-        score(_cfg(objective="top1"), METRICS)
-    with pytest.raises(ConfigError, match="budget.latency_ms"):
-        score(_cfg(budget=0.0), METRICS)
+        score("top1", _budget(), METRICS)
+    with pytest.raises(ConfigError, match="budget.latency_ms"):  # found when the config loads
+        load_settings(compose_config("budget.latency_ms=0"))
+    with pytest.raises(ConfigError, match="track.objective"):
+        load_settings(compose_config("track.objective=top1"))
 
 
 def test_sweep_overrides_keeps_only_what_varies():
@@ -101,23 +104,27 @@ def test_retrying_client_retries_locked_sqlite_and_nothing_else():
     assert broken.calls == 1
 
 
-def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys):
+def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys, tmp_path):
     from lpcvlab import pipeline, sweep
 
     def fail(*args, **kwargs):
         raise ConfigError("backbone.pretrained=/nope: no such checkpoint file")
 
     monkeypatch.setattr(pipeline, "run", fail)
-    cfg = OmegaConf.create({"track": {"objective": "recall_at_10"}})
+    cfg = compose_config("backbone=clip_tiny")
     monkeypatch.setattr(app, "sweep_job", lambda: (False, {}))
     with pytest.raises(SystemExit) as exc:
         app.run_job(cfg)
     assert exc.value.code == 1
     assert "no such checkpoint file" in capsys.readouterr().err
+    # In a sweep the job returns None, and its reason reaches the sweep callback through the
+    # job's own output folder (any process may run the job), not through module state.
     monkeypatch.setattr(app, "sweep_job", lambda: (True, {"sweep_job": "3"}))
+    monkeypatch.setattr(app, "hydra_dirs", lambda: (tmp_path, None))
     assert app.run_job(cfg) is None
-    assert sweep._last_job_error is not None and "ConfigError" in sweep._last_job_error
-    sweep._last_job_error = None
+    noted = sweep._job_error_path(tmp_path)
+    assert noted.is_file() and "ConfigError" in noted.read_text()
+    assert "no such checkpoint file" in noted.read_text()
 
 
 # ----------------------------------------------------------------------------- sweeps

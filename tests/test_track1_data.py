@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import build_track_for, DATA
 from PIL import Image
 
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
@@ -16,7 +16,6 @@ from lpcvlab.data.lpcvc_track1 import read_track1
 from lpcvlab.data.retrieval_inputs import ImagePreprocess, load_images, tokenize
 from lpcvlab.errors import DataError
 from lpcvlab.models.clip import tokenizer_for
-from lpcvlab.tracks.retrieval import RetrievalTrack
 
 SAMPLE = DATA / "track1_sample"
 
@@ -165,7 +164,7 @@ def test_track_load_data_reports_skips(cfg_factory, tmp_path):
     (root / "images" / victim).write_bytes(b"\x89PNG broken")
     work = tmp_path / "work"
     work.mkdir()
-    data = RetrievalTrack().load_data(cfg, work)
+    data = build_track_for(cfg).load_data(work)
     assert data.stats["skipped_images"] == 1.0
     assert data.stats["missing_text_ids"] >= 1.0  # the demo has one ID without a caption
     assert data.inputs["image_encoder"].shape == (n - 1, 3, 224, 224)

@@ -7,14 +7,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import compose_config
+from conftest import build_track_for, compose_config
 from mlflow.tracking import MlflowClient
 
 from lpcvlab import pipeline
+from lpcvlab.errors import Interrupted
+from lpcvlab.config.schema import LocalHubConfig
 from lpcvlab.data.qevd import load_class_map, manifest_labels, read_manifest, read_results_h5
-from lpcvlab.export import cosine_per_sample, export_component
-from lpcvlab.runtimes.local import LocalRuntime
-from lpcvlab.tracks.video import VideoTrack
+from lpcvlab.export import export_component
+from lpcvlab.hubs.local import LocalHub
+from lpcvlab.metrics import cosine_per_sample
 from lpcvlab.training.module import VideoClassifierModule
 
 
@@ -39,7 +41,7 @@ def _video_cfg(tmp, *extra):
 @pytest.mark.parametrize("channel_last", [False, True])
 def test_video_export_parity_and_layout(tmp_path, channel_last):
     cfg = _video_cfg(tmp_path, f"track.channel_last={str(channel_last).lower()}")
-    bundle = VideoTrack().build_model(cfg)
+    bundle = build_track_for(cfg).build_model()
     (comp,) = bundle.components
     shape = (1, 16, 112, 112, 3) if channel_last else (1, 3, 16, 112, 112)
     assert comp.input.shape == shape and comp.input.channel_last is channel_last
@@ -52,7 +54,7 @@ def test_video_export_parity_and_layout(tmp_path, channel_last):
     assert out_dims == [1, 92]
     assert exp.parity_cosine_min >= 0.999
     # Mean/std are in the graph: the ONNX model on [0,1] input == torch model on normalised input.
-    rt = LocalRuntime(profile_iterations=1, warmup_iterations=0)
+    rt = LocalHub(LocalHubConfig(profile_iterations=1, warmup_iterations=0))
     onnx_out = rt.infer(rt.compile(exp), x).outputs
     cf = torch.from_numpy(x).permute(0, 4, 1, 2, 3) if channel_last else torch.from_numpy(x)
     mean = torch.tensor(cfg.backbone.mean).view(1, 3, 1, 1, 1)
@@ -99,25 +101,35 @@ def test_finetune_video_tiny_learns_and_writes_official_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_killed_run_with_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_leaves_killed_run_with_checkpoint_and_resume_continues(
+    tmp_path, monkeypatch, signal_name
+):
     cfg = _video_cfg(tmp_path, "train.trainer.max_epochs=4")
     original = VideoClassifierModule.on_validation_epoch_end
 
     def interrupt_after_second_epoch(self):
         original(self)
         if self.current_epoch == 1:
-            raise KeyboardInterrupt
+            # What Python's Ctrl-C handler raises, or what run.py's SIGTERM handler raises.
+            raise KeyboardInterrupt if signal_name == "SIGINT" else Interrupted("SIGTERM")
 
     monkeypatch.setattr(
         VideoClassifierModule, "on_validation_epoch_end", interrupt_after_second_epoch
     )
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         pipeline.run(cfg, work_dir=tmp_path / "first")
     monkeypatch.undo()
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name("lpcvc-video")
     (killed,) = client.search_runs([exp.experiment_id])
     assert killed.info.status == "KILLED"
+    assert killed.data.tags["error"] == f"interrupted ({signal_name})"
+    # What run.py prints instead of a traceback: what was kept and how to resume.
+    assert isinstance(stop.value, Interrupted) and stop.value.signal_name == signal_name
+    paragraph = stop.value.paragraph()
+    assert killed.info.run_id in paragraph and "interrupted.ckpt" in paragraph
+    assert f"train.resume_from={killed.info.run_id}" in paragraph
     ckpts = {a.path for a in client.list_artifacts(killed.info.run_id, "checkpoints")}
     assert "checkpoints/interrupted.ckpt" in ckpts
     # Epoch 0 was validated and logged; epoch 1 stopped inside its validation.

@@ -1,14 +1,20 @@
-"""What ``run.py`` does inside a Hydra job: run the pipeline, turn user errors into messages."""
+"""What ``run.py`` does around a Hydra job: check the config first, run the pipeline, and turn
+user errors and interrupts into short messages instead of tracebacks."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from omegaconf import DictConfig
 
-from lpcvlab.errors import LpcvlabError
+from lpcvlab.errors import Interrupted, LpcvlabError
 
 log = logging.getLogger("lpcvlab")
 
@@ -19,6 +25,21 @@ _CHATTY = ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.export
 def quiet_third_party() -> None:
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # Once is enough: a second SIGTERM must not interrupt the cleanup of the first.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted("SIGTERM")
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM (``timeout``, ``docker stop``, ``kill``, SLURM preemption) stops a run the way
+    Ctrl-C does: it ends KILLED with what it had, temporary files removed."""
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding program owns the signals)
+        pass
 
 
 def hydra_dirs() -> tuple[Path | None, Path | None]:
@@ -49,14 +70,17 @@ def sweep_job() -> tuple[bool, dict[str, str]]:
 def run_job(cfg: DictConfig) -> float | None:
     """Run one job; returns the objective for sweepers (``track.objective``, budget applied).
 
-    A user error (:class:`LpcvlabError`) in a single run prints its message and exits 1. In a
-    multirun it is logged and the job returns None instead: raising would make Hydra's basic
+    The config is loaded and checked first (typed values, group combinations): a mistake stops
+    here, before any MLflow run or compute. A user error (:class:`LpcvlabError`) in a single run
+    prints its message and exits 1. In a multirun it is logged and written beside the job's
+    output for the sweep callback, and the job returns None: raising would make Hydra's basic
     sweeper abort the sweep (and skip its end-of-sweep callbacks), while None lets it go on, and
-    the Optuna sweeper records the trial as failed (see ``max_failure_rate``). The job's MLflow
-    run is FAILED either way and the sweep's parent run counts it.
+    the Optuna sweeper records the trial as failed. Ctrl-C and SIGTERM print what was kept and
+    how to resume.
     """
-    from lpcvlab import pipeline
+    from lpcvlab.config import load_settings
 
+    install_signal_handlers()
     quiet_third_party()
     out_dir, hydra_dir = hydra_dirs()
     multirun, tags = sweep_job()
@@ -65,15 +89,52 @@ def run_job(cfg: DictConfig) -> float | None:
             from lpcvlab.reproduce import reproduce_from_hydra
 
             return reproduce_from_hydra(cfg, out_dir)
+        load_settings(cfg)  # fails in well under a second, before the imports below
+        from lpcvlab import pipeline
+
         result = pipeline.run(cfg, work_dir=out_dir, hydra_dir=hydra_dir, extra_tags=tags)
     except LpcvlabError as exc:
-        log.error("%s", exc)
         if multirun:
             from lpcvlab.sweep import note_job_failure
 
-            note_job_failure(f"{type(exc).__name__}: {exc}")
+            log.error("%s", exc)
+            note_job_failure(out_dir, f"{type(exc).__name__}: {exc}")
             return None
         print(f"\nerror: {exc}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as exc:
+        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        print(f"\n{stop.paragraph()}", file=sys.stderr)
+        if multirun:
+            raise
+        sys.exit(stop.exit_code)
     assert result.objective is not None
     return result.objective.value
+
+
+def hydra_entry(main: Callable[[], Any]) -> None:
+    """Call a ``@hydra.main`` function, reporting config mistakes in one line.
+
+    Hydra prints composition errors (an unknown key, a value of the wrong type, an option that
+    does not exist) over several lines with advice that does not fit typed configs; here they
+    become one line naming the key and what to do. ``HYDRA_FULL_ERROR=1`` keeps Hydra's own
+    report.
+    """
+    from lpcvlab.config import composition_error
+
+    user_wants_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let the exception reach us instead of a printout
+    try:
+        main()
+    except Exception as exc:
+        message = composition_error(exc)
+        if message is None and isinstance(exc, LpcvlabError):
+            message = str(exc)  # e.g. a sweep callback that found the store unusable
+        if message is None or user_wants_full:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if not user_wants_full:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+

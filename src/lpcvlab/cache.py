@@ -1,4 +1,4 @@
-"""Stage cache: reuse export, compile, profile and inference results across runs.
+"""The stage cache: the one memo layer, reusing export, compile, profile and inference results.
 
 Every record is keyed by a content hash of everything that determines it, never by a config
 name, so a hit is the same result the stage would compute again:
@@ -13,9 +13,16 @@ name, so a hit is the same result the stage would compute again:
 
 Hashing weights needs the model built, which is cheap next to exporting, profiling and running
 it; a key from config names alone would silently go stale after fine-tuning or a code change.
-Records are JSON files under ``cache.dir``; inference outputs sit beside them as ``.npy``. Each
-record names the MLflow run that produced it, and a run that reuses it is tagged
+Records are JSON files under ``cache.dir`` (each result record serialises itself:
+``to_record``/``from_record`` in :mod:`lpcvlab.types`); inference outputs sit beside them as
+``.npy``. Each record names the MLflow run that produced it, and a run that reuses it is tagged
 ``cache/<component>/<stage>_from=<run_id>``.
+
+:class:`CachedHub` wraps any hub and implements the same protocol: it asks the hub it wraps only
+for the stages it does not hold, so the order in which stages run is the wrapped hub's alone.
+A hub that keeps its own record of paid remote jobs (``records_jobs``: the AI Hub job ledger)
+is passed through untouched: for remote jobs the ledger is the one store that answers "was this
+already paid for?" (it also knows jobs still in flight), and the stage cache keeps local work.
 """
 
 from __future__ import annotations
@@ -28,18 +35,20 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lpcvlab.errors import ConfigError, ParityError
+from lpcvlab.config.schema import CacheConfig
+from lpcvlab.errors import ParityError
 from lpcvlab.hashing import array_sha256
-from lpcvlab.runtimes.base import ComponentJob, JobListener, Runtime
+from lpcvlab.hubs.base import COMPILE, INFERENCE, PROFILE, ComponentJob, Hub, JobListener
+from lpcvlab.io import atomic_save_npy, atomic_write_text
+from lpcvlab.secrets import is_secret_key
 from lpcvlab.types import (
     CompileResult,
     Component,
@@ -48,14 +57,12 @@ from lpcvlab.types import (
     InferenceResult,
     JobEvent,
     ProfileResult,
-    TensorSpec,
 )
 
 log = logging.getLogger(__name__)
 
-STAGES = ("export", "compile", "profile", "inference")
 # Bump when the meaning of a record changes: older records then simply stop matching.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,7 @@ def export_key(component: Component, samples: np.ndarray, opset: int) -> str:
             "format": CACHE_FORMAT,
             "stage": "export",
             "component": component.name,
-            "input": [component.input.name, list(component.input.shape), component.input.dtype],
+            "input": component.input.to_record(),
             "output_name": component.output_name,
             "opset": opset,
             "weights": state_dict_digest(module),
@@ -161,47 +168,30 @@ def export_key(component: Component, samples: np.ndarray, opset: int) -> str:
     )
 
 
-_RUNTIME_PACKAGES = {"local": ("onnxruntime", "onnx"), "aihub": ("qai-hub",)}
+def runtime_key(onnx_sha256: str, identity: dict[str, Any], hub_module: str) -> str:
+    """Everything that determines a compiled model and its profile (shared by both stages):
+    the ONNX file, the hub's identity (settings, target, versions, host; secrets dropped) and
+    the code of the hub that runs it."""
+    return _sha256_json(
+        {
+            "format": CACHE_FORMAT,
+            "stage": "runtime",
+            "onnx_sha256": onnx_sha256,
+            "hub": _without_secrets(identity),
+            "code": {
+                m: source_digest(m)
+                for m in (hub_module, "lpcvlab.hubs.base", "lpcvlab.hubs.profile")
+            },
+        }
+    )
 
 
-def _plain_config(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    from lpcvlab.tracking import is_secret_key
-
-    if isinstance(node, DictConfig | ListConfig):
-        node = OmegaConf.to_container(node, resolve=True)
+def _without_secrets(node: Any) -> Any:
     if isinstance(node, dict):
-        return {k: _plain_config(v) for k, v in node.items() if not is_secret_key(str(k))}
+        return {k: _without_secrets(v) for k, v in node.items() if not is_secret_key(str(k))}
     if isinstance(node, list | tuple):
-        return [_plain_config(v) for v in node]
+        return [_without_secrets(v) for v in node]
     return node
-
-
-def runtime_key(onnx_sha256: str, cfg: Any) -> str:
-    """Everything that determines a compiled model and its profile (shared by both stages)."""
-    hub = str(cfg.hub.name)
-    identity: dict[str, Any] = {
-        "format": CACHE_FORMAT,
-        "stage": "runtime",
-        "onnx_sha256": onnx_sha256,
-        "hub": _plain_config(cfg.hub),
-        "device": _plain_config(cfg.device),
-        "runtime": _plain_config(cfg.runtime),
-        "code": {
-            m: source_digest(m)
-            for m in (f"lpcvlab.runtimes.{hub}", "lpcvlab.runtimes.base", "lpcvlab.profile")
-        },
-        "versions": {p: package_version(p) for p in _RUNTIME_PACKAGES.get(hub, ())},
-    }
-    if hub == "local":  # measured on this machine: another host's latency is not this one's
-        identity["host"] = [
-            platform.node(),
-            platform.machine(),
-            platform.processor(),
-            os.cpu_count(),
-        ]
-    return _sha256_json(identity)
 
 
 def inference_key(runtime_key_: str, inputs: np.ndarray) -> str:
@@ -235,20 +225,10 @@ class RecordStore:
 
     def put(self, record: StageRecord) -> Path:
         path = self.path(record.stage, record.key)
-        _atomic_write(
-            path, lambda p: p.write_text(json.dumps(record.__dict__, indent=1, default=str))
-        )
-        return path
+        return atomic_write_text(path, json.dumps(asdict(record), indent=1, default=str))
 
     def put_array(self, stage: str, key: str, array: np.ndarray) -> Path:
-        path = self.path(stage, key, ".npy")
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
-                np.save(f, array, allow_pickle=False)
-
-        _atomic_write(path, write)
-        return path
+        return atomic_save_npy(self.path(stage, key, ".npy"), array)
 
     def get_array(self, stage: str, key: str) -> np.ndarray | None:
         path = self.path(stage, key, ".npy")
@@ -261,74 +241,38 @@ class RecordStore:
             return None
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ----------------------------------------------------------------------------- the cache
-
-
-@dataclass(eq=False)
-class _Plan:
-    """What is already known for one component before the runtime is asked for anything."""
-
-    job: ComponentJob
-    runtime_key: str
-    inference_key: str
-    compile: StageRecord | None = None
-    profile: StageRecord | None = None
-    inference: StageRecord | None = None
-    outputs: np.ndarray | None = None
-
-    @property
-    def name(self) -> str:
-        return self.job.exported.component
 
 
 @dataclass
 class StageCache:
-    """Reuses stage results for one run; a disabled cache computes everything and stores nothing.
+    """One run's view of the store: what it reused, the keys it used, where records go.
 
-    ``reuse`` names the stages that may be read from the cache; results are stored whenever the
-    cache is enabled, so dropping ``profile`` from ``cache.stages`` re-measures and refreshes it.
+    A disabled cache (``store`` None) computes everything and stores nothing. ``reuse`` names the
+    stages that may be read from the store; results are stored whenever the cache is enabled, so
+    dropping ``profile`` from ``cache.stages`` re-measures and refreshes it.
     """
 
     store: RecordStore | None
     run_id: str
-    reuse: frozenset[str] = frozenset(STAGES)
+    reuse: frozenset[str] = frozenset(CacheConfig().stages)
     job_listener: JobListener | None = None
     hits: list[CacheHit] = field(default_factory=list)
     keys: dict[str, str] = field(default_factory=dict)  # "<component>/<stage>" -> key
 
     @classmethod
-    def from_config(
-        cls, cfg: Any, run_id: str, job_listener: JobListener | None = None
+    def from_settings(
+        cls, settings: CacheConfig, run_id: str, job_listener: JobListener | None = None
     ) -> StageCache:
-        """Reads ``cache.enabled``, ``cache.dir`` and ``cache.stages`` (absent = disabled)."""
-        section = cfg.get("cache")
-        if section is None or not section.get("enabled", False):
+        if not settings.enabled:
             return cls(None, run_id, frozenset(), job_listener)
-        stages = [str(s) for s in section.get("stages") or []]
-        unknown = sorted(set(stages) - set(STAGES))
-        if unknown:
-            raise ConfigError(
-                f"cache.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}"
-            )
-        if not section.get("dir"):
-            raise ConfigError("cache.enabled=true needs cache.dir (where stage records are kept)")
-        return cls(RecordStore(Path(str(section.dir))), run_id, frozenset(stages), job_listener)
+        return cls(
+            RecordStore(Path(settings.dir)), run_id, frozenset(settings.stages), job_listener
+        )
 
     @property
     def enabled(self) -> bool:
         return self.store is not None
-
-    # -- export ----------------------------------------------------------------------
 
     def export(
         self,
@@ -345,7 +289,9 @@ class StageCache:
         key = export_key(component, samples, opset)
         self.keys[f"{component.name}/export"] = key
         rec = self.store.get("export", key) if "export" in self.reuse else None
-        cached = _export_from_record(rec) if rec is not None else None
+        cached = ExportResult.from_record(component.name, rec.data) if rec is not None else None
+        if rec is not None and cached is None:
+            log.info("cache: export record %s points at a missing or changed file", key[:12])
         if cached is not None and rec is not None:
             self._hit(component.name, "export", rec)
             if not cached.parity_cosine_min >= parity_threshold:
@@ -358,67 +304,14 @@ class StageCache:
                 )
             return cached
         result = compute()
-        self._put(
-            "export",
-            key,
-            component.name,
-            {
-                "path": str(Path(result.path).resolve()),
-                "size": Path(result.path).stat().st_size,
-                "sha256": result.sha256,
-                "input": [result.input.name, list(result.input.shape), result.input.dtype],
-                "output_name": result.output_name,
-                "parity_cosine_min": result.parity_cosine_min,
-                "parity_samples": result.parity_samples,
-                "seconds": result.seconds,
-            },
-        )
+        self.put("export", key, component.name, result.to_record())
         return result
 
-    # -- compile, profile, inference --------------------------------------------------
-
-    def run_components(
-        self, cfg: Any, jobs: list[ComponentJob], make_runtime: Callable[[], Runtime]
-    ) -> dict[str, ComponentRun]:
-        """Reuse what is cached per component and stage; run the rest on the runtime.
-
-        The runtime is asked for only when something has to run (a fully cached ``hub=aihub``
-        run makes no network request). Components that need all three stages go through
-        ``run_components`` together, so a remote runtime can submit them at once.
-        """
-        if self.store is None:
-            return make_runtime().run_components(jobs)
-        plans = [self._plan(cfg, job) for job in jobs]
-        runs: dict[str, ComponentRun] = {}
-        full = [p for p in plans if p.profile is None and p.outputs is None]
-        partial = [p for p in plans if p not in full and not _complete(p)]  # eq=False: identity
-        runtime = make_runtime() if full or partial else None
-        if full:
-            assert runtime is not None
-            fresh = runtime.run_components([p.job for p in full])
-            for p in full:
-                runs[p.name] = fresh[p.name]
-                self._store_run(p, fresh[p.name], compiled=True, profiled=True, inferred=True)
-        for p in partial:
-            assert runtime is not None
-            compiled = runtime.compile(p.job.exported)
-            profile = runtime.profile(compiled) if p.profile is None else None
-            inference = runtime.infer(compiled, p.job.inputs) if p.outputs is None else None
-            run = ComponentRun(
-                compiled,
-                profile if profile is not None else self._reuse_profile(p),
-                inference if inference is not None else self._reuse_inference(p),
-            )
-            runs[p.name] = run
-            self._store_run(
-                p, run, compiled=True, profiled=profile is not None, inferred=inference is not None
-            )
-        for p in plans:
-            if _complete(p):
-                runs[p.name] = ComponentRun(
-                    self._reuse_compile(p), self._reuse_profile(p), self._reuse_inference(p)
-                )
-        return {job.exported.component: runs[job.exported.component] for job in jobs}
+    def wrap(self, hub: Hub) -> Hub:
+        """``hub`` behind this cache; a hub that records its own paid jobs is left as it is."""
+        if self.store is None or hub.records_jobs:
+            return hub
+        return CachedHub(hub, self)
 
     def tags(self) -> dict[str, str]:
         """``cache/<component>/<stage>_from`` for each reused stage, and every key used."""
@@ -428,120 +321,15 @@ class StageCache:
             tags["cache/hits"] = str(len(self.hits))
         return tags
 
-    # -- internals --------------------------------------------------------------------
-
-    def _plan(self, cfg: Any, job: ComponentJob) -> _Plan:
-        assert self.store is not None
-        name = job.exported.component
-        rkey = runtime_key(job.exported.sha256, cfg)
-        ikey = inference_key(rkey, job.inputs)
-        self.keys |= {f"{name}/compile": rkey, f"{name}/profile": rkey, f"{name}/inference": ikey}
-        plan = _Plan(job, rkey, ikey)
-        if "compile" in self.reuse:
-            plan.compile = self.store.get("compile", rkey)
-        if "profile" in self.reuse:
-            plan.profile = self.store.get("profile", rkey)
-        if "inference" in self.reuse:
-            rec = self.store.get("inference", ikey)
-            outputs = self.store.get_array("inference", ikey) if rec is not None else None
-            if rec is not None and outputs is not None and len(outputs) == len(job.inputs):
-                plan.inference, plan.outputs = rec, outputs
-        return plan
-
-    def _reuse_compile(self, p: _Plan) -> CompileResult:
-        assert p.compile is not None
-        d = p.compile.data
-        self._hit(p.name, "compile", p.compile)
-        return CompileResult(
-            component=p.name,
-            runtime=str(d["runtime"]),
-            device=str(d["device"]),
-            handle=None,  # nothing to run: every stage that needs the handle is cached too
-            exported=p.job.exported,
-            job_id=d.get("job_id"),
-            job_url=d.get("job_url"),
-        )
-
-    def _reuse_profile(self, p: _Plan) -> ProfileResult:
-        assert p.profile is not None
-        d = p.profile.data
-        self._hit(p.name, "profile", p.profile)
-        low, high = d["peak_memory_mb"]
-        return ProfileResult(
-            component=p.name,
-            latency_ms=float(d["latency_ms"]),
-            peak_memory_mb=(float(low), float(high)),
-            compute_units={str(k): int(v) for k, v in d["compute_units"].items()},
-            raw=d["raw"],
-            job_id=d.get("job_id"),
-            job_url=d.get("job_url"),
-        )
-
-    def _reuse_inference(self, p: _Plan) -> InferenceResult:
-        assert p.inference is not None and p.outputs is not None
-        d = p.inference.data
-        self._hit(p.name, "inference", p.inference)
-        return InferenceResult(
-            component=p.name,
-            outputs=p.outputs,
-            seconds=float(d["seconds"]),
-            job_id=d.get("job_id"),
-            job_url=d.get("job_url"),
-            metrics={str(k): float(v) for k, v in d.get("metrics", {}).items()},
-        )
-
-    def _store_run(
-        self, p: _Plan, run: ComponentRun, *, compiled: bool, profiled: bool, inferred: bool
-    ) -> None:
-        c, prof, inf = run.compiled, run.profile, run.inference
-        if compiled:
-            self._put(
-                "compile",
-                p.runtime_key,
-                p.name,
-                {
-                    "runtime": c.runtime,
-                    "device": c.device,
-                    "job_id": c.job_id,
-                    "job_url": c.job_url,
-                },
-            )
-        if profiled:
-            self._put(
-                "profile",
-                p.runtime_key,
-                p.name,
-                {
-                    "latency_ms": prof.latency_ms,
-                    "peak_memory_mb": list(prof.peak_memory_mb),
-                    "compute_units": prof.compute_units,
-                    "raw": prof.raw,
-                    "job_id": prof.job_id,
-                    "job_url": prof.job_url,
-                },
-            )
-        if inferred:
-            assert self.store is not None
-            outputs = np.asarray(inf.outputs)
-            self.store.put_array("inference", p.inference_key, outputs)
-            self._put(
-                "inference",
-                p.inference_key,
-                p.name,
-                {
-                    "seconds": inf.seconds,
-                    "metrics": inf.metrics,
-                    "shape": list(outputs.shape),
-                    "dtype": str(outputs.dtype),
-                    "job_id": inf.job_id,
-                    "job_url": inf.job_url,
-                },
-            )
-
-    def _put(self, stage: str, key: str, component: str, data: dict[str, Any]) -> None:
+    def put(self, stage: str, key: str, component: str, data: dict[str, Any]) -> None:
         assert self.store is not None
         created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.store.put(StageRecord(stage, key, component, self.run_id, created, data))
+
+    def get(self, stage: str, key: str) -> StageRecord | None:
+        if self.store is None or stage not in self.reuse:
+            return None
+        return self.store.get(stage, key)
 
     def _hit(self, component: str, stage: str, rec: StageRecord) -> None:
         self.hits.append(CacheHit(component, stage, rec.key, rec.run_id))
@@ -559,25 +347,127 @@ class StageCache:
             )
 
 
-def _complete(p: _Plan) -> bool:
-    return p.compile is not None and p.profile is not None and p.outputs is not None
+@dataclass(eq=False)
+class _Plan:
+    """What the store already holds for one component before the hub is asked for anything."""
+
+    job: ComponentJob
+    runtime_key: str
+    inference_key: str
+    compile: StageRecord | None = None
+    profile: StageRecord | None = None
+    inference: StageRecord | None = None
+    outputs: np.ndarray | None = None
+
+    @property
+    def missing(self) -> frozenset[str]:
+        """Stages the hub must run (compiling is implied by the others)."""
+        need = set()
+        if self.profile is None:
+            need.add(PROFILE)
+        if self.outputs is None:
+            need.add(INFERENCE)
+        if self.compile is None:
+            need.add(COMPILE)
+        return frozenset(need)
 
 
-def _export_from_record(rec: StageRecord) -> ExportResult | None:
-    """The record as an ExportResult, or None when its ONNX file is gone or was replaced."""
-    d = rec.data
-    path = Path(d["path"])
-    if not path.is_file() or path.stat().st_size != int(d["size"]):
-        log.info("cache: export record %s points at a missing or changed %s", rec.key[:12], path)
-        return None
-    name, shape, dtype = d["input"]
-    return ExportResult(
-        component=rec.component,
-        path=path,
-        sha256=str(d["sha256"]),
-        input=TensorSpec(str(name), tuple(int(s) for s in shape), str(dtype)),
-        output_name=str(d["output_name"]),
-        parity_cosine_min=float(d["parity_cosine_min"]),
-        parity_samples=int(d["parity_samples"]),
-        seconds=float(d["seconds"]),
-    )
+class CachedHub:
+    """A hub behind the stage cache: the same protocol, asking the wrapped hub only for what the
+    store does not hold (nothing at all when every stage of every component is cached)."""
+
+    records_jobs = False
+
+    def __init__(self, inner: Hub, cache: StageCache) -> None:
+        self.inner = inner
+        self.cache = cache
+        self.name = inner.name
+
+    @property
+    def job_listener(self) -> JobListener | None:
+        return self.inner.job_listener
+
+    @job_listener.setter
+    def job_listener(self, listener: JobListener | None) -> None:
+        self.inner.job_listener = listener
+
+    def preflight(self) -> None:
+        self.inner.preflight()
+
+    def identity(self) -> dict[str, Any]:
+        return self.inner.identity()
+
+    def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
+        plans = [self._plan(job) for job in jobs]
+        todo = [p for p in plans if p.missing]
+        fresh = (
+            self.inner.run_components(
+                [ComponentJob(p.job.exported, p.job.inputs, p.missing | {COMPILE}) for p in todo]
+            )
+            if todo
+            else {}
+        )
+        runs: dict[str, ComponentRun] = {}
+        for p in plans:
+            name = p.job.component
+            got = fresh.get(name)
+            if got is not None:
+                self._store(p, got)
+            compiled = got.compiled if got is not None else self._reuse_compile(p)
+            profile = got.profile if got is not None and got.profile is not None else None
+            inference = got.inference if got is not None and got.inference is not None else None
+            runs[name] = ComponentRun(
+                compiled,
+                profile if profile is not None else self._reuse_profile(p),
+                inference if inference is not None else self._reuse_inference(p),
+            )
+        return runs
+
+    # -- internals --------------------------------------------------------------------
+
+    def _plan(self, job: ComponentJob) -> _Plan:
+        name = job.component
+        rkey = runtime_key(job.exported.sha256, self.inner.identity(), type(self.inner).__module__)
+        ikey = inference_key(rkey, job.inputs)
+        self.cache.keys |= {
+            f"{name}/compile": rkey,
+            f"{name}/profile": rkey,
+            f"{name}/inference": ikey,
+        }
+        plan = _Plan(job, rkey, ikey)
+        plan.compile = self.cache.get("compile", rkey)
+        plan.profile = self.cache.get("profile", rkey)
+        rec = self.cache.get("inference", ikey)
+        if rec is not None and self.cache.store is not None:
+            outputs = self.cache.store.get_array("inference", ikey)
+            if outputs is not None and len(outputs) == len(job.inputs):
+                plan.inference, plan.outputs = rec, outputs
+        if plan.profile is None or plan.outputs is None:
+            plan.compile = None  # the hub compiles again to run what is missing
+        return plan
+
+    def _reuse_compile(self, p: _Plan) -> CompileResult:
+        assert p.compile is not None
+        self.cache._hit(p.job.component, "compile", p.compile)
+        return CompileResult.from_record(p.job.exported, p.compile.data)
+
+    def _reuse_profile(self, p: _Plan) -> ProfileResult:
+        assert p.profile is not None
+        self.cache._hit(p.job.component, "profile", p.profile)
+        return ProfileResult.from_record(p.job.component, p.profile.data)
+
+    def _reuse_inference(self, p: _Plan) -> InferenceResult:
+        assert p.inference is not None and p.outputs is not None
+        self.cache._hit(p.job.component, "inference", p.inference)
+        return InferenceResult.from_record(p.job.component, p.inference.data, p.outputs)
+
+    def _store(self, p: _Plan, run: ComponentRun) -> None:
+        name = p.job.component
+        self.cache.put("compile", p.runtime_key, name, run.compiled.to_record())
+        if run.profile is not None:
+            self.cache.put("profile", p.runtime_key, name, run.profile.to_record())
+        if run.inference is not None:
+            assert self.cache.store is not None
+            outputs = np.asarray(run.inference.outputs)
+            self.cache.store.put_array("inference", p.inference_key, outputs)
+            self.cache.put("inference", p.inference_key, name, run.inference.to_record())

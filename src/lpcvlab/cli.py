@@ -15,6 +15,7 @@ _COMMAND_MODULES: list[tuple[str, str]] = [
     ("lpcvlab.cli_hub", "add_hub_commands"),
     ("lpcvlab.compare", "add_compare_commands"),
     ("lpcvlab.reproduce", "add_reproduce_commands"),
+    ("lpcvlab.cli_runs", "add_runs_commands"),
 ]
 
 
@@ -33,11 +34,19 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from lpcvlab.app import install_signal_handlers
+    from lpcvlab.errors import Interrupted
+
+    install_signal_handlers()
     try:
         return int(args.func(args) or 0)
     except LpcvlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        print(f"\n{stop.paragraph()}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -23,19 +23,11 @@ import torch
 
 from lpcvlab.errors import ParityError
 from lpcvlab.hashing import file_sha256
+from lpcvlab.io import writing
+from lpcvlab.metrics import cosine_per_sample
 from lpcvlab.types import Component, ExportResult
 
 log = logging.getLogger(__name__)
-
-
-def cosine_per_sample(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` with the same row of ``b`` (flattened)."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    cos = (a * b).sum(axis=1) / np.maximum(na * nb, np.finfo(np.float64).tiny)
-    # Two all-zero outputs agree exactly; a zero output against a non-zero one does not (cos 0).
-    return np.where((na == 0) & (nb == 0), 1.0, cos)
 
 
 def export_onnx(component: Component, out_dir: Path, opset: int = 18) -> tuple[Path, str]:
@@ -43,8 +35,17 @@ def export_onnx(component: Component, out_dir: Path, opset: int = 18) -> tuple[P
     spec = component.input
     module = component.module.eval()
     example = torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _export_onnx(component, module, example, out_dir, opset)
+
+
+def _export_onnx(
+    component: Component, module: torch.nn.Module, example: torch.Tensor, out_dir: Path, opset: int
+) -> tuple[Path, str]:
+    spec = component.input
+    # The temporary folder goes whatever happens, Ctrl-C and SIGTERM included.
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         tmp_path = Path(tmp) / f"{component.name}.onnx"
         chatter = io.StringIO()  # the exporter prints its own step list; keep it for debug
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(chatter):

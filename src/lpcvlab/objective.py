@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
+from lpcvlab.config.schema import BudgetConfig
 from lpcvlab.errors import ConfigError
 
 LATENCY_PREFIX = "latency_ms/"
@@ -52,28 +52,23 @@ def total_latency_ms(metrics: dict[str, float]) -> float:
     return float(sum(values)) if values else float("nan")
 
 
-def score(cfg: Any, metrics: dict[str, float]) -> Objective:
-    """Read ``track.objective``, ``budget.latency_ms`` and ``budget.penalty`` and score a run."""
-    name = str(cfg.track.objective)
-    if name not in metrics:
+def score(objective: str, budget: BudgetConfig, metrics: dict[str, float]) -> Objective:
+    """Score a run: ``objective`` is ``track.objective``; ``budget`` the ``budget`` section."""
+    if objective not in metrics:
         known = ", ".join(sorted(k for k in metrics if "/" not in k)) or "none"
         raise ConfigError(
-            f"track.objective={name!r} is not a metric this run produced; choose one of: {known}"
+            f"track.objective={objective!r} is not a metric this run produced; choose one of: "
+            f"{known}"
         )
-    raw = float(metrics[name])
+    raw = float(metrics[objective])
     total = total_latency_ms(metrics)
-    budget_cfg = cfg.get("budget") or {}
-    budget = budget_cfg.get("latency_ms")
-    if budget is None:
-        return Objective(name, raw, raw, total, None, False)
-    budget = float(budget)
-    penalty = float(budget_cfg.get("penalty", 1.0))
-    if not budget > 0:
-        raise ConfigError(f"budget.latency_ms must be > 0 (or null for no budget), got {budget}")
+    if budget.latency_ms is None:
+        return Objective(objective, raw, raw, total, None, False)
+    limit = float(budget.latency_ms)
     if math.isnan(total):
         raise ConfigError(
-            f"budget.latency_ms={budget:g} is set but this run measured no latency_ms/<component>"
+            f"budget.latency_ms={limit:g} is set but this run measured no latency_ms/<component>"
         )
-    over = total > budget
-    value = raw - penalty * total / budget if over else raw
-    return Objective(name, raw, value, total, budget, over)
+    over = total > limit
+    value = raw - float(budget.penalty) * total / limit if over else raw
+    return Objective(objective, raw, value, total, limit, over)

@@ -1,29 +1,39 @@
-"""One Hydra job, start to end: data -> model -> (train) -> export -> runtime -> metrics -> MLflow.
+"""One run, start to end: data -> model -> (train) -> export -> hub -> metrics -> MLflow.
 
-The pipeline owns the MLflow run; each stage is a function of the previous stage's record.
+The config is read once, here: :func:`run` loads and checks the typed settings, checks the
+tracking store, builds the track (with its backbone factory) and the hub back-end, and hands each
+stage those objects and its own settings. The pipeline owns the MLflow run; each stage is a
+function of the previous stage's record.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lpcvlab import console
 from lpcvlab.cache import StageCache
+from lpcvlab.config import RunConfig, load_settings
+from lpcvlab.errors import Interrupted
 from lpcvlab.export import export_component
+from lpcvlab.hubs import ComponentJob, Hub, build_hub
 from lpcvlab.objective import Objective, score
-from lpcvlab.runtimes import ComponentJob, build_runtime
-from lpcvlab.tracking import RunRecorder, flatten, git_info, start_run
-from lpcvlab.tracks import get_track
+from lpcvlab.seeding import seed_everything
+from lpcvlab.tracking import (
+    RunRecorder,
+    check_store,
+    flatten,
+    git_info,
+    prune_vanished,
+    resolve_uri,
+    start_run,
+)
+from lpcvlab.tracks import Track, build_track
 from lpcvlab.types import ComponentRun, EvalResult, ExportResult
 
 log = logging.getLogger(__name__)
@@ -57,48 +67,42 @@ class StageClock:
         return {f"stage_seconds/{k}": v for k, v in (self.seconds | total).items()}
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (0 is a seed like any other)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def run_name(s: RunConfig) -> str:
+    if s.tracking.run_name:
+        return str(s.tracking.run_name)
+    return f"{s.backbone.name}/{s.preprocess.name}/{s.device.name}/{s.hub.name}"
 
 
-def run_name(cfg: DictConfig) -> str:
-    if cfg.tracking.get("run_name"):
-        return str(cfg.tracking.run_name)
-    return f"{cfg.backbone.name}/{cfg.preprocess.name}/{cfg.device.name}/{cfg.hub.name}"
-
-
-def run_tags(cfg: DictConfig) -> dict[str, str]:
+def run_tags(s: RunConfig) -> dict[str, str]:
     tags = {
-        "track": cfg.track.name,
-        "backbone": cfg.backbone.name,
-        "preprocess": cfg.preprocess.name,
-        "data": cfg.data.name,
-        "device": cfg.device.name,
-        "runtime": cfg.runtime.name,
-        "hub": cfg.hub.name,
-        "train": cfg.train.name,
-        "seed": str(cfg.seed),
+        "track": s.track.name,
+        "backbone": s.backbone.name,
+        "preprocess": s.preprocess.name,
+        "data": s.data.name,
+        "device": s.device.name,
+        "runtime": s.runtime.name,
+        "hub": s.hub.name,
+        "train": s.train.name,
+        "seed": str(s.seed),
     }
-    if cfg.hub.name == "local":
+    if s.hub.name == "local":
         tags["measured_on"] = "host_cpu"
     return tags | git_info()
 
 
 def component_metrics(name: str, run: ComponentRun) -> dict[str, float]:
-    prof = run.profile
+    prof, inf = run.profile, run.inference
+    assert prof is not None and inf is not None
     metrics = {
         f"latency_ms/{name}": prof.latency_ms,
         f"peak_memory_mb/{name}": prof.peak_memory_mb[1],
         f"peak_memory_mb_low/{name}": prof.peak_memory_mb[0],
-        f"inference_seconds/{name}": run.inference.seconds,
+        f"inference_seconds/{name}": inf.seconds,
     }
     metrics |= {
         f"compute_units/{name}/{u.lower()}": float(n) for u, n in prof.compute_units.items()
     }
-    metrics |= {f"{k}/{name}": v for k, v in run.inference.metrics.items()}
+    metrics |= {f"{k}/{name}": v for k, v in inf.metrics.items()}
     return metrics
 
 
@@ -109,8 +113,30 @@ def _work_dir(work_dir: Path | None) -> Path:
     return work_dir
 
 
+def _resolved(cfg: DictConfig | RunConfig) -> DictConfig:
+    """The config to log (params, ``config.yaml``): resolved, without the extra keys."""
+    node = OmegaConf.structured(cfg) if isinstance(cfg, RunConfig) else cfg
+    keep = [k for k in node if k != "reproduce"]
+    return OmegaConf.masked_copy(node, keep)
+
+
+def prune_store(uri: str) -> None:
+    """Mark this host's runs whose process vanished as FAILED, and say which (a run killed with
+    SIGKILL, or by the out-of-memory killer, would otherwise stay RUNNING forever)."""
+    from mlflow.tracking import MlflowClient
+
+    for gone in prune_vanished(MlflowClient(tracking_uri=uri)):
+        log.warning(
+            "MLflow run %s (%s) was still RUNNING but its process %s is gone: marked FAILED "
+            "(failure=process-vanished)",
+            gone.run_id,
+            gone.name,
+            gone.pid,
+        )
+
+
 def run(
-    cfg: DictConfig,
+    cfg: DictConfig | RunConfig,
     work_dir: Path | None = None,
     hydra_dir: Path | None = None,
     extra_tags: dict[str, str] | None = None,
@@ -120,76 +146,120 @@ def run(
     ``extra_tags`` are added to the run's tags (e.g. ``reproduced_from``) without changing the
     config, so that a reproduction logs the same params as the run it reproduces.
     """
+    settings = load_settings(cfg)  # every value and combination, before anything else
+    uri = resolve_uri(settings.tracking.uri)
+    check_store(uri)
+    prune_store(uri)
     work_dir = _work_dir(work_dir)
-    track = get_track(cfg.track.name)
-    if cfg.hub.name == "local" and cfg.device.name != "host_cpu":
+    track = build_track(settings)
+    hub = build_hub(
+        settings.hub,
+        settings.device,
+        settings.runtime,
+        track=settings.track.name,
+        cache_dir=settings.paths.cache_dir,
+    )
+    if settings.hub.name == "local" and settings.device.name != "host_cpu":
         log.warning(
             "hub=local measures on this machine's CPU with ONNX Runtime: device=%s and "
             "runtime=%s are recorded as the target, but latency and memory are the host's. "
             "Use hub=aihub for numbers from the device.",
-            cfg.device.name,
-            cfg.runtime.name,
+            settings.device.name,
+            settings.runtime.name,
         )
-    experiment = str(cfg.tracking.experiment)
-    tags = run_tags(cfg) | (extra_tags or {})
-    with start_run(cfg.tracking, experiment, run_name(cfg), tags) as rec:
-        try:
-            rec.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-            rec.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-            result = _stages(cfg, track, rec, work_dir)
-            result.objective = score(cfg, result.metrics)
-            rec.log_metrics(result.objective.metrics())
-            rec.set_tags(result.objective.tags())
-            result.metrics |= result.objective.metrics()
-        finally:
-            if hydra_dir is not None and hydra_dir.is_dir():
-                rec.log_artifact(hydra_dir, ".hydra")
-            for logfile in work_dir.glob("*.log"):
-                rec.log_artifact(logfile)
-    _print_summary(cfg, result, rec.tracking_uri, experiment)
+    experiment = str(settings.tracking.experiment)
+    tags = run_tags(settings) | (extra_tags or {})
+    resolved = _resolved(cfg)
+    run_id: str | None = None
+    try:
+        with start_run(settings.tracking, experiment, run_name(settings), tags) as rec:
+            run_id = rec.run_id
+            try:
+                rec.log_params(flatten(OmegaConf.to_container(resolved, resolve=True)))
+                rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
+                result = _stages(settings, track, hub, rec, work_dir)
+                result.objective = score(settings.track.objective, settings.budget, result.metrics)
+                rec.log_metrics(result.objective.metrics())
+                rec.set_tags(result.objective.tags())
+                result.metrics |= result.objective.metrics()
+            finally:
+                if hydra_dir is not None and hydra_dir.is_dir():
+                    rec.log_artifact(hydra_dir, ".hydra")
+                for logfile in work_dir.glob("*.log"):
+                    rec.log_artifact(logfile)
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc, run_id, settings, work_dir) from None
+    _print_summary(settings, result, rec.tracking_uri, experiment)
     return result
 
 
-def _stages(cfg: DictConfig, track: Any, rec: RunRecorder, work_dir: Path) -> PipelineResult:
-    seed_everything(int(cfg.seed))
+def _interrupted(
+    exc: KeyboardInterrupt, run_id: str | None, s: RunConfig, work_dir: Path
+) -> Interrupted:
+    """The interrupt, with what was kept and how to go on."""
+    signal_name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+    kept: list[str] = []
+    resume = None
+    checkpoints = sorted((work_dir / "checkpoints").glob("*.ckpt"))
+    if checkpoints:
+        names = ", ".join(p.name for p in checkpoints)
+        kept.append(f"Checkpoints ({names}) are in {work_dir / 'checkpoints'} and logged.")
+        resume = f"Resume with the same command plus train.resume_from={run_id}."
+    else:
+        kept.append(
+            "Temporary export files were removed; finished exports and hub results stay in the "
+            f"stage cache ({s.cache.dir})"
+            + (" and the AI Hub job ledger" if s.hub.name == "aihub" else "")
+            + ", so the same command picks up from there."
+        )
+    return Interrupted(signal_name, run_id=run_id, kept=tuple(kept), resume=resume)
+
+
+def _stages(
+    s: RunConfig, track: Track, hub: Hub, rec: RunRecorder, work_dir: Path
+) -> PipelineResult:
+    seed_everything(s.seed)
     clock = StageClock()
-    # Built first: it checks the hub settings and credentials (no network) before any work.
-    runtime = build_runtime(cfg)
-    runtime.job_listener = rec.on_job
-    cache = StageCache.from_config(cfg, rec.run_id, job_listener=rec.on_job)
-    console.stage("data", f"{cfg.data.name} (track={cfg.track.name})")
-    data = track.load_data(cfg, work_dir)
+    hub.job_listener = rec.on_job
+    hub.preflight()  # credentials, network and device: before any data or model work
+    cache = StageCache.from_settings(s.cache, rec.run_id, job_listener=rec.on_job)
+    hub = cache.wrap(hub)
+    training = s.train.name != "none"
+
+    console.stage("data", f"{s.data.name} (track={s.track.name})")
+    data = track.load_data(work_dir, training=training)
     clock.lap("data")
     rec.log_metrics({f"data/{k}": v for k, v in data.stats.items()})
     for report in data.reports:
         rec.log_artifact(report, "data")
 
-    console.stage("model", cfg.backbone.name)
-    bundle = track.build_model(cfg)
+    console.stage("model", s.backbone.name)
+    seed_everything(s.seed)  # the starting weights depend on the seed alone, not on the data
+    bundle = track.build_model()
     rec.set_tags({"weights": bundle.weights})
     clock.lap("model")
 
-    if cfg.train.name != "none":
-        console.stage("train", cfg.train.name)
-        track.train(cfg, bundle, data, rec, work_dir)
+    if training:
+        console.stage("train", s.train.name)
+        bundle = track.train(bundle, data, s.train, rec, work_dir)
         clock.lap("train")
 
     console.stage("export", ", ".join(c.name for c in bundle.components))
-    onnx_dir = Path(cfg.paths.cache_dir) / "onnx"
+    onnx_dir = Path(s.paths.cache_dir) / "onnx"
     exports: dict[str, ExportResult] = {}
     for comp in bundle.components:
-        samples = data.inputs[comp.name][: int(cfg.export.parity_samples)]
+        samples = data.inputs[comp.name][: s.export.parity_samples]
         exp = cache.export(
             comp,
             samples,
-            int(cfg.export.opset),
-            float(cfg.export.parity_threshold),
+            s.export.opset,
+            s.export.parity_threshold,
             lambda comp=comp, samples=samples: export_component(
                 comp,
                 samples,
                 onnx_dir,
-                opset=int(cfg.export.opset),
-                parity_threshold=float(cfg.export.parity_threshold),
+                opset=s.export.opset,
+                parity_threshold=s.export.parity_threshold,
             ),
         )
         exports[comp.name] = exp
@@ -200,16 +270,14 @@ def _stages(cfg: DictConfig, track: Any, rec: RunRecorder, work_dir: Path) -> Pi
                 f"export_seconds/{comp.name}": exp.seconds,
             }
         )
-        if cfg.tracking.log_onnx:
+        if s.tracking.log_onnx:
             rec.log_artifact(exp.path, "onnx")
     rec.set_tags(cache.tags())
     clock.lap("export")
 
-    console.stage("compile, profile, infer", f"hub={cfg.hub.name}")
-    runs = cache.run_components(
-        cfg,
-        [ComponentJob(exp, data.inputs[name]) for name, exp in exports.items()],
-        lambda: runtime,
+    console.stage("compile, profile, infer", f"hub={s.hub.name}")
+    runs = hub.run_components(
+        [ComponentJob(exp, data.inputs[name]) for name, exp in exports.items()]
     )
     rec.set_tags(cache.tags())
     if cache.hits:
@@ -220,13 +288,16 @@ def _stages(cfg: DictConfig, track: Any, rec: RunRecorder, work_dir: Path) -> Pi
     metrics: dict[str, float] = {}
     for name, crun in runs.items():
         metrics |= component_metrics(name, crun)
+        assert crun.profile is not None
         rec.log_dict(crun.profile.raw, f"profiles/{name}.json")
     rec.log_metrics(metrics)
 
-    console.stage("metrics", cfg.track.name)
-    evaluation = track.evaluate(
-        cfg, data, {n: r.inference.outputs for n, r in runs.items()}, work_dir
-    )
+    console.stage("metrics", s.track.name)
+    outputs = {}
+    for name, crun in runs.items():
+        assert crun.inference is not None
+        outputs[name] = crun.inference.outputs
+    evaluation = track.evaluate(data, outputs, work_dir)
     rec.log_metrics(evaluation.metrics)
     for path in evaluation.artifacts:
         rec.log_artifact(path, "results")
@@ -240,11 +311,12 @@ def _stages(cfg: DictConfig, track: Any, rec: RunRecorder, work_dir: Path) -> Pi
     return PipelineResult(rec.run_id, metrics, exports, runs, evaluation, bundle.weights)
 
 
-def _print_summary(cfg: DictConfig, res: PipelineResult, uri: str, experiment: str) -> None:
+def _print_summary(s: RunConfig, res: PipelineResult, uri: str, experiment: str) -> None:
     assert res.eval is not None
     acc = [(k, v) for k, v in sorted(res.eval.metrics.items())]
     comp_rows = []
     for name, crun in res.runs.items():
+        assert crun.profile is not None
         low, high = crun.profile.peak_memory_mb
         comp_rows.append(
             [
@@ -254,11 +326,11 @@ def _print_summary(cfg: DictConfig, res: PipelineResult, uri: str, experiment: s
                 f"{res.exports[name].parity_cosine_min:.6f}",
             ]
         )
-    where = "host CPU (onnxruntime)" if cfg.hub.name == "local" else cfg.device.aihub_name
+    where = "host CPU (onnxruntime)" if s.hub.name == "local" else s.device.aihub_name
     print()
     print(
-        f"Results: track={cfg.track.name} backbone={cfg.backbone.name} "
-        f"preprocess={cfg.preprocess.name} weights={res.weights}"
+        f"Results: track={s.track.name} backbone={s.backbone.name} "
+        f"preprocess={s.preprocess.name} weights={res.weights}"
     )
     print(console.table(["metric", "value"], acc))
     print()

@@ -12,8 +12,9 @@
 - ``on_multirun_end`` logs the summary on the parent (jobs, finished, failed, runs missing, the
   best run by ``objective``, ``sweep_runs.csv``, ``pareto.png``) and ends it.
 
-A job that fails with a user error returns no objective (``lpcvlab.app.run_job``): its run is
-FAILED, the sweep goes on and the parent counts it. If the sweep itself dies (an unexpected
+A job that fails with a user error returns no objective (``lpcvlab.app.run_job``) and leaves its
+reason in ``<job output dir>/.lpcvlab/job_error.txt`` for ``on_job_end``: its run is FAILED (or
+never started, for a config that cannot run), the sweep goes on and the parent counts it. If the sweep itself dies (an unexpected
 exception re-raised by Hydra's sweeper, Ctrl-C), an exit hook still summarises what finished and
 ends the parent FAILED. Single runs are left alone.
 """
@@ -34,6 +35,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lpcvlab.io import atomic_write_text
 from lpcvlab.tracking import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
@@ -41,16 +43,18 @@ log = logging.getLogger(__name__)
 STATE_DIR = ".lpcvlab"
 PARENT_FILE = "parent_run.json"
 JOBS_DIR = "jobs"
-
-# Set by lpcvlab.app.run_job when a job fails with a user error; read by on_job_end in the same
-# process right after, so that the job's status file can say why it failed.
-_last_job_error: str | None = None
+JOB_ERROR_FILE = "job_error.txt"
 
 
-def note_job_failure(message: str) -> None:
-    """Record why the current job failed (it returns None rather than raising: see app)."""
-    global _last_job_error
-    _last_job_error = message
+def _job_error_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / STATE_DIR / JOB_ERROR_FILE
+
+
+def note_job_failure(output_dir: Path | None, message: str) -> None:
+    """Record why a job failed, beside its output (it returns None rather than raising: see
+    ``lpcvlab.app.run_job``); ``on_job_end`` reads it, in whichever process ran the job."""
+    if output_dir is not None:
+        atomic_write_text(_job_error_path(output_dir), message)
 
 
 @dataclass(frozen=True)
@@ -154,23 +158,35 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from lpcvlab.tracking import RetryingClient, get_experiment_id, git_info, resolve_uri
+        from lpcvlab.tracking import (
+            RetryingClient,
+            check_store,
+            get_experiment_id,
+            git_info,
+            process_tags,
+            resolve_uri,
+        )
 
         sweep = sweep_dir(config)
         uri = resolve_uri(str(config.tracking.uri))
+        check_store(uri)
         client = RetryingClient(MlflowClient(tracking_uri=uri))
         exp_id = get_experiment_id(
             client, str(config.tracking.experiment), config.tracking.get("artifact_root")
         )
         overrides = sweep_overrides(config)
-        tags = {
-            "sweep": "true",
-            "sweep_dir": str(sweep.resolve()),
-            "sweep_overrides": " ".join(overrides)[:5000],
-            "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
-            "launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),
-            "track": str(config.track.name),
-        } | git_info()
+        tags = (
+            {
+                "sweep": "true",
+                "sweep_dir": str(sweep.resolve()),
+                "sweep_overrides": " ".join(overrides)[:5000],
+                "sweeper": str(OmegaConf.select(config, "hydra.sweeper._target_")),
+                "launcher": str(OmegaConf.select(config, "hydra.launcher._target_")),
+                "track": str(config.track.name),
+            }
+            | git_info()
+            | process_tags()
+        )
         outer = os.environ.get(PARENT_RUN_ENV)  # a sweep may itself nest under a run
         if outer:
             tags["mlflow.parentRunId"] = outer
@@ -199,20 +215,19 @@ class MlflowSweepCallback(Callback):
     # -- the process that runs a job -----------------------------------------------------
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _last_job_error
         if not is_multirun(config):
             return
-        _last_job_error = None
+        _job_error_path(config.hydra.runtime.output_dir).unlink(missing_ok=True)
         _plain_start_method()
         parent = read_parent(sweep_dir(config))
         if parent is not None:
             os.environ[PARENT_RUN_ENV] = parent.run_id
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        global _last_job_error
         if not is_multirun(config):
             return
-        error = _last_job_error
+        noted = _job_error_path(config.hydra.runtime.output_dir)
+        error = noted.read_text() if noted.is_file() else None
         objective: float | None = None
         try:
             value = job_return.return_value
@@ -234,7 +249,6 @@ class MlflowSweepCallback(Callback):
         _write_json(
             sweep_dir(config) / STATE_DIR / JOBS_DIR / f"{status.num:05d}.json", asdict(status)
         )
-        _last_job_error = None
 
     # -- summary -------------------------------------------------------------------------
 
@@ -360,7 +374,4 @@ def _base_config_yaml(config: DictConfig) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -47,10 +48,9 @@ def load_settings(cfg: DictConfig | RunConfig) -> RunConfig:
         extra = [k for k in EXTRA_KEYS if k in cfg]
         if extra:
             body = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in extra])
-        if OmegaConf.get_type(body) is not RunConfig:
-            # A config composed without the schema (a test's hand-made config): type it now.
-            body = OmegaConf.merge(OmegaConf.structured(RunConfig), body)
         try:
+            if OmegaConf.get_type(body) is not RunConfig:
+                body = typed(body)
             settings = OmegaConf.to_object(body)
         except MissingMandatoryValue as exc:
             key = getattr(exc, "full_key", "") or "a required key"
@@ -65,6 +65,32 @@ def load_settings(cfg: DictConfig | RunConfig) -> RunConfig:
     return settings
 
 
+def schema_for(group: str, node: Any) -> type | None:
+    """The schema of a group's plain node: the smallest one that has every key it sets."""
+    keys = set(node.keys()) if isinstance(node, (dict, DictConfig)) else set()
+    fits = [
+        cls
+        for (g, _), cls in SCHEMAS.items()
+        if g == group and keys <= {f.name for f in fields(cls)}
+    ]
+    return min(fits, key=lambda cls: len(fields(cls)), default=None)
+
+
+def typed(plain: DictConfig) -> DictConfig:
+    """A config saved as plain YAML (a run's ``config.yaml``) typed again with the schemas, so
+    that it loads exactly as the composed config it was written from."""
+    groups = {g for g, _ in SCHEMAS}
+    top = OmegaConf.structured(RunConfig)
+    rest = {}
+    for key, node in plain.items():
+        schema = schema_for(str(key), node) if key in groups else None
+        if schema is not None:
+            top[key] = OmegaConf.merge(OmegaConf.structured(schema), node)
+        else:
+            rest[key] = node
+    return OmegaConf.merge(top, rest)
+
+
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", "") or ""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -76,7 +102,9 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
 _NOT_IN = re.compile(r"Key '(?P<key>[^']+)' (?:not in|is not in struct) '?(?P<type>\w+)'?")
 _FULL_KEY = re.compile(r"full_key: (?P<full>\S+)")
 _IN_CONFIG = re.compile(r"^In '(?P<where>[\w/]+)'")
-_CONVERT = re.compile(r"Value '(?P<value>.*)' of type '(?P<got>\w+)' could not be converted to (?P<to>\w+)")
+_CONVERT = re.compile(
+    r"Value '(?P<value>.*)' of type '(?P<got>\w+)' could not be converted to (?P<to>\w+)"
+)
 _KINDS = {"Integer": "a whole number", "Float": "a number", "Boolean": "true or false"}
 _NOT_FOUND = re.compile(r"Could not find '(?P<group>[\w/]+)/(?P<option>[\w.-]+)'")
 
@@ -98,10 +126,16 @@ def _who_has(group: str, key: str) -> list[str]:
 
 def composition_error(exc: BaseException) -> str | None:
     """One line for an error Hydra raised while composing, or None when it is not one."""
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
 
     if not isinstance(exc, (HydraException, OmegaConfBaseException)):
         return None
+    if isinstance(exc, OverrideParseException):
+        reason = str(exc.message).strip().splitlines()[0] if exc.message else "unreadable"
+        return (
+            f"cannot read the override {exc.override!r} ({reason}); quote a value with special "
+            "characters: key='value'"
+        )
     text = "\n".join(str(e) for e in (exc, exc.__cause__) if e is not None)
     found = _NOT_FOUND.search(text)
     if found:

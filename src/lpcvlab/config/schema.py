@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import MISSING as _DC_MISSING
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
@@ -92,7 +92,7 @@ class VideoTrackConfig(TrackConfig):
 class BackboneConfig:
     what: ClassVar[str] = "a backbone"
     name: str = MISSING
-    pretrained: Optional[str] = None  # a tag resolved from the local cache, a file path, or null
+    pretrained: str | None = None  # a tag resolved from the local cache, a file path, or null
 
 
 @dataclass
@@ -101,9 +101,12 @@ class ClipBackboneConfig(BackboneConfig):
 
     what: ClassVar[str] = "a CLIP backbone (Track 1)"
     model_name: str = MISSING  # open_clip architecture
-    tokenizer: Optional[str] = None  # null = the model's own
-    cache_dir: Optional[str] = None  # where cached weights are looked for
-    model_cfg: Optional[dict[str, Any]] = None  # a custom architecture (clip_tiny)
+    tokenizer: str | None = None  # null = the model's own
+    cache_dir: str | None = None  # where cached weights are looked for
+    model_cfg: dict[str, Any] | None = None  # a custom architecture (clip_tiny)
+    # With a checkpoint path: build the model with QuickGELU (OpenAI's CLIP weights need it);
+    # with an open_clip tag the tag decides.
+    quick_gelu: bool = False
 
 
 @dataclass
@@ -133,9 +136,9 @@ class ImagePreprocessConfig:
     """Track 1: PIL resize, /255, optional mean/std (in the graph or on the host)."""
 
     size: int = setting(224, ge=1)
-    resample: Optional[str] = setting(None, choices=PIL_FILTERS)  # null = PIL's default
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = setting(None, gt=0, each=True)
+    resample: str | None = setting(None, choices=PIL_FILTERS)  # null = PIL's default
+    mean: list[float] | None = None
+    std: list[float] | None = setting(None, gt=0, each=True)
     normalize_in_model: bool = False
 
     def check(self, prefix: str) -> None:
@@ -171,15 +174,15 @@ class PreprocessConfig:
 
     what: ClassVar[str] = "a preprocessing"
     name: str = MISSING
-    image: Optional[ImagePreprocessConfig] = None
-    video: Optional[VideoPreprocessConfig] = None
+    image: ImagePreprocessConfig | None = None
+    video: VideoPreprocessConfig | None = None
 
 
 @dataclass
 class DeviceConfig:
     what: ClassVar[str] = "a device"
     name: str = MISSING
-    aihub_name: Optional[str] = None  # the exact name AI Hub knows; null = not on AI Hub
+    aihub_name: str | None = None  # the exact name AI Hub knows; null = not on AI Hub
 
 
 @dataclass
@@ -208,7 +211,7 @@ class LocalHubConfig(HubConfig):
     what: ClassVar[str] = "hub=local"
     name: str = "local"
     warmup_iterations: int = setting(3, ge=0)
-    intra_op_threads: Optional[int] = setting(None, ge=1)  # null = ONNX Runtime's default
+    intra_op_threads: int | None = setting(None, ge=1)  # null = ONNX Runtime's default
 
 
 @dataclass
@@ -227,14 +230,14 @@ class AIHubConfig(HubConfig):
     connect_timeout_s: float = setting(10.0, gt=0)
     chunk_bytes: int = setting(1_296_000_000, gt=0, le=AIHUB_DATASET_LIMIT_BYTES)
     parity_samples: int = setting(32, ge=0)
-    ledger_path: Optional[str] = None  # null = <paths.cache_dir>/aihub_ledger.jsonl
+    ledger_path: str | None = None  # null = <paths.cache_dir>/aihub_ledger.jsonl
 
 
 @dataclass
 class DataConfig:
     what: ClassVar[str] = "a dataset"
     name: str = MISSING
-    root: Optional[str] = None
+    root: str | None = None
 
 
 @dataclass
@@ -250,7 +253,7 @@ class RetrievalDataConfig(DataConfig):
     images_dir: str = "images"
     img_list: str = "img_list.csv"
     txt_list: str = "txt_list.csv"
-    demo: Optional[RetrievalDemoConfig] = None  # set: generate this demo dataset under root
+    demo: RetrievalDemoConfig | None = None  # set: generate this demo dataset under root
 
 
 @dataclass
@@ -264,11 +267,11 @@ class VideoDataConfig(DataConfig):
     """Track 2 data: root/{train,val}/<class>/<video>.mp4."""
 
     what: ClassVar[str] = "a Track 2 dataset"
-    class_map: Optional[str] = None  # null = the official 92-class map shipped with lpcvlab
+    class_map: str | None = None  # null = the official 92-class map shipped with lpcvlab
     train_split: str = "train"
     val_split: str = "val"
     workers: int = setting(2, ge=0)  # decoding processes (0 = in this process)
-    demo: Optional[VideoDemoConfig] = None
+    demo: VideoDemoConfig | None = None
 
 
 @dataclass
@@ -299,10 +302,10 @@ class FinetuneConfig(TrainConfig):
     batch_size: int = setting(8, ge=1)
     num_workers: int = setting(0, ge=0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    resume_from: Optional[str] = None
+    resume_from: str | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
-    scheduler: Optional[dict[str, Any]] = None
+    scheduler: dict[str, Any] | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict)
 
     def check(self, prefix: str) -> None:
@@ -315,9 +318,9 @@ class FinetuneConfig(TrainConfig):
 class TrackingConfig:
     what: ClassVar[str] = "an MLflow store"
     uri: str = MISSING
-    artifact_root: Optional[str] = None  # for new experiments on a local store
+    artifact_root: str | None = None  # for new experiments on a local store
     experiment: str = MISSING
-    run_name: Optional[str] = None  # null = <backbone>/<preprocess>/<device>/<hub>
+    run_name: str | None = None  # null = <backbone>/<preprocess>/<device>/<hub>
     log_onnx: bool = False
 
 
@@ -332,7 +335,7 @@ class PathsConfig:
 @dataclass
 class ExportConfig:
     opset: int = setting(18, ge=14, le=23)
-    parity_threshold: float = setting(0.999, ge=-1.0, le=1.0)
+    parity_threshold: float = setting(0.999, ge=-1.0)  # above 1: the export always fails
     parity_samples: int = setting(8, ge=1)
 
 
@@ -345,7 +348,7 @@ class CacheConfig:
 
 @dataclass
 class BudgetConfig:
-    latency_ms: Optional[float] = setting(None, gt=0)
+    latency_ms: float | None = setting(None, gt=0)
     penalty: float = setting(1.0, ge=0)
 
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lpcvlab.config.schema import AIHubConfig, DeviceConfig, HubConfig, LocalHubConfig, RuntimeConfig
+from lpcvlab.config.schema import (
+    AIHubConfig,
+    DeviceConfig,
+    HubConfig,
+    LocalHubConfig,
+    RuntimeConfig,
+)
 from lpcvlab.errors import ConfigError
 from lpcvlab.hubs.base import ALL_STAGES, ComponentJob, Hub, JobListener, SequentialHub
 

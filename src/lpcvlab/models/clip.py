@@ -17,6 +17,7 @@ import open_clip
 import torch
 from torch import nn
 
+from lpcvlab.config.schema import ClipBackboneConfig
 from lpcvlab.errors import ConfigError
 from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
 
@@ -67,27 +68,47 @@ def _quiet_root() -> Iterator[None]:
         root.setLevel(level)
 
 
-def build_clip(backbone: Any) -> tuple[nn.Module, Any, str]:
+class ClipBackbone:
+    """The backbone factory of Track 1: builds the open_clip model of a typed backbone config
+    (weights from the local cache or a file, never the network) and its tokenizer."""
+
+    def __init__(self, settings: ClipBackboneConfig) -> None:
+        self.settings = settings
+        self.name = settings.name
+
+    def build(self) -> tuple[nn.Module, str]:
+        """(model in eval mode, weights description: tag, path or ``random``)."""
+        model, _, weights = build_clip(self.settings)
+        return model, weights
+
+    def tokenizer(self) -> Any:
+        return tokenizer_for(self.settings)
+
+
+def build_clip(backbone: ClipBackboneConfig) -> tuple[nn.Module, Any, str]:
     """(model in eval mode, tokenizer, weights description) for a ``backbone`` config."""
     with _quiet_root():
-        return _build_clip(backbone)
+        return _build_clip(_typed(backbone))
 
 
-def _build_clip(backbone: Any) -> tuple[nn.Module, Any, str]:
+def _typed(backbone: Any) -> ClipBackboneConfig:
+    """A typed backbone config (a mapping is accepted, for scripts and tests)."""
+    if isinstance(backbone, ClipBackboneConfig):
+        return backbone
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.merge(OmegaConf.structured(ClipBackboneConfig), backbone)
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
+
+
+def _build_clip(backbone: ClipBackboneConfig) -> tuple[nn.Module, Any, str]:
     name = backbone.model_name
     tokenizer = tokenizer_for(backbone)
-    model_cfg = backbone.get("model_cfg")
-    pretrained = backbone.get("pretrained")
-    cache_dir = backbone.get("cache_dir")
+    model_cfg = backbone.model_cfg
+    pretrained = backbone.pretrained
+    cache_dir = backbone.cache_dir
     if model_cfg is not None:  # a custom architecture (clip_tiny): nothing to download
-        from omegaconf import OmegaConf
-
-        cfg = (
-            OmegaConf.to_container(model_cfg, resolve=True)
-            if not isinstance(model_cfg, dict)
-            else model_cfg
-        )
-        model = open_clip.CLIP(**cfg)
+        model = open_clip.CLIP(**model_cfg)
         weights = RANDOM
         if pretrained:
             _load_file(model, pretrained)
@@ -103,7 +124,7 @@ def _build_clip(backbone: Any) -> tuple[nn.Module, Any, str]:
     pretrained = str(pretrained)
     if looks_like_path(pretrained):
         model = open_clip.create_model(
-            name, pretrained=None, force_quick_gelu=bool(backbone.get("quick_gelu", False))
+            name, pretrained=None, force_quick_gelu=bool(backbone.quick_gelu)
         )
         _load_file(model, pretrained)
         return model.eval(), tokenizer, pretrained
@@ -163,6 +184,11 @@ class TextEncoder(nn.Module):
 
 
 def tokenizer_for(backbone: Any) -> Any:
-    """The CLIP BPE tokenizer of a backbone, without building the model."""
+    """The CLIP BPE tokenizer of a backbone (a config, or a mapping with ``model_name`` and
+    optionally ``tokenizer``), without building the model."""
+    if isinstance(backbone, ClipBackboneConfig):
+        name = backbone.tokenizer or backbone.model_name
+    else:
+        name = backbone.get("tokenizer") or backbone["model_name"]
     with _quiet_root():
-        return open_clip.get_tokenizer(backbone.get("tokenizer") or backbone.model_name)
+        return open_clip.get_tokenizer(name)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchvision.models import video as tv_video
 
+from lpcvlab.config.schema import TinyVideoBackboneConfig, VideoBackboneConfig
 from lpcvlab.errors import ConfigError
 from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
 
@@ -97,12 +98,41 @@ def _load_state(model: nn.Module, path: Path, num_classes: int) -> None:
         )
 
 
-def build_video_model(backbone: Any, num_classes: int) -> tuple[nn.Module, str]:
+class VideoBackbone:
+    """The backbone factory of Track 2: builds a typed backbone config's classifier with its
+    head resized to the class map (weights from the torch hub cache or a file, never the
+    network), and the normalisation baked into its export."""
+
+    def __init__(self, settings: VideoBackboneConfig) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.mean = tuple(float(v) for v in settings.mean)
+        self.std = tuple(float(v) for v in settings.std)
+
+    def build(self, num_classes: int) -> tuple[nn.Module, str]:
+        """(model, weights description: ``kinetics400``, a path or ``random``)."""
+        return build_video_model(self.settings, num_classes)
+
+
+def _typed(backbone: Any) -> VideoBackboneConfig:
+    """A typed backbone config (a mapping is accepted, for scripts and tests)."""
+    if isinstance(backbone, VideoBackboneConfig):
+        return backbone
+    from omegaconf import OmegaConf
+
+    schema = (
+        TinyVideoBackboneConfig if backbone.get("arch") == "video_tiny" else VideoBackboneConfig
+    )
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), backbone))  # type: ignore[return-value]
+
+
+def build_video_model(backbone: VideoBackboneConfig, num_classes: int) -> tuple[nn.Module, str]:
     """(model, weights description) for a Track 2 ``backbone`` config."""
+    backbone = _typed(backbone)
     arch = backbone.arch
-    pretrained = backbone.get("pretrained")
-    if arch == "video_tiny":
-        model: nn.Module = TinyVideoNet(num_classes, width=int(backbone.get("width", 16)))
+    pretrained = backbone.pretrained
+    if isinstance(backbone, TinyVideoBackboneConfig):
+        model: nn.Module = TinyVideoNet(num_classes, width=int(backbone.width))
         builder_weights = None
     elif arch in _TORCHVISION:
         builder, builder_weights = _TORCHVISION[arch]

@@ -1,20 +1,50 @@
-"""Track plug-ins, chosen by ``track.name``."""
+"""Track plug-ins, chosen by the ``track`` group and built once from the typed config."""
 
 from __future__ import annotations
 
+from lpcvlab.config.schema import (
+    ClipBackboneConfig,
+    RetrievalDataConfig,
+    RetrievalTrackConfig,
+    RunConfig,
+    VideoBackboneConfig,
+    VideoDataConfig,
+    VideoTrackConfig,
+)
 from lpcvlab.errors import ConfigError
 from lpcvlab.tracks.base import Track, TrackData
 
-__all__ = ["Track", "TrackData", "get_track"]
+__all__ = ["Track", "TrackData", "build_track"]
 
 
-def get_track(name: str) -> Track:
-    if name == "retrieval":
+def build_track(s: RunConfig) -> Track:
+    """The track of ``s.track`` with the data, preprocessing and backbone factory it uses.
+
+    (The combination of groups was checked when the config was loaded.)
+    """
+    if isinstance(s.track, RetrievalTrackConfig):
+        from lpcvlab.models.clip import ClipBackbone
         from lpcvlab.tracks.retrieval import RetrievalTrack
 
-        return RetrievalTrack()
-    if name == "video":
+        assert isinstance(s.data, RetrievalDataConfig) and isinstance(
+            s.backbone, ClipBackboneConfig
+        )
+        assert s.preprocess.image is not None
+        return RetrievalTrack(
+            s.track, s.data, s.preprocess.image, ClipBackbone(s.backbone), seed=s.seed
+        )
+    if isinstance(s.track, VideoTrackConfig):
+        from lpcvlab.models.video import VideoBackbone
         from lpcvlab.tracks.video import VideoTrack
 
-        return VideoTrack()
-    raise ConfigError(f"track={name!r} is not a known track; use track=retrieval or track=video")
+        assert isinstance(s.data, VideoDataConfig) and isinstance(s.backbone, VideoBackboneConfig)
+        assert s.preprocess.video is not None
+        return VideoTrack(
+            s.track,
+            s.data,
+            s.preprocess.video,
+            VideoBackbone(s.backbone),
+            cache_dir=s.paths.cache_dir,
+            seed=s.seed,
+        )
+    raise ConfigError(f"track={s.track.name!r} is not a known track; use track=retrieval or video")

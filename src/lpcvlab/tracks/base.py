@@ -1,7 +1,9 @@
 """The track protocol: what a competition track plugs into the pipeline.
 
-A track owns its data contract, its model factory and export wrappers, and its metrics. The
-pipeline owns everything between (export, runtime, MLflow) and never looks inside a track's data.
+A track owns its data contract, its model factory and export wrappers, its training hook and its
+metrics. It is built once from the typed config (:func:`lpcvlab.tracks.build_track`) with the
+settings it needs; the pipeline owns everything between (export, hub, MLflow) and never looks
+inside a track's data.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lpcvlab.types import EvalResult, ModelBundle
+from lpcvlab.config.schema import TrainConfig
+from lpcvlab.types import EvalResult, ModelBundle, RunLog
 
 
 @dataclass
@@ -30,30 +33,27 @@ class TrackData:
     payload: Any = None
 
 
-class RunLog(Protocol):
-    """What a track may record while it trains or evaluates (the pipeline's MLflow recorder)."""
-
-    run_id: str
-    tracking_uri: str
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-
-
 class Track(Protocol):
     name: str
 
-    def load_data(self, cfg: Any, work_dir: Path) -> TrackData: ...
+    def load_data(self, work_dir: Path, *, training: bool) -> TrackData:
+        """Read and check the evaluation data (and the training data when ``training``)."""
+        ...
 
-    def build_model(self, cfg: Any) -> ModelBundle: ...
+    def build_model(self) -> ModelBundle: ...
 
     def train(
-        self, cfg: Any, bundle: ModelBundle, data: TrackData, run: RunLog, work_dir: Path
-    ) -> None: ...
+        self,
+        bundle: ModelBundle,
+        data: TrackData,
+        settings: TrainConfig,
+        run: RunLog,
+        work_dir: Path,
+    ) -> ModelBundle:
+        """Train a copy of ``bundle``'s model and return the trained bundle (``bundle`` is left
+        as it was: its weights are the starting point)."""
+        ...
 
     def evaluate(
-        self, cfg: Any, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
+        self, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
     ) -> EvalResult: ...

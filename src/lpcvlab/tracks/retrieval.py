@@ -10,19 +10,24 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
+from lpcvlab.config.schema import (
+    ImagePreprocessConfig,
+    RetrievalDataConfig,
+    RetrievalTrackConfig,
+    TrainConfig,
+)
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
 from lpcvlab.data.lpcvc_track1 import ImageRow, read_track1
 from lpcvlab.data.retrieval_inputs import ImagePreprocess, load_images, tokenize
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import cosine_similarity, recall_at_k
-from lpcvlab.models.clip import CONTEXT_LENGTH, ImageEncoder, TextEncoder, build_clip, tokenizer_for
-from lpcvlab.tracks.base import RunLog, TrackData
-from lpcvlab.types import Component, EvalResult, ModelBundle, TensorSpec
+from lpcvlab.models.clip import CONTEXT_LENGTH, ClipBackbone, ImageEncoder, TextEncoder
+from lpcvlab.tracks.base import TrackData
+from lpcvlab.types import Component, EvalResult, ModelBundle, RunLog, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +41,14 @@ class RetrievalPayload:
     missing_text_ids: list[int]
 
 
-def image_settings(cfg: Any) -> Any:
-    image = cfg.preprocess.get("image")
-    if image is None:
-        raise ConfigError(
-            f"preprocess={cfg.preprocess.name} has no Track 1 image settings; "
-            "use preprocess=lpcvc_sample or preprocess=clip_mean_std with track=retrieval"
-        )
-    return image
-
-
-def host_preprocess(cfg: Any) -> ImagePreprocess:
+def host_preprocess(image: ImagePreprocessConfig) -> ImagePreprocess:
     """What happens to an image before upload; mean/std only when not baked into the model."""
-    image = image_settings(cfg)
     on_host = image.mean is not None and not image.normalize_in_model
     return ImagePreprocess(
         size=int(image.size),
         resample=image.resample,
-        mean=tuple(image.mean) if on_host else None,
-        std=tuple(image.std) if on_host else None,
+        mean=tuple(image.mean) if on_host and image.mean else None,
+        std=tuple(image.std) if on_host and image.std else None,
     )
 
 
@@ -69,23 +63,33 @@ def _write_skips(path: Path, skips) -> Path:
 class RetrievalTrack:
     name = "retrieval"
 
-    def load_data(self, cfg: Any, work_dir: Path) -> TrackData:
-        data = cfg.data
-        if data.root is None:
-            raise ConfigError(
-                f"data={data.name} needs data.root=/path/to/track1 (the folder with "
-                f"{data.img_list}, {data.txt_list} and {data.images_dir}/)"
-            )
-        if data.get("demo"):
-            make_demo_retrieval_dataset(data.root, num_images=data.demo.num_images, seed=cfg.seed)
+    def __init__(
+        self,
+        track: RetrievalTrackConfig,
+        data: RetrievalDataConfig,
+        image: ImagePreprocessConfig,
+        backbone: ClipBackbone,
+        seed: int = 0,
+    ) -> None:
+        self.settings = track
+        self.data = data
+        self.image = image
+        self.backbone = backbone
+        self.seed = seed
+
+    def load_data(self, work_dir: Path, *, training: bool = False) -> TrackData:
+        data = self.data
+        assert data.root is not None  # checked when the config was loaded
+        if data.demo is not None:
+            make_demo_retrieval_dataset(data.root, num_images=data.demo.num_images, seed=self.seed)
         ds = read_track1(data.root, data.images_dir, data.img_list, data.txt_list)
-        images, kept, unreadable = load_images(ds.images, host_preprocess(cfg))
+        images, kept, unreadable = load_images(ds.images, host_preprocess(self.image))
         ds.skipped.extend(unreadable)
         if not kept:
             raise DataError(f"{ds.root}: no readable images; see the warnings above")
 
         text_ids = list(ds.texts)
-        tokens, truncated = tokenize([ds.texts[t] for t in text_ids], tokenizer_for(cfg.backbone))
+        tokens, truncated = tokenize([ds.texts[t] for t in text_ids], self.backbone.tokenizer())
         if truncated:
             log.warning(
                 "%d caption(s) longer than %d tokens were truncated: text IDs %s",
@@ -110,9 +114,9 @@ class RetrievalTrack:
             payload=RetrievalPayload(kept, text_ids, missing),
         )
 
-    def build_model(self, cfg: Any) -> ModelBundle:
-        model, _, weights = build_clip(cfg.backbone)
-        image = image_settings(cfg)
+    def build_model(self) -> ModelBundle:
+        model, weights = self.backbone.build()
+        image = self.image
         bake = image.mean is not None and image.normalize_in_model
         size = int(image.size)
         return ModelBundle(
@@ -131,14 +135,17 @@ class RetrievalTrack:
         )
 
     def train(
-        self, cfg: Any, bundle: ModelBundle, data: TrackData, run: RunLog, work_dir: Path
-    ) -> None:
-        raise ConfigError(
-            f"train={cfg.train.name} is not available for track=retrieval; use train=none"
-        )
+        self,
+        bundle: ModelBundle,
+        data: TrackData,
+        settings: TrainConfig,
+        run: RunLog,
+        work_dir: Path,
+    ) -> ModelBundle:
+        raise ConfigError(f"train={settings.name} is not available for track=retrieval")
 
     def evaluate(
-        self, cfg: Any, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
+        self, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
     ) -> EvalResult:
         payload: RetrievalPayload = data.payload
         img_emb, txt_emb = outputs[IMAGE], outputs[TEXT]
@@ -149,7 +156,7 @@ class RetrievalTrack:
             )
         sim = cosine_similarity(img_emb, txt_emb)
         gt = [r.text_ids for r in payload.images]
-        ks = sorted({int(k) for k in cfg.track.recall_ks} | {10})
+        ks = sorted({int(k) for k in self.settings.recall_ks} | {10})
         res = recall_at_k(sim, payload.text_ids, gt, ks=ks)
         known = set(payload.text_ids)
         best = float(np.mean([len(set(g) & known) / len(g) for g in gt]))

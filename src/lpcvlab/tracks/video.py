@@ -7,14 +7,21 @@ the organisers' ``evaluate.py`` reads it unchanged.
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from lpcvlab.config.schema import (
+    FinetuneConfig,
+    TrainConfig,
+    VideoDataConfig,
+    VideoPreprocessConfig,
+    VideoTrackConfig,
+)
 from lpcvlab.data.qevd import (
     ManifestRecord,
     VideoSample,
@@ -26,8 +33,9 @@ from lpcvlab.data.qevd import (
 from lpcvlab.data.video import DecodeBatch, VideoPreprocess, decode_videos
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import softmax, top_k_accuracy
-from lpcvlab.tracks.base import RunLog, TrackData
-from lpcvlab.types import Component, EvalResult, ModelBundle, TensorSpec
+from lpcvlab.models.video import VideoBackbone
+from lpcvlab.tracks.base import TrackData
+from lpcvlab.types import Component, EvalResult, ModelBundle, RunLog, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +52,14 @@ class VideoPayload:
     train_cache: list[Path]
 
 
-def video_settings(cfg: Any) -> VideoPreprocess:
-    video = cfg.preprocess.get("video")
-    if video is None:
-        raise ConfigError(
-            f"preprocess={cfg.preprocess.name} has no Track 2 video settings; use "
-            "preprocess=lpcvc_sample, dynamic_fps or uniform_span with track=video"
-        )
-    return VideoPreprocess.from_config(video)
-
-
-def _decode(cfg: Any, samples: list[VideoSample], pp: VideoPreprocess, desc: str, keep: bool):
-    cache = Path(cfg.paths.cache_dir) / "video_clips"
-    return decode_videos(
-        [s.path for s in samples],
-        pp,
-        cache_dir=cache,
-        workers=int(cfg.data.workers),
-        return_tensors=keep,
-        desc=desc,
+def video_preprocess(video: VideoPreprocessConfig) -> VideoPreprocess:
+    return VideoPreprocess(
+        frame_selection=video.frame_selection,
+        fps=video.fps,
+        num_frames=video.num_frames,
+        resize=(int(video.resize[0]), int(video.resize[1])),
+        crop=video.crop,
+        clips_per_video=video.clips_per_video,
     )
 
 
@@ -78,38 +75,65 @@ def _skips_csv(path: Path, batches: dict[str, DecodeBatch]) -> Path:
 class VideoTrack:
     name = "video"
 
-    def load_data(self, cfg: Any, work_dir: Path) -> TrackData:
-        data = cfg.data
-        if data.root is None:
-            raise ConfigError(
-                f"data={data.name} needs data.root=/path/to/qevd (with {data.train_split}/ and "
-                f"{data.val_split}/ class folders; `lpcvlab qevd organise` makes that layout)"
-            )
-        if data.get("demo"):
+    def __init__(
+        self,
+        track: VideoTrackConfig,
+        data: VideoDataConfig,
+        video: VideoPreprocessConfig,
+        backbone: VideoBackbone,
+        cache_dir: str | Path,
+        seed: int = 0,
+    ) -> None:
+        self.settings = track
+        self.data = data
+        self.preprocess = video_preprocess(video)
+        self.backbone = backbone
+        self.clip_cache = Path(cache_dir) / "video_clips"
+        self.seed = seed
+        self.class_map = load_class_map(data.class_map)
+
+    def _decode(self, samples: list[VideoSample], pp: VideoPreprocess, desc: str, keep: bool):
+        return decode_videos(
+            [s.path for s in samples],
+            pp,
+            cache_dir=self.clip_cache,
+            workers=int(self.data.workers),
+            return_tensors=keep,
+            desc=desc,
+        )
+
+    def load_data(self, work_dir: Path, *, training: bool = False) -> TrackData:
+        data = self.data
+        assert data.root is not None  # checked when the config was loaded
+        if data.demo is not None:
             from lpcvlab.data.demo_video import make_demo_video_dataset
 
-            make_demo_video_dataset(data.root, seed=int(cfg.seed), **data.demo)
-        class_map = load_class_map(data.class_map)
-        pp = video_settings(cfg)
-        training = cfg.train.name != "none"
+            make_demo_video_dataset(
+                data.root,
+                seed=self.seed,
+                videos_per_class_train=data.demo.videos_per_class_train,
+                videos_per_class_val=data.demo.videos_per_class_val,
+            )
+        class_map = self.class_map
+        pp = self.preprocess
         val_split = read_split(data.root, data.val_split, class_map)
         train_split = read_split(data.root, data.train_split, class_map) if training else None
 
         batches: dict[str, DecodeBatch] = {}
-        val = _decode(cfg, val_split.samples, pp, f"decode {data.val_split}", keep=True)
+        val = self._decode(val_split.samples, pp, f"decode {data.val_split}", keep=True)
         batches[data.val_split] = val
         kept = [(s, r) for s, r in zip(val_split.samples, val.results, strict=True) if r.ok]
         if not kept:
             raise DataError(f"{data.root}/{data.val_split}: no video could be decoded")
         clips = np.concatenate([r.clips.numpy() for _, r in kept])  # (N*C, 3, T, H, W)
-        if cfg.track.channel_last:
+        if self.settings.channel_last:
             clips = np.ascontiguousarray(clips.transpose(0, 2, 3, 4, 1))
 
         train, train_cache = [], []
         if train_split is not None:
             one_clip = VideoPreprocess(**{**pp.__dict__, "clips_per_video": 1})
-            tb = _decode(
-                cfg, train_split.samples, one_clip, f"decode {data.train_split}", keep=False
+            tb = self._decode(
+                train_split.samples, one_clip, f"decode {data.train_split}", keep=False
             )
             batches[data.train_split] = tb
             pairs = [
@@ -142,18 +166,15 @@ class VideoTrack:
         )
         return TrackData(inputs={VIDEO: clips}, stats=stats, reports=reports, payload=payload)
 
-    def build_model(self, cfg: Any) -> ModelBundle:
-        from lpcvlab.models.video import VideoClassifier, build_video_model
+    def _bundle(self, model: object, weights: str) -> ModelBundle:
+        from lpcvlab.models.video import VideoClassifier
 
-        num_classes = len(load_class_map(cfg.data.class_map))
-        model, weights = build_video_model(cfg.backbone, num_classes)
-        pp = video_settings(cfg)
-        channel_last = bool(cfg.track.channel_last)
-        shape = (1, *pp.clip_shape)
+        channel_last = bool(self.settings.channel_last)
+        shape = (1, *self.preprocess.clip_shape)
         if channel_last:
             shape = (1, shape[2], shape[3], shape[4], shape[1])
         net = VideoClassifier(
-            model, tuple(cfg.backbone.mean), tuple(cfg.backbone.std), channel_last=channel_last
+            model, self.backbone.mean, self.backbone.std, channel_last=channel_last
         )
         return ModelBundle(
             components=[
@@ -168,42 +189,53 @@ class VideoTrack:
             model=model,
         )
 
+    def build_model(self) -> ModelBundle:
+        model, weights = self.backbone.build(len(self.class_map))
+        return self._bundle(model, weights)
+
     def train(
-        self, cfg: Any, bundle: ModelBundle, data: TrackData, run: RunLog, work_dir: Path
-    ) -> None:
+        self,
+        bundle: ModelBundle,
+        data: TrackData,
+        settings: TrainConfig,
+        run: RunLog,
+        work_dir: Path,
+    ) -> ModelBundle:
         from lpcvlab.models.video import VideoClassifier
         from lpcvlab.training.fit import finetune
         from lpcvlab.training.module import ClipDataModule, ClipDataset
 
+        if not isinstance(settings, FinetuneConfig):
+            raise ConfigError(f"train={settings.name} is not available for track=video")
         payload: VideoPayload = data.payload
-        aug = cfg.train.augment
+        aug = settings.augment
         train_set = ClipDataset(
             payload.train_cache,
             [s.label for s in payload.train],
             flip=bool(aug.flip),
             translate=int(aug.translate),
-            seed=int(cfg.seed),
+            seed=self.seed,
         )
         # Validation during training: the first clip of each validation video, channel-first.
         val_set = ClipDataset(
             [p for p in payload.val_cache if p is not None],
             [s.label for s, p in zip(payload.val, payload.val_cache, strict=True) if p is not None],
         )
-        dm = ClipDataModule(
-            train_set, val_set, int(cfg.train.batch_size), int(cfg.train.num_workers)
-        )
-        net = VideoClassifier(bundle.model, tuple(cfg.backbone.mean), tuple(cfg.backbone.std))
+        dm = ClipDataModule(train_set, val_set, int(settings.batch_size), int(settings.num_workers))
+        model = copy.deepcopy(bundle.model)
+        net = VideoClassifier(model, self.backbone.mean, self.backbone.std)
         net.train()
-        result = finetune(cfg, net, dm, run, work_dir)
-        bundle.components[0].module.eval()
+        result = finetune(settings, net, dm, run, work_dir)
+        net.eval()
         log.info(
             "fine-tuning done: best val/top1 %.4f (%s)",
             result.best_val_top1,
             result.best_checkpoint,
         )
+        return self._bundle(model, bundle.weights)
 
     def evaluate(
-        self, cfg: Any, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
+        self, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
     ) -> EvalResult:
         payload: VideoPayload = data.payload
         logits = outputs[VIDEO]

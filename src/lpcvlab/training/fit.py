@@ -18,13 +18,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
+from lpcvlab.config.schema import FinetuneConfig
 from lpcvlab.errors import ConfigError
-from lpcvlab.tracks.base import RunLog
 from lpcvlab.training.module import ClipDataModule, VideoClassifierModule, set_trainable
+from lpcvlab.types import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,20 @@ class SaveOnException(Callback):
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.exception: BaseException | None = None
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exc: BaseException
     ) -> None:
+        self.exception = exc  # Lightning swallows a KeyboardInterrupt: keep which one it was
         self.path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(str(self.path))
+
+    def interrupt(self) -> KeyboardInterrupt:
+        """The interrupt to raise again: the one that stopped training (SIGTERM included)."""
+        if isinstance(self.exception, KeyboardInterrupt):
+            return self.exception
+        return KeyboardInterrupt()
 
 
 @dataclass
@@ -95,18 +103,20 @@ def resolve_resume(resume_from: str | None, run: RunLog, work_dir: Path) -> Path
 
 
 def finetune(
-    cfg: DictConfig, net: torch.nn.Module, data: ClipDataModule, run: RunLog, work_dir: Path
+    train: FinetuneConfig, net: torch.nn.Module, data: ClipDataModule, run: RunLog, work_dir: Path
 ) -> FitResult:
-    """Fine-tune ``net`` in place (best checkpoint's weights loaded back at the end)."""
-    train = cfg.train
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    """Fine-tune ``net`` in place (best checkpoint's weights loaded back at the end).
+
+    The run was seeded once, at its start (:func:`lpcvlab.seeding.seed_everything`, which also
+    tells Lightning to seed DataLoader workers).
+    """
     trainable, total = set_trainable(net.model, list(train.trainable))
     log.info("training %d of %d parameters (prefixes %s)", trainable, total, list(train.trainable))
     run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
     module = VideoClassifierModule(
         net,
         optimizer=instantiate(train.optimizer),
-        scheduler=instantiate(train.scheduler) if train.get("scheduler") else None,
+        scheduler=instantiate(train.scheduler) if train.scheduler else None,
     )
     ckpt_dir = work_dir / "checkpoints"
     checkpoint: ModelCheckpoint = instantiate(train.checkpoint, dirpath=str(ckpt_dir))
@@ -119,7 +129,7 @@ def finetune(
         default_root_dir=str(work_dir),
         enable_model_summary=False,
     )
-    ckpt_path = resolve_resume(train.get("resume_from"), run, work_dir)
+    ckpt_path = resolve_resume(train.resume_from, run, work_dir)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
         run.set_tags({"resumed_from": str(train.resume_from)})
@@ -130,14 +140,14 @@ def finetune(
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if trainer.interrupted:
             _log_checkpoints(run, ckpt_dir)
-            raise KeyboardInterrupt from None
+            raise on_interrupt.interrupt() from None
         raise
     except BaseException:
         _log_checkpoints(run, ckpt_dir)
         raise
     if trainer.interrupted:  # interrupted without the SystemExit path (e.g. in a test)
         _log_checkpoints(run, ckpt_dir)
-        raise KeyboardInterrupt
+        raise on_interrupt.interrupt()
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     best_score = (
         float(checkpoint.best_model_score)
