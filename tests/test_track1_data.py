@@ -12,8 +12,8 @@ from conftest import DATA
 from PIL import Image
 
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
-from lpcvlab.data.lpcvc_track1 import read_track1
-from lpcvlab.data.retrieval_inputs import ImagePreprocess, load_images, tokenize
+from lpcvlab.data.images import ImagePreprocess, load_images, tokenize
+from lpcvlab.data.track1 import read_track1
 from lpcvlab.errors import DataError
 from lpcvlab.models.clip import tokenizer_for
 from lpcvlab.tracks.retrieval import RetrievalTrack

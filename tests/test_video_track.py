@@ -11,7 +11,8 @@ from conftest import compose_config
 from mlflow.tracking import MlflowClient
 
 from lpcvlab import pipeline
-from lpcvlab.data.qevd import load_class_map, manifest_labels, read_manifest, read_results_h5
+from lpcvlab.data.formats import manifest_labels, read_manifest, read_results_h5
+from lpcvlab.data.qevd import load_class_map
 from lpcvlab.export import cosine_per_sample, export_component
 from lpcvlab.runtimes.local import LocalRuntime
 from lpcvlab.tracks.video import VideoTrack

@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
-from lpcvlab.data.lpcvc_track1 import ImageRow, read_track1
-from lpcvlab.data.retrieval_inputs import ImagePreprocess, load_images, tokenize
+from lpcvlab.data.images import ImagePreprocess, load_images, tokenize
+from lpcvlab.data.track1 import ImageRow, read_track1
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import cosine_similarity, recall_at_k
 from lpcvlab.models.clip import CONTEXT_LENGTH, ImageEncoder, TextEncoder, build_clip, tokenizer_for

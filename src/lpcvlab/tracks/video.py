@@ -15,15 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from lpcvlab.data.qevd import (
-    ManifestRecord,
-    VideoSample,
-    check_results_against_manifest,
-    load_class_map,
-    read_split,
-    write_results_h5,
-)
-from lpcvlab.data.video import DecodeBatch, VideoPreprocess, decode_videos
+from lpcvlab.data.batch import DecodeBatch, decode_videos
+from lpcvlab.data.formats import ManifestRecord, check_results_against_manifest, write_results_h5
+from lpcvlab.data.frames import VideoPreprocess
+from lpcvlab.data.qevd import VideoSample, load_class_map, read_split
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import softmax, top_k_accuracy
 from lpcvlab.tracks.base import RunLog, TrackData
@@ -51,7 +46,14 @@ def video_settings(cfg: Any) -> VideoPreprocess:
             f"preprocess={cfg.preprocess.name} has no Track 2 video settings; use "
             "preprocess=lpcvc_sample, dynamic_fps or uniform_span with track=video"
         )
-    return VideoPreprocess.from_config(video)
+    return VideoPreprocess(
+        frame_selection=video.frame_selection,
+        fps=video.fps,
+        num_frames=video.num_frames,
+        resize=tuple(video.resize),
+        crop=video.crop,
+        clips_per_video=video.clips_per_video,
+    )
 
 
 def _decode(cfg: Any, samples: list[VideoSample], pp: VideoPreprocess, desc: str, keep: bool):

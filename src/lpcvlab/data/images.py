@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from lpcvlab.data.lpcvc_track1 import ImageRow, Skip
+from lpcvlab.data.track1 import ImageRow, Skip
 
 log = logging.getLogger(__name__)
 
