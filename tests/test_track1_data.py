@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
 from lpcvlab.data.images import ImagePreprocess, load_images, tokenize
 from lpcvlab.data.track1 import read_track1
-from lpcvlab.errors import DataError
+from lpcvlab.errors import DataError, StorageError
 from lpcvlab.models.clip import tokenizer_for
 from lpcvlab.tracks.retrieval import RetrievalTrack
 
@@ -181,3 +182,15 @@ def test_demo_dataset_is_deterministic(tmp_path):
         assert (a / name).read_text() == (b / name).read_text()
     for p in (a / "images").iterdir():
         assert p.read_bytes() == (b / "images" / p.name).read_bytes()
+
+
+def test_full_disk_generating_the_demo_images_names_the_file(tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    root = tmp_path / "demo"
+    with pytest.raises(StorageError, match="no space left") as e:
+        make_demo_retrieval_dataset(root, num_images=3, seed=0)
+    assert str(root / "images") in str(e.value)
+    assert not (root / "demo.json").exists()  # the next call generates again

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from lpcvlab.data.batch import decode_videos
 from lpcvlab.data.decode import decode_video
 from lpcvlab.data.demo_video import DEMO_CLASSES, make_demo_video_dataset
 from lpcvlab.data.frames import VideoDecodeError, VideoPreprocess, frame_indices, sampling_rate
-from lpcvlab.errors import ConfigError, DataError
+from lpcvlab.errors import ConfigError, DataError, StorageError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -515,3 +516,66 @@ def test_write_preprocessed_refuses_names_that_would_misalign(tmp_path: Path) ->
     ]
     with pytest.raises(DataError, match="would not sort in the manifest order"):
         qevd_tools.write_preprocessed(samples, LPCVC, tmp_path / "pre", progress=False)
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_writing_the_clip_cache_is_an_error_not_a_skip(
+    vids: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(np, "save", _no_space)
+    with pytest.raises(StorageError, match="no space left") as e:
+        decode_videos([vids["v30"], vids["v24"]], LPCVC, cache, workers=0, progress=False)
+    assert str(cache / "video") in str(e.value) and ".npy" in str(e.value)
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # no temporary file left behind
+
+
+def test_full_disk_writing_the_preprocessed_set_names_the_file(
+    vids: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ds"
+    _layout(root, vids, {"val": ["burpee", "squats"]})
+    samples = qevd.read_split(root, "val").samples
+    cache, out = tmp_path / "cache", tmp_path / "pre"
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copyfile", _no_space)
+        with pytest.raises(StorageError, match="no space left") as e:
+            qevd_tools.write_preprocessed(samples, LPCVC, out, cache_dir=cache, progress=False)
+    assert str(out / "burpee" / "00000000.npy") in str(e.value)
+
+    real_write_text = Path.write_text
+
+    def manifest_fails(self: Path, *args: object, **kwargs: object) -> int:
+        if "manifest.jsonl" in self.name:
+            _no_space()
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", manifest_fails)
+    with pytest.raises(StorageError, match="no space left") as e:
+        qevd_tools.write_preprocessed(samples, LPCVC, out, cache_dir=cache, progress=False)
+    assert str(out / "manifest.jsonl") in str(e.value)
+    assert not (out / "manifest.jsonl").exists()
+
+
+def test_full_disk_generating_the_demo_videos_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = av.open
+
+    def open_for_writing_fails(file: object, mode: str = "r", **kwargs: object) -> object:
+        if mode == "w":
+            _no_space()
+        return real_open(file, mode, **kwargs)
+
+    monkeypatch.setattr(av, "open", open_for_writing_fails)
+    root = tmp_path / "demo"
+    with pytest.raises(StorageError, match="no space left") as e:
+        make_demo_video_dataset(root, videos_per_class_train=1, videos_per_class_val=1)
+    assert str(root / "train") in str(e.value) and ".mp4" in str(e.value)
+    assert not (root / ".lpcvlab_demo_video.json").exists()  # the next call generates again
