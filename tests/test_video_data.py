@@ -7,6 +7,8 @@ import csv
 import errno
 import json
 import shutil
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import av
@@ -22,7 +24,7 @@ from lpcvlab.data.batch import decode_videos
 from lpcvlab.data.decode import decode_video
 from lpcvlab.data.demo_video import DEMO_CLASSES, make_demo_video_dataset
 from lpcvlab.data.frames import VideoDecodeError, VideoPreprocess, frame_indices, sampling_rate
-from lpcvlab.errors import ConfigError, DataError, StorageError
+from lpcvlab.errors import ConfigError, DataError, Interrupted, StorageError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -295,6 +297,41 @@ def test_worker_processes_match_in_process(vids: dict[str, Path]) -> None:
         assert a.reason == b.reason
         if a.ok:
             assert torch.equal(a.clips, b.clips)
+
+
+def test_interrupt_cancels_queued_jobs_and_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C / SIGTERM (Interrupted) while the pool works: queued jobs are cancelled and
+    parallel_map returns at once instead of draining the queue."""
+    submitted: list[Future[object]] = []
+    shutdowns: list[tuple[bool, bool]] = []
+
+    class RecordingPool(ProcessPoolExecutor):
+        def submit(self, *args: object, **kwargs: object) -> Future[object]:
+            fut = super().submit(*args, **kwargs)
+            submitted.append(fut)
+            return fut
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            shutdowns.append((wait, cancel_futures))
+            super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    real_as_completed = batch.as_completed
+    raised_at: list[float] = []
+
+    def interrupted_after_the_first(futures: object) -> object:
+        for fut in real_as_completed(futures):
+            yield fut
+            raised_at.append(time.monotonic())
+            raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(batch, "ProcessPoolExecutor", RecordingPool)
+    monkeypatch.setattr(batch, "as_completed", interrupted_after_the_first)
+    with pytest.raises(Interrupted):
+        batch.parallel_map(time.sleep, [(0.5,)] * 12, 2, progress=False)
+    # draining the queue would take 10 more jobs / 2 workers * 0.5 s = 2.5 s
+    assert time.monotonic() - raised_at[0] < 1.0
+    assert shutdowns == [(False, True)]
+    assert sum(f.cancelled() for f in submitted) >= 5  # at most 2 running + 3 queued in the pipe
 
 
 # --------------------------------------------------------------------------- QEVD layout

@@ -3,7 +3,8 @@
 Results can be cached on disk as ``.npy`` keyed by the SHA-256 of the file's bytes and
 :meth:`~lpcvlab.data.frames.VideoPreprocess.key`. Videos that cannot be decoded are never dropped
 silently: each keeps its slot with a skip reason. A cache entry that cannot be written (disk
-full) is an error naming the file, not a skipped video.
+full) is an error naming the file, not a skipped video. Ctrl-C (or SIGTERM, turned into
+:class:`~lpcvlab.errors.Interrupted`) stops the worker pool without waiting for queued videos.
 """
 
 from __future__ import annotations
@@ -220,7 +221,9 @@ def parallel_map(
     pool dies before any job finished (typically an unguarded main script), ConfigError.
 
     ``fn`` must be a picklable top-level function. Workers come from a fork server (see
-    :func:`_mp_context`) and, like spawned ones, re-import the main script.
+    :func:`_mp_context`) and, like spawned ones, re-import the main script. An exception in the
+    parent (Ctrl-C, SIGTERM as :class:`~lpcvlab.errors.Interrupted`) or raised by a job (e.g. a
+    :class:`~lpcvlab.errors.StorageError`) cancels the queued jobs and returns at once.
     """
     if workers < 0:
         raise ConfigError(f"workers={workers} must be >= 0 (0 runs in this process)")
@@ -232,13 +235,13 @@ def parallel_map(
                 out[i] = fn(*job)
                 bar.update(1)
             return out
-        ctx = _mp_context()
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init
-        ) as pool:
-            futures: dict[Future[Any], int] = {
-                pool.submit(fn, *job): i for i, job in enumerate(jobs)
-            }
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(jobs)), mp_context=_mp_context(), initializer=_worker_init
+        )
+        futures: dict[Future[Any], int] = {}
+        try:
+            for i, job in enumerate(jobs):
+                futures[pool.submit(fn, *job)] = i
             completed = 0
             for fut in as_completed(futures):
                 i = futures[fut]
@@ -255,6 +258,17 @@ def parallel_map(
                         ) from e
                     out[i] = e
                 bar.update(1)
+        except BaseException:
+            # Ctrl-C or SIGTERM (Interrupted, a KeyboardInterrupt), a full disk, ...: drop the
+            # queued jobs and do not wait for them, so the run stops now. Jobs already running
+            # finish in their workers (a worker is never killed halfway through a file).
+            # Cancelled here, not only by shutdown(cancel_futures=True): the pool's manager
+            # thread does that later, and not at all once the pool object is garbage.
+            for fut in futures:
+                fut.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         return out
     finally:
         bar.close()
