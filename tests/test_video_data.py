@@ -334,6 +334,46 @@ def test_interrupt_cancels_queued_jobs_and_does_not_wait(monkeypatch: pytest.Mon
     assert sum(f.cancelled() for f in submitted) >= 5  # at most 2 running + 3 queued in the pipe
 
 
+def test_skipped_summary_counts_reasons_and_names_the_csv(tmp_path: Path) -> None:
+    results = [batch.VideoResult(Path(f"{i}.mp4")) for i in range(40)]
+    reasons = {3: "corrupt", 7: "too-short", 9: "too-short"}
+    for i, reason in reasons.items():
+        results[i] = batch.VideoResult(Path(f"{i}.mp4"), reason=reason, message="m")
+    skipped = [batch.SkippedVideo(i, Path(f"{i}.mp4"), r, "m") for i, r in reasons.items()]
+    csv_path = tmp_path / "skipped_videos.csv"
+    line = batch.skipped_summary(batch.DecodeBatch(results, skipped), "val", csv_path)
+    assert line == f"skipped 3 of 40 videos (val): 2 too-short, 1 corrupt; listed in {csv_path}"
+    assert batch.skipped_summary(batch.DecodeBatch(results[:2]), "train") == ""
+
+
+def test_video_track_load_data_reports_bad_inputs(
+    vids: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import compose_config
+
+    from lpcvlab.tracks.video import VideoTrack
+
+    root = tmp_path / "ds"
+    _layout(root, vids, {"val": ["burpee", "squats"]})
+    shutil.copy(vids["short"], root / "val" / "squats" / "00000009.mp4")  # too short at 4 fps
+    cfg = compose_config(
+        "track=video",
+        "data=qevd",
+        f"data.root={root}",
+        "data.workers=0",
+        "train=none",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    data = VideoTrack().load_data(cfg, work)
+    assert data.stats["val_skipped/too-short"] == 1
+    err = capsys.readouterr().err
+    assert (
+        f"skipped 1 of 3 videos (val): 1 too-short; listed in {work / 'skipped_videos.csv'}" in err
+    )
+
+
 # --------------------------------------------------------------------------- QEVD layout
 
 

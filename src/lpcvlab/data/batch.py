@@ -2,8 +2,9 @@
 
 Results can be cached on disk as ``.npy`` keyed by the SHA-256 of the file's bytes and
 :meth:`~lpcvlab.data.frames.VideoPreprocess.key`. Videos that cannot be decoded are never dropped
-silently: each keeps its slot with a skip reason. A cache entry that cannot be written (disk
-full) is an error naming the file, not a skipped video. Ctrl-C (or SIGTERM, turned into
+silently: each keeps its slot with a skip reason, and :func:`skipped_summary` says on one line
+what was skipped and where the list is. A cache entry that cannot be written (disk full) is an
+error naming the file, not a skipped video. Ctrl-C (or SIGTERM, turned into
 :class:`~lpcvlab.errors.Interrupted`) stops the worker pool without waiting for queued videos.
 """
 
@@ -100,6 +101,26 @@ class DecodeBatch:
 
     def skip_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(s.reason for s in self.skipped).items()))
+
+
+def skipped_summary(
+    batch: DecodeBatch, split: str, listed_in: str | os.PathLike[str] | None = None
+) -> str:
+    """One line for the terminal on a split's skipped videos ("" when none was skipped), e.g.
+    ``skipped 3 of 40 videos (val): 2 too-short, 1 corrupt; listed in run/skipped_videos.csv``.
+
+    Reasons are ordered by count, most frequent first; ``listed_in`` is the CSV naming them.
+    """
+    if not batch.skipped:
+        return ""
+    counts = sorted(
+        Counter(s.reason for s in batch.skipped).items(), key=lambda kv: (-kv[1], kv[0])
+    )
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counts)
+    where = "" if listed_in is None else f"; listed in {listed_in}"
+    return (
+        f"skipped {len(batch.skipped)} of {len(batch.results)} videos ({split}): {reasons}{where}"
+    )
 
 
 def _decode_job(

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from lpcvlab.data.batch import DecodeBatch, decode_videos
+from lpcvlab.console import stage
+from lpcvlab.data.batch import DecodeBatch, decode_videos, skipped_summary
 from lpcvlab.data.formats import ManifestRecord, check_results_against_manifest, write_results_h5
 from lpcvlab.data.frames import VideoPreprocess
 from lpcvlab.data.qevd import VideoSample, load_class_map, read_split
@@ -133,6 +134,9 @@ class VideoTrack:
         reports = []
         if any(b.skipped for b in batches.values()):
             reports.append(_skips_csv(work_dir / "skipped_videos.csv", batches))
+            for split, batch in batches.items():
+                if batch.skipped:
+                    stage("data", skipped_summary(batch, split, reports[-1]))
         names = [n for n, _ in sorted(class_map.items(), key=lambda kv: kv[1])]
         payload = VideoPayload(
             val=[s for s, _ in kept],
