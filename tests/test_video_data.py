@@ -356,6 +356,7 @@ def test_video_track_load_data_reports_bad_inputs(
     root = tmp_path / "ds"
     _layout(root, vids, {"val": ["burpee", "squats"]})
     shutil.copy(vids["short"], root / "val" / "squats" / "00000009.mp4")  # too short at 4 fps
+    (root / "val" / "burpee" / "notes.txt").write_text("not a video")
     cfg = compose_config(
         "track=video",
         "data=qevd",
@@ -368,6 +369,7 @@ def test_video_track_load_data_reports_bad_inputs(
     work.mkdir()
     data = VideoTrack().load_data(cfg, work)
     assert data.stats["val_skipped/too-short"] == 1
+    assert data.stats["val_non_video_files"] == 1
     err = capsys.readouterr().err
     assert (
         f"skipped 1 of 3 videos (val): 1 too-short; listed in {work / 'skipped_videos.csv'}" in err
@@ -421,6 +423,23 @@ def test_reader_order_and_errors(vids: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(DataError, match="elbow plank") as e:
         qevd.read_split(root, "train")
     assert "'elbow_plank'" in str(e.value)  # suggests the class-map name
+
+
+def test_reader_counts_files_that_are_not_videos(vids: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    _layout(root, vids, {"val": ["burpee", "squats"]})
+    (root / "val" / "burpee" / "notes.txt").write_text("not a video")
+    (root / "val" / "squats" / "thumbs").mkdir()
+    (root / "val" / "squats" / "thumbs" / "frame.jpg").write_bytes(b"\xff\xd8")
+    (root / "val" / "squats" / ".DS_Store").write_bytes(b"")  # hidden: not counted
+    (root / "val" / "squats" / ".cache").mkdir()
+    (root / "val" / "squats" / ".cache" / "x.bin").write_bytes(b"")  # in a hidden folder
+    split = qevd.read_split(root, "val")
+    assert len(split) == 2
+    assert split.non_video_files == [
+        root / "val" / "burpee" / "notes.txt",
+        root / "val" / "squats" / "thumbs" / "frame.jpg",
+    ]
 
 
 def test_organise_from_labels_json(vids: dict[str, Path], tmp_path: Path) -> None:

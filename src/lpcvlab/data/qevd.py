@@ -8,7 +8,9 @@ organise`` builds it, see :mod:`lpcvlab.data.qevd_tools`)::
 A class folder is a class-map key (the label with spaces replaced by ``_``, e.g. ``elbow_plank``).
 Samples are listed in sorted full-path order, the order of the official ``manifest.jsonl``; note
 that ``-`` sorts before ``/``, so ``cross-legged_hamstring_stretch/...`` comes before
-``cross/...`` (a per-folder sort would get this wrong).
+``cross/...`` (a per-folder sort would get this wrong). Files in class folders that are not
+videos are left out but counted and named (``QevdSplit.non_video_files``); hidden files (and
+files in hidden folders) are left out silently.
 
 The official preprocessed set and results files: :mod:`lpcvlab.data.formats`.
 """
@@ -16,14 +18,17 @@ The official preprocessed set and results files: :mod:`lpcvlab.data.formats`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from lpcvlab.errors import DataError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 VIDEO_EXTENSIONS = (".mp4",)
@@ -96,6 +101,7 @@ class QevdSplit:
     root: Path
     samples: list[VideoSample]
     class_map: dict[str, int]
+    non_video_files: list[Path] = field(default_factory=list)  # in class folders, not hidden
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -114,6 +120,10 @@ class QevdSplit:
 
 def is_video_file(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")
+
+
+def _is_hidden(p: Path, below: Path) -> bool:
+    return any(part.startswith(".") for part in p.relative_to(below).parts)
 
 
 def _class_dirs(split_dir: Path) -> list[Path]:
@@ -149,15 +159,21 @@ def _check_class_folders(root: Path, splits: Sequence[str], class_map: Mapping[s
 def read_split(
     root: str | os.PathLike[str], split: str, class_map: Mapping[str, int] | None = None
 ) -> QevdSplit:
-    """List ``root/<split>/<class>/*.mp4`` with labels; folders are validated before anything."""
+    """List ``root/<split>/<class>/*.mp4`` with labels; folders are validated before anything.
+
+    Other files under the class folders (not hidden ones) are listed in ``non_video_files``.
+    """
     cmap = dict(class_map) if class_map is not None else load_class_map()
     base = Path(root)
     _check_class_folders(base, [split], cmap)
     found: list[tuple[str, Path, str]] = []
+    others: list[Path] = []
     for d in _class_dirs(base / split):
         for p in d.rglob("*"):
             if is_video_file(p):
                 found.append((str(p), p, d.name))
+            elif p.is_file() and not _is_hidden(p, d):
+                others.append(p)
     if not found:
         raise DataError(
             f"split {base / split} has no {'/'.join(VIDEO_EXTENSIONS)} videos under its class "
@@ -165,7 +181,16 @@ def read_split(
         )
     found.sort(key=lambda t: t[0])
     samples = [VideoSample(path=p, label=cmap[c], class_name=c) for _, p, c in found]
-    return QevdSplit(name=split, root=base, samples=samples, class_map=cmap)
+    others.sort(key=str)
+    if others:
+        log.warning(
+            "%d file(s) in the class folders of %s are not %s videos and are ignored: %s",
+            len(others),
+            base / split,
+            "/".join(VIDEO_EXTENSIONS),
+            ", ".join(str(p) for p in others[:5]) + (" ..." if len(others) > 5 else ""),
+        )
+    return QevdSplit(name=split, root=base, samples=samples, class_map=cmap, non_video_files=others)
 
 
 def read_dataset(

@@ -126,6 +126,9 @@ class VideoTrack:
                 raise DataError(f"{data.root}/{data.train_split}: no video could be decoded")
 
         stats: dict[str, float] = {"val_videos": len(kept), "train_videos": len(train)}
+        for read in (val_split, train_split):
+            if read is not None:  # files in class folders that are not videos (.txt, .jpg...)
+                stats[f"{read.name}_non_video_files"] = len(read.non_video_files)
         for split, batch in batches.items():
             stats[f"{split}_skipped"] = len(batch.skipped)
             stats[f"{split}_cache_hits"] = batch.cache_hits
