@@ -109,6 +109,20 @@ def test_unreadable_or_truncated_image_is_skipped_with_its_row(tmp_path, damage)
     assert name not in [r.name for r in kept]
 
 
+def test_image_above_pil_pixel_limit_is_skipped_with_its_row(tmp_path, monkeypatch):
+    root = _demo(tmp_path)
+    ds = read_track1(root)
+    w, h = Image.open(ds.images[0].path).size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every demo image is far above 2 x 100
+    arrays, kept, skipped = load_images(ds.images[:2], ImagePreprocess())
+    assert not kept and arrays.shape == (0, 3, 224, 224)
+    assert [s.file for s in skipped] == [r.name for r in ds.images[:2]]
+    first = skipped[0]
+    assert first.row == ds.images[0].row and f"row {first.row} of img_list.csv" in first.reason
+    assert f"image has {w * h:,} pixels, above PIL's limit of 200" in first.reason
+    assert "Image.MAX_IMAGE_PIXELS" in first.reason
+
+
 def _rewrite(path: Path, header: str, rows: list[str]) -> None:
     path.write_text("\n".join([header, *rows]) + "\n")
 

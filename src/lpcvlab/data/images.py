@@ -3,11 +3,15 @@
 Images: exactly the organisers' upload path — PIL ``resize((224, 224))`` with PIL's default
 filter, ``/255``, NCHW float32; mean/std only when the preprocess config asks for it on the host.
 Text: CLIP BPE to ``(77,)`` int64 with SOT/EOT; longer captions are truncated and counted.
+
+Images PIL cannot turn into pixels are skipped and named with their CSV row: unreadable or
+truncated files, and images above PIL's decompression-bomb limit.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,10 +62,20 @@ class ImagePreprocess:
         return x.astype(np.float32)
 
 
+def _too_many_pixels(exc: Image.DecompressionBombError) -> str:
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+    return (
+        f"image has {size}, above PIL's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0):,} "
+        "(2 x Image.MAX_IMAGE_PIXELS); resize it or raise the limit"
+    )
+
+
 def load_images(
     rows: Sequence[ImageRow], preprocess: ImagePreprocess
 ) -> tuple[np.ndarray, list[ImageRow], list[Skip]]:
-    """Decode every listed image; unreadable or truncated files are skipped and reported."""
+    """Decode every listed image; unreadable, truncated or oversized files are skipped and
+    reported (file, CSV row, reason)."""
     arrays, kept, skipped = [], [], []
     for row in tqdm(rows, desc="decode images", unit="img"):
         try:
@@ -69,6 +83,10 @@ def load_images(
                 img.load()  # forces a full decode: a truncated file fails here, not later
                 arrays.append(preprocess(img))
             kept.append(row)
+        except Image.DecompressionBombError as exc:  # not an OSError
+            msg = f"image too large (row {row.row} of img_list.csv): {_too_many_pixels(exc)}"
+            log.warning("%s: %s; skipped", row.path, msg)
+            skipped.append(Skip(row.name, row.row, msg))
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             msg = f"unreadable image (row {row.row} of img_list.csv): {exc}"
             log.warning("%s: %s; skipped", row.path, msg)
