@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from lpcvlab.io import atomic_write, atomic_write_text, file_lock
+from lpcvlab.io import atomic_write, atomic_write_bytes, atomic_write_text, file_lock
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -105,8 +105,8 @@ def _write_demo_dataset(root: Path, num_images: int, seed: int) -> Path:
 
     # CSV order is case-insensitive, so it differs from sorted(): align by name, never position.
     img_rows.sort(key=lambda r: r[0].lower())
-    atomic_write_text(root / "img_list.csv", _csv_text(["Image_names", "Text_nums"], img_rows))
-    atomic_write_text(root / "txt_list.csv", _csv_text(["Text_nums", "Unique_Texts"], txt_rows))
+    _write_csv(root / "img_list.csv", ["Image_names", "Text_nums"], img_rows)
+    _write_csv(root / "txt_list.csv", ["Text_nums", "Unique_Texts"], txt_rows)
     atomic_write_text(marker, json.dumps(params))  # last: a half-written dataset is redone
     return root
 
@@ -119,9 +119,10 @@ def _save_image(img: Image.Image, path: Path) -> None:
         atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
-def _csv_text(header: list[str], rows: list) -> str:
+def _write_csv(path: Path, header: list[str], rows: list) -> None:
+    """Atomically, as bytes: the csv module's \r\n line ends are kept on every platform."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     w.writerows(rows)
-    return buf.getvalue()
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))

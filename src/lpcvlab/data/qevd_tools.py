@@ -48,7 +48,7 @@ from lpcvlab.data.qevd import (
     load_class_map,
 )
 from lpcvlab.errors import ConfigError, DataError
-from lpcvlab.io import atomic_write, atomic_write_text, writing
+from lpcvlab.io import atomic_write, atomic_write_bytes, atomic_write_text, writing
 
 LINK_MODES = ("copy", "hardlink", "symlink")
 
@@ -350,7 +350,7 @@ def check(
         [str(b.path), b.reason, b.detail, "" if b.quarantined_to is None else str(b.quarantined_to)]
         for b in bad
     ]
-    report = atomic_write_text(report_csv, "".join(_csv_line(r) for r in rows))
+    report = _write_csv(report_csv, rows)
     return CheckResult(root=base, checked=len(videos), bad=bad, report_csv=report)
 
 
@@ -446,14 +446,15 @@ def write_preprocessed(
     )
     rows = [["video_path", "reason", "message"]]
     rows += [[str(s.path), s.reason, s.message] for s in batch.skipped]
-    skipped_csv = atomic_write_text(out / "skipped.csv", "".join(_csv_line(r) for r in rows))
+    skipped_csv = _write_csv(out / "skipped.csv", rows)
     return PreprocessedSet(out, manifest, records, batch.skipped, skipped_csv, batch.cache_hits)
 
 
-def _csv_line(row: Sequence[str]) -> str:
+def _write_csv(path: str | os.PathLike[str], rows: Sequence[Sequence[str]]) -> Path:
+    """Atomically, as bytes: the csv module's \r\n line ends are kept on every platform."""
     buf = io.StringIO()
-    csv.writer(buf).writerow(row)
-    return buf.getvalue()
+    csv.writer(buf).writerows(rows)
+    return atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 @contextmanager
