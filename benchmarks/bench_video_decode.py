@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lpcvlab.data.video import VideoPreprocess, decode_videos, frame_indices
+from lpcvlab.data.batch import decode_videos
+from lpcvlab.data.frames import VideoPreprocess, frame_indices
 
 
 def make_videos(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import shutil
 from pathlib import Path
 
@@ -12,9 +13,9 @@ from conftest import build_track_for, DATA
 from PIL import Image
 
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
-from lpcvlab.data.lpcvc_track1 import read_track1
-from lpcvlab.data.retrieval_inputs import ImagePreprocess, load_images, tokenize
-from lpcvlab.errors import DataError
+from lpcvlab.data.images import ImagePreprocess, load_images, tokenize
+from lpcvlab.data.track1 import ImageRow, read_track1
+from lpcvlab.errors import DataError, StorageError
 from lpcvlab.models.clip import tokenizer_for
 
 SAMPLE = DATA / "track1_sample"
@@ -107,6 +108,55 @@ def test_unreadable_or_truncated_image_is_skipped_with_its_row(tmp_path, damage)
     assert name not in [r.name for r in kept]
 
 
+def test_image_above_pil_pixel_limit_is_skipped_with_its_row(tmp_path, monkeypatch):
+    root = _demo(tmp_path)
+    ds = read_track1(root)
+    w, h = Image.open(ds.images[0].path).size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # every demo image is far above 2 x 100
+    arrays, kept, skipped = load_images(ds.images[:2], ImagePreprocess())
+    assert not kept and arrays.shape == (0, 3, 224, 224)
+    assert [s.file for s in skipped] == [r.name for r in ds.images[:2]]
+    first = skipped[0]
+    assert first.row == ds.images[0].row and f"row {first.row} of img_list.csv" in first.reason
+    assert f"image has {w * h:,} pixels, above PIL's limit of 200" in first.reason
+    assert "Image.MAX_IMAGE_PIXELS" in first.reason
+
+
+def test_16_bit_grey_png_keeps_its_gradient(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values to white; they must be scaled instead."""
+    ramp = np.linspace(0, 65535, 64).round().astype(np.uint16)
+    grey = np.tile(ramp, (64, 1))  # 64x64, dark on the left, white on the right
+    path = tmp_path / "deep.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode.startswith("I")
+    row = ImageRow(name="deep.png", path=path, text_ids=(1,), row=2)
+    arrays, kept, skipped = load_images([row], ImagePreprocess(size=64))
+    assert not skipped and arrays.shape == (1, 3, 64, 64)
+    want = np.rint(grey.astype(np.float64) * 255 / 65535) / 255
+    for c in range(3):
+        np.testing.assert_allclose(arrays[0, c], want, atol=1e-6)
+    assert arrays.min() == 0.0 and arrays.max() == 1.0 and (arrays < 0.5).mean() > 0.4
+
+
+def test_32_bit_integer_and_float_images_are_scaled_not_clipped():
+    ramp = np.linspace(0, 1, 32, dtype=np.float32)
+    cases = {
+        "I as 16-bit": (np.tile(ramp * 65535, (32, 1)).round().astype(np.int32), 65535),
+        "F in [0, 1]": (np.tile(ramp, (32, 1)), 1.0),
+        "F in [0, 255]": (np.tile(ramp * 255, (32, 1)), 255.0),
+    }
+    for name, (data, full) in cases.items():
+        img = Image.fromarray(data)
+        assert img.mode in ("I", "F"), name
+        x = ImagePreprocess(size=32)(img)
+        want = np.rint(np.asarray(data[0], np.float64) * 255 / full) / 255
+        np.testing.assert_allclose(x[0, 0], want, atol=1e-6, err_msg=name)
+    # 32-bit integers outside 0..65535: the image's own range, stretched
+    wide = Image.fromarray(np.tile(np.arange(-1000, 31000, 1000, dtype=np.int32), (32, 1)))
+    x = ImagePreprocess(size=32)(wide)
+    assert x.min() == 0.0 and x.max() == 1.0
+
+
 def _rewrite(path: Path, header: str, rows: list[str]) -> None:
     path.write_text("\n".join([header, *rows]) + "\n")
 
@@ -180,3 +230,15 @@ def test_demo_dataset_is_deterministic(tmp_path):
         assert (a / name).read_text() == (b / name).read_text()
     for p in (a / "images").iterdir():
         assert p.read_bytes() == (b / "images" / p.name).read_bytes()
+
+
+def test_full_disk_generating_the_demo_images_names_the_file(tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    root = tmp_path / "demo"
+    with pytest.raises(StorageError, match="no space left") as e:
+        make_demo_retrieval_dataset(root, num_images=3, seed=0)
+    assert str(root / "images") in str(e.value)
+    assert not (root / "demo.json").exists()  # the next call generates again

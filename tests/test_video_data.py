@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import shutil
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import av
@@ -16,17 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from lpcvlab.cli_qevd import add_qevd_commands
-from lpcvlab.data import qevd, video
+from lpcvlab.data import batch, formats, frames, qevd, qevd_tools
+from lpcvlab.data.batch import decode_videos
+from lpcvlab.data.decode import decode_video
 from lpcvlab.data.demo_video import DEMO_CLASSES, make_demo_video_dataset
-from lpcvlab.data.video import (
-    VideoDecodeError,
-    VideoPreprocess,
-    decode_video,
-    decode_videos,
-    frame_indices,
-    sampling_rate,
-)
-from lpcvlab.errors import ConfigError, DataError
+from lpcvlab.data.frames import VideoDecodeError, VideoPreprocess, frame_indices, sampling_rate
+from lpcvlab.errors import ConfigError, DataError, Interrupted, StorageError
 
 # --------------------------------------------------------------------------- helpers
 
@@ -182,24 +180,22 @@ def test_uniform_span_and_multi_clip_indices() -> None:
 def test_too_short_and_empty_policies() -> None:
     with pytest.raises(VideoDecodeError, match="fewer than the 16 needed") as e:
         frame_indices("lpcvc_sample", 119, 30)
-    assert e.value.reason == video.TOO_SHORT
+    assert e.value.reason == frames.TOO_SHORT
     with pytest.raises(VideoDecodeError) as e:
         frame_indices("dynamic_fps", 0, 30)
-    assert e.value.reason == video.CORRUPT
+    assert e.value.reason == frames.CORRUPT
 
 
 def test_preprocess_settings() -> None:
-    p = VideoPreprocess.from_config(
-        {"frame_selection": "dynamic_fps", "resize": [128, 171], "name": "x"}
-    )
+    p = VideoPreprocess(frame_selection="dynamic_fps", resize=(128, 171))
     assert p == VideoPreprocess("dynamic_fps")
     assert p.key() == VideoPreprocess("dynamic_fps", fps=4.0).key()
     assert p.key() != LPCVC.key()
     assert p.output_shape == (1, 3, 16, 112, 112)
     with pytest.raises(ConfigError, match="frame_selection"):
         VideoPreprocess("every_frame")
-    with pytest.raises(ConfigError, match="unknown"):
-        VideoPreprocess.from_config({"frame_selection": "lpcvc_sample", "fsp": 4})
+    with pytest.raises(TypeError, match="fsp"):  # a typo is an error, not a silent default
+        VideoPreprocess(frame_selection="lpcvc_sample", fsp=4)  # type: ignore[call-arg]
     with pytest.raises(ConfigError, match="crop"):
         VideoPreprocess("lpcvc_sample", crop=200)
 
@@ -236,11 +232,11 @@ def test_seeking_gives_the_same_frames(vids: dict[str, Path]) -> None:
 
 def test_bad_videos_are_named_and_counted(vids: dict[str, Path], tmp_path: Path) -> None:
     cases = {
-        "corrupt": video.CORRUPT,
-        "trunc": video.TRUNCATED,
-        "empty": video.ZERO_LENGTH,
-        "audio": video.AUDIO_ONLY,
-        "short": video.TOO_SHORT,
+        "corrupt": frames.CORRUPT,
+        "trunc": frames.TRUNCATED,
+        "empty": frames.ZERO_LENGTH,
+        "audio": frames.AUDIO_ONLY,
+        "short": frames.TOO_SHORT,
     }
     for name, reason in cases.items():
         with pytest.raises(VideoDecodeError) as e:
@@ -250,7 +246,7 @@ def test_bad_videos_are_named_and_counted(vids: dict[str, Path], tmp_path: Path)
     # a faststart file cut short opens, but the frames run out: truncated when they are needed
     with pytest.raises(VideoDecodeError) as e:
         decode_video(vids["trunc_fast"], VideoPreprocess("uniform_span"))
-    assert e.value.reason == video.TRUNCATED
+    assert e.value.reason == frames.TRUNCATED
 
     paths = [vids["v30"], vids["corrupt"], vids["trunc"], vids["empty"], vids["audio"]]
     paths += [vids["short"], tmp_path / "missing.mp4", vids["v24"]]
@@ -280,7 +276,7 @@ def test_cache_hit_is_identical_and_does_not_decode(
     def no_decoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("decoded although the cache holds the result")
 
-    monkeypatch.setattr(video, "decode_video", no_decoding)
+    monkeypatch.setattr(batch, "decode_video", no_decoding)
     again = decode_videos([vids["v30"], vids["v24"]], LPCVC, cache, workers=0, progress=False)
     assert again.cache_hits == 2
     for a, b in zip(first.results, again.results, strict=True):
@@ -301,6 +297,83 @@ def test_worker_processes_match_in_process(vids: dict[str, Path]) -> None:
         assert a.reason == b.reason
         if a.ok:
             assert torch.equal(a.clips, b.clips)
+
+
+def test_interrupt_cancels_queued_jobs_and_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C / SIGTERM (Interrupted) while the pool works: queued jobs are cancelled and
+    parallel_map returns at once instead of draining the queue."""
+    submitted: list[Future[object]] = []
+    shutdowns: list[tuple[bool, bool]] = []
+
+    class RecordingPool(ProcessPoolExecutor):
+        def submit(self, *args: object, **kwargs: object) -> Future[object]:
+            fut = super().submit(*args, **kwargs)
+            submitted.append(fut)
+            return fut
+
+        def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+            shutdowns.append((wait, cancel_futures))
+            super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    real_as_completed = batch.as_completed
+    raised_at: list[float] = []
+
+    def interrupted_after_the_first(futures: object) -> object:
+        for fut in real_as_completed(futures):
+            yield fut
+            raised_at.append(time.monotonic())
+            raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(batch, "ProcessPoolExecutor", RecordingPool)
+    monkeypatch.setattr(batch, "as_completed", interrupted_after_the_first)
+    with pytest.raises(Interrupted):
+        batch.parallel_map(time.sleep, [(0.5,)] * 12, 2, progress=False)
+    # draining the queue would take 10 more jobs / 2 workers * 0.5 s = 2.5 s
+    assert time.monotonic() - raised_at[0] < 1.0
+    assert shutdowns == [(False, True)]
+    assert sum(f.cancelled() for f in submitted) >= 5  # at most 2 running + 3 queued in the pipe
+
+
+def test_skipped_summary_counts_reasons_and_names_the_csv(tmp_path: Path) -> None:
+    results = [batch.VideoResult(Path(f"{i}.mp4")) for i in range(40)]
+    reasons = {3: "corrupt", 7: "too-short", 9: "too-short"}
+    for i, reason in reasons.items():
+        results[i] = batch.VideoResult(Path(f"{i}.mp4"), reason=reason, message="m")
+    skipped = [batch.SkippedVideo(i, Path(f"{i}.mp4"), r, "m") for i, r in reasons.items()]
+    csv_path = tmp_path / "skipped_videos.csv"
+    line = batch.skipped_summary(batch.DecodeBatch(results, skipped), "val", csv_path)
+    assert line == f"skipped 3 of 40 videos (val): 2 too-short, 1 corrupt; listed in {csv_path}"
+    assert batch.skipped_summary(batch.DecodeBatch(results[:2]), "train") == ""
+
+
+def test_video_track_load_data_reports_bad_inputs(
+    vids: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conftest import compose_config
+
+    from lpcvlab.tracks.video import VideoTrack
+
+    root = tmp_path / "ds"
+    _layout(root, vids, {"val": ["burpee", "squats"]})
+    shutil.copy(vids["short"], root / "val" / "squats" / "00000009.mp4")  # too short at 4 fps
+    (root / "val" / "burpee" / "notes.txt").write_text("not a video")
+    cfg = compose_config(
+        "track=video",
+        "data=qevd",
+        f"data.root={root}",
+        "data.workers=0",
+        "train=none",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    data = VideoTrack().load_data(cfg, work)
+    assert data.stats["val_skipped/too-short"] == 1
+    assert data.stats["val_non_video_files"] == 1
+    err = capsys.readouterr().err
+    assert (
+        f"skipped 1 of 3 videos (val): 1 too-short; listed in {work / 'skipped_videos.csv'}" in err
+    )
 
 
 # --------------------------------------------------------------------------- QEVD layout
@@ -352,6 +425,23 @@ def test_reader_order_and_errors(vids: dict[str, Path], tmp_path: Path) -> None:
     assert "'elbow_plank'" in str(e.value)  # suggests the class-map name
 
 
+def test_reader_counts_files_that_are_not_videos(vids: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    _layout(root, vids, {"val": ["burpee", "squats"]})
+    (root / "val" / "burpee" / "notes.txt").write_text("not a video")
+    (root / "val" / "squats" / "thumbs").mkdir()
+    (root / "val" / "squats" / "thumbs" / "frame.jpg").write_bytes(b"\xff\xd8")
+    (root / "val" / "squats" / ".DS_Store").write_bytes(b"")  # hidden: not counted
+    (root / "val" / "squats" / ".cache").mkdir()
+    (root / "val" / "squats" / ".cache" / "x.bin").write_bytes(b"")  # in a hidden folder
+    split = qevd.read_split(root, "val")
+    assert len(split) == 2
+    assert split.non_video_files == [
+        root / "val" / "burpee" / "notes.txt",
+        root / "val" / "squats" / "thumbs" / "frame.jpg",
+    ]
+
+
 def test_organise_from_labels_json(vids: dict[str, Path], tmp_path: Path) -> None:
     part1, part2 = tmp_path / "QEVD-FIT-300k-Part-1", tmp_path / "QEVD-FIT-300k-Part-2"
     part1.mkdir()
@@ -367,14 +457,14 @@ def test_organise_from_labels_json(vids: dict[str, Path], tmp_path: Path) -> Non
     labels = tmp_path / "fine_grained_labels_release.json"
     labels.write_text(json.dumps(entries))
     out = tmp_path / "organised"
-    res = qevd.organise([part1, part2], labels, out, progress=False)
+    res = qevd_tools.organise([part1, part2], labels, out, progress=False)
     assert res.counts == {"train": 2, "val": 1} and res.ignored_splits == {"test": 1}
     assert (out / "val" / "cross_+_hook_right" / "00000001.mp4").exists()
     assert (part1 / "00000000.mp4").exists()  # originals stay
-    again = qevd.organise([part1, part2], labels, out, progress=False)
+    again = qevd_tools.organise([part1, part2], labels, out, progress=False)
     assert again.written == 0 and again.already_present == 3
 
-    split = qevd.organise(
+    split = qevd_tools.organise(
         [part1, part2],
         labels,
         tmp_path / "resplit",
@@ -386,11 +476,13 @@ def test_organise_from_labels_json(vids: dict[str, Path], tmp_path: Path) -> Non
 
     labels.write_text(json.dumps(entries + [{"video_path": "9.mp4", "label": "flying"}]))
     with pytest.raises(DataError, match="'flying'"):
-        qevd.organise([part1], labels, tmp_path / "x", progress=False)
+        qevd_tools.organise([part1], labels, tmp_path / "x", progress=False)
     labels.write_text(json.dumps(entries))
     with pytest.raises(DataError, match="in none of the raw parts"):
-        qevd.organise([part1], labels, tmp_path / "y", progress=False)
-    partial = qevd.organise([part1], labels, tmp_path / "y", allow_missing=True, progress=False)
+        qevd_tools.organise([part1], labels, tmp_path / "y", progress=False)
+    partial = qevd_tools.organise(
+        [part1], labels, tmp_path / "y", allow_missing=True, progress=False
+    )
     assert partial.missing == ["00000002.mp4"]
 
 
@@ -401,7 +493,7 @@ def test_check_quarantines_and_reports(vids: dict[str, Path], tmp_path: Path) ->
     shutil.copy(vids["corrupt"], bad)
     shutil.copy(vids["trunc_fast"], root / "val" / "squats" / "cut.mp4")
     report = tmp_path / "report.csv"
-    res = qevd.check(root, tmp_path / "quarantine", report, progress=False)
+    res = qevd_tools.check(root, tmp_path / "quarantine", report, progress=False)
     assert res.checked == 4 and res.reason_counts() == {"corrupt": 1, "truncated": 1}
     assert not bad.exists()
     assert (tmp_path / "quarantine" / "train" / "burpee" / "broken.mp4").exists()
@@ -423,7 +515,7 @@ def test_write_preprocessed_manifest(vids: dict[str, Path], tmp_path: Path) -> N
     shutil.copy(vids["short"], root / "val" / "burpee" / "00000009.mp4")  # too short
     samples = qevd.read_split(root, "val").samples
     out = tmp_path / "pre"
-    res = qevd.write_preprocessed(samples, LPCVC, out, progress=False)
+    res = qevd_tools.write_preprocessed(samples, LPCVC, out, progress=False)
     lines = (out / "manifest.jsonl").read_text().splitlines()
     assert len(lines) == 3 == len(res.records)
     rows = [json.loads(x) for x in lines]
@@ -436,32 +528,32 @@ def test_write_preprocessed_manifest(vids: dict[str, Path], tmp_path: Path) -> N
     assert np.array_equal(arr, decode_video(rows[2]["video_path"], LPCVC).numpy())
     assert [s.reason for s in res.skipped] == ["too-short"]
     assert "00000009.mp4" in (out / "skipped.csv").read_text()
-    assert [r.label for r in qevd.read_manifest(out / "manifest.jsonl")] == [
+    assert [r.label for r in formats.read_manifest(out / "manifest.jsonl")] == [
         r["label"] for r in rows
     ]
 
     (out / "burpee" / "stray.npy").write_bytes(b"")
     with pytest.raises(DataError, match="stray.npy"):
-        qevd.write_preprocessed(samples, LPCVC, out, progress=False)
+        qevd_tools.write_preprocessed(samples, LPCVC, out, progress=False)
 
 
 def test_results_h5_roundtrip_and_manifest_check(tmp_path: Path) -> None:
     logits = np.random.default_rng(0).normal(size=(12, 92)).astype(np.float32)
-    path = qevd.write_results_h5(tmp_path / "results.h5", logits)
+    path = formats.write_results_h5(tmp_path / "results.h5", logits)
     with h5py.File(path) as f:  # the layout the organisers' evaluate.py reads
         grp = f["data/0"]
         assert sorted(grp, key=lambda k: int(k.split("_")[1])) == [f"batch_{i}" for i in range(12)]
         assert grp["batch_3"].shape == (1, 92)
         assert np.array_equal(grp["batch_3"][...][0], logits[3])
-    assert np.array_equal(qevd.read_results_h5(path), logits)
+    assert np.array_equal(formats.read_results_h5(path), logits)
 
     manifest = tmp_path / "manifest.jsonl"
-    rec = qevd.ManifestRecord("v.mp4", "burpee", "v.npy", [1, 3, 16, 112, 112], "torch.float32")
+    rec = formats.ManifestRecord("v.mp4", "burpee", "v.npy", [1, 3, 16, 112, 112], "torch.float32")
     manifest.write_text((rec.to_json() + "\n") * 12)
-    assert qevd.check_results_against_manifest(manifest, path, num_classes=92) == 12
+    assert formats.check_results_against_manifest(manifest, path, num_classes=92) == 12
     manifest.write_text((rec.to_json() + "\n") * 11)
     with pytest.raises(DataError) as e:
-        qevd.check_results_against_manifest(manifest, path)
+        formats.check_results_against_manifest(manifest, path)
     assert "results.h5" in str(e.value) and "manifest.jsonl" in str(e.value)
     assert "12 result rows" in str(e.value) and "11 videos" in str(e.value)
 
@@ -509,7 +601,7 @@ def test_cli_preprocess_on_demo(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )
     assert args.func(args) == 0
     assert "preprocessed 4 of 4 val videos" in capsys.readouterr().out
-    assert len(qevd.read_manifest(tmp_path / "pre" / "manifest.jsonl")) == 4
+    assert len(formats.read_manifest(tmp_path / "pre" / "manifest.jsonl")) == 4
 
 
 def test_write_preprocessed_refuses_names_that_would_misalign(tmp_path: Path) -> None:
@@ -519,4 +611,67 @@ def test_write_preprocessed_refuses_names_that_would_misalign(tmp_path: Path) ->
         for name in ("a.mp4", "a.n.mp4")
     ]
     with pytest.raises(DataError, match="would not sort in the manifest order"):
-        qevd.write_preprocessed(samples, LPCVC, tmp_path / "pre", progress=False)
+        qevd_tools.write_preprocessed(samples, LPCVC, tmp_path / "pre", progress=False)
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_writing_the_clip_cache_is_an_error_not_a_skip(
+    vids: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(np, "save", _no_space)
+    with pytest.raises(StorageError, match="no space left") as e:
+        decode_videos([vids["v30"], vids["v24"]], LPCVC, cache, workers=0, progress=False)
+    assert str(cache / "video") in str(e.value) and ".npy" in str(e.value)
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # no temporary file left behind
+
+
+def test_full_disk_writing_the_preprocessed_set_names_the_file(
+    vids: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ds"
+    _layout(root, vids, {"val": ["burpee", "squats"]})
+    samples = qevd.read_split(root, "val").samples
+    cache, out = tmp_path / "cache", tmp_path / "pre"
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "copyfile", _no_space)
+        with pytest.raises(StorageError, match="no space left") as e:
+            qevd_tools.write_preprocessed(samples, LPCVC, out, cache_dir=cache, progress=False)
+    assert str(out / "burpee" / "00000000.npy") in str(e.value)
+
+    real_write_text = Path.write_text
+
+    def manifest_fails(self: Path, *args: object, **kwargs: object) -> int:
+        if "manifest.jsonl" in self.name:
+            _no_space()
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", manifest_fails)
+    with pytest.raises(StorageError, match="no space left") as e:
+        qevd_tools.write_preprocessed(samples, LPCVC, out, cache_dir=cache, progress=False)
+    assert str(out / "manifest.jsonl") in str(e.value)
+    assert not (out / "manifest.jsonl").exists()
+
+
+def test_full_disk_generating_the_demo_videos_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = av.open
+
+    def open_for_writing_fails(file: object, mode: str = "r", **kwargs: object) -> object:
+        if mode == "w":
+            _no_space()
+        return real_open(file, mode, **kwargs)
+
+    monkeypatch.setattr(av, "open", open_for_writing_fails)
+    root = tmp_path / "demo"
+    with pytest.raises(StorageError, match="no space left") as e:
+        make_demo_video_dataset(root, videos_per_class_train=1, videos_per_class_val=1)
+    assert str(root / "train") in str(e.value) and ".mp4" in str(e.value)
+    assert not (root / ".lpcvlab_demo_video.json").exists()  # the next call generates again

@@ -11,9 +11,10 @@ from conftest import build_track_for, compose_config
 from mlflow.tracking import MlflowClient
 
 from lpcvlab import pipeline
-from lpcvlab.errors import Interrupted
 from lpcvlab.config.schema import LocalHubConfig
-from lpcvlab.data.qevd import load_class_map, manifest_labels, read_manifest, read_results_h5
+from lpcvlab.data.formats import manifest_labels, read_manifest, read_results_h5
+from lpcvlab.data.qevd import load_class_map
+from lpcvlab.errors import Interrupted
 from lpcvlab.export import export_component
 from lpcvlab.hubs.local import LocalHub
 from lpcvlab.metrics import cosine_per_sample

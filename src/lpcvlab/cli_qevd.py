@@ -10,16 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lpcvlab.data.qevd import (
-    LINK_MODES,
-    SPLITS,
-    check,
-    load_class_map,
-    organise,
-    read_split,
-    write_preprocessed,
-)
-from lpcvlab.data.video import FRAME_SELECTIONS, VideoPreprocess
+from lpcvlab.data.frames import FRAME_SELECTIONS, VideoPreprocess
+from lpcvlab.data.qevd import SPLITS, load_class_map, read_split
+from lpcvlab.data.qevd_tools import LINK_MODES, check, organise, write_preprocessed
 
 
 def add_qevd_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -10,13 +10,15 @@ very same reader as real data.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import random
 from pathlib import Path
 
-from filelock import FileLock
 from PIL import Image, ImageDraw
+
+from lpcvlab.io import atomic_write, atomic_write_bytes, atomic_write_text, file_lock
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -59,8 +61,7 @@ def make_demo_retrieval_dataset(root: Path | str, num_images: int = 40, seed: in
     of reading half-written images.
     """
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{root}.lock"):
+    with file_lock(root):
         return _write_demo_dataset(root, num_images, seed)
 
 
@@ -76,7 +77,6 @@ def _write_demo_dataset(root: Path, num_images: int, seed: int) -> Path:
     rng = random.Random(seed)
     rng.shuffle(combos)
     img_dir = root / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
 
     img_rows: list[tuple[str, str]] = []
     txt_rows: list[tuple[int, str]] = []
@@ -86,7 +86,7 @@ def _write_demo_dataset(root: Path, num_images: int, seed: int) -> Path:
         stem = f"Demo_{i:03d}" if i % 3 == 0 else f"demo_{i:03d}"
         name = f"{stem}.png" if i % 4 == 0 else f"{stem}.jpg"
         img = _draw(shape, COLOURS[colour], BACKGROUNDS[bg], PLACES[place], SIZES[i % 4], rng)
-        img.save(img_dir / name, quality=92) if name.endswith(".jpg") else img.save(img_dir / name)
+        _save_image(img, img_dir / name)
         captions = [
             f"a {colour} {shape} in the {place} on a {bg} background",
             f"the {colour} {shape}",
@@ -105,13 +105,24 @@ def _write_demo_dataset(root: Path, num_images: int, seed: int) -> Path:
 
     # CSV order is case-insensitive, so it differs from sorted(): align by name, never position.
     img_rows.sort(key=lambda r: r[0].lower())
-    with open(root / "img_list.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["Image_names", "Text_nums"])
-        w.writerows(img_rows)
-    with open(root / "txt_list.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["Text_nums", "Unique_Texts"])
-        w.writerows(txt_rows)
-    marker.write_text(json.dumps(params))
+    _write_csv(root / "img_list.csv", ["Image_names", "Text_nums"], img_rows)
+    _write_csv(root / "txt_list.csv", ["Text_nums", "Unique_Texts"], txt_rows)
+    atomic_write_text(marker, json.dumps(params))  # last: a half-written dataset is redone
     return root
+
+
+def _save_image(img: Image.Image, path: Path) -> None:
+    """Atomically; a full disk is a StorageError naming ``path``."""
+    if path.suffix == ".jpg":
+        atomic_write(path, lambda tmp: img.save(tmp, format="JPEG", quality=92))
+    else:
+        atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _write_csv(path: Path, header: list[str], rows: list) -> None:
+    """Atomically, as bytes: the csv module's \r\n line ends are kept on every platform."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))

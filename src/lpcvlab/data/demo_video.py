@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +40,7 @@ import numpy as np
 
 from lpcvlab.data.qevd import SPLITS, VideoSample, load_class_map
 from lpcvlab.errors import ConfigError, DataError
+from lpcvlab.io import atomic_write, atomic_write_text, file_lock
 
 DEMO_CLASSES = ("coming_closer_to_the_webcam", "hook_left", "squats", "uppercut_right")
 # Motions in the order classes get them (by position in ``classes``).
@@ -60,22 +58,6 @@ class DemoVideoDataset:
     splits: dict[str, list[VideoSample]]  # sorted full-path order, labels from the class map
     codec: str
     generated: bool  # False when an identical dataset was already there
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX); no locking where fcntl does not exist."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(lock_path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _pick_codec(codec: str) -> str:
@@ -148,28 +130,29 @@ def _write_video(
         for _ in range(5)
     ]
     yy, xx = np.mgrid[0:h, 0:w]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    container = av.open(str(tmp), "w", format="mp4")
-    try:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.codec_context.thread_count = 1  # one thread: byte-identical output
-        if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "crf": "23"}
-        else:
-            stream.codec_context.bit_rate = 400_000
-        for i in range(n):
-            img = bank[i % len(bank)].copy()
-            mask = (xx - xs[i]) ** 2 + (yy - ys[i]) ** 2 <= rs[i] ** 2
-            img[mask] = colour
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+
+    def encode(tmp: Path) -> None:
+        container = av.open(str(tmp), "w", format="mp4")
+        try:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.codec_context.thread_count = 1  # one thread: byte-identical output
+            if codec == "libx264":
+                stream.options = {"preset": "ultrafast", "crf": "23"}
+            else:
+                stream.codec_context.bit_rate = 400_000
+            for i in range(n):
+                img = bank[i % len(bank)].copy()
+                mask = (xx - xs[i]) ** 2 + (yy - ys[i]) ** 2 <= rs[i] ** 2
+                img[mask] = colour
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    finally:
-        container.close()
-    tmp.replace(path)
+        finally:
+            container.close()
+
+    atomic_write(path, encode)  # PyAV's write errors are OSErrors: a full disk names the file
 
 
 def make_demo_video_dataset(
@@ -229,8 +212,7 @@ def make_demo_video_dataset(
                 plan.append((split, cls, i, base / split / cls / f"{seed:02d}{serial:06d}.mp4"))
                 serial += 1
 
-    base.mkdir(parents=True, exist_ok=True)
-    with _exclusive(base / f"{MARKER}.lock"):  # parallel jobs: one generates, the others wait
+    with file_lock(base / MARKER):  # parallel jobs: one generates, the others wait
         marker = base / MARKER
         generated = True
         if marker.exists():
@@ -260,9 +242,7 @@ def make_demo_video_dataset(
                 _write_video(
                     path, motions[cls], rng, fps=fps, duration_s=dur, size=size, codec=codec_name
                 )
-            tmp = marker.with_name(f"{MARKER}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(params, indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, marker)
+            atomic_write_text(marker, json.dumps(params, indent=1) + "\n")
 
     splits: dict[str, list[VideoSample]] = {}
     for split in SPLITS:

@@ -21,8 +21,8 @@ from lpcvlab.config.schema import (
     TrainConfig,
 )
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
-from lpcvlab.data.lpcvc_track1 import ImageRow, read_track1
-from lpcvlab.data.retrieval_inputs import ImagePreprocess, load_images, tokenize
+from lpcvlab.data.images import ImagePreprocess, load_images, tokenize
+from lpcvlab.data.track1 import ImageRow, read_track1
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import cosine_similarity, recall_at_k
 from lpcvlab.models.clip import CONTEXT_LENGTH, ClipBackbone, ImageEncoder, TextEncoder

@@ -22,15 +22,11 @@ from lpcvlab.config.schema import (
     VideoPreprocessConfig,
     VideoTrackConfig,
 )
-from lpcvlab.data.qevd import (
-    ManifestRecord,
-    VideoSample,
-    check_results_against_manifest,
-    load_class_map,
-    read_split,
-    write_results_h5,
-)
-from lpcvlab.data.video import DecodeBatch, VideoPreprocess, decode_videos
+from lpcvlab.console import stage
+from lpcvlab.data.batch import DecodeBatch, decode_videos, skipped_summary
+from lpcvlab.data.formats import ManifestRecord, check_results_against_manifest, write_results_h5
+from lpcvlab.data.frames import VideoPreprocess
+from lpcvlab.data.qevd import VideoSample, load_class_map, read_split
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import softmax, top_k_accuracy
 from lpcvlab.models.video import VideoBackbone
@@ -147,6 +143,9 @@ class VideoTrack:
                 raise DataError(f"{data.root}/{data.train_split}: no video could be decoded")
 
         stats: dict[str, float] = {"val_videos": len(kept), "train_videos": len(train)}
+        for read in (val_split, train_split):
+            if read is not None:  # files in class folders that are not videos (.txt, .jpg...)
+                stats[f"{read.name}_non_video_files"] = len(read.non_video_files)
         for split, batch in batches.items():
             stats[f"{split}_skipped"] = len(batch.skipped)
             stats[f"{split}_cache_hits"] = batch.cache_hits
@@ -155,6 +154,9 @@ class VideoTrack:
         reports = []
         if any(b.skipped for b in batches.values()):
             reports.append(_skips_csv(work_dir / "skipped_videos.csv", batches))
+            for split, batch in batches.items():
+                if batch.skipped:
+                    stage("data", skipped_summary(batch, split, reports[-1]))
         names = [n for n, _ in sorted(class_map.items(), key=lambda kv: kv[1])]
         payload = VideoPayload(
             val=[s for s, _ in kept],

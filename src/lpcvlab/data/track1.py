@@ -7,8 +7,9 @@ Policy for bad input (each counted and reported; never a silent shift of rows):
 
 * wrong header, non-integer or duplicate text ID, duplicate image row, a row with no IDs:
   stop before any compute, naming the file and row;
-* image named in ``img_list.csv`` but missing from the folder, or unreadable/truncated:
-  skipped, counted (``data/skipped_images``) and listed in ``skipped.csv``;
+* image named in ``img_list.csv`` but missing from the folder, unreadable/truncated, or above
+  PIL's pixel limit: skipped, counted (``data/skipped_images``) and listed in ``skipped.csv``;
+* 16-bit (or 32-bit) grey image: scaled to 8 bits, not clipped to white (``data.images``);
 * image in the folder but not in ``img_list.csv``: ignored, counted (``data/unlisted_images``);
 * empty caption: that text is skipped (it can never be ranked), counted (``data/empty_captions``);
 * ground-truth ID with no text (the 2026 sample has one, ID 154): reported and kept in the
