@@ -1,13 +1,21 @@
-"""A fake Qualcomm AI Hub behind the real ``qai_hub`` client: only the HTTP transport is faked.
+"""A fake Qualcomm AI Hub behind the real ``qai_hub`` client: only the socket is faked.
 
-``FakeAIHub.install(monkeypatch)`` replaces ``requests.adapters.HTTPAdapter.send`` -- the one
-place every request of the client goes through, the AI Hub REST API and the pre-signed storage
-uploads and downloads alike -- with a router that answers with the client's own protobuf
-messages. Everything above it (``qai_hub.Client``, jobs, models, datasets, protobuf parsing,
-multipart uploads, h5 datasets, error mapping) runs for real. Nothing reaches the network: an
-unknown route fails the test.
+``FakeAIHub.install(monkeypatch)`` replaces ``urllib3.connectionpool.HTTPConnectionPool.
+_make_request`` -- the one place below urllib3's retry loop where every request of this process
+meets the network: the AI Hub REST API, the pre-signed storage uploads and downloads, and the
+reachability probe alike. It answers with a real ``urllib3.response.HTTPResponse`` carrying the
+client's own protobuf messages. Everything above it runs for real: ``requests``, urllib3's
+retries (the client's ``LogRetry``: 7 tries), the ``qai_hub.Client``, jobs, models, datasets,
+protobuf parsing, multipart and h5 uploads, error mapping. Nothing reaches the network: opening a
+real connection, an unknown host or an unknown route fails the test.
 
-The fake behaves like the service where the runtime relies on it:
+:meth:`FakeAIHub.fail_requests` simulates the network failing under the client, as urllib3's own
+exceptions (``"refused"``: ``NewConnectionError``; ``"dns"``: ``NameResolutionError``;
+``"connect_timeout"``: ``ConnectTimeoutError`` after waiting the caller's connect timeout;
+``"read_timeout"``: ``ReadTimeoutError``; ``"dropped"``: ``ProtocolError``) or as an HTTP status
+(``503``). Tests set ``qai_hub.util.session.BACKOFF_FACTOR`` to 0 so that retries do not sleep.
+
+The fake behaves like the service where the hub relies on it:
 
 - compile jobs read the uploaded ONNX model (a file or a zipped ``.onnx`` directory), apply
   ``--truncate_64bit_io``, ``--force_channel_last_input`` and ``--output_names`` to the target
@@ -20,15 +28,19 @@ The fake behaves like the service where the runtime relies on it:
 
 from __future__ import annotations
 
+import http
+import http.client
 import io
 import json
 import re
+import socket
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 import h5py
@@ -36,15 +48,24 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import qai_hub.public_api_pb2 as pb
-import requests
+import urllib3.connection
+import urllib3.exceptions as u3
 from google.protobuf.timestamp_pb2 import Timestamp
+from qai_hub.public_rest_api import DEFAULT_HUB_API_URL
 from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
-from requests.adapters import HTTPAdapter
-from requests.structures import CaseInsensitiveDict
 from requests_toolbelt.multipart.decoder import MultipartDecoder
+from urllib3._collections import HTTPHeaderDict
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.response import HTTPResponse
+from urllib3.util.timeout import Timeout
 
+API_HOST = urlsplit(DEFAULT_HUB_API_URL).hostname
 STORAGE = "fake-storage.invalid"
 DEVICES = ("XR2 Gen 2 (Proxy)", "Dragonwing IQ-9075 EVK", "Samsung Galaxy S25")
+NETWORK_FAILURES = ("refused", "dns", "connect_timeout", "read_timeout", "dropped")
+# A simulated connect timeout waits the caller's connect timeout, but never longer than this.
+MAX_HANG_S = 5.0
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 
 _TARGET_TYPES = {
     "qnn_dlc": pb.MODEL_TYPE_QNN_DLC,
@@ -94,6 +115,27 @@ def _options(options: str) -> dict[str, str]:
             nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
             out[tok] = "" if nxt.startswith("--") else nxt
     return out
+
+
+def _body_bytes(body: Any) -> bytes:
+    """What a request sends: bytes, text, a file-like object or an iterable of chunks."""
+    if body is None:
+        return b""
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, str):
+        return body.encode()
+    if hasattr(body, "read"):  # urllib3 rewinds it itself before a retry
+        data = body.read()
+        return data.encode() if isinstance(data, str) else data
+    return b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in body)
+
+
+class _Answer(NamedTuple):
+    status: int
+    content: bytes
+    content_type: str = "application/x-protobuf"
+    headers: dict[str, str] = {}
 
 
 @dataclass
@@ -156,12 +198,13 @@ class FakeAIHub:
         self.jobs: dict[str, FakeJob] = {}
         self.shared: dict[str, list[str]] = {}
         self.expired: set[str] = set()  # dataset IDs past their 30 days
-        self.requests: list[tuple[str, str]] = []  # (method, url) in order
+        self.requests: list[tuple[str, str]] = []  # (method, url) of every attempt, in order
+        self.failed: list[tuple[str, str, str | int]] = []  # (method, url, failure) simulated
         self.hold = False  # keep every job running (simulates a slow queue)
         self.compile_failures: dict[str, str] = {}  # model name fragment -> failure reason
         self.inference_failures: dict[str, str] = {}  # job name fragment -> failure reason
         self.profile_detail: Callable[[FakeJob], pb.ProfileDetail] = self._profile_detail
-        self._errors: list[tuple[Callable[[str, str], bool], int, type[Exception]]] = []
+        self._errors: list[list[Any]] = []  # [match, times left, failure]
         self._uploads: dict[str, bytes] = {}
         self._seq = 0
         self._ids = 0
@@ -169,22 +212,65 @@ class FakeAIHub:
     # ------------------------------------------------------------------ test controls
 
     def install(self, monkeypatch: Any) -> None:
-        """Route every HTTP request of this process through the fake."""
+        """Route every HTTP request of this process through the fake, below urllib3's retries."""
         fake = self
 
-        def send(adapter: HTTPAdapter, request: requests.PreparedRequest, **kwargs: Any) -> Any:
-            return fake.handle(request)
+        def make_request(
+            pool: HTTPConnectionPool,
+            conn: Any,
+            method: str,
+            url: str,
+            body: Any = None,
+            headers: Any = None,
+            retries: Any = None,
+            timeout: Any = None,
+            chunked: bool = False,
+            response_conn: Any = None,
+            preload_content: bool = True,
+            decode_content: bool = True,
+            enforce_content_length: bool = True,
+        ) -> HTTPResponse:
+            answer = fake.handle(pool, conn, method, url, body, headers or {}, timeout)
+            response = HTTPResponse(
+                body=io.BytesIO(answer.content),
+                headers=HTTPHeaderDict(
+                    {
+                        "Content-Type": answer.content_type,
+                        "Content-Length": str(len(answer.content)),
+                        **answer.headers,
+                    }
+                ),
+                status=answer.status,
+                version=11,
+                version_string="HTTP/1.1",
+                reason=http.HTTPStatus(answer.status).phrase,
+                preload_content=preload_content,
+                decode_content=decode_content,
+                pool=pool,
+                connection=response_conn,
+                retries=retries,
+                enforce_content_length=enforce_content_length,
+                request_method=method,
+                request_url=url,
+            )
+            return response
 
-        monkeypatch.setattr(HTTPAdapter, "send", send)
+        def no_network(conn: Any, *args: Any, **kwargs: Any) -> None:
+            raise AssertionError(f"a test opened a real connection to {conn.host}:{conn.port}")
+
+        for name in _PROXY_VARIABLES:  # a proxy would be connected to before _make_request
+            monkeypatch.delenv(name, raising=False)
+            monkeypatch.delenv(name.lower(), raising=False)
+        monkeypatch.setattr(HTTPConnectionPool, "_make_request", make_request)
+        monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect", no_network)
 
     def fail_requests(
-        self,
-        match: Callable[[str, str], bool],
-        times: int = 1,
-        exc: type[Exception] = requests.exceptions.ConnectionError,
+        self, match: Callable[[str, str], bool], times: int = 1, failure: str | int = "refused"
     ) -> None:
-        """The next ``times`` requests for which ``match(method, path)`` holds raise ``exc``."""
-        self._errors.append((match, times, exc))
+        """The next ``times`` requests for which ``match(method, path)`` holds fail with
+        ``failure``: one of :data:`NETWORK_FAILURES`, or an HTTP status (503) to answer with."""
+        assert failure in NETWORK_FAILURES or isinstance(failure, int), failure
+        self._errors.append([match, times, failure])
 
     def count(self, method: str, pattern: str) -> int:
         """How many requests matched ``method`` and the URL path regex ``pattern``."""
@@ -205,74 +291,88 @@ class FakeAIHub:
         self._ids += 1
         return f"{prefix}{self._ids:05d}"
 
-    def handle(self, request: requests.PreparedRequest) -> requests.Response:
-        method = request.method or "GET"
-        url = request.url or ""
-        self.requests.append((method, url))
-        parts = urlsplit(url)
-        for i, (match, times, exc) in enumerate(self._errors):
+    def _network_error(
+        self, failure: str, pool: HTTPConnectionPool, conn: Any, url: str, timeout: Any
+    ) -> Exception:
+        host = pool.host
+        if failure == "dns":
+            return u3.NameResolutionError(
+                host, conn, socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            )
+        if failure == "refused":
+            return u3.NewConnectionError(
+                conn, "Failed to establish a new connection: [Errno 111] Connection refused"
+            )
+        if failure == "connect_timeout":
+            seconds = timeout.connect_timeout if isinstance(timeout, Timeout) else timeout
+            seconds = seconds if isinstance(seconds, (int, float)) else MAX_HANG_S
+            time.sleep(min(float(seconds), MAX_HANG_S))
+            return u3.ConnectTimeoutError(
+                conn, f"Connection to {host} timed out. (connect timeout={seconds})"
+            )
+        if failure == "read_timeout":
+            return u3.ReadTimeoutError(pool, url, "Read timed out.")
+        return u3.ProtocolError(
+            "Connection aborted.",
+            http.client.RemoteDisconnected("Remote end closed connection without response"),
+        )
+
+    def handle(
+        self,
+        pool: HTTPConnectionPool,
+        conn: Any,
+        method: str,
+        url: str,
+        body: Any,
+        headers: Any,
+        timeout: Any,
+    ) -> _Answer:
+        full = url if "://" in url else f"{pool.scheme}://{pool.host}{url}"
+        self.requests.append((method, full))
+        parts = urlsplit(full)
+        for error in self._errors:
+            match, times, failure = error
             if times > 0 and match(method, parts.path):
-                self._errors[i] = (match, times - 1, exc)
-                raise exc(f"simulated network failure for {method} {parts.path}", request=request)
-        body = request.body
-        if hasattr(body, "read"):
-            body = body.read()
-        if isinstance(body, str):
-            body = body.encode()
-        body = body or b""
+                error[1] -= 1
+                self.failed.append((method, full, failure))
+                if isinstance(failure, int):
+                    return _Answer(failure, b"simulated failure", "text/plain")
+                raise self._network_error(failure, pool, conn, url, timeout)
+        data = _body_bytes(body)
         if parts.hostname == STORAGE:
-            return self._storage(request, method, parts.path, body)
-        if request.headers.get("Authorization") != f"token {self.token}":
-            return self._reply(request, 401, b'{"detail": "Invalid token."}', "application/json")
+            return self._storage(headers, method, parts.path, data)
+        if parts.hostname != API_HOST:
+            raise AssertionError(f"unexpected host in {method} {full}")
         path = parts.path
+        if method == "GET" and path in ("", "/"):  # the reachability probe: any answer will do
+            return _Answer(200, b"<html>Qualcomm AI Hub</html>", "text/html")
+        if headers.get("Authorization") != f"token {self.token}":
+            return _Answer(401, b'{"detail": "Invalid token."}', "application/json")
         if not path.startswith("/api/v1/"):
-            raise AssertionError(f"unexpected request {method} {url}")
+            raise AssertionError(f"unexpected request {method} {full}")
         route = path[len("/api/v1/") :].strip("/").split("/")
         params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         handler = getattr(self, f"_{method.lower()}_{route[0]}", None)
         if handler is None:
-            raise AssertionError(f"unexpected request {method} {url}")
-        result = handler(route[1:], params, body)
-        if isinstance(result, requests.Response):
-            return result
+            raise AssertionError(f"unexpected request {method} {full}")
+        result = handler(route[1:], params, data)
         status, message = result if isinstance(result, tuple) else (200, result)
-        return self._reply(request, status, message.SerializeToString())
+        return _Answer(status, message.SerializeToString())
 
-    @staticmethod
-    def _reply(
-        request: requests.PreparedRequest,
-        status: int,
-        content: bytes,
-        content_type: str = "application/x-protobuf",
-        headers: dict[str, str] | None = None,
-    ) -> requests.Response:
-        response = requests.Response()
-        response.status_code = status
-        response.reason = "OK" if status < 400 else "Error"
-        response.headers = CaseInsensitiveDict(
-            {"Content-Type": content_type, "Content-Length": str(len(content)), **(headers or {})}
-        )
-        response.raw = io.BytesIO(content)
-        response.url = request.url or ""
-        response.request = request
-        return response
-
-    def _storage(
-        self, request: requests.PreparedRequest, method: str, path: str, body: bytes
-    ) -> requests.Response:
+    def _storage(self, headers: Any, method: str, path: str, body: bytes) -> _Answer:
         if method == "PUT":  # a part of a multipart model upload
             self._uploads[path] = body
-            return self._reply(request, 200, b"", "text/plain", {"ETag": f'"etag-{len(body)}"'})
+            return _Answer(200, b"", "text/plain", {"ETag": f'"etag-{len(body)}"'})
         if method == "POST":  # a form upload of a dataset
-            decoder = MultipartDecoder(body, request.headers["content-type"])
+            decoder = MultipartDecoder(body, headers["content-type"])
             for part in decoder.parts:
                 disposition = part.headers.get(b"Content-Disposition", b"").decode()
                 if 'name="file"' in disposition:
                     self.datasets[path.rsplit("/", 1)[-1]] = part.content
-            return self._reply(request, 204, b"", "text/plain")
+            return _Answer(204, b"", "text/plain")
         if method == "GET":
             dataset_id = path.strip("/").split("/")[1]
-            return self._reply(request, 200, self.datasets[dataset_id], "application/x-hdf5")
+            return _Answer(200, self.datasets[dataset_id], "application/x-hdf5")
         raise AssertionError(f"unexpected storage request {method} {path}")
 
     # ------------------------------------------------------------------ devices

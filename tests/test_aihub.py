@@ -1,36 +1,41 @@
-"""AI Hub runtime against the real ``qai_hub`` client with a faked HTTP transport (no network)."""
+"""AI Hub hub against the real ``qai_hub`` client, faked below urllib3's retries (no network)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import math
 import re
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import qai_hub
 import qai_hub.public_api_pb2 as pb
-from aihub_fake import DEVICES, FakeAIHub, ledger_lines
-from hydra import compose, initialize_config_dir
-from lpcvlab.ledger import JobLedger, LedgerEntry, job_key
-from lpcvlab.runtimes import ComponentJob, aihub, build_runtime
-from lpcvlab.runtimes.aihub import (
-    AIHubRuntime,
-    HubSettings,
-    HubTarget,
-    compile_options,
-    samples_per_chunk,
-)
+import qai_hub.util.session
+from aihub_fake import API_HOST, DEVICES, FakeAIHub, ledger_lines
+from conftest import compose_config
 from omegaconf import OmegaConf
 from onnx import TensorProto, helper, numpy_helper
 
 from lpcvlab.cli_hub import add_hub_commands
+from lpcvlab.config import composition_error, load_settings
+from lpcvlab.config.schema import AIHubConfig, DeviceConfig, RuntimeConfig
 from lpcvlab.errors import ConfigError, RuntimeStageError
+from lpcvlab.hubs import ComponentJob, Hub, build_hub
+from lpcvlab.hubs.aihub import AIHub, stages
+from lpcvlab.hubs.aihub import jobs as aihub_jobs
+from lpcvlab.hubs.aihub.jobs import JobLedger, LedgerEntry, job_key
+from lpcvlab.hubs.aihub.settings import compile_options, samples_per_chunk
+from lpcvlab.hubs.aihub.stages import HubTarget
 from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.types import ExportResult, JobEvent, TensorSpec
 
@@ -43,7 +48,8 @@ TRACK2_OPTIONS = (
     "--target_runtime qnn_context_binary --truncate_64bit_io "
     "--force_channel_last_input video --output_names class_probs"
 )
-
+# Tries of one request by the client's urllib3 retries (LogRetry): the first and its retries.
+CLIENT_TRIES = qai_hub.util.session.MAX_RETRIES + 1
 
 # --------------------------------------------------------------------------- tiny models
 
@@ -155,6 +161,8 @@ def video_inputs(n: int, seed: int = 0) -> np.ndarray:
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeAIHub:
     monkeypatch.setenv("QAI_HUB_API_TOKEN", TOKEN)
     monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "absent-client.ini"))
+    # The client's own retries run for real, without their back-off sleeps.
+    monkeypatch.setattr(qai_hub.util.session, "BACKOFF_FACTOR", 0)
     hub = FakeAIHub(TOKEN)
     hub.install(monkeypatch)
     return hub
@@ -171,34 +179,40 @@ def models(tmp_path: Path) -> dict[str, ExportResult]:
     }
 
 
-def make_cfg(
+@functools.cache
+def composed(
+    runtime: str = "qnn_dlc", device: str = "xr2_gen2_proxy", track: str = "retrieval"
+) -> tuple[AIHubConfig, DeviceConfig, RuntimeConfig]:
+    """The typed ``hub``, ``device`` and ``runtime`` groups of a composed ``hub=aihub`` config."""
+    settings = load_settings(
+        compose_config("hub=aihub", f"runtime={runtime}", f"device={device}", f"track={track}")
+    )
+    assert isinstance(settings.hub, AIHubConfig)
+    return settings.hub, settings.device, settings.runtime
+
+
+def make_hub(
     tmp_path: Path,
     runtime: str = "qnn_dlc",
     device: str = "xr2_gen2_proxy",
     track: str = "retrieval",
     **hub: object,
-):
-    hub_cfg = OmegaConf.merge(
-        OmegaConf.load(CONF / "hub" / "aihub.yaml"),
-        {"poll_interval_s": 0, "retry_backoff_s": 0, **hub},
-    )
-    return OmegaConf.create(
-        {
-            "hub": hub_cfg,
-            "device": OmegaConf.load(CONF / "device" / f"{device}.yaml"),
-            "runtime": OmegaConf.load(CONF / "runtime" / f"{runtime}.yaml"),
-            "track": {"name": track},
-            "paths": {"cache_dir": str(tmp_path / "cache")},
-        }
-    )
+) -> AIHub:
+    """An AI Hub built from the composed groups, ``hub.<key>`` replaced by ``hub``; no polling
+    pause; the ledger under ``tmp_path/cache``."""
+    settings, device_cfg, runtime_cfg = composed(runtime, device, track)
+    settings = dataclasses.replace(settings, **{"poll_interval_s": 0, **hub})
+    return AIHub(settings, device_cfg, runtime_cfg, track=track, cache_dir=tmp_path / "cache")
 
 
-def runtime_with_events(cfg) -> tuple[AIHubRuntime, list[JobEvent]]:
-    runtime = build_runtime(cfg)
-    assert isinstance(runtime, AIHubRuntime)
+def with_events(hub: AIHub) -> tuple[AIHub, list[JobEvent]]:
     events: list[JobEvent] = []
-    runtime.job_listener = events.append
-    return runtime, events
+    hub.job_listener = events.append
+    return hub, events
+
+
+def hub_with_events(tmp_path: Path, **kwargs: object) -> tuple[AIHub, list[JobEvent]]:
+    return with_events(make_hub(tmp_path, **kwargs))
 
 
 def track1_jobs(models, n: int = 5) -> list[ComponentJob]:
@@ -216,9 +230,9 @@ def statuses(events: list[JobEvent], component: str, kind: str) -> list[str]:
 
 
 def test_track1_pair_compile_profile_infer(fake: FakeAIHub, models, tmp_path: Path) -> None:
-    runtime, events = runtime_with_events(make_cfg(tmp_path))
+    hub, events = hub_with_events(tmp_path)
     jobs = track1_jobs(models)
-    runs = runtime.run_components(jobs)
+    runs = hub.run_components(jobs)
 
     assert list(runs) == ["image_encoder", "text_encoder"]
     compiles = fake.jobs_of("compile")
@@ -276,13 +290,12 @@ def test_track1_pair_compile_profile_infer(fake: FakeAIHub, models, tmp_path: Pa
 
 
 def test_track2_channel_last_video(fake: FakeAIHub, models, tmp_path: Path) -> None:
-    cfg = make_cfg(
+    hub, _ = hub_with_events(
         tmp_path, runtime="qnn_context_binary", device="dragonwing_iq9075_evk", track="video"
     )
-    runtime, _ = runtime_with_events(cfg)
     exported = models["video_classifier"]
     inputs = video_inputs(4)
-    run = runtime.run_components([ComponentJob(exported, inputs)])["video_classifier"]
+    run = hub.run_components([ComponentJob(exported, inputs)])["video_classifier"]
 
     (compile_job,) = fake.jobs_of("compile")
     assert compile_job.request.options == TRACK2_OPTIONS
@@ -301,11 +314,11 @@ def test_track2_channel_last_video(fake: FakeAIHub, models, tmp_path: Path) -> N
 
 def test_chunking_keeps_input_order(fake: FakeAIHub, models, tmp_path: Path) -> None:
     sample_bytes = 3 * 8 * 8 * 4
-    runtime, _ = runtime_with_events(make_cfg(tmp_path, chunk_bytes=2 * sample_bytes))
+    hub, _ = hub_with_events(tmp_path, chunk_bytes=2 * sample_bytes)
     exported = models["image_encoder"]
     inputs = image_inputs(5, seed=7)
-    compiled = runtime.compile(exported)
-    result = runtime.infer(compiled, inputs)
+    compiled = hub.compile(exported)
+    result = hub.infer(compiled, inputs)
 
     chunks = fake.jobs_of("inference", profiling=False)
     assert len(chunks) == 3
@@ -326,14 +339,21 @@ def test_chunking_keeps_input_order(fake: FakeAIHub, models, tmp_path: Path) -> 
     assert list(distance.argmin(axis=1)) == [0, 1, 2, 3, 4]
 
 
-def test_samples_per_chunk() -> None:
-    default = HubSettings().chunk_bytes
+def test_samples_per_chunk(fake: FakeAIHub, tmp_path: Path) -> None:
+    default = AIHubConfig().chunk_bytes
+    assert default == composed()[0].chunk_bytes
     assert samples_per_chunk((1, 3, 16, 112, 112), "float32", default) == 538
     assert samples_per_chunk((1, 77), "int32", 77 * 4 * 3) == 3
     with pytest.raises(ConfigError, match="chunk_bytes"):
         samples_per_chunk((1, 3, 224, 224), "float32", 1000)
     with pytest.raises(ConfigError, match="2 GB"):
-        HubSettings.from_cfg({"chunk_bytes": 3 * 1024**3})
+        make_hub(tmp_path, chunk_bytes=3 * 1024**3)
+    with pytest.raises(ConfigError, match="2 GB"):
+        samples_per_chunk((1, 77), "int32", 3 * 1024**3)
+    # A composed config is refused when it is loaded, naming the key.
+    with pytest.raises(ConfigError, match="hub.chunk_bytes="):
+        load_settings(compose_config("hub=aihub", f"hub.chunk_bytes={3 * 1024**3}"))
+    assert fake.requests == []
 
 
 # --------------------------------------------------------------------------- options, profile
@@ -355,8 +375,7 @@ def test_samples_per_chunk() -> None:
 )
 def test_compile_options_per_runtime(models, runtime: str, image: str, video: str) -> None:
     rt = OmegaConf.load(CONF / "runtime" / f"{runtime}.yaml")
-    channel_last = HubSettings.from_cfg(OmegaConf.load(CONF / "hub" / "aihub.yaml"))
-    cl = channel_last.channel_last_inputs
+    cl = composed()[0].channel_last_inputs
     assert compile_options(models["image_encoder"], rt.target_runtime, rt.compile_options, cl) == (
         image
     )
@@ -402,15 +421,14 @@ def test_graph_already_channel_last_is_not_forced(models) -> None:
 
 
 def test_extra_options_reach_the_jobs(fake: FakeAIHub, models, tmp_path: Path) -> None:
-    cfg = make_cfg(
+    hub, _ = hub_with_events(
         tmp_path,
         extra_compile_options="--qairt_version 2.31",
         extra_profile_options="--compute_unit npu",
         extra_inference_options="--compute_unit npu",
-        max_profiler_iterations=7,
+        profile_iterations=7,
     )
-    runtime, _ = runtime_with_events(cfg)
-    runtime.run_components([ComponentJob(models["text_encoder"], text_inputs(2))])
+    hub.run_components([ComponentJob(models["text_encoder"], text_inputs(2))])
     (compile_job,) = fake.jobs_of("compile")
     assert compile_job.request.options == TRACK1_OPTIONS + " --qairt_version 2.31"
     (profile_job,) = fake.jobs_of("inference", profiling=True)
@@ -424,9 +442,9 @@ def test_profile_with_missing_fields(fake: FakeAIHub, models, tmp_path: Path) ->
     fake.profile_detail = lambda job: pb.ProfileDetail(
         major_version=1, minor_version=0, execution_time=1234
     )
-    runtime, _ = runtime_with_events(make_cfg(tmp_path))
-    compiled = runtime.compile(models["text_encoder"])
-    profile = runtime.profile(compiled)
+    hub, _ = hub_with_events(tmp_path)
+    compiled = hub.compile(models["text_encoder"])
+    profile = hub.profile(compiled)
     assert profile.latency_ms == pytest.approx(1.234)
     assert all(math.isnan(v) for v in profile.peak_memory_mb)
     assert profile.compute_units == {}
@@ -450,14 +468,13 @@ def test_profile_with_missing_fields(fake: FakeAIHub, models, tmp_path: Path) ->
 
 
 def test_second_run_reuses_every_job(fake: FakeAIHub, models, tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path)
-    first, _ = runtime_with_events(cfg)
+    first, _ = hub_with_events(tmp_path)
     runs1 = first.run_components(track1_jobs(models))
     jobs_before = len(fake.jobs)
     uploads = (fake.count("POST", r"/models/$"), fake.count("POST", r"/datasets/$"))
     assert jobs_before == 6
 
-    second, events = runtime_with_events(cfg)
+    second, events = hub_with_events(tmp_path)
     runs2 = second.run_components(track1_jobs(models))
     assert len(fake.jobs) == jobs_before, "a rerun paid for new jobs"
     assert (fake.count("POST", r"/models/$"), fake.count("POST", r"/datasets/$")) == uploads
@@ -468,13 +485,13 @@ def test_second_run_reuses_every_job(fake: FakeAIHub, models, tmp_path: Path) ->
         assert run.compiled.job_id == runs1[component].compiled.job_id
         assert run.profile.latency_ms == runs1[component].profile.latency_ms
 
-    third, events = runtime_with_events(make_cfg(tmp_path, reuse=False))
+    third, events = hub_with_events(tmp_path, reuse=False)
     third.run_components(track1_jobs(models))
     assert len(fake.jobs) == 2 * jobs_before
     assert "REUSED" not in {e.status for e in events}
 
     # Different inputs are a different inference job; compile and profile are still reused.
-    fourth, events = runtime_with_events(cfg)
+    fourth, events = hub_with_events(tmp_path)
     fourth.run_components([ComponentJob(models["text_encoder"], text_inputs(5, seed=1))])
     assert statuses(events, "text_encoder", "compile") == ["REUSED"]
     assert statuses(events, "text_encoder", "inference")[0] == "SUBMITTED"
@@ -489,13 +506,12 @@ def test_second_run_reuses_every_job(fake: FakeAIHub, models, tmp_path: Path) ->
 def test_reused_job_with_expired_outputs_runs_again(
     fake: FakeAIHub, models, tmp_path: Path
 ) -> None:
-    cfg = make_cfg(tmp_path)
-    first, _ = runtime_with_events(cfg)
+    first, _ = hub_with_events(tmp_path)
     jobs = [ComponentJob(models["text_encoder"], text_inputs(3))]
     before = first.run_components(jobs)["text_encoder"]
     fake.expired |= {j.output_dataset_id for j in fake.jobs_of("inference", profiling=False)}
 
-    second, events = runtime_with_events(cfg)
+    second, events = hub_with_events(tmp_path)
     after = second.run_components(jobs)["text_encoder"]
     assert statuses(events, "text_encoder", "compile") == ["REUSED"]
     assert statuses(events, "text_encoder", "inference")[:2] == ["REUSED", "SUBMITTED"]
@@ -513,15 +529,14 @@ class _Interrupted(Exception):
 def test_interrupted_run_resumes_in_flight_jobs(
     fake: FakeAIHub, models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = make_cfg(tmp_path)
     fake.hold = True  # the queue is slow: nothing finishes
 
     def interrupt(seconds: float) -> None:
         raise _Interrupted
 
     with monkeypatch.context() as m:
-        m.setattr(aihub.time, "sleep", interrupt)
-        first, _ = runtime_with_events(cfg)
+        m.setattr(aihub_jobs.time, "sleep", interrupt)
+        first, _ = hub_with_events(tmp_path)
         with pytest.raises(_Interrupted):
             first.run_components(track1_jobs(models))
     ledger = ledger_lines(tmp_path / "cache" / "aihub_ledger.jsonl")
@@ -529,7 +544,7 @@ def test_interrupted_run_resumes_in_flight_jobs(
     assert len(fake.jobs_of("compile")) == 2
 
     fake.hold = False
-    second, events = runtime_with_events(cfg)
+    second, events = hub_with_events(tmp_path)
     runs = second.run_components(track1_jobs(models))
     assert len(fake.jobs_of("compile")) == 2, "an in-flight compile job was submitted again"
     for component, run in runs.items():
@@ -559,9 +574,9 @@ def test_ledger_file_semantics(tmp_path: Path) -> None:
 
 def test_failed_job_reports_reason_and_ids(fake: FakeAIHub, models, tmp_path: Path) -> None:
     fake.compile_failures["text_encoder"] = "Unsupported op ArgMax on HTP at node /text/argmax"
-    runtime, events = runtime_with_events(make_cfg(tmp_path))
+    hub, events = hub_with_events(tmp_path)
     with pytest.raises(RuntimeStageError) as err:
-        runtime.run_components(track1_jobs(models))
+        hub.run_components(track1_jobs(models))
     text_job = next(j for j in fake.jobs_of("compile") if j.failure)
     message = str(err.value)
     assert "Unsupported op ArgMax on HTP at node /text/argmax" in message
@@ -576,16 +591,16 @@ def test_failed_job_reports_reason_and_ids(fake: FakeAIHub, models, tmp_path: Pa
 
     # A failed job is not reused: the next run compiles again.
     fake.compile_failures.clear()
-    rerun, _ = runtime_with_events(make_cfg(tmp_path))
+    rerun, _ = hub_with_events(tmp_path)
     runs = rerun.run_components(track1_jobs(models))
     assert runs["text_encoder"].compiled.job_id != text_job.job_id
 
 
 def test_failed_inference_chunk(fake: FakeAIHub, models, tmp_path: Path) -> None:
     fake.inference_failures["inference"] = "Device lost during inference"
-    runtime, _ = runtime_with_events(make_cfg(tmp_path))
+    hub, _ = hub_with_events(tmp_path)
     with pytest.raises(RuntimeStageError, match="Device lost during inference") as err:
-        runtime.run_components([ComponentJob(models["text_encoder"], text_inputs(2))])
+        hub.run_components([ComponentJob(models["text_encoder"], text_inputs(2))])
     (compile_job,) = fake.jobs_of("compile")
     assert compile_job.job_id in str(err.value)
 
@@ -595,7 +610,7 @@ def test_missing_token_fails_before_any_request(
 ) -> None:
     monkeypatch.delenv("QAI_HUB_API_TOKEN")
     with pytest.raises(ConfigError) as err:
-        build_runtime(make_cfg(tmp_path))
+        make_hub(tmp_path)
     message = str(err.value)
     assert "QAI_HUB_API_TOKEN" in message and "qai-hub configure --api_token" in message
     assert "absent-client.ini" in message
@@ -605,7 +620,7 @@ def test_missing_token_fails_before_any_request(
     ini.write_text("[api]\napi_url = https://x.invalid\nweb_url = https://x.invalid\n")
     monkeypatch.setenv("QAIHUB_CLIENT_INI", str(ini))
     with pytest.raises(ConfigError, match="could not be read"):
-        build_runtime(make_cfg(tmp_path))
+        make_hub(tmp_path)
     assert fake.requests == []
 
 
@@ -617,38 +632,121 @@ def test_token_from_client_ini(fake: FakeAIHub, tmp_path: Path, monkeypatch) -> 
         f"web_url = https://workbench.aihub.qualcomm.com\napi_token = {TOKEN}\n"
     )
     monkeypatch.setenv("QAIHUB_CLIENT_INI", str(ini))
-    runtime = build_runtime(make_cfg(tmp_path))
-    assert runtime.list_devices() == sorted(DEVICES)
+    hub = make_hub(tmp_path)
+    assert hub.list_devices() == sorted(DEVICES)
 
 
 def test_rejected_token_is_a_config_error(fake: FakeAIHub, tmp_path: Path, monkeypatch) -> None:
     wrong = "qaihub-wrong-token-0000"
     monkeypatch.setenv("QAI_HUB_API_TOKEN", wrong)
-    runtime = build_runtime(make_cfg(tmp_path))
+    hub = make_hub(tmp_path)
     with pytest.raises(ConfigError, match="rejected the API token") as err:
-        runtime.list_devices()
+        hub.list_devices()
     assert wrong not in str(err.value)
 
 
 def test_host_cpu_is_not_an_aihub_device(fake: FakeAIHub, tmp_path: Path) -> None:
+    settings, _, runtime = composed()
+    host_cpu = DeviceConfig(name="host_cpu", aihub_name=None)
     with pytest.raises(ConfigError, match="device=host_cpu has no AI Hub device"):
-        build_runtime(make_cfg(tmp_path, device="host_cpu"))
+        AIHub(settings, host_cpu, runtime, track="retrieval", cache_dir=tmp_path)
+    # A composed config is refused when it is loaded, before any hub is built.
+    with pytest.raises(ConfigError, match="device=host_cpu has no AI Hub device"):
+        load_settings(compose_config("hub=aihub", "device=host_cpu"))
     assert fake.requests == []
 
 
 def test_unknown_device_name(fake: FakeAIHub, models, tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path)
-    cfg.device.aihub_name = "Snapdragon 9 Gen 9"
-    runtime, _ = runtime_with_events(cfg)
+    settings, device, runtime = composed()
+    unknown = dataclasses.replace(device, aihub_name="Snapdragon 9 Gen 9")
+    hub = AIHub(settings, unknown, runtime, track="retrieval", cache_dir=tmp_path / "cache")
     with pytest.raises(ConfigError, match="lpcvlab hub devices"):
-        runtime.compile(models["text_encoder"])
+        hub.compile(models["text_encoder"])
     assert fake.count("POST", r"/models/$") == 0
+    with pytest.raises(ConfigError, match="lpcvlab hub devices"):
+        hub.preflight()
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def one_line(error: BaseException) -> str:
+    message = str(error)
+    assert message and "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        ("dns", f"the name {API_HOST} could not be resolved (DNS)"),
+        ("refused", f"{API_HOST} refused the connection"),
+        ("connect_timeout", f"{API_HOST} did not accept a connection within 0.5 s"),
+    ],
+)
+def test_unreachable_ai_hub_is_one_line_at_once(
+    fake: FakeAIHub, tmp_path: Path, failure: str, reason: str
+) -> None:
+    fake.fail_requests(lambda m, p: True, times=100, failure=failure)
+    hub = make_hub(tmp_path, connect_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as err:
+        hub.preflight()
+    elapsed = time.monotonic() - started
+    message = one_line(err.value)
+    assert reason in message
+    assert f"https://{API_HOST}" in message
+    assert "proxy" in message and "api_url" in message and "absent-client.ini" in message
+    assert elapsed < 5.0  # "within 60 s": at most the connect timeout, plus a little
+    if failure == "connect_timeout":
+        assert elapsed >= 0.5  # the timeout given was the one waited
+    # One probe, no retries, and nothing uploaded or submitted.
+    assert fake.requests == [("GET", f"https://{API_HOST}/")]
+
+
+def test_rejected_token_stops_preflight(fake: FakeAIHub, tmp_path: Path, monkeypatch) -> None:
+    wrong = "qaihub-wrong-token-0000"
+    monkeypatch.setenv("QAI_HUB_API_TOKEN", wrong)
+    hub = make_hub(tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="rejected the API token") as err:
+        hub.preflight()
+    assert time.monotonic() - started < 5.0
+    message = one_line(err.value)
+    assert "QAI_HUB_API_TOKEN" in message and "qai-hub configure --api_token" in message
+    assert wrong not in message
+    assert [m for m, _ in fake.requests] == ["GET", "GET"]  # the probe, the device lookup
+    assert fake.count("GET", r"/devices/$") == 1  # a 401 is not retried
+
+
+def test_preflight_checks_reachability_token_and_device_once(
+    fake: FakeAIHub, models, tmp_path: Path
+) -> None:
+    hub = make_hub(tmp_path)
+    hub.preflight()
+    assert [urlpath(u) for _, u in fake.requests] == ["/", "/api/v1/devices/"]
+    hub.compile(models["text_encoder"])
+    # lpcvlab checked the device once; the client selects it itself for each submission.
+    lookups = [u for m, u in fake.requests if urlpath(u) == "/api/v1/devices/"]
+    assert ["select=True" in u for u in lookups] == [False, True]
+
+
+def urlpath(url: str) -> str:
+    return re.sub(r"^https://[^/]+", "", url).split("?")[0]
+
+
+# --------------------------------------------------------------------------- the client's retries
+
+
+def retry_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the client's urllib3 retries logged (qai_hub's ``LogRetry``), one per retry."""
+    return [r.getMessage() for r in caplog.records if r.name == "LogRetry"]
 
 
 def test_transient_network_errors_are_retried(
     fake: FakeAIHub, models, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    runtime, events = runtime_with_events(make_cfg(tmp_path))
+    hub, events = hub_with_events(tmp_path)
     status_poll = re.compile(r"/api/v1/jobs/[^/]+/")
 
     def arm(event: JobEvent) -> None:
@@ -656,44 +754,94 @@ def test_transient_network_errors_are_retried(
         if event.kind == "compile" and event.status == "SUBMITTED":
             fake.fail_requests(lambda m, p: m == "GET" and bool(status_poll.fullmatch(p)), 2)
 
-    runtime.job_listener = arm
-    with caplog.at_level(logging.WARNING, logger="lpcvlab"):
-        runs = runtime.run_components(track1_jobs(models))
+    hub.job_listener = arm
+    with caplog.at_level(logging.INFO, logger="LogRetry"):
+        runs = hub.run_components(track1_jobs(models))
     assert set(runs) == {"image_encoder", "text_encoder"}
     assert len(fake.jobs_of("compile")) == 2, "a retry resubmitted a job"
-    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert len(retries) == 4 and "Could not connect" in retries[0]
+    retries = retry_logs(caplog)
+    assert len(fake.failed) == 4 and len(retries) == 4
+    assert all("Connection refused" in r for r in retries)
+    retried = [r.getMessage() for r in caplog.records if r.name == "urllib3.connectionpool"]
+    assert len(retried) == 4 and all(re.search(r"/api/v1/jobs/j\d+/$", r) for r in retried)
 
-    # When the network stays down, the error says what failed and how often it was tried.
+    # When the network stays down past the client's retries, one line says what failed.
     fake.fail_requests(lambda m, p: m == "GET" and p.endswith("/devices/"), times=10)
-    retry_once, _ = runtime_with_events(make_cfg(tmp_path, retries=1))
-    with pytest.raises(RuntimeStageError, match="listing devices failed after 2 tries"):
-        retry_once.list_devices()
+    before = fake.count("GET", r"/devices/$")
+    with pytest.raises(RuntimeStageError, match="listing devices failed") as err:
+        make_hub(tmp_path).list_devices()
+    message = one_line(err.value)
+    assert "Could not connect to Qualcomm AI Hub" in message and "|" not in message
+    assert f"Please visit https://{API_HOST} to check the service's status" in message
+    assert fake.count("GET", r"/devices/$") - before == CLIENT_TRIES
+
+
+def test_503_and_dropped_connection_while_polling_are_retried(
+    fake: FakeAIHub, models, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hub, events = hub_with_events(tmp_path)
+    polled: list[str] = []
+
+    def arm(event: JobEvent) -> None:
+        events.append(event)
+        # In the middle of the run, once the driver is polling the compile jobs: their next
+        # status polls meet a 503 twice, then a dropped connection twice.
+        if event.status == "OPTIMIZING_MODEL" and not polled:
+            polled.extend(fake.jobs)
+            paths = {f"/api/v1/jobs/{job_id}/" for job_id in polled}
+            polls = lambda m, p: m == "GET" and p in paths  # noqa: E731
+            fake.fail_requests(polls, times=2, failure=503)
+            fake.fail_requests(polls, times=2, failure="dropped")
+
+    hub.job_listener = arm
+    with caplog.at_level(logging.INFO, logger="LogRetry"):
+        runs = hub.run_components(track1_jobs(models))
+    assert [j.kind for j in fake.jobs.values() if j.job_id in polled] == ["compile", "compile"]
+    assert [f for _, _, f in fake.failed] == [503, 503, "dropped", "dropped"]
+    assert all(urlpath(url) in {f"/api/v1/jobs/{j}/" for j in polled} for _, url, _ in fake.failed)
+    assert len(retry_logs(caplog)) == 4
+    assert set(runs) == {"image_encoder", "text_encoder"}
+    assert len(fake.jobs) == 6, "a retry resubmitted a job"
+    for component, run in runs.items():
+        assert run.inference.metrics["device_parity_cosine_min"] > 0.999
+        assert statuses(events, component, "compile").count("SUBMITTED") == 1
 
 
 def test_job_created_while_the_network_drops_is_not_paid_twice(
-    fake: FakeAIHub, models, tmp_path: Path
+    fake: FakeAIHub, models, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The job is created, then every attempt to fetch it fails: the run stops, but the job is in
-    # the ledger and the next run picks it up instead of creating another one.
-    fake.fail_requests(lambda m, p: m == "GET" and p.startswith("/api/v1/jobs/"), times=2)
-    runtime, events = runtime_with_events(make_cfg(tmp_path, retries=1))
-    with pytest.raises(RuntimeStageError, match="created compile job j.* rerun to pick it up"):
-        runtime.run_components([ComponentJob(models["text_encoder"], text_inputs(2))])
+    jobs_url = lambda m, p: m == "GET" and p.startswith("/api/v1/jobs/")  # noqa: E731
+    text = [ComponentJob(models["text_encoder"], text_inputs(2))]
+
+    # A blip right after the job was created: the client's retries fetch it, nothing is lost.
+    fake.fail_requests(jobs_url, times=3, failure="dropped")
+    with caplog.at_level(logging.INFO, logger="LogRetry"):
+        make_hub(tmp_path, ledger_path=str(tmp_path / "blip.jsonl")).compile(text[0].exported)
+    assert len(fake.jobs_of("compile")) == 1 and len(retry_logs(caplog)) == 3
+    fake.jobs.clear()
+
+    # The job is created, then every try of the client to fetch it fails: the run stops, but
+    # the job is in the ledger and the next run picks it up instead of creating another one.
+    fake.fail_requests(jobs_url, times=CLIENT_TRIES)
+    hub, events = hub_with_events(tmp_path)
+    with pytest.raises(RuntimeStageError, match="created compile job j.* rerun to pick it up") as e:
+        hub.run_components(text)
+    one_line(e.value)
     (created,) = fake.jobs_of("compile")
+    assert fake.count("GET", rf"/jobs/{created.job_id}/$") == CLIENT_TRIES
     assert statuses(events, "text_encoder", "compile") == ["SUBMITTED"]
     assert [e["job_id"] for e in ledger_lines(tmp_path / "cache" / "aihub_ledger.jsonl")] == [
         created.job_id
     ]
 
-    rerun, events = runtime_with_events(make_cfg(tmp_path, retries=1))
-    run = rerun.run_components([ComponentJob(models["text_encoder"], text_inputs(2))])
+    rerun, events = hub_with_events(tmp_path)
+    run = rerun.run_components(text)
     assert run["text_encoder"].compiled.job_id == created.job_id
     assert statuses(events, "text_encoder", "compile")[0] == "RESUMED"
     assert len(fake.jobs_of("compile")) == 1
 
 
-def test_token_never_leaves_the_runtime(
+def test_token_never_leaves_the_hub(
     fake: FakeAIHub,
     models,
     tmp_path: Path,
@@ -702,17 +850,20 @@ def test_token_never_leaves_the_runtime(
 ) -> None:
     # The service echoes the token in a failure reason: it must still not get out.
     fake.inference_failures["text_encoder inference"] = f"request signed with {TOKEN} was refused"
-    cfg = make_cfg(tmp_path, share_with=["lpcv@example.com"])
-    runtime, events = runtime_with_events(cfg)
+    # A retried request too: the client logs what it retries.
+    fake.fail_requests(lambda m, p: m == "GET" and p.endswith("/devices/"), times=1)
+    hub, events = hub_with_events(tmp_path, share_with=["lpcv@example.com"])
     texts: list[str] = []
     with caplog.at_level(logging.DEBUG):
-        runs = runtime.run_components([ComponentJob(models["image_encoder"], image_inputs(2))])
+        hub.preflight()
+        runs = hub.run_components([ComponentJob(models["image_encoder"], image_inputs(2))])
         texts.append(repr(runs))
         with pytest.raises(RuntimeStageError) as err:
-            runtime.run_components([ComponentJob(models["text_encoder"], text_inputs(2))])
+            hub.run_components([ComponentJob(models["text_encoder"], text_inputs(2))])
         texts.append(str(err.value))
     captured = capsys.readouterr()
-    texts += [caplog.text, captured.out, captured.err, repr(events), repr(runtime.__dict__)]
+    texts += [caplog.text, captured.out, captured.err, repr(events), repr(hub.__dict__)]
+    texts.append(json.dumps(hub.identity()))
     exc: BaseException | None = err.value
     while exc is not None:  # nothing attached to the error quotes it either
         texts.append(repr(exc))
@@ -724,15 +875,15 @@ def test_token_never_leaves_the_runtime(
     # The token was in use all along (every API request carried it).
     assert fake.count("GET", r"/devices/$") > 0
     assert len(caplog.records) > 10
+    assert retry_logs(caplog)
 
 
 def test_compile_jobs_are_shared(
     fake: FakeAIHub, models, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = make_cfg(tmp_path, share_with=["lpcv@example.com", "team@example.com"])
-    runtime, events = runtime_with_events(cfg)
+    hub, events = hub_with_events(tmp_path, share_with=["lpcv@example.com", "team@example.com"])
     with caplog.at_level(logging.INFO, logger="lpcvlab"):
-        runs = runtime.run_components(track1_jobs(models, n=2))
+        runs = hub.run_components(track1_jobs(models, n=2))
     for component, run in runs.items():
         assert fake.shared[run.compiled.job_id] == ["lpcv@example.com", "team@example.com"]
         assert "SHARED with lpcv@example.com, team@example.com" in statuses(
@@ -742,41 +893,131 @@ def test_compile_jobs_are_shared(
     assert "SHARED with lpcv@example.com" in caplog.text
 
 
+def test_only_the_asked_stages_run(fake: FakeAIHub, models, tmp_path: Path) -> None:
+    hub, events = hub_with_events(tmp_path)
+    runs = hub.run_components(
+        [
+            ComponentJob(models["image_encoder"], image_inputs(2), frozenset({"compile"})),
+            ComponentJob(models["text_encoder"], text_inputs(2), frozenset({"inference"})),
+        ]
+    )
+    image, text = runs["image_encoder"], runs["text_encoder"]
+    assert image.compiled.job_id and image.profile is None and image.inference is None
+    assert text.profile is None and text.inference.outputs.shape == (2, 16)
+    assert len(fake.jobs_of("compile")) == 2
+    assert fake.jobs_of("inference", profiling=True) == []
+    assert [j.request.name for j in fake.jobs_of("inference")] == [
+        "retrieval-text_encoder inference"
+    ]
+
+    # Profile alone: the compile job is reused from the ledger, and only a profile job is new.
+    (run,) = hub.run_components(
+        [ComponentJob(models["image_encoder"], image_inputs(0), frozenset({"profile"}))]
+    ).values()
+    assert run.profile.latency_ms == pytest.approx(5.4) and run.inference is None
+    assert run.compiled.job_id == image.compiled.job_id
+    assert len(fake.jobs) == 4
+
+
 # --------------------------------------------------------------------------- config, CLI, files
 
 
-def test_composed_config_builds_the_runtime(fake: FakeAIHub, tmp_path: Path) -> None:
-    overrides = [
+def test_composed_config_builds_the_hub(fake: FakeAIHub, tmp_path: Path) -> None:
+    cfg = compose_config(
         "hub=aihub",
         "runtime=qnn_context_binary",
         "device=dragonwing_iq9075_evk",
         f"paths.cache_dir={tmp_path}/cache",
         "hub.share_with=[lpcv@example.com]",
-    ]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    runtime = build_runtime(cfg)
-    assert isinstance(runtime, AIHubRuntime)
-    assert runtime.device == "Dragonwing IQ-9075 EVK"
-    assert runtime.target_runtime == "qnn_context_binary"
-    assert runtime.settings.share_with == ("lpcv@example.com",)
-    assert "video" in runtime.channel_last_inputs
-    assert runtime.ledger.path == tmp_path / "cache" / "aihub_ledger.jsonl"
-    assert fake.requests == []  # building the runtime costs nothing
+    )
+    settings = load_settings(cfg)
+    hub = build_hub(
+        settings.hub,
+        settings.device,
+        settings.runtime,
+        track=settings.track.name,
+        cache_dir=settings.paths.cache_dir,
+    )
+    assert isinstance(hub, AIHub) and isinstance(hub, Hub)
+    assert (hub.name, hub.records_jobs, hub.job_listener) == ("aihub", True, None)
+    assert hub.device == "Dragonwing IQ-9075 EVK"
+    assert hub.target_runtime == "qnn_context_binary"
+    assert hub.settings.share_with == ["lpcv@example.com"]
+    assert "video" in hub.channel_last_inputs
+    assert hub.ledger.path == tmp_path / "cache" / "aihub_ledger.jsonl"
+    assert fake.requests == []  # building the hub costs nothing
+
+    other = dataclasses.replace(settings.hub, ledger_path=str(tmp_path / "elsewhere.jsonl"))
+    moved = build_hub(other, settings.device, settings.runtime, track="retrieval", cache_dir="x")
+    assert isinstance(moved, AIHub) and moved.ledger.path == tmp_path / "elsewhere.jsonl"
 
 
-def test_every_hub_key_is_read() -> None:
+def test_identity_without_secrets(fake: FakeAIHub, tmp_path: Path) -> None:
+    hub = make_hub(tmp_path, runtime="qnn_context_binary", device="dragonwing_iq9075_evk")
+    identity = hub.identity()
+    assert json.loads(json.dumps(identity)) == identity
+    assert identity["device"] == {
+        "name": "dragonwing_iq9075_evk",
+        "aihub_name": "Dragonwing IQ-9075 EVK",
+    }
+    assert identity["runtime"]["target_runtime"] == "qnn_context_binary"
+    assert identity["hub"]["profile_iterations"] == 100
+    assert identity["qai_hub"] == str(qai_hub.__version__) == "0.56.0"
+    assert identity["api_url"] == f"https://{API_HOST}"
+    assert TOKEN not in json.dumps(identity)
+    # How lpcvlab waits or records jobs does not change what a job computes.
+    assert (
+        make_hub(tmp_path, poll_interval_s=3, reuse=False).identity()
+        == make_hub(tmp_path).identity()
+    )
+    assert make_hub(tmp_path, parity_samples=4).identity() != make_hub(tmp_path).identity()
+    assert fake.requests == []
+
+
+def test_every_hub_key_is_read(fake: FakeAIHub, models, tmp_path: Path) -> None:
+    """Every ``hub`` key is documented in conf/hub/aihub.yaml and read by the back-end itself."""
     cfg = OmegaConf.load(CONF / "hub" / "aihub.yaml")
-    keys = set(cfg) - {"name"}
-    assert keys == {f for f in HubSettings.__dataclass_fields__}
+    keys = set(cfg) - {"defaults"}
+    fields = {f.name for f in dataclasses.fields(AIHubConfig)}
+    assert keys == fields
     assert cfg.name == "aihub"
-    settings = HubSettings.from_cfg(cfg)
-    assert settings.max_profiler_iterations == 100 and settings.reuse is True
-    assert settings.share_with == () and settings.channel_last_inputs == ("video",)
-    with pytest.raises(ConfigError, match="hub.max_profiler_iteration "):
-        HubSettings.from_cfg({**OmegaConf.to_container(cfg), "max_profiler_iteration ": 5})
-    with pytest.raises(ConfigError, match="unknown hub.reuse_jobs"):
-        HubSettings.from_cfg({"reuse_jobs": True})
+    settings = composed()[0]
+    assert settings.profile_iterations == 100 and settings.reuse is True
+    assert settings.share_with == [] and settings.channel_last_inputs == ["video"]
+
+    read: set[str] = set()
+
+    class Spy(AIHubConfig):
+        """Notes each field read from code in lpcvlab.hubs.aihub (not schema checks)."""
+
+        def __getattribute__(self, name: str):
+            if name in fields:
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                if caller.startswith("lpcvlab.hubs.aihub"):
+                    read.add(name)
+            return super().__getattribute__(name)
+
+    spy = Spy(**{f: getattr(settings, f) for f in fields - {"poll_interval_s", "share_with"}})
+    spy.poll_interval_s, spy.share_with = 0, ["lpcv@example.com"]
+    _, device, runtime = composed()
+    hub = AIHub(spy, device, runtime, track="retrieval", cache_dir=tmp_path / "cache")
+    hub.preflight()
+    hub.run_components(track1_jobs(models, n=2))
+    assert read == fields - {"name"}  # `name` picks the back-end (hub=aihub)
+
+    # Keys the schema does not have -- typos, and the retired retry settings -- stop composing.
+    for override in (
+        "hub.max_profiler_iterations=5",
+        "hub.reuse_jobs=true",
+        "hub.retries=3",
+        "hub.retry_backoff_s=0",
+    ):
+        key = override.split("=")[0]
+        with pytest.raises(Exception) as err:
+            compose_config("hub=aihub", override)
+        assert composition_error(err.value) == (
+            f"{key} is not a setting of hub=aihub; check the spelling or the group option"
+        )
 
 
 def test_hub_devices_cli(fake: FakeAIHub, capsys: pytest.CaptureFixture[str]) -> None:
@@ -785,6 +1026,35 @@ def test_hub_devices_cli(fake: FakeAIHub, capsys: pytest.CaptureFixture[str]) ->
     args = parser.parse_args(["hub", "devices", "--attribute", "framework:qnn"])
     assert args.func(args) == 0
     assert capsys.readouterr().out.splitlines() == sorted(DEVICES)
+
+    # Unreachable: one line at once, not the client's retries.
+    fake.fail_requests(lambda m, p: True, times=100, failure="dns")
+    before = len(fake.requests)
+    with pytest.raises(ConfigError, match="could not be resolved"):
+        args.func(args)
+    assert len(fake.requests) == before + 1
+
+
+def test_ledger_appends_whole_lines_from_many_processes(tmp_path: Path) -> None:
+    """Parallel sweep jobs share one ledger: concurrent appends never interleave."""
+    import multiprocessing
+
+    path = tmp_path / "shared.jsonl"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        pool.starmap(_record_many, [(str(path), w) for w in range(2)])
+    ledger = JobLedger(path)
+    assert len(ledger_lines(path)) == 2 * 25
+    assert {e.job_id for e in ledger.entries()} == {
+        f"w{w}-{i}" for w in range(2) for i in range(25)
+    }
+
+
+def _record_many(path: str, worker: int) -> None:
+    ledger = JobLedger(path)
+    for i in range(25):
+        key = job_key("compile", "dev", "", {"n": f"{worker}-{i}"})
+        ledger.record(LedgerEntry(key, "compile", "c", f"w{worker}-{i}", "SUBMITTED", "dev", ""))
 
 
 def test_odd_external_data_is_restaged(tmp_path: Path) -> None:
@@ -797,9 +1067,9 @@ def test_odd_external_data_is_restaged(tmp_path: Path) -> None:
     onnx.save_model(
         model, str(odd), save_as_external_data=True, location="weights.bin", size_threshold=0
     )
-    files = aihub._external_data_files(odd)
+    files = stages.external_data_files(odd)
     assert [f.name for f in files] == ["weights.bin"]
-    staged = aihub._stage_model(odd, files, tmp_path / "stage")
+    staged = stages.stage_model(odd, files, tmp_path / "stage")
     assert staged.name == "odd.onnx" and staged.is_dir()
     assert sorted(p.name for p in staged.iterdir()) == ["odd.data", "odd.onnx"]
     x = image_inputs(1)

@@ -100,9 +100,7 @@ def test_runtime_stages_are_reused_per_component_and_stage(tmp_path):
     inputs = np.arange(12, dtype=np.float32).reshape(3, 4)
 
     first_hub = FakeHub()
-    first = CachedHub(first_hub, StageCache(store, "run-1")).run_components(
-        _jobs(tmp_path, inputs)
-    )
+    first = CachedHub(first_hub, StageCache(store, "run-1")).run_components(_jobs(tmp_path, inputs))
     assert sorted(first_hub.calls) == sorted(
         (s, c) for s in ("compile", "profile", "infer") for c in ("a", "b")
     )
@@ -136,9 +134,7 @@ def test_runtime_stages_are_reused_per_component_and_stage(tmp_path):
 
     # New inputs: the profile is still valid, inference is not.
     hub = FakeHub()
-    other = CachedHub(hub, StageCache(store, "run-4")).run_components(
-        _jobs(tmp_path, inputs + 1)
-    )
+    other = CachedHub(hub, StageCache(store, "run-4")).run_components(_jobs(tmp_path, inputs + 1))
     assert sorted(hub.calls) == [("compile", "a"), ("compile", "b"), ("infer", "a"), ("infer", "b")]
     assert other["a"].inference.outputs[0, 0] == first["a"].inference.outputs[0, 0] + 8
 

@@ -138,7 +138,10 @@ def test_a_preset_setting_a_key_only_the_other_hub_has_names_both(tmp_path):
     ("args", "words"),
     [
         (["hub.foo=1"], ["error: hub.foo is not a setting of hub=local"]),
-        (["track=retrieval", "preprocess=dynamic_fps"], ["preprocess=dynamic_fps", "track=retrieval"]),
+        (
+            ["track=retrieval", "preprocess=dynamic_fps"],
+            ["preprocess=dynamic_fps", "track=retrieval"],
+        ),
         (["-m", "seed=0,1", "hub.warmup_iterations=-1"], ["hub.warmup_iterations=-1", ">= 0"]),
     ],
 )

@@ -39,7 +39,6 @@ def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path): 
     cfg = _aihub_cfg(
         tmp_path,
         "hub.poll_interval_s=0",
-        "hub.retry_backoff_s=0",
         "hub.share_with=[lpcv@example.com]",
         "cache.enabled=false",
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build_track_for, DATA
+from conftest import DATA, build_track_for
 from PIL import Image
 
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset

@@ -137,4 +137,3 @@ def hydra_entry(main: Callable[[], Any]) -> None:
     finally:
         if not user_wants_full:
             os.environ.pop("HYDRA_FULL_ERROR", None)
-

@@ -29,10 +29,17 @@ def add_hub_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def devices_command(args: argparse.Namespace) -> int:
-    """Print one device name per line, so that it can be pasted into device.aihub_name."""
-    from lpcvlab.runtimes.aihub import list_devices
+    """Print one device name per line, so that it can be pasted into device.aihub_name.
 
-    names = list_devices(attributes=list(getattr(args, "attribute", []) or []))
+    When AI Hub cannot be reached, one line says so within the default ``hub.connect_timeout_s``
+    instead of after the client's retries.
+    """
+    from lpcvlab.config.schema import AIHubConfig
+    from lpcvlab.hubs.aihub.client import list_devices, make_client, probe
+
+    client = make_client()
+    probe(client.config.api_url, AIHubConfig().connect_timeout_s)
+    names = list_devices(client, attributes=list(getattr(args, "attribute", []) or []))
     for name in names:
         print(name)
     if not names:

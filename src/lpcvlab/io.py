@@ -1,4 +1,4 @@
-"""Writing files safely: atomic replacement, cross-process locks, and disk-full errors that say where.
+"""Writing files safely: atomic replacement, cross-process locks, disk-full errors naming the path.
 
 Parallel sweep jobs share caches, ledgers and demo folders, so every shared file is written to a
 temporary name beside its destination and moved into place (readers never see half a file), and

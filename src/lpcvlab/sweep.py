@@ -14,9 +14,9 @@
 
 A job that fails with a user error returns no objective (``lpcvlab.app.run_job``) and leaves its
 reason in ``<job output dir>/.lpcvlab/job_error.txt`` for ``on_job_end``: its run is FAILED (or
-never started, for a config that cannot run), the sweep goes on and the parent counts it. If the sweep itself dies (an unexpected
-exception re-raised by Hydra's sweeper, Ctrl-C), an exit hook still summarises what finished and
-ends the parent FAILED. Single runs are left alone.
+never started, for a config that cannot run), the sweep goes on and the parent counts it. If the
+sweep itself dies (an unexpected exception re-raised by Hydra's sweeper, Ctrl-C), an exit hook
+still summarises what finished and ends the parent FAILED. Single runs are left alone.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import sqlite3
 import subprocess
@@ -125,8 +124,9 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrackingStoreError(
-                f"MLflow store {uri}: cannot create the folder {path.parent} ({exc.strerror or exc})"
-                "; set tracking.uri (or MLFLOW_TRACKING_URI) to a writable place"
+                f"MLflow store {uri}: cannot create the folder {path.parent} "
+                f"({exc.strerror or exc}); set tracking.uri (or MLFLOW_TRACKING_URI) to a "
+                "writable place"
             ) from None
         if not path.exists() and not is_uri:
             if not os.access(path.parent, os.W_OK | os.X_OK):

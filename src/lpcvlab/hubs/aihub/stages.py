@@ -1,0 +1,587 @@
+"""The stages of one component on AI Hub: what each submits, and what it makes of a finished job.
+
+1. **compile** (:meth:`Stages.start_compile`) -- the exported ONNX file is uploaded (as a
+   ``<name>.onnx/`` directory holding the graph and one ``.data`` file when its weights are
+   external) and compiled with ``--target_runtime <runtime.target_runtime>
+   <runtime.compile_options>`` plus what the component needs plus ``hub.extra_compile_options``
+   (:func:`~lpcvlab.hubs.aihub.settings.compile_options`); the job is shared with
+   ``hub.share_with``. The compiled model's input name, shape, dtype and layout are read from the
+   job's target shapes (:class:`HubTarget`), so they follow what AI Hub actually built.
+2. **profile** (:meth:`Stages.start_profile`) -- an inference job with profiling on and random
+   inputs, ``--max_profiler_iterations <hub.profile_iterations>``; ``download_profile()`` is
+   parsed by :func:`lpcvlab.hubs.profile.parse_profile`.
+3. **inference** (:meth:`Stages.start_inference`) -- the inputs go up as datasets of at most
+   ``hub.chunk_bytes`` each (AI Hub refuses datasets over 2 GB), one job per chunk; outputs come
+   back in input order, a reused job whose outputs AI Hub has deleted (after 30 days) runs again,
+   and the first ``hub.parity_samples`` are compared with ONNX Runtime on this machine
+   (:func:`lpcvlab.hubs.parity.device_parity`).
+
+When compile finishes, :meth:`Stages.after_compile` starts the stages the component asked for
+(``ComponentJob.stages``); every job goes through the :class:`~lpcvlab.hubs.aihub.jobs.JobDriver`,
+which knows jobs only by kind, ledger key and ID.
+
+Layout convention: inputs arrive in the exported layout, ``(N, C, ...)`` for a channel-first
+graph. When the compiled model takes an input channel-last (``--force_channel_last_input``;
+Track 2's ``video`` is ``(1, 16, 112, 112, 3)`` on device), each sample is transposed with
+``np.moveaxis(x, 1, -1)`` before upload; 64-bit integer inputs are cast to the device's dtype
+(int32 under ``--truncate_64bit_io``). Outputs come back as the device produces them.
+
+**Where a quantize stage goes** (AI Hub's ``submit_quantize_job``: an ONNX model plus a
+calibration dataset in, a quantized ONNX model out). Beside :meth:`Stages.start_compile`: a
+``start_quantize(state)`` uploads the export and the calibration dataset and calls
+``self.driver.start("quantize", state.trail, {"model_sha256": ..., "calibration_sha256": ...},
+options, submit, on_success)``, its ``submit`` calling ``client.submit_quantize_job`` through
+:func:`~lpcvlab.hubs.aihub.client.submit`. Its ``on_success`` keeps
+``p.job.get_target_model()`` on the state and returns ``[self.start_compile(state)]``;
+:meth:`_source_model` then hands compile that model instead of uploading the export, and the
+compile key's ``model_sha256`` becomes the quantize job's. ``AIHub.run_components`` starts with
+``start_quantize`` for a job whose stages include ``"quantize"``. The driver, the ledger, polling
+and reuse need no change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import qai_hub
+
+from lpcvlab.config.schema import AIHubConfig
+from lpcvlab.errors import RuntimeStageError
+from lpcvlab.hashing import array_sha256, file_sha256
+from lpcvlab.hubs.aihub.client import guard, submit
+from lpcvlab.hubs.aihub.jobs import Emit, JobDriver, JobTrail, LedgerEntry, Pending
+from lpcvlab.hubs.aihub.settings import (
+    channel_last_shape,
+    compile_options,
+    forced_channel_last,
+    inference_options,
+    profile_options,
+    samples_per_chunk,
+)
+from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE
+from lpcvlab.hubs.parity import device_parity
+from lpcvlab.hubs.profile import parse_profile
+from lpcvlab.types import CompileResult, ExportResult, InferenceResult, ProfileResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    """``CompileResult.handle`` of this hub: the compiled model on AI Hub and its device I/O.
+
+    Plain data (no client, no credentials), so it can be logged or pickled.
+    """
+
+    compile_job_id: str
+    model_id: str
+    device: str
+    options: str
+    input_name: str
+    device_shape: tuple[int, ...]
+    device_dtype: str
+    channel_last: bool
+
+
+@dataclass
+class ComponentState:
+    """One component on its way through the stages: what is asked for, and what came back."""
+
+    exported: ExportResult
+    inputs: np.ndarray | None = None
+    wanted: frozenset[str] = ALL_STAGES
+    compiled: CompileResult | None = None
+    profile: ProfileResult | None = None
+    chunk_outputs: list[np.ndarray | None] = field(default_factory=list)
+    infer_started: float = 0.0
+    inference: InferenceResult | None = None
+    trail: JobTrail = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trail = JobTrail(self.exported.component)
+
+    @property
+    def component(self) -> str:
+        return self.exported.component
+
+
+# --------------------------------------------------------------------------- model files
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """The external-data files an ONNX graph refers to (none for a self-contained file)."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations: set[str] = set()
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in tensor.external_data:
+                if kv.key == "location":
+                    locations.add(kv.value)
+    return [path.parent / loc for loc in sorted(locations)]
+
+
+def stage_model(path: Path, data_files: list[Path], workdir: Path) -> Path:
+    """A ``<stem>.onnx/`` directory with the graph and exactly one ``.data`` file, as AI Hub takes
+    ONNX models with external weights. Files already in that shape are linked, not copied."""
+    target = workdir / f"{path.stem}.onnx"
+    target.mkdir(parents=True)
+    single = len(data_files) == 1 and data_files[0]
+    if single and single.suffix == ".data" and single.parent == path.parent:
+        for src in (path, data_files[0]):
+            try:
+                os.link(src, target / src.name)
+            except OSError:
+                shutil.copy2(src, target / src.name)
+        return target
+    model = onnx.load(str(path))  # pulls in every external tensor
+    onnx.save_model(
+        model,
+        str(target / f"{path.stem}.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.stem}.data",
+        size_threshold=1024,
+    )
+    return target
+
+
+def check_inputs(exported: ExportResult, inputs: np.ndarray | None) -> None:
+    """``inputs`` are ``(N, *exported.input.shape[1:])``; a RuntimeStageError otherwise."""
+    if inputs is None:
+        return
+    expected = tuple(exported.input.shape[1:])
+    if inputs.ndim != len(exported.input.shape) or tuple(inputs.shape[1:]) != expected:
+        raise RuntimeStageError(
+            f"{exported.component}: inputs have shape {tuple(inputs.shape)}, expected "
+            f"(N, {', '.join(map(str, expected))}) for input {exported.input.name!r}"
+        )
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class Stages:
+    """Compile, profile and inference of components on one device, through one job driver."""
+
+    def __init__(
+        self,
+        client: qai_hub.Client,
+        driver: JobDriver,
+        settings: AIHubConfig,
+        *,
+        device: str,
+        target_runtime: str,
+        runtime_options: str,
+        channel_last_inputs: Iterable[str],
+        track: str,
+        redact: Callable[[object], str],
+        emit: Emit,
+    ) -> None:
+        self.client = client
+        self.driver = driver
+        self.settings = settings
+        self.device = device
+        self.target_runtime = target_runtime
+        self.runtime_options = runtime_options
+        self.channel_last_inputs = frozenset(channel_last_inputs)
+        self.track = track
+        self._redact = redact
+        self._emit = emit
+        self._hub_device = qai_hub.Device(name=device)
+        self._models: dict[str, Any] = {}
+        self._digests: dict[Path, str] = {}
+        self._external: dict[Path, list[Path]] = {}
+        # qai-hub >= 0.56: a profile job is an inference job with profile=True.
+        self._profiling_is_inference = (
+            "profile" in inspect.signature(client.submit_inference_job).parameters
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, fn: Callable[[], Any], what: str) -> Any:
+        return guard(fn, what, self._redact)
+
+    def _submit(self, fn: Callable[[], Any], what: str) -> Any:
+        return submit(self.client, fn, what, self._redact)
+
+    def _submit_inference_job(
+        self, model: Any, inputs: Any, name: str, options: str, what: str, profile: bool = False
+    ) -> Any:
+        kwargs = {"profile": profile} if self._profiling_is_inference else {}
+        return self._submit(
+            lambda: self.client.submit_inference_job(
+                model, device=self._hub_device, inputs=inputs, name=name, options=options, **kwargs
+            ),
+            what,
+        )
+
+    def _job_name(self, component: str, suffix: str = "") -> str:
+        base = f"{self.track}-{component}" if self.track else component
+        return f"{base} {suffix}".strip()
+
+    def _external_files(self, path: Path) -> list[Path]:
+        if path not in self._external:
+            self._external[path] = external_data_files(path)
+        return self._external[path]
+
+    def _model_digest(self, exported: ExportResult) -> str:
+        """The content hash of everything uploaded: the graph, plus external weights if any."""
+        path = Path(exported.path)
+        if path not in self._digests:
+            data_files = self._external_files(path)
+            if not data_files:
+                self._digests[path] = exported.sha256
+            else:
+                h = hashlib.sha256(exported.sha256.encode())
+                for data in data_files:
+                    h.update(file_sha256(data).encode())
+                self._digests[path] = h.hexdigest()
+        return self._digests[path]
+
+    # ------------------------------------------------------------------ compile
+
+    def start_compile(self, state: ComponentState) -> Pending:
+        """Upload and compile one export (or reuse/resume its compile job); share it."""
+        exported = state.exported
+        spec = exported.input
+        options = compile_options(
+            exported,
+            self.target_runtime,
+            self.runtime_options,
+            self.channel_last_inputs,
+            self.settings.extra_compile_options,
+        )
+        inputs = {
+            "model_sha256": self._model_digest(exported),
+            "input_specs": {spec.name: [list(spec.shape), spec.dtype]},
+        }
+
+        def submit_job() -> Any:
+            model = self._source_model(state)
+            return self._submit(
+                lambda: self.client.submit_compile_job(
+                    model,
+                    device=self._hub_device,
+                    name=self._job_name(state.component),
+                    input_specs={spec.name: (tuple(spec.shape), spec.dtype)},
+                    options=options,
+                ),
+                f"submitting the compile job of {state.component}",
+            )
+
+        def on_success(p: Pending) -> list[Pending]:
+            state.compiled = self._compiled_result(state, p)
+            return self.after_compile(state)
+
+        pending = self.driver.start("compile", state.trail, inputs, options, submit_job, on_success)
+        self._share(pending)
+        return pending
+
+    def after_compile(self, state: ComponentState) -> list[Pending]:
+        """The jobs of the stages the component asked for, once it is compiled."""
+        follow = []
+        if PROFILE in state.wanted:
+            follow.append(self.start_profile(state))
+        if INFERENCE in state.wanted and state.inputs is not None:
+            follow.extend(self.start_inference(state))
+        return follow
+
+    def _source_model(self, state: ComponentState) -> Any:
+        """The model compile takes: the export, uploaded (a quantized model would come here)."""
+        path = Path(state.exported.path)
+        data_files = self._external_files(path)
+        with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
+            upload = stage_model(path, data_files, Path(tmp)) if data_files else path
+            model = self._call(
+                lambda: self.client.upload_model(str(upload), name=self._job_name(state.component)),
+                f"uploading {upload.name} ({state.component})",
+            )
+        log.info("AI Hub: uploaded %s as model %s", upload.name, model.model_id)
+        self._emit(state.component, "upload", model.model_id, model.url, "UPLOADED")
+        return model
+
+    def _share(self, p: Pending) -> None:
+        emails = list(self.settings.share_with)
+        if not emails:
+            return
+        self._call(
+            lambda: p.job.modify_sharing(add_emails=emails),
+            f"sharing compile job {p.job.job_id} with {', '.join(emails)}",
+        )
+        status = f"SHARED with {', '.join(emails)}"
+        log.info("AI Hub: compile job %s (%s) %s", p.job.job_id, p.component, status)
+        self._emit(p.component, "compile", p.job.job_id, p.job.url, status)
+
+    def _compiled_result(self, state: ComponentState, p: Pending) -> CompileResult:
+        job = p.job
+        target = self._call(job.get_target_model, f"reading the target model of {job.job_id}")
+        if target is None:
+            raise RuntimeStageError(
+                f"{state.component}: compile job {job.job_id} finished without a target model "
+                f"({job.url})"
+            )
+        if hasattr(job, "get_target_shapes"):
+            shapes = self._call(job.get_target_shapes, f"reading the shapes of {job.job_id}")
+        else:  # clients before get_target_shapes()
+            shapes = self._call(lambda: job.target_shapes, f"reading the shapes of {job.job_id}")
+        name, shape, dtype, channel_last = self._device_input(state.exported, shapes, p.entry)
+        self._models[target.model_id] = target
+        handle = HubTarget(
+            compile_job_id=job.job_id,
+            model_id=target.model_id,
+            device=self.device,
+            options=p.entry.options,
+            input_name=name,
+            device_shape=shape,
+            device_dtype=dtype,
+            channel_last=channel_last,
+        )
+        return CompileResult(
+            component=state.component,
+            runtime=self.target_runtime,
+            device=self.device,
+            handle=handle,
+            exported=state.exported,
+            job_id=job.job_id,
+            job_url=job.url,
+        )
+
+    def _device_input(
+        self, exported: ExportResult, shapes: Any, entry: LedgerEntry
+    ) -> tuple[str, tuple[int, ...], str, bool]:
+        """Name, shape, dtype and layout of the compiled model's input, as AI Hub built it."""
+        spec = exported.input
+        shape = tuple(int(d) for d in spec.shape)
+        cl_shape = channel_last_shape(shape) if len(shape) >= 3 else None
+        forced = spec.name in forced_channel_last(entry.options)
+        shapes = dict(shapes or {})
+        name = spec.name
+        found = shapes.get(spec.name)
+        if found is None and len(shapes) == 1:
+            name, found = next(iter(shapes.items()))
+        if found is None:  # AI Hub reported no target shapes: derive them from the options
+            channel_last = forced and cl_shape is not None
+            dtype = spec.dtype
+            if dtype == "int64" and "--truncate_64bit_io" in shlex.split(entry.options):
+                dtype = "int32"
+            return name, cl_shape if channel_last and cl_shape else shape, dtype, channel_last
+        device_shape, dtype = tuple(int(d) for d in found[0]), str(found[1])
+        if device_shape == shape and device_shape == cl_shape:
+            channel_last = forced
+        elif device_shape == shape:
+            channel_last = False
+        elif cl_shape is not None and device_shape == cl_shape:
+            channel_last = True
+        else:
+            raise RuntimeStageError(
+                f"{exported.component}: the compiled model takes {name} {device_shape} {dtype}, "
+                f"which is neither the exported {shape} nor its channel-last form; check the "
+                f"compile options {entry.options!r}"
+            )
+        return name, device_shape, dtype, channel_last
+
+    def _target_model(self, handle: HubTarget) -> Any:
+        model = self._models.get(handle.model_id)
+        if model is None:
+            model = self._call(
+                lambda: self.client.get_model(handle.model_id),
+                f"fetching compiled model {handle.model_id}",
+            )
+            self._models[handle.model_id] = model
+        return model
+
+    @staticmethod
+    def _handle(state: ComponentState) -> HubTarget:
+        compiled = state.compiled
+        if compiled is None or not isinstance(compiled.handle, HubTarget):
+            raise RuntimeStageError(
+                f"{state.component}: not compiled on AI Hub (handle "
+                f"{type(getattr(compiled, 'handle', None)).__name__}); compile with hub=aihub first"
+            )
+        return compiled.handle
+
+    # ------------------------------------------------------------------ profile
+
+    def start_profile(self, state: ComponentState) -> Pending:
+        """A profile job of the compiled model; its result lands in ``state.profile``."""
+        handle = self._handle(state)
+        options = profile_options(self.settings)
+
+        def submit_job() -> Any:
+            model = self._target_model(handle)
+            name = self._job_name(state.component, "profile")
+            what = f"submitting the profile job of {state.component}"
+            if self._profiling_is_inference:
+                return self._submit_inference_job(model, None, name, options, what, profile=True)
+            return self._submit(
+                lambda: self.client.submit_profile_job(
+                    model, device=self._hub_device, name=name, options=options
+                ),
+                what,
+            )
+
+        def on_success(p: Pending) -> list[Pending]:
+            raw = self._call(p.job.download_profile, f"downloading profile {p.job.job_id}")
+            state.profile = parse_profile(state.component, raw or {}, p.job.job_id, p.job.url)
+            log.info(
+                "AI Hub: %s on %s: %.3f ms, peak memory %.1f-%.1f MB, layers %s",
+                state.component,
+                self.device,
+                state.profile.latency_ms,
+                *state.profile.peak_memory_mb,
+                state.profile.compute_units or "n/a",
+            )
+            return []
+
+        inputs = {"compile_job": handle.compile_job_id}
+        return self.driver.start("profile", state.trail, inputs, options, submit_job, on_success)
+
+    # ------------------------------------------------------------------ inference
+
+    def _device_batch(self, handle: HubTarget, batch: np.ndarray) -> np.ndarray:
+        x = np.moveaxis(batch, 1, -1) if handle.channel_last else batch
+        return np.ascontiguousarray(x, dtype=handle.device_dtype)
+
+    def start_inference(self, state: ComponentState) -> list[Pending]:
+        """One inference job per chunk of ``state.inputs``; :meth:`finish_inference` joins them."""
+        assert state.inputs is not None
+        check_inputs(state.exported, state.inputs)
+        handle = self._handle(state)
+        n = len(state.inputs)
+        per = samples_per_chunk(handle.device_shape, handle.device_dtype, self.settings.chunk_bytes)
+        bounds = [(a, min(a + per, n)) for a in range(0, n, per)]
+        state.chunk_outputs = [None] * len(bounds)
+        state.infer_started = time.perf_counter()
+        options = inference_options(self.settings)
+        if len(bounds) > 1:
+            log.info(
+                "AI Hub: %s: %d samples in %d chunks of <= %d (hub.chunk_bytes=%d)",
+                state.component,
+                n,
+                len(bounds),
+                per,
+                self.settings.chunk_bytes,
+            )
+        pending = []
+        for ci, (a, b) in enumerate(bounds):
+            label = f"{ci + 1}/{len(bounds)}" if len(bounds) > 1 else ""
+            digest = array_sha256(self._device_batch(handle, state.inputs[a:b]))
+            inputs = {"compile_job": handle.compile_job_id, "dataset_sha256": digest}
+
+            # The device batch is rebuilt at submission rather than kept: a reused chunk needs
+            # none, and holding every chunk until the end would double the inputs' memory.
+            def submit_job(a: int = a, b: int = b, label: str = label) -> Any:
+                assert state.inputs is not None
+                batch = self._device_batch(handle, state.inputs[a:b])
+                return self._submit_inference(state, handle, batch, label, options)
+
+            def on_success(p: Pending, ci: int = ci, expected: int = b - a) -> list[Pending]:
+                try:
+                    state.chunk_outputs[ci] = self._download_outputs(state, p, expected)
+                except RuntimeStageError as exc:
+                    if p.restart is None:
+                        raise
+                    # AI Hub deletes datasets after 30 days: a reused job may have lost its
+                    # outputs. Running it again is the only way to get them back.
+                    log.warning(
+                        "AI Hub: outputs of reused inference job %s are gone (%s); running it "
+                        "again",
+                        p.job.job_id,
+                        exc,
+                    )
+                    state.trail.drop("inference", p.job.job_id, p.job.url)
+                    return [p.restart()]
+                return []
+
+            pending.append(
+                self.driver.start(
+                    "inference", state.trail, inputs, options, submit_job, on_success, label
+                )
+            )
+        return pending
+
+    def _submit_inference(
+        self,
+        state: ComponentState,
+        handle: HubTarget,
+        batch: np.ndarray,
+        label: str,
+        options: str,
+    ) -> Any:
+        name = self._job_name(state.component, f"inference {label}".strip())
+        entries = {handle.input_name: [batch[i : i + 1] for i in range(len(batch))]}
+        dataset = self._call(
+            lambda: self.client.upload_dataset(entries, name=name),
+            f"uploading the inputs of {name}",
+        )
+        log.info(
+            "AI Hub: uploaded %d %s samples of %s as dataset %s",
+            len(batch),
+            "x".join(map(str, handle.device_shape)),
+            state.component,
+            dataset.dataset_id,
+        )
+        model = self._target_model(handle)
+        return self._submit_inference_job(model, dataset, name, options, f"submitting {name}")
+
+    def _download_outputs(self, state: ComponentState, p: Pending, expected: int) -> np.ndarray:
+        out = self._call(p.job.download_output_data, f"downloading outputs of {p.job.job_id}")
+        if not out:
+            raise RuntimeStageError(
+                f"{state.component}: inference job {p.job.job_id} produced no output data "
+                f"({p.job.url})"
+            )
+        wanted = state.exported.output_name
+        key = wanted if wanted in out else next(iter(out))
+        if key != wanted:
+            log.debug("AI Hub: %s has no output %r; reading %r", p.job.job_id, wanted, key)
+        arrays = [np.asarray(a) for a in out[key]]
+        if len(arrays) != expected:
+            raise RuntimeStageError(
+                f"{state.component}: inference job {p.job.job_id} returned {len(arrays)} outputs "
+                f"for {expected} inputs ({p.job.url})"
+            )
+        return np.concatenate(arrays, axis=0) if arrays else np.empty((0,))
+
+    def finish_inference(self, state: ComponentState) -> InferenceResult:
+        """The chunks' outputs in input order, with device-vs-host parity over the first ones."""
+        assert state.inputs is not None
+        if state.inference is not None:
+            return state.inference
+        missing = [i for i, c in enumerate(state.chunk_outputs) if c is None]
+        if missing:
+            raise RuntimeStageError(f"{state.component}: chunks {missing} have no outputs")
+        chunks = [c for c in state.chunk_outputs if c is not None]
+        outputs = np.concatenate(chunks, axis=0) if chunks else np.empty((0,))
+        metrics = device_parity(
+            state.exported, state.inputs, outputs, self.settings.parity_samples, self.device
+        )
+        ids = state.trail.ids.get("inference", [])
+        urls = state.trail.urls.get("inference", [])
+        state.inference = InferenceResult(
+            component=state.component,
+            outputs=outputs,
+            seconds=time.perf_counter() - state.infer_started,
+            job_id=",".join(ids) or None,
+            job_url=urls[0] if urls else None,
+            metrics=metrics,
+        )
+        return state.inference
