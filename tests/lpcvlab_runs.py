@@ -35,9 +35,12 @@ def store_overrides(tmp: Path, cache: Path | None = None) -> list[str]:
     ]
 
 
-def run_py(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_py(
+    *args: str, timeout: float = 600, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python run.py ARGS`` from the repository root, in a clean environment."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", PARENT_RUN_ENV)}
+    env |= env_extra or {}
     return subprocess.run(
         [sys.executable, "run.py", *args],
         cwd=REPO,

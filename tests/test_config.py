@@ -10,7 +10,8 @@ from conftest import CONF, REPO, compose_config
 from omegaconf import OmegaConf
 
 # Experiments and searches are global presets, tested in test_experiments.py.
-PRESETS = {"experiment", "hparams_search"}
+# train_track is not chosen by users: config.yaml picks it from train and track.
+PRESETS = {"experiment", "hparams_search", "train_track"}
 GROUPS = sorted(
     p.name
     for p in CONF.iterdir()

@@ -217,12 +217,18 @@ def test_a_failing_job_is_failed_and_counted_while_the_sweep_goes_on(tmp_path, s
 
 @pytest.mark.slow
 def test_a_bug_in_a_job_still_leaves_a_summarised_failed_parent(tmp_path, shared_cache):
-    # profile_iterations=0 makes the local runtime raise a plain ValueError: not a user error,
-    # so Hydra's sweeper re-raises it after the batch and skips on_multirun_end.
+    # Job 1 hits a plain RuntimeError (tests/inject/sitecustomize.py): not a user error, so
+    # Hydra's sweeper re-raises it after the batch and skips on_multirun_end.
+    inject = str(Path(__file__).resolve().parent / "inject")
+    inject = os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")]))
     proc = run_py(
-        "-m", *TINY, "hub.profile_iterations=2,0", *store_overrides(tmp_path, shared_cache)
+        "-m",
+        *TINY,
+        "hub.profile_iterations=2,3",
+        *store_overrides(tmp_path, shared_cache),
+        env_extra={"PYTHONPATH": inject, "LPCVLAB_TEST_BUG_IN_JOB": "1"},
     )
-    assert proc.returncode == 1 and "profile_iterations must be >= 1" in proc.stderr
+    assert proc.returncode == 1 and "injected bug in job 1" in proc.stderr
     parent, children, _ = _sweep_runs(tmp_path)
     assert parent.status == "FAILED" and "on_multirun_end" in parent.tags["error"]
     assert parent.metrics["sweep/jobs"] == 2 and parent.metrics["sweep/failed"] == 1

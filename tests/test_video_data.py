@@ -349,9 +349,8 @@ def test_skipped_summary_counts_reasons_and_names_the_csv(tmp_path: Path) -> Non
 def test_video_track_load_data_reports_bad_inputs(
     vids: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from conftest import compose_config
+    from conftest import build_track_for, compose_config
 
-    from lpcvlab.tracks.video import VideoTrack
 
     root = tmp_path / "ds"
     _layout(root, vids, {"val": ["burpee", "squats"]})
@@ -367,7 +366,7 @@ def test_video_track_load_data_reports_bad_inputs(
     )
     work = tmp_path / "work"
     work.mkdir()
-    data = VideoTrack().load_data(cfg, work)
+    data = build_track_for(cfg).load_data(work)
     assert data.stats["val_skipped/too-short"] == 1
     assert data.stats["val_non_video_files"] == 1
     err = capsys.readouterr().err

@@ -152,13 +152,6 @@ def run(
     prune_store(uri)
     work_dir = _work_dir(work_dir)
     track = build_track(settings)
-    hub = build_hub(
-        settings.hub,
-        settings.device,
-        settings.runtime,
-        track=settings.track.name,
-        cache_dir=settings.paths.cache_dir,
-    )
     if settings.hub.name == "local" and settings.device.name != "host_cpu":
         log.warning(
             "hub=local measures on this machine's CPU with ONNX Runtime: device=%s and "
@@ -177,7 +170,7 @@ def run(
             try:
                 rec.log_params(flatten(OmegaConf.to_container(resolved, resolve=True)))
                 rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
-                result = _stages(settings, track, hub, rec, work_dir)
+                result = _stages(settings, track, rec, work_dir)
                 result.objective = score(settings.track.objective, settings.budget, result.metrics)
                 rec.log_metrics(result.objective.metrics())
                 rec.set_tags(result.objective.tags())
@@ -215,11 +208,14 @@ def _interrupted(
     return Interrupted(signal_name, run_id=run_id, kept=tuple(kept), resume=resume)
 
 
-def _stages(
-    s: RunConfig, track: Track, hub: Hub, rec: RunRecorder, work_dir: Path
-) -> PipelineResult:
+def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> PipelineResult:
     seed_everything(s.seed)
     clock = StageClock()
+    # The hub first, inside the run: credentials, network and device are checked before any
+    # data or model work, and a failure is recorded on the run.
+    hub: Hub = build_hub(
+        s.hub, s.device, s.runtime, track=s.track.name, cache_dir=s.paths.cache_dir
+    )
     hub.job_listener = rec.on_job
     hub.preflight()  # credentials, network and device: before any data or model work
     cache = StageCache.from_settings(s.cache, rec.run_id, job_listener=rec.on_job)

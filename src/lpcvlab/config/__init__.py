@@ -11,7 +11,7 @@ composing (an unknown key, a value of the wrong type, a missing option).
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -60,9 +60,28 @@ def load_settings(cfg: DictConfig | RunConfig) -> RunConfig:
         except OmegaConfBaseException as exc:
             raise ConfigError(_omegaconf_message(exc)) from None
     assert isinstance(settings, RunConfig)
+    if not isinstance(cfg, RunConfig):
+        _no_added_keys(body, settings)
+    check_combinations(settings)  # first: a group that cannot go with the track says so
     validate(settings)
-    check_combinations(settings)
     return settings
+
+
+def _no_added_keys(node: Any, obj: Any, prefix: str = "") -> None:
+    """A key added with ``+key=value`` lands in the config but not in the schema: refuse it
+    rather than drop it silently."""
+    if not is_dataclass(obj) or not isinstance(node, DictConfig):
+        return
+    known = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    for key in node.keys():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            what = getattr(type(obj), "what", type(obj).__name__)
+            raise ConfigError(
+                f"{full} is not a setting of {what}; check the spelling (known keys: "
+                f"{', '.join(sorted(known))})"
+            )
+        _no_added_keys(node._get_node(key), known[key], full)
 
 
 def schema_for(group: str, node: Any) -> type | None:

@@ -15,6 +15,7 @@ from lpcvlab.config.schema import (
     RunConfig,
     VideoBackboneConfig,
     VideoDataConfig,
+    VideoFinetuneConfig,
     VideoTrackConfig,
 )
 from lpcvlab.errors import ConfigError
@@ -88,6 +89,12 @@ def _check_video(s: RunConfig) -> None:
         raise ConfigError(
             f"data={s.data.name} is {s.data.what}, which track=video cannot read; "
             "use data=demo_video or data=qevd"
+        )
+    if not isinstance(s.train, (NoTrainConfig, VideoFinetuneConfig)):
+        raise ConfigError(
+            f"train={s.train.name} has no Track 2 section (conf/train_track/"
+            f"{s.train.name}-video.yaml), so it cannot go with track=video; use train=finetune "
+            "or train=none"
         )
     if s.data.root is None:
         d = s.data

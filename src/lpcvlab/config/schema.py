@@ -287,21 +287,15 @@ class NoTrainConfig(TrainConfig):
 
 
 @dataclass
-class AugmentConfig:
-    flip: bool = False
-    translate: int = setting(8, ge=0)
-
-
-@dataclass
 class FinetuneConfig(TrainConfig):
-    """Lightning fine-tuning; trainer, optimizer, scheduler and checkpoint are ``_target_``s."""
+    """Lightning fine-tuning: what every track shares. Trainer, optimizer, scheduler and
+    checkpoint are ``_target_`` configs; each track adds its own section (a subclass, filled
+    from ``conf/train_track/finetune-<track>.yaml``)."""
 
     what: ClassVar[str] = "train=finetune"
     name: str = "finetune"
-    trainable: list[str] = field(default_factory=lambda: ["layer4", "fc"])
     batch_size: int = setting(8, ge=1)
     num_workers: int = setting(0, ge=0)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
     resume_from: str | None = None
     trainer: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(default_factory=dict)
@@ -312,6 +306,21 @@ class FinetuneConfig(TrainConfig):
         for key in ("trainer", "optimizer", "checkpoint"):
             if "_target_" not in getattr(self, key):
                 raise ConfigError(f"{prefix}.{key} needs a _target_ (see conf/train/finetune.yaml)")
+
+
+@dataclass
+class AugmentConfig:
+    flip: bool = False
+    translate: int = setting(8, ge=0)
+
+
+@dataclass
+class VideoFinetuneConfig(FinetuneConfig):
+    """Track 2's section: the freezing policy and frame-consistent augmentation."""
+
+    what: ClassVar[str] = "train=finetune with track=video"
+    trainable: list[str] = field(default_factory=lambda: ["layer4", "fc"])
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -356,6 +365,8 @@ class BudgetConfig:
 class RunConfig:
     """The whole composed config of one run (``conf/config.yaml``)."""
 
+    what: ClassVar[str] = "the top-level config (conf/config.yaml)"
+
     track: TrackConfig = MISSING
     backbone: BackboneConfig = MISSING
     preprocess: PreprocessConfig = MISSING
@@ -388,6 +399,7 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("data", "video"): VideoDataConfig,
     ("train", "none"): NoTrainConfig,
     ("train", "finetune"): FinetuneConfig,
+    ("train", "finetune_video"): VideoFinetuneConfig,
     ("tracking", "mlflow"): TrackingConfig,
     ("paths", "paths"): PathsConfig,
 }

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from lpcvlab.config.schema import (
-    FinetuneConfig,
     TrainConfig,
     VideoDataConfig,
+    VideoFinetuneConfig,
     VideoPreprocessConfig,
     VideoTrackConfig,
 )
@@ -207,7 +207,7 @@ class VideoTrack:
         from lpcvlab.training.fit import finetune
         from lpcvlab.training.module import ClipDataModule, ClipDataset
 
-        if not isinstance(settings, FinetuneConfig):
+        if not isinstance(settings, VideoFinetuneConfig):
             raise ConfigError(f"train={settings.name} is not available for track=video")
         payload: VideoPayload = data.payload
         aug = settings.augment
@@ -227,7 +227,7 @@ class VideoTrack:
         model = copy.deepcopy(bundle.model)
         net = VideoClassifier(model, self.backbone.mean, self.backbone.std)
         net.train()
-        result = finetune(settings, net, dm, run, work_dir)
+        result = finetune(settings, net, dm, run, work_dir, list(settings.trainable))
         net.eval()
         log.info(
             "fine-tuning done: best val/top1 %.4f (%s)",

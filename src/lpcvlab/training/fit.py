@@ -103,15 +103,21 @@ def resolve_resume(resume_from: str | None, run: RunLog, work_dir: Path) -> Path
 
 
 def finetune(
-    train: FinetuneConfig, net: torch.nn.Module, data: ClipDataModule, run: RunLog, work_dir: Path
+    train: FinetuneConfig,
+    net: torch.nn.Module,
+    data: ClipDataModule,
+    run: RunLog,
+    work_dir: Path,
+    trainable_prefixes: list[str],
 ) -> FitResult:
-    """Fine-tune ``net`` in place (best checkpoint's weights loaded back at the end).
+    """Fine-tune ``net`` in place (best checkpoint's weights loaded back at the end); only the
+    parameters named by ``trainable_prefixes`` train (empty: all).
 
-    The run was seeded once, at its start (:func:`lpcvlab.seeding.seed_everything`, which also
-    tells Lightning to seed DataLoader workers).
+    The run was seeded at its start (:func:`lpcvlab.seeding.seed_everything`, which also tells
+    Lightning to seed DataLoader workers).
     """
-    trainable, total = set_trainable(net.model, list(train.trainable))
-    log.info("training %d of %d parameters (prefixes %s)", trainable, total, list(train.trainable))
+    trainable, total = set_trainable(net.model, trainable_prefixes)
+    log.info("training %d of %d parameters (prefixes %s)", trainable, total, trainable_prefixes)
     run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
     module = VideoClassifierModule(
         net,
