@@ -351,7 +351,6 @@ def test_video_track_load_data_reports_bad_inputs(
 ) -> None:
     from conftest import build_track_for, compose_config
 
-
     root = tmp_path / "ds"
     _layout(root, vids, {"val": ["burpee", "squats"]})
     shutil.copy(vids["short"], root / "val" / "squats" / "00000009.mp4")  # too short at 4 fps
