@@ -129,9 +129,13 @@ _NOT_FOUND = re.compile(r"Could not find '(?P<group>[\w/]+)/(?P<option>[\w.-]+)'
 
 
 def _schema_by_name(name: str) -> type | None:
-    for node in SCHEMAS.values():
+    """The schema class called ``name``: a group's, or a section nested in one."""
+    todo = list(SCHEMAS.values())
+    while todo:
+        node = todo.pop(0)
         if node.__name__ == name:
             return node
+        todo += [f.default_factory for f in fields(node) if is_dataclass(f.default_factory)]
     return None
 
 

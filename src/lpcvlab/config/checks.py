@@ -9,6 +9,7 @@ from __future__ import annotations
 from lpcvlab.config.schema import (
     AIHubConfig,
     ClipBackboneConfig,
+    MixedPrecisionConfig,
     NoTrainConfig,
     RetrievalDataConfig,
     RetrievalTrackConfig,
@@ -44,6 +45,34 @@ def check_combinations(s: RunConfig) -> None:
             f"cannot go with hub=aihub: pick device={AIHUB_DEVICES.replace(', ', ' or device=')}, "
             "or use hub=local"
         )
+    _check_precision(s)
+
+
+def _check_precision(s: RunConfig) -> None:
+    """Components the track has, and precisions the AI Hub runtime can deploy."""
+    components = s.track.components()
+    if isinstance(s.precision, MixedPrecisionConfig):
+        for name, precision in s.precision.named().items():
+            if name not in components:
+                raise ConfigError(
+                    f"precision.per_component.{name}={precision}: track={s.track.name} has no "
+                    f"{name}; its components are {', '.join(components)}"
+                )
+    if not isinstance(s.hub, AIHubConfig):
+        return  # hub=local emulates every precision
+    for name in components:
+        precision = s.precision.of(name)
+        if precision not in s.runtime.precisions:
+            key = (
+                f"precision.per_component.{name}"
+                if isinstance(s.precision, MixedPrecisionConfig)
+                else "precision"
+            )
+            raise ConfigError(
+                f"{name} in {precision} ({key}={precision}) cannot go with runtime="
+                f"{s.runtime.name} on hub=aihub, which deploys {', '.join(s.runtime.precisions)}; "
+                "choose one of those, or runtime=qnn_dlc"
+            )
 
 
 def _check_retrieval(s: RunConfig) -> None:

@@ -23,11 +23,19 @@ from omegaconf import MISSING
 from lpcvlab.errors import ConfigError
 
 # The stages whose results the stage cache can reuse (``cache.stages``).
-CACHE_STAGES = ("export", "compile", "profile", "inference")
+CACHE_STAGES = ("export", "quantize", "compile", "profile", "inference")
 FRAME_SELECTIONS = ("lpcvc_sample", "dynamic_fps", "uniform_span")
 PIL_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
 # AI Hub refuses datasets over 2 GB.
 AIHUB_DATASET_LIMIT_BYTES = 2 * 1024**3
+# Deployment precisions of one component: float, float16, int8 weights with int16 or int8
+# activations (``precision`` group).
+PRECISIONS = ("fp32", "fp16", "w8a16", "w8a8")
+QUANTIZED = ("w8a16", "w8a8")  # the precisions that need calibration data
+# Fewer samples than this cannot calibrate activation ranges worth measuring.
+MIN_CALIBRATION_SAMPLES = 8
+# NPU-safe ONNX graph rewrites (``export.rewrites``; :mod:`lpcvlab.rewrites`).
+REWRITES = ("gelu_sigmoid", "finite_mask")
 
 
 def setting(
@@ -62,6 +70,10 @@ class TrackConfig:
         """Scalar metrics this track reports (what ``objective`` may name)."""
         raise NotImplementedError
 
+    def components(self) -> tuple[str, ...]:
+        """The networks this track deploys (what ``precision.per_component`` may name)."""
+        raise NotImplementedError
+
 
 @dataclass
 class RetrievalTrackConfig(TrackConfig):
@@ -73,6 +85,9 @@ class RetrievalTrackConfig(TrackConfig):
     def metrics(self) -> tuple[str, ...]:
         ks = sorted({*self.recall_ks, 10})
         return (*(f"recall_at_{k}" for k in ks), "hit_at_10", "best_achievable_recall_at_10")
+
+    def components(self) -> tuple[str, ...]:
+        return ("image_encoder", "text_encoder")
 
 
 @dataclass
@@ -86,6 +101,9 @@ class VideoTrackConfig(TrackConfig):
 
     def metrics(self) -> tuple[str, ...]:
         return ("top1", "top5", "clip_top1", "clip_top5")
+
+    def components(self) -> tuple[str, ...]:
+        return ("video_classifier",)
 
 
 @dataclass
@@ -193,6 +211,9 @@ class RuntimeConfig:
     name: str = MISSING
     target_runtime: str = MISSING
     compile_options: str = ""
+    # What this runtime can deploy on AI Hub, and the compile options that select fp16 on it.
+    precisions: list[str] = setting(factory=lambda: list(PRECISIONS), choices=PRECISIONS, each=True)
+    fp16_options: str = ""
 
 
 @dataclass
@@ -231,6 +252,70 @@ class AIHubConfig(HubConfig):
     chunk_bytes: int = setting(1_296_000_000, gt=0, le=AIHUB_DATASET_LIMIT_BYTES)
     parity_samples: int = setting(32, ge=0)
     ledger_path: str | None = None  # null = <paths.cache_dir>/aihub_ledger.jsonl
+
+
+@dataclass
+class PrecisionConfig:
+    """``precision``: one precision for every component (``fp32``, ``fp16``, ``w8a16``, ``w8a8``).
+
+    ``calibration_samples`` is how many of the track's inputs calibrate the activation ranges of
+    a quantized (``w8a*``) component: the training split's when there is one, else evaluation
+    inputs at evenly spaced positions (:mod:`lpcvlab.precision.calibration`).
+    """
+
+    what: ClassVar[str] = "precision=fp32, fp16, w8a16 or w8a8"
+    name: str = setting(MISSING, choices=PRECISIONS)
+    calibration_samples: int = setting(32, ge=1)
+
+    def of(self, component: str) -> str:
+        """The precision ``component`` is deployed in."""
+        return self.name
+
+    def check(self, prefix: str) -> None:
+        n = self.calibration_samples
+        if n < MIN_CALIBRATION_SAMPLES and any(p in QUANTIZED for p in self.used()):
+            raise ConfigError(
+                f"{prefix}.calibration_samples={n} is too few to calibrate activation ranges; "
+                f"use at least {MIN_CALIBRATION_SAMPLES}"
+            )
+
+    def used(self) -> set[str]:
+        """Every precision some component may get."""
+        return {self.name}
+
+
+@dataclass
+class ComponentPrecisions:
+    """``precision.per_component``: a precision per network (null = ``precision.default``)."""
+
+    what: ClassVar[str] = "precision.per_component (the components of both tracks)"
+    image_encoder: str | None = setting(None, choices=PRECISIONS)
+    text_encoder: str | None = setting(None, choices=PRECISIONS)
+    video_classifier: str | None = setting(None, choices=PRECISIONS)
+
+
+@dataclass
+class MixedPrecisionConfig(PrecisionConfig):
+    """``precision=mixed``: ``per_component.<component>``, the rest at ``default``."""
+
+    what: ClassVar[str] = "precision=mixed"
+    name: str = setting("mixed", choices=("mixed",))
+    default: str = setting("fp32", choices=PRECISIONS)
+    per_component: ComponentPrecisions = field(default_factory=ComponentPrecisions)
+
+    def of(self, component: str) -> str:
+        return getattr(self.per_component, component, None) or self.default
+
+    def named(self) -> dict[str, str]:
+        """The components given a precision of their own."""
+        return {
+            f.name: getattr(self.per_component, f.name)
+            for f in fields(self.per_component)
+            if getattr(self.per_component, f.name) is not None
+        }
+
+    def used(self) -> set[str]:
+        return {self.default, *self.named().values()}
 
 
 @dataclass
@@ -346,6 +431,12 @@ class ExportConfig:
     opset: int = setting(18, ge=14, le=23)
     parity_threshold: float = setting(0.999, ge=-1.0)  # above 1: the export always fails
     parity_samples: int = setting(8, ge=1)
+    # NPU-safe graph rewrites applied to the exported graph, in this order.
+    rewrites: list[str] = setting(factory=list, choices=REWRITES, each=True)
+
+    def check(self, prefix: str) -> None:
+        if len(set(self.rewrites)) != len(self.rewrites):
+            raise ConfigError(f"{prefix}.rewrites={self.rewrites} names a rewrite twice")
 
 
 @dataclass
@@ -358,6 +449,15 @@ class CacheConfig:
 @dataclass
 class BudgetConfig:
     latency_ms: float | None = setting(None, gt=0)
+    penalty: float = setting(1.0, ge=0)
+
+
+@dataclass
+class FidelityConfig:
+    """The fidelity gate of non-fp32 components against the fp32 export (null: not gated)."""
+
+    cosine_min: float | None = setting(0.95, ge=-1.0, le=1.0)  # per component, every sample
+    metric_drop_max: float | None = setting(0.02, ge=0)  # track.objective, fp32 minus this run
     penalty: float = setting(1.0, ge=0)
 
 
@@ -377,10 +477,13 @@ class RunConfig:
     train: TrainConfig = MISSING
     tracking: TrackingConfig = MISSING
     paths: PathsConfig = MISSING
+    # fp32 when a config has no precision (one logged before the group existed: reproduce)
+    precision: PrecisionConfig = field(default_factory=lambda: PrecisionConfig(name="fp32"))
     seed: int = setting(0, ge=0)
     export: ExportConfig = field(default_factory=ExportConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
 
 
 # (group, name) -> schema; each YAML option's defaults list names one of these.
@@ -402,6 +505,8 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("train", "finetune_video"): VideoFinetuneConfig,
     ("tracking", "mlflow"): TrackingConfig,
     ("paths", "paths"): PathsConfig,
+    ("precision", "uniform"): PrecisionConfig,
+    ("precision", "mixed"): MixedPrecisionConfig,
 }
 
 
