@@ -2,7 +2,9 @@
 
 The hash names the file so that two runs that exported the same graph and weights share one
 file (and, later, one compile job), and so that a logged hash identifies exactly what was
-deployed.
+deployed. NPU-safe rewrites (``export.rewrites``, :mod:`lpcvlab.rewrites`) are applied to the
+exported graph before it is checked and hashed; each one's cost is its parity, alone, against
+the PyTorch model, and the parity that gates the export is the deployed (rewritten) graph's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +28,35 @@ from lpcvlab.errors import ParityError
 from lpcvlab.hashing import file_sha256
 from lpcvlab.io import writing
 from lpcvlab.metrics import cosine_per_sample
+from lpcvlab.rewrites import op_counts, rewritten
 from lpcvlab.types import Component, ExportResult
 
 log = logging.getLogger(__name__)
 
 
-def export_onnx(component: Component, out_dir: Path, opset: int = 18) -> tuple[Path, str]:
-    """Export one component with a fixed ``(1, ...)`` input; returns (path, sha256)."""
+def export_onnx(
+    component: Component,
+    out_dir: Path,
+    opset: int = 18,
+    rewrite: Callable[[onnx.ModelProto], onnx.ModelProto] | None = None,
+) -> tuple[Path, str]:
+    """Export one component with a fixed ``(1, ...)`` input, ``rewrite`` applied to the graph
+    before it is checked and hashed; returns (path, sha256)."""
     spec = component.input
     module = component.module.eval()
     example = torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype))
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-        return _export_onnx(component, module, example, out_dir, opset)
+        return _export_onnx(component, module, example, out_dir, opset, rewrite)
 
 
 def _export_onnx(
-    component: Component, module: torch.nn.Module, example: torch.Tensor, out_dir: Path, opset: int
+    component: Component,
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    out_dir: Path,
+    opset: int,
+    rewrite: Callable[[onnx.ModelProto], onnx.ModelProto] | None,
 ) -> tuple[Path, str]:
     spec = component.input
     # The temporary folder goes whatever happens, Ctrl-C and SIGTERM included.
@@ -62,6 +77,8 @@ def _export_onnx(
                 verbose=False,
             )
         log.debug("torch.onnx.export said:\n%s", chatter.getvalue())
+        if rewrite is not None:
+            onnx.save_model(rewrite(onnx.load(str(tmp_path))), str(tmp_path))
         onnx.checker.check_model(str(tmp_path), full_check=True)
         digest = file_sha256(tmp_path)
         final = out_dir / f"{component.name}-{digest[:16]}.onnx"
@@ -70,16 +87,59 @@ def _export_onnx(
     return final, digest
 
 
-def parity(component: Component, path: Path, samples: np.ndarray) -> float:
-    """Minimum cosine between PyTorch and ONNX Runtime outputs over real input samples."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    torch_out, onnx_out = [], []
+def torch_outputs(component: Component, samples: np.ndarray) -> np.ndarray:
+    """The PyTorch model's outputs, one sample at a time (batch 1, as exported)."""
+    out = []
     with torch.no_grad():
         for i in range(len(samples)):
             x = samples[i : i + 1].astype(component.input.dtype)
-            torch_out.append(component.module(torch.from_numpy(x)).numpy())
-            onnx_out.append(session.run(None, {component.input.name: x})[0])
-    return float(cosine_per_sample(np.concatenate(torch_out), np.concatenate(onnx_out)).min())
+            out.append(component.module(torch.from_numpy(x)).numpy())
+    return np.concatenate(out)
+
+
+def onnx_outputs(
+    model: Path | onnx.ModelProto, component: Component, samples: np.ndarray
+) -> np.ndarray:
+    """ONNX Runtime's outputs of a file or an in-memory graph, one sample at a time."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    name, dtype = component.input.name, component.input.dtype
+    feeds = (samples[i : i + 1].astype(dtype) for i in range(len(samples)))
+    return np.concatenate([session.run(None, {name: x})[0] for x in feeds])
+
+
+def parity(component: Component, path: Path, samples: np.ndarray) -> float:
+    """Minimum cosine between PyTorch and ONNX Runtime outputs over real input samples."""
+    reference = torch_outputs(component, samples)
+    return float(cosine_per_sample(reference, onnx_outputs(path, component, samples)).min())
+
+
+class _Rewriter:
+    """Applies ``export.rewrites`` to the exported graph, measuring each one alone against
+    PyTorch first (its cost) and counting the sites it changed."""
+
+    def __init__(self, component: Component, samples: np.ndarray, names: Sequence[str]) -> None:
+        self.component = component
+        self.samples = samples
+        self.names = list(names)
+        self.sites: dict[str, int] = {}
+        self.cosine_min: dict[str, float] = {}
+
+    def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        reference = torch_outputs(self.component, self.samples)
+        for name in self.names:
+            alone, sites = rewritten(model, [name])
+            self.sites[name] = sites[name]
+            out = onnx_outputs(alone, self.component, self.samples)
+            self.cosine_min[name] = float(cosine_per_sample(reference, out).min())
+            log.info(
+                "rewrite %s of %s: %d site(s), cosine min %.6f against PyTorch",
+                name,
+                self.component.name,
+                self.sites[name],
+                self.cosine_min[name],
+            )
+        return rewritten(model, self.names)[0]
 
 
 def export_component(
@@ -88,11 +148,14 @@ def export_component(
     out_dir: Path,
     opset: int = 18,
     parity_threshold: float = 0.999,
+    rewrites: Sequence[str] = (),
 ) -> ExportResult:
-    """Export, check, hash and verify one component; fails loudly below ``parity_threshold``."""
+    """Export, rewrite, check, hash and verify one component; fails loudly below
+    ``parity_threshold`` (the deployed graph, rewrites included, against PyTorch)."""
     t0 = time.perf_counter()
     log.info("exporting %s to ONNX (opset %d)", component.name, opset)
-    path, digest = export_onnx(component, out_dir, opset=opset)
+    rewriter = _Rewriter(component, samples, rewrites) if rewrites else None
+    path, digest = export_onnx(component, out_dir, opset=opset, rewrite=rewriter)
     cos_min = parity(component, path, samples)
     result = ExportResult(
         component=component.name,
@@ -103,11 +166,27 @@ def export_component(
         parity_cosine_min=cos_min,
         parity_samples=len(samples),
         seconds=time.perf_counter() - t0,
+        rewrite_sites=rewriter.sites if rewriter else {},
+        rewrite_cosine_min=rewriter.cosine_min if rewriter else {},
+        op_counts=op_counts(path),
     )
     if not cos_min >= parity_threshold:
-        raise ParityError(
-            f"{component.name}: ONNX output disagrees with PyTorch (min cosine {cos_min:.6f} over "
-            f"{len(samples)} real inputs, threshold {parity_threshold}); the exported file is "
-            f"{path}. Check for ops the exporter mistranslates, or lower export.parity_threshold."
-        )
+        raise ParityError(parity_message(result, parity_threshold))
     return result
+
+
+def parity_message(exported: ExportResult, threshold: float, measured_by: str = "") -> str:
+    """Why an export failed its parity check, and what to do (rewrites' costs named)."""
+    by = f"; measured by run {measured_by}" if measured_by else ""
+    costs = ", ".join(f"{k} alone {v:.6f}" for k, v in exported.rewrite_cosine_min.items())
+    hint = (
+        f" The rewrites cost: {costs}; drop one from export.rewrites, or lower "
+        "export.parity_threshold."
+        if costs
+        else " Check for ops the exporter mistranslates, or lower export.parity_threshold."
+    )
+    return (
+        f"{exported.component}: ONNX output disagrees with PyTorch (min cosine "
+        f"{exported.parity_cosine_min:.6f} over {exported.parity_samples} real inputs, threshold "
+        f"{threshold}{by}); the exported file is {exported.path}.{hint}"
+    )

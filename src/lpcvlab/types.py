@@ -75,6 +75,10 @@ class ExportResult:
     parity_cosine_min: float
     parity_samples: int
     seconds: float
+    # export.rewrites: sites each one changed, and its min cosine alone against PyTorch
+    rewrite_sites: dict[str, int] = field(default_factory=dict)
+    rewrite_cosine_min: dict[str, float] = field(default_factory=dict)
+    op_counts: dict[str, int] = field(default_factory=dict)  # nodes per operator type
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready; the file's size lets a reader notice a replaced file."""
@@ -88,6 +92,9 @@ class ExportResult:
             "parity_cosine_min": self.parity_cosine_min,
             "parity_samples": self.parity_samples,
             "seconds": self.seconds,
+            "rewrite_sites": self.rewrite_sites,
+            "rewrite_cosine_min": self.rewrite_cosine_min,
+            "op_counts": self.op_counts,
         }
 
     @classmethod
@@ -105,6 +112,65 @@ class ExportResult:
             parity_cosine_min=float(d["parity_cosine_min"]),
             parity_samples=int(d["parity_samples"]),
             seconds=float(d["seconds"]),
+            rewrite_sites={str(k): int(v) for k, v in d.get("rewrite_sites", {}).items()},
+            rewrite_cosine_min={
+                str(k): float(v) for k, v in d.get("rewrite_cosine_min", {}).items()
+            },
+            op_counts={str(k): int(v) for k, v in d.get("op_counts", {}).items()},
+        )
+
+
+@dataclass
+class QuantizeResult:
+    """How a non-fp32 component was turned into the model that is deployed.
+
+    ``model`` is the quantized (or fp16) ONNX file when it exists on this machine (``hub=local``'s
+    emulation); on AI Hub the quantized model stays remote (``job_id``).
+    """
+
+    component: str
+    precision: str  # fp16 | w8a16 | w8a8
+    method: str  # how: e.g. "onnxruntime static QDQ (QNN recipe) ..." or "AI Hub quantize job"
+    seconds: float
+    model: ExportResult | None = None
+    calibration_samples: int = 0
+    calibration_sha256: str | None = None
+    calibration_source: str | None = None
+    job_id: str | None = None
+    job_url: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "method": self.method,
+            "seconds": self.seconds,
+            "model": self.model.to_record() if self.model is not None else None,
+            "calibration_samples": self.calibration_samples,
+            "calibration_sha256": self.calibration_sha256,
+            "calibration_source": self.calibration_source,
+            "job_id": self.job_id,
+            "job_url": self.job_url,
+        }
+
+    @classmethod
+    def from_record(cls, component: str, d: dict[str, Any]) -> QuantizeResult | None:
+        """None when the recorded model file is gone or was replaced."""
+        model = None
+        if d.get("model") is not None:
+            model = ExportResult.from_record(component, d["model"])
+            if model is None:
+                return None
+        return cls(
+            component=component,
+            precision=str(d["precision"]),
+            method=str(d["method"]),
+            seconds=float(d["seconds"]),
+            model=model,
+            calibration_samples=int(d.get("calibration_samples", 0)),
+            calibration_sha256=d.get("calibration_sha256"),
+            calibration_source=d.get("calibration_source"),
+            job_id=d.get("job_id"),
+            job_url=d.get("job_url"),
         )
 
 
@@ -215,7 +281,7 @@ class JobEvent:
     """A remote job came into being or changed state; the pipeline records it as it happens."""
 
     component: str
-    kind: str  # "compile" | "profile" | "inference" | "upload"
+    kind: str  # "quantize" | "compile" | "profile" | "inference" | "upload"
     job_id: str
     url: str | None = None
     status: str | None = None  # e.g. "SUBMITTED", "SUCCESS", "FAILED: <reason>", "REUSED"
@@ -223,11 +289,13 @@ class JobEvent:
 
 @dataclass
 class ComponentRun:
-    """Everything a hub produced for one component; a stage that was not asked for is None."""
+    """Everything a hub produced for one component; a stage that was not asked for is None
+    (``quantized`` is None for a component deployed in fp32)."""
 
     compiled: CompileResult
     profile: ProfileResult | None
     inference: InferenceResult | None
+    quantized: QuantizeResult | None = None
 
 
 class RunLog(Protocol):
