@@ -12,7 +12,7 @@ LAYERS = [
     {"errors", "types", "hashing", "console", "io", "seeding", "secrets", "config"},
     {"metrics", "data", "models"},
     {"training"},
-    {"export"},
+    {"export", "rewrites", "precision"},
     {"hubs"},
     {"cache"},
     {"tracks"},

@@ -1,14 +1,19 @@
-"""The stage cache: the one memo layer, reusing export, compile, profile and inference results.
+"""The stage cache: the one memo layer, reusing export, quantize, compile, profile and inference
+results.
 
 Every record is keyed by a content hash of everything that determines it, never by a config
 name, so a hit is the same result the stage would compute again:
 
 - export: the component's weights (a hash of its ``state_dict``), its module structure and the
-  code/versions of the classes in it, the input spec, opset, exporter code and torch/onnx
-  versions, and the parity samples (the record carries the parity cosine).
-- compile / profile: the ONNX file's sha256, the resolved ``hub``, ``device`` and ``runtime``
-  configs (secrets dropped), the runtime's code and client versions and, for ``hub=local``,
-  the host (a latency is a property of the machine that measured it).
+  code/versions of the classes in it, the input spec, opset, ``export.rewrites`` and their code,
+  exporter code and torch/onnx versions, and the parity samples (the record carries the parity
+  cosine).
+- quantize (a non-fp32 component): the ONNX file's sha256, the precision, the calibration data's
+  hash, the emulation code and ONNX Runtime's version.
+- compile / profile: the ONNX file's sha256, the component's precision (and calibration hash),
+  the resolved ``hub``, ``device`` and ``runtime`` configs (secrets dropped), the runtime's code
+  and client versions and, for ``hub=local``, the host (a latency is a property of the machine
+  that measured it).
 - inference: the compile/profile key plus a hash of the input tensors.
 
 Hashing weights needs the model built, which is cheap next to exporting, profiling and running
@@ -36,7 +41,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +50,19 @@ import numpy as np
 
 from lpcvlab.config.schema import CacheConfig
 from lpcvlab.errors import ParityError
+from lpcvlab.export import parity_message
 from lpcvlab.hashing import array_sha256
-from lpcvlab.hubs.base import COMPILE, INFERENCE, PROFILE, ComponentJob, Hub, JobListener
+from lpcvlab.hubs.base import (
+    COMPILE,
+    INFERENCE,
+    PROFILE,
+    QUANTIZE,
+    ComponentJob,
+    Hub,
+    JobListener,
+)
 from lpcvlab.io import atomic_save_npy, atomic_write_text
+from lpcvlab.precision import ComponentPrecision
 from lpcvlab.secrets import is_secret_key
 from lpcvlab.types import (
     CompileResult,
@@ -57,6 +72,7 @@ from lpcvlab.types import (
     InferenceResult,
     JobEvent,
     ProfileResult,
+    QuantizeResult,
 )
 
 log = logging.getLogger(__name__)
@@ -145,7 +161,9 @@ def module_code_identity(module: Any) -> dict[str, str]:
     return out
 
 
-def export_key(component: Component, samples: np.ndarray, opset: int) -> str:
+def export_key(
+    component: Component, samples: np.ndarray, opset: int, rewrites: Sequence[str] = ()
+) -> str:
     """Everything that determines an ONNX file and its parity against PyTorch."""
     module = component.module
     return _sha256_json(
@@ -160,6 +178,7 @@ def export_key(component: Component, samples: np.ndarray, opset: int) -> str:
             "structure": hashlib.sha256(repr(module).encode()).hexdigest(),
             "code": module_code_identity(module),
             "exporter": source_digest("lpcvlab.export"),
+            "rewrites": [*rewrites, source_digest("lpcvlab.rewrites")] if rewrites else [],
             "versions": {
                 p: package_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime")
             },
@@ -168,20 +187,43 @@ def export_key(component: Component, samples: np.ndarray, opset: int) -> str:
     )
 
 
-def runtime_key(onnx_sha256: str, identity: dict[str, Any], hub_module: str) -> str:
+def runtime_key(
+    onnx_sha256: str,
+    identity: dict[str, Any],
+    hub_module: str,
+    precision: ComponentPrecision | None = None,
+) -> str:
     """Everything that determines a compiled model and its profile (shared by both stages):
-    the ONNX file, the hub's identity (settings, target, versions, host; secrets dropped) and
-    the code of the hub that runs it."""
+    the ONNX file, the precision it is deployed in (and its calibration data), the hub's
+    identity (settings, target, versions, host; secrets dropped) and the code of the hub that
+    runs it."""
+    modules = [hub_module, "lpcvlab.hubs.base", "lpcvlab.hubs.profile"]
+    key: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "stage": "runtime",
+        "onnx_sha256": onnx_sha256,
+        "hub": _without_secrets(identity),
+    }
+    if precision is not None and precision.name != "fp32":
+        key["precision"] = precision.key()
+        modules.append(EMULATION_MODULE)
+    key["code"] = {m: source_digest(m) for m in modules}
+    return _sha256_json(key)
+
+
+EMULATION_MODULE = "lpcvlab.precision.emulate"
+
+
+def quantize_key(onnx_sha256: str, precision: ComponentPrecision, hub_module: str) -> str:
+    """Everything that determines a quantized (or fp16) model made on this machine."""
     return _sha256_json(
         {
             "format": CACHE_FORMAT,
-            "stage": "runtime",
+            "stage": "quantize",
             "onnx_sha256": onnx_sha256,
-            "hub": _without_secrets(identity),
-            "code": {
-                m: source_digest(m)
-                for m in (hub_module, "lpcvlab.hubs.base", "lpcvlab.hubs.profile")
-            },
+            "precision": precision.key(),
+            "code": {m: source_digest(m) for m in (hub_module, EMULATION_MODULE)},
+            "versions": {p: package_version(p) for p in ("onnx", "onnxruntime")},
         }
     )
 
@@ -281,12 +323,13 @@ class StageCache:
         opset: int,
         parity_threshold: float,
         compute: Callable[[], ExportResult],
+        rewrites: Sequence[str] = (),
     ) -> ExportResult:
         """The cached export of ``component`` when its key matches and the file is still there,
         else ``compute()`` (which exports and checks parity), stored for the next run."""
         if self.store is None:
             return compute()
-        key = export_key(component, samples, opset)
+        key = export_key(component, samples, opset, rewrites)
         self.keys[f"{component.name}/export"] = key
         rec = self.store.get("export", key) if "export" in self.reuse else None
         cached = ExportResult.from_record(component.name, rec.data) if rec is not None else None
@@ -295,13 +338,7 @@ class StageCache:
         if cached is not None and rec is not None:
             self._hit(component.name, "export", rec)
             if not cached.parity_cosine_min >= parity_threshold:
-                raise ParityError(
-                    f"{component.name}: ONNX output disagrees with PyTorch (min cosine "
-                    f"{cached.parity_cosine_min:.6f} over {cached.parity_samples} real inputs, "
-                    f"threshold {parity_threshold}; measured by run {rec.run_id}); the exported "
-                    f"file is {cached.path}. Check for ops the exporter mistranslates, or lower "
-                    "export.parity_threshold."
-                )
+                raise ParityError(parity_message(cached, parity_threshold, rec.run_id))
             return cached
         result = compute()
         self.put("export", key, component.name, result.to_record())
@@ -354,18 +391,28 @@ class _Plan:
     job: ComponentJob
     runtime_key: str
     inference_key: str
+    quantize_key: str | None = None  # a non-fp32 component's
+    quantize: StageRecord | None = None
+    quantized: QuantizeResult | None = None
     compile: StageRecord | None = None
     profile: StageRecord | None = None
     inference: StageRecord | None = None
     outputs: np.ndarray | None = None
 
+    def wanted_missing(self) -> bool:
+        """A stage the job asks for has no usable record."""
+        stages = self.job.stages
+        return (PROFILE in stages and self.profile is None) or (
+            INFERENCE in stages and self.outputs is None
+        )
+
     @property
     def missing(self) -> frozenset[str]:
         """Stages the hub must run (compiling is implied by the others)."""
         need = set()
-        if self.profile is None:
+        if PROFILE in self.job.stages and self.profile is None:
             need.add(PROFILE)
-        if self.outputs is None:
+        if INFERENCE in self.job.stages and self.outputs is None:
             need.add(INFERENCE)
         if self.compile is None:
             need.add(COMPILE)
@@ -400,9 +447,21 @@ class CachedHub:
     def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
         plans = [self._plan(job) for job in jobs]
         todo = [p for p in plans if p.missing]
+        for p in todo:
+            if p.quantized is not None:  # the hub compiles the stored model instead
+                self._reuse_quantize(p)
         fresh = (
             self.inner.run_components(
-                [ComponentJob(p.job.exported, p.job.inputs, p.missing | {COMPILE}) for p in todo]
+                [
+                    ComponentJob(
+                        p.job.exported,
+                        p.job.inputs,
+                        p.missing | {COMPILE},
+                        p.job.precision,
+                        p.quantized,
+                    )
+                    for p in todo
+                ]
             )
             if todo
             else {}
@@ -413,21 +472,26 @@ class CachedHub:
             got = fresh.get(name)
             if got is not None:
                 self._store(p, got)
-            compiled = got.compiled if got is not None else self._reuse_compile(p)
+            if got is not None:
+                compiled, quantized = got.compiled, got.quantized
+            else:
+                compiled = self._reuse_compile(p)
+                quantized = self._reuse_quantize(p) if p.quantized is not None else None
             profile = got.profile if got is not None and got.profile is not None else None
             inference = got.inference if got is not None and got.inference is not None else None
-            runs[name] = ComponentRun(
-                compiled,
-                profile if profile is not None else self._reuse_profile(p),
-                inference if inference is not None else self._reuse_inference(p),
-            )
+            if profile is None and PROFILE in p.job.stages:
+                profile = self._reuse_profile(p)
+            if inference is None and INFERENCE in p.job.stages:
+                inference = self._reuse_inference(p)
+            runs[name] = ComponentRun(compiled, profile, inference, quantized)
         return runs
 
     # -- internals --------------------------------------------------------------------
 
     def _plan(self, job: ComponentJob) -> _Plan:
         name = job.component
-        rkey = runtime_key(job.exported.sha256, self.inner.identity(), type(self.inner).__module__)
+        module = type(self.inner).__module__
+        rkey = runtime_key(job.exported.sha256, self.inner.identity(), module, job.precision)
         ikey = inference_key(rkey, job.inputs)
         self.cache.keys |= {
             f"{name}/compile": rkey,
@@ -435,6 +499,12 @@ class CachedHub:
             f"{name}/inference": ikey,
         }
         plan = _Plan(job, rkey, ikey)
+        if job.precision.name != "fp32":
+            plan.quantize_key = quantize_key(job.exported.sha256, job.precision, module)
+            self.cache.keys[f"{name}/quantize"] = plan.quantize_key
+            plan.quantize = self.cache.get("quantize", plan.quantize_key)
+            if plan.quantize is not None:
+                plan.quantized = QuantizeResult.from_record(name, plan.quantize.data)
         plan.compile = self.cache.get("compile", rkey)
         plan.profile = self.cache.get("profile", rkey)
         rec = self.cache.get("inference", ikey)
@@ -442,14 +512,20 @@ class CachedHub:
             outputs = self.cache.store.get_array("inference", ikey)
             if outputs is not None and len(outputs) == len(job.inputs):
                 plan.inference, plan.outputs = rec, outputs
-        if plan.profile is None or plan.outputs is None:
-            plan.compile = None  # the hub compiles again to run what is missing
+        if plan.wanted_missing() or (plan.quantize_key and plan.quantized is None):
+            plan.compile = None  # the hub compiles (and quantizes) again to run what is missing
         return plan
+
+    def _reuse_quantize(self, p: _Plan) -> QuantizeResult | None:
+        assert p.quantize is not None
+        self.cache._hit(p.job.component, "quantize", p.quantize)
+        return p.quantized
 
     def _reuse_compile(self, p: _Plan) -> CompileResult:
         assert p.compile is not None
         self.cache._hit(p.job.component, "compile", p.compile)
-        return CompileResult.from_record(p.job.exported, p.compile.data)
+        exported = p.quantized.model if p.quantized and p.quantized.model else p.job.exported
+        return CompileResult.from_record(exported, p.compile.data)
 
     def _reuse_profile(self, p: _Plan) -> ProfileResult:
         assert p.profile is not None
@@ -463,6 +539,8 @@ class CachedHub:
 
     def _store(self, p: _Plan, run: ComponentRun) -> None:
         name = p.job.component
+        if run.quantized is not None and run.quantized is not p.quantized and p.quantize_key:
+            self.cache.put(QUANTIZE, p.quantize_key, name, run.quantized.to_record())
         self.cache.put("compile", p.runtime_key, name, run.compiled.to_record())
         if run.profile is not None:
             self.cache.put("profile", p.runtime_key, name, run.profile.to_record())

@@ -16,9 +16,24 @@ from lpcvlab.config.schema import (
     RuntimeConfig,
 )
 from lpcvlab.errors import ConfigError
-from lpcvlab.hubs.base import ALL_STAGES, ComponentJob, Hub, JobListener, SequentialHub
+from lpcvlab.hubs.base import (
+    ALL_STAGES,
+    INFERENCE,
+    ComponentJob,
+    Hub,
+    JobListener,
+    SequentialHub,
+)
 
-__all__ = ["ALL_STAGES", "ComponentJob", "Hub", "JobListener", "SequentialHub", "build_hub"]
+__all__ = [
+    "ALL_STAGES",
+    "INFERENCE",
+    "ComponentJob",
+    "Hub",
+    "JobListener",
+    "SequentialHub",
+    "build_hub",
+]
 
 
 def build_hub(

@@ -6,6 +6,11 @@ hands a hub one :class:`ComponentJob` per network and receives one
 :class:`~lpcvlab.types.ComponentRun` per network. A job names the stages it needs: the cache asks
 the hub it wraps only for what it does not hold, and the hub alone decides how its stages run
 (one after the other locally; every job submitted before any is waited on, remotely).
+
+A job also carries the component's precision (:class:`~lpcvlab.precision.ComponentPrecision`):
+a non-fp32 component is first *quantized* -- how is the hub's own (``hub=local`` emulates it with
+ONNX Runtime, ``hub=aihub`` submits a quantize job or compiles with fp16 options) -- and the
+model that comes out is what is compiled, profiled and run.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from lpcvlab.precision import FP32, ComponentPrecision
 from lpcvlab.types import (
     CompileResult,
     ComponentRun,
@@ -23,11 +29,12 @@ from lpcvlab.types import (
     InferenceResult,
     JobEvent,
     ProfileResult,
+    QuantizeResult,
 )
 
 JobListener = Callable[[JobEvent], None]
 
-COMPILE, PROFILE, INFERENCE = "compile", "profile", "inference"
+QUANTIZE, COMPILE, PROFILE, INFERENCE = "quantize", "compile", "profile", "inference"
 ALL_STAGES = frozenset({COMPILE, PROFILE, INFERENCE})
 
 
@@ -38,11 +45,15 @@ class ComponentJob:
     ``inputs`` has shape ``(N, *exported.input.shape[1:])`` for models exported with batch 1:
     the hub feeds sample ``i`` as ``inputs[i:i+1]`` and returns outputs in the same order.
     Compiling is implied by the other stages; a stage left out comes back as None.
+    ``precision`` is what the component is deployed in; ``quantized``, when given, is that
+    precision's model already made (the stage cache's), which the hub then uses as it is.
     """
 
     exported: ExportResult
     inputs: np.ndarray
     stages: frozenset[str] = field(default=ALL_STAGES)
+    precision: ComponentPrecision = FP32
+    quantized: QuantizeResult | None = None
 
     @property
     def component(self) -> str:
@@ -84,6 +95,10 @@ class SequentialHub:
     def preflight(self) -> None:
         return None
 
+    def quantize(self, exported: ExportResult, precision: ComponentPrecision) -> QuantizeResult:
+        """``exported`` in ``precision``; its ``model`` is then compiled instead."""
+        raise NotImplementedError(f"hub {type(self).__name__} cannot deploy {precision.name}")
+
     def compile(self, exported: ExportResult) -> CompileResult:
         raise NotImplementedError
 
@@ -96,8 +111,12 @@ class SequentialHub:
     def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
         runs: dict[str, ComponentRun] = {}
         for job in jobs:
-            compiled = self.compile(job.exported)
+            quantized = job.quantized
+            if quantized is None and job.precision.name != FP32.name:
+                quantized = self.quantize(job.exported, job.precision)
+            deployed = quantized.model if quantized is not None else None
+            compiled = self.compile(deployed or job.exported)
             profile = self.profile(compiled) if PROFILE in job.stages else None
             inference = self.infer(compiled, job.inputs) if INFERENCE in job.stages else None
-            runs[job.component] = ComponentRun(compiled, profile, inference)
+            runs[job.component] = ComponentRun(compiled, profile, inference, quantized)
         return runs

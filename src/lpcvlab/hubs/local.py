@@ -26,7 +26,15 @@ from lpcvlab.config.schema import DeviceConfig, LocalHubConfig, RuntimeConfig
 from lpcvlab.errors import RuntimeStageError
 from lpcvlab.hubs.base import SequentialHub
 from lpcvlab.hubs.profile import parse_profile
-from lpcvlab.types import CompileResult, ExportResult, InferenceResult, ProfileResult, TensorSpec
+from lpcvlab.precision import ComponentPrecision
+from lpcvlab.types import (
+    CompileResult,
+    ExportResult,
+    InferenceResult,
+    ProfileResult,
+    QuantizeResult,
+    TensorSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +109,13 @@ class LocalHub(SequentialHub):
                 "cpus": psutil.cpu_count(logical=True),
             },
         }
+
+    def quantize(self, exported: ExportResult, precision: ComponentPrecision) -> QuantizeResult:
+        """The precision emulated with ONNX Runtime (:mod:`lpcvlab.precision.emulate`): a QDQ or
+        fp16 ONNX file next to the export, then compiled, profiled and run like any model."""
+        from lpcvlab.precision.emulate import emulate
+
+        return emulate(exported, precision)
 
     def compile(self, exported: ExportResult) -> CompileResult:
         opts = ort.SessionOptions()

@@ -34,6 +34,11 @@ class TrackData:
 
 
 class Track(Protocol):
+    """A track may also offer ``calibration_inputs(data, component, n) -> np.ndarray | None``:
+    up to ``n`` inputs of its training split for ``component``, in the exported layout, to
+    calibrate a quantized deployment (without it, or when it returns None, evaluation inputs
+    are used: :mod:`lpcvlab.precision.calibration`)."""
+
     name: str
 
     def load_data(self, work_dir: Path, *, training: bool) -> TrackData:

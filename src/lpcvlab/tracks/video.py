@@ -168,6 +168,23 @@ class VideoTrack:
         )
         return TrackData(inputs={VIDEO: clips}, stats=stats, reports=reports, payload=payload)
 
+    def calibration_inputs(self, data: TrackData, component: str, n: int) -> np.ndarray | None:
+        """Up to ``n`` training clips, evenly spaced over the class-sorted training split, in the
+        exported layout: what calibrates a quantized model. None without a training split."""
+        payload: VideoPayload = data.payload
+        if component != VIDEO or not payload.train_cache:
+            return None
+        from lpcvlab.precision.calibration import spread
+
+        clips = []
+        for i in spread(len(payload.train_cache), min(n, len(payload.train_cache))):
+            arr = np.load(payload.train_cache[int(i)], mmap_mode="r")
+            clips.append(np.asarray(arr[0] if arr.ndim == 5 else arr, dtype=np.float32))
+        stacked = np.stack(clips)  # (n, 3, T, H, W)
+        if self.settings.channel_last:
+            stacked = np.ascontiguousarray(stacked.transpose(0, 2, 3, 4, 1))
+        return stacked
+
     def _bundle(self, model: object, weights: str) -> ModelBundle:
         from lpcvlab.models.video import VideoClassifier
 
