@@ -23,7 +23,10 @@ The fake behaves like the service where the hub relies on it:
 - inference jobs reject a dataset whose shape or dtype differs from the compiled input (as the
   device would), run the model with ONNX Runtime (channel-last inputs transposed back) and add a
   small deterministic error, as a device would;
-- profile jobs return a ``ProfileDetail`` (µs, bytes, per-layer compute units).
+- profile jobs return a ``ProfileDetail`` (µs, bytes, per-layer compute units);
+- quantize jobs check the calibration dataset against the model's input (name, shape, dtype) and
+  the dtypes (INT8 weights; INT8 or INT16 activations), then make an ONNX model whose float
+  weights are rounded to an 8-bit grid, so its outputs differ a little from the source's.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import qai_hub.public_api_pb2 as pb
 import urllib3.connection
 import urllib3.exceptions as u3
 from google.protobuf.timestamp_pb2 import Timestamp
+from onnx import numpy_helper
 from qai_hub.public_rest_api import DEFAULT_HUB_API_URL
 from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
 from requests_toolbelt.multipart.decoder import MultipartDecoder
@@ -172,7 +176,7 @@ class FakeModel:
 @dataclass
 class FakeJob:
     job_id: str
-    kind: str  # "compile" | "inference"
+    kind: str  # "quantize" | "compile" | "inference"
     request: Any  # the CompileJob / InferenceJob protobuf the client sent
     device: str
     profiling: bool = False
@@ -183,6 +187,7 @@ class FakeJob:
     output_dataset_id: str = ""
     created_seq: int = 0
     done_seq: int | None = None
+    calibration_samples: int = 0  # quantize jobs: samples the calibration dataset held
 
 
 class FakeAIHub:
@@ -493,6 +498,18 @@ class FakeAIHub:
                 _TARGET_TYPES[target],
                 producer_id=job_id,
             )
+        elif which == "quantize_job":
+            quantize = request.quantize_job
+            assert params.get("seed_target_model") == "true"
+            source = self.models[quantize.model.model_id]
+            job = FakeJob(job_id, "quantize", quantize, "")
+            job.target_model_id = self._new_id("m")
+            self.models[job.target_model_id] = FakeModel(
+                job.target_model_id,
+                f"{source.name}.quantized",
+                pb.MODEL_TYPE_ONNX,
+                producer_id=job_id,
+            )
         elif which == "inference_job":
             inference = request.inference_job
             job = FakeJob(
@@ -538,7 +555,9 @@ class FakeAIHub:
             return
         job.polls += 1
         running = (
-            pb.JOB_STATE_OPTIMIZING_MODEL
+            pb.JOB_STATE_QUANTIZING_MODEL
+            if job.kind == "quantize"
+            else pb.JOB_STATE_OPTIMIZING_MODEL
             if job.kind == "compile"
             else pb.JOB_STATE_MEASURING_PERFORMANCE
             if job.profiling
@@ -552,6 +571,8 @@ class FakeAIHub:
         try:
             if job.kind == "compile":
                 self._finish_compile(job)
+            elif job.kind == "quantize":
+                self._finish_quantize(job)
             else:
                 self._finish_inference(job)
             job.state = pb.JOB_STATE_DONE
@@ -559,7 +580,23 @@ class FakeAIHub:
             job.state = pb.JOB_STATE_FAILED
             job.failure = str(failure)
 
+    def _job_fields(self, message: Any, job: FakeJob, id_field: str) -> Any:
+        """The fields every job message carries: the request, ID, model, state, failure, time."""
+        message.CopyFrom(job.request)
+        setattr(message, id_field, job.job_id)
+        message.model.CopyFrom(self.models[message.model.model_id].pb())
+        message.job_state = job.state
+        message.failure_reason = job.failure
+        message.creation_time.CopyFrom(_now())
+        return message
+
     def _job_pb(self, job: FakeJob) -> pb.Job:
+        if job.kind == "quantize":
+            quantize = self._job_fields(pb.QuantizeJob(), job, "quantize_job_id")
+            quantize.calibration_dataset.creation_time.CopyFrom(_now())
+            quantize.calibration_dataset.expiration_time.CopyFrom(_later())
+            quantize.target_model.CopyFrom(self.models[job.target_model_id].pb())
+            return pb.Job(quantize_job=quantize)
         if job.kind == "compile":
             compile_job = pb.CompileJob()
             compile_job.CopyFrom(job.request)
@@ -575,13 +612,7 @@ class FakeAIHub:
             if target.inputs:
                 compile_job.target_tensor_type_list.CopyFrom(_tensor_list(target.inputs))
             return pb.Job(compile_job=compile_job)
-        inference = pb.InferenceJob()
-        inference.CopyFrom(job.request)
-        inference.inference_job_id = job.job_id
-        inference.model.CopyFrom(self.models[inference.model.model_id].pb())
-        inference.job_state = job.state
-        inference.failure_reason = job.failure
-        inference.creation_time.CopyFrom(_now())
+        inference = self._job_fields(pb.InferenceJob(), job, "inference_job_id")
         if inference.dataset.dataset_id:
             inference.dataset.creation_time.CopyFrom(_now())
             inference.dataset.expiration_time.CopyFrom(_later())
@@ -626,6 +657,38 @@ class FakeAIHub:
         target.outputs = outputs
         target.source_input = source_input
         target.channel_last = channel_last
+
+    def _finish_quantize(self, job: FakeJob) -> None:
+        request: pb.QuantizeJob = job.request
+        if request.weights_dtype != pb.QUANTIZE_DTYPE_INT8 or request.activations_dtype not in (
+            pb.QUANTIZE_DTYPE_INT8,
+            pb.QUANTIZE_DTYPE_INT16,
+        ):
+            raise _JobFailure("weights must be INT8 and activations INT8 or INT16")
+        graph = _load_onnx(self.models[request.model.model_id])
+        data = self.datasets[request.calibration_dataset.dataset_id]
+        with h5py.File(io.BytesIO(data), "r") as h5:
+            entries = h5_to_dataset_entries(h5)
+        for value in graph.graph.input:
+            dims = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
+            dtype = _DTYPES[value.type.tensor_type.elem_type]
+            samples = entries.get(value.name)
+            if samples is None:
+                raise _JobFailure(f"calibration data has no input {value.name!r}")
+            for x in samples:
+                if tuple(x.shape) != dims or str(x.dtype) != dtype:
+                    raise _JobFailure(
+                        f"calibration input {value.name} is {tuple(x.shape)} {x.dtype}, the "
+                        f"model takes {dims} {dtype}"
+                    )
+            job.calibration_samples = len(samples)
+        for init in graph.graph.initializer:
+            w = numpy_helper.to_array(init)
+            if w.dtype == np.float32 and w.size >= 16:
+                scale = float(np.abs(w).max()) / 127 or 1.0
+                rounded = (np.round(w / scale) * scale).astype(np.float32)
+                init.CopyFrom(numpy_helper.from_array(rounded, init.name))
+        self.models[job.target_model_id].data = graph.SerializeToString()
 
     def _finish_inference(self, job: FakeJob) -> None:
         request: pb.InferenceJob = job.request

@@ -37,6 +37,8 @@ from lpcvlab.hubs.aihub.jobs import JobLedger, LedgerEntry, job_key
 from lpcvlab.hubs.aihub.settings import compile_options, samples_per_chunk
 from lpcvlab.hubs.aihub.stages import HubTarget
 from lpcvlab.hubs.profile import parse_profile
+from lpcvlab.metrics import cosine_per_sample
+from lpcvlab.precision import Calibration, ComponentPrecision
 from lpcvlab.types import ExportResult, JobEvent, TensorSpec
 
 pytestmark = pytest.mark.hub
@@ -462,6 +464,131 @@ def test_profile_with_missing_fields(fake: FakeAIHub, models, tmp_path: Path) ->
     assert math.isnan(partial.latency_ms)
     assert partial.peak_memory_mb == (1.0, 2.0)
     assert partial.compute_units == {"UNKNOWN": 1, "GPU": 1}
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def calibrated(precision: str, samples: np.ndarray) -> ComponentPrecision:
+    digest = hashlib.sha256(samples.tobytes()).hexdigest()
+    return ComponentPrecision(precision, Calibration(samples, digest, "eval_spread"))
+
+
+def test_quantized_component_quantize_compile_profile_infer_then_reused(
+    fake: FakeAIHub, models, tmp_path: Path
+) -> None:
+    exported = models["video_classifier"]
+    inputs = video_inputs(4)
+    precision = calibrated("w8a16", video_inputs(8, seed=5))
+    job = ComponentJob(exported, inputs, precision=precision)
+    hub, events = hub_with_events(
+        tmp_path, runtime="qnn_context_binary", device="dragonwing_iq9075_evk", track="video"
+    )
+    run = hub.run_components([job])["video_classifier"]
+
+    (quantize,) = fake.jobs_of("quantize")
+    assert quantize.request.weights_dtype == pb.QUANTIZE_DTYPE_INT8
+    assert quantize.request.activations_dtype == pb.QUANTIZE_DTYPE_INT16
+    assert quantize.calibration_samples == 8  # the dataset held the calibration samples
+    name = fake.dataset_names[quantize.request.calibration_dataset.dataset_id]
+    assert name == "video-video_classifier quantize w8a16 calibration"
+    # Compile took the quantize job's model: nothing but the export was uploaded as a model.
+    (compile_job,) = fake.jobs_of("compile")
+    assert compile_job.request.model.model_id == quantize.target_model_id
+    assert compile_job.request.options == TRACK2_OPTIONS
+    assert fake.count("POST", r"/models/$") == 1
+    assert compile_job.created_seq > quantize.done_seq
+    # ... then profiled and run like any model; its outputs are the quantized model's.
+    assert run.profile.latency_ms == pytest.approx(5.4)
+    expected = local_outputs(exported, inputs)
+    cos = cosine_per_sample(expected, run.inference.outputs)
+    assert cos.min() > 0.99 and run.inference.metrics["device_parity_cosine_min"] < 1.0
+    q = run.quantized
+    assert (q.precision, q.job_id, q.calibration_sha256) == (
+        "w8a16",
+        quantize.job_id,
+        precision.calibration.sha256,
+    )
+    assert "AI Hub quantize job" in q.method and q.model is None and q.job_url
+    seen = statuses(events, "video_classifier", "quantize")
+    assert seen[0] == "SUBMITTED" and seen[-1] == "SUCCESS" and "QUANTIZING_MODEL" in seen
+    ledger = ledger_lines(tmp_path / "cache" / "aihub_ledger.jsonl")
+    entry = next(e for e in ledger if e["kind"] == "quantize")
+    assert entry["inputs"]["calibration_sha256"] == precision.calibration.sha256
+    assert (entry["inputs"]["weights_dtype"], entry["inputs"]["activations_dtype"]) == (
+        "INT8",
+        "INT16",
+    )
+    assert entry["inputs"]["model_sha256"] == exported.sha256
+    compiled = next(e for e in ledger if e["kind"] == "compile")
+    assert compiled["inputs"]["quantize_job"] == quantize.job_id
+
+    # A second run pays for nothing: quantize, compile, profile and inference are reused.
+    before = len(fake.jobs)
+    again, events = hub_with_events(
+        tmp_path, runtime="qnn_context_binary", device="dragonwing_iq9075_evk", track="video"
+    )
+    run2 = again.run_components([job])["video_classifier"]
+    assert len(fake.jobs) == before
+    for kind in ("quantize", "compile", "profile", "inference"):
+        assert statuses(events, "video_classifier", kind) == ["REUSED"], kind
+    np.testing.assert_array_equal(run2.inference.outputs, run.inference.outputs)
+    assert run2.quantized.job_id == quantize.job_id
+
+    # Other calibration data, or other activations, is another quantize job.
+    for other in (
+        calibrated("w8a16", video_inputs(8, seed=6)),
+        calibrated("w8a8", video_inputs(8, seed=5)),
+    ):
+        third, events = hub_with_events(
+            tmp_path, runtime="qnn_context_binary", device="dragonwing_iq9075_evk", track="video"
+        )
+        third.run_components([ComponentJob(exported, inputs, precision=other)])
+        assert statuses(events, "video_classifier", "quantize")[0] == "SUBMITTED"
+    assert [j.request.activations_dtype for j in fake.jobs_of("quantize")] == [
+        pb.QUANTIZE_DTYPE_INT16,
+        pb.QUANTIZE_DTYPE_INT16,
+        pb.QUANTIZE_DTYPE_INT8,
+    ]
+
+
+def test_fp16_compiles_with_the_runtimes_fp16_options(fake: FakeAIHub, models, tmp_path: Path):
+    hub, events = hub_with_events(tmp_path, extra_compile_options="--qairt_version 2.31")
+    fp16 = ComponentPrecision("fp16")
+    jobs = [
+        ComponentJob(models["image_encoder"], image_inputs(2), precision=fp16),
+        ComponentJob(models["text_encoder"], text_inputs(2)),
+    ]
+    runs = hub.run_components(jobs)
+    options = {
+        fake.models[j.request.model.model_id].name: j.request.options
+        for j in fake.jobs_of("compile")
+    }
+    assert options == {
+        "retrieval-image_encoder": TRACK1_OPTIONS
+        + " --qnn_options default_graph_htp_precision=FLOAT16 --qairt_version 2.31",
+        "retrieval-text_encoder": TRACK1_OPTIONS + " --qairt_version 2.31",
+    }
+    assert fake.jobs_of("quantize") == []
+    assert runs["image_encoder"].quantized.precision == "fp16"
+    assert "default_graph_htp_precision=FLOAT16" in runs["image_encoder"].quantized.method
+    assert runs["text_encoder"].quantized is None
+    # fp16 and fp32 of the same export are different compile jobs in the ledger.
+    again, events = hub_with_events(tmp_path, extra_compile_options="--qairt_version 2.31")
+    again.run_components([ComponentJob(models["image_encoder"], image_inputs(2))])
+    assert statuses(events, "image_encoder", "compile")[0] == "SUBMITTED"
+
+
+def test_a_failed_quantize_job_says_why(fake: FakeAIHub, models, tmp_path: Path) -> None:
+    hub, _ = hub_with_events(tmp_path)
+    # Calibration data of the wrong shape reaches AI Hub only if lpcvlab let it through; the
+    # service refuses it with a reason, which the run shows with the job's ID.
+    wrong = calibrated("w8a8", np.zeros((8, 3, 4, 4), np.float32))
+    with pytest.raises(RuntimeStageError, match="calibration input image is .* the model takes"):
+        hub.run_components(
+            [ComponentJob(models["image_encoder"], image_inputs(2), precision=wrong)]
+        )
+    assert fake.jobs_of("compile") == []
 
 
 # --------------------------------------------------------------------------- ledger

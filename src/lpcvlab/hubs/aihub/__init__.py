@@ -118,6 +118,7 @@ class AIHub:
             runtime_options=runtime.compile_options or "",
             channel_last_inputs=self.channel_last_inputs,
             track=track,
+            fp16_options=runtime.fp16_options or "",
             redact=self._redact,
             emit=self._emit,
         )
@@ -147,23 +148,33 @@ class AIHub:
         }
 
     def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
-        """Every compile job goes up before any wait; as each compile finishes, the profile and
-        inference jobs its component asked for go up at once, and every job is waited on
-        together. A stage not asked for comes back as None."""
-        states = [ComponentState(j.exported, inputs=j.inputs, wanted=j.stages) for j in jobs]
+        """Every compile job (a quantized component's quantize job) goes up before any wait; as
+        each finishes, the jobs that follow it go up at once (compile after quantize; the
+        profile and inference jobs its component asked for after compile), and every job is
+        waited on together. A stage not asked for comes back as None."""
+        states = [
+            ComponentState(j.exported, inputs=j.inputs, wanted=j.stages, precision=j.precision)
+            for j in jobs
+        ]
         names = [s.component for s in states]
         if len(set(names)) != len(names):
             raise RuntimeStageError(f"component names must be unique, got {names}")
         for s in states:
             if INFERENCE in s.wanted:
                 check_inputs(s.exported, s.inputs)
-        self._driver.drive([self._stages.start_compile(s) for s in states])
+        first = [
+            self._stages.start_quantize(s)
+            if s.precision.quantized
+            else self._stages.start_compile(s)
+            for s in states
+        ]
+        self._driver.drive(first)
         runs: dict[str, ComponentRun] = {}
         for s in states:
             assert s.compiled is not None
             inference = self._stages.finish_inference(s) if INFERENCE in s.wanted else None
             profile = s.profile if PROFILE in s.wanted else None
-            runs[s.component] = ComponentRun(s.compiled, profile, inference)
+            runs[s.component] = ComponentRun(s.compiled, profile, inference, s.quantized)
         return runs
 
     # ------------------------------------------------------------------ one stage at a time

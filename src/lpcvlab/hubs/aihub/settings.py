@@ -18,6 +18,8 @@ from lpcvlab.types import ExportResult
 
 # The name AI Hub gives a compiled model's first output unless told otherwise.
 AIHUB_DEFAULT_OUTPUT_NAME = "output_0"
+# precision -> (weights_dtype, activations_dtype) of a quantize job (qai_hub.QuantizeDtype names)
+QUANTIZE_DTYPES = {"w8a16": ("INT8", "INT16"), "w8a8": ("INT8", "INT8")}
 
 
 def checked_settings(settings: AIHubConfig) -> AIHubConfig:
@@ -47,10 +49,12 @@ def compile_options(
     runtime_options: str | None = "",
     channel_last_inputs: Collection[str] = (),
     extra: str | None = "",
+    precision_options: str = "",
 ) -> str:
     """The full ``options`` string of one component's compile job.
 
-    Order: ``--target_runtime``, the runtime config's options, what this component needs, then
+    Order: ``--target_runtime``, the runtime config's options, ``precision_options`` (the
+    runtime's fp16 options for a component in fp16), what this component needs, then
     ``hub.extra_compile_options`` (last, so that a user's flag reads as the final word):
 
     - ``--force_channel_last_input <name>`` when the component's input is in
@@ -61,7 +65,7 @@ def compile_options(
     """
     if not target_runtime:
         raise ConfigError("runtime.target_runtime is empty; pick a runtime (runtime=qnn_dlc)")
-    runtime_tokens = shlex.split(runtime_options or "")
+    runtime_tokens = shlex.split(runtime_options or "") + shlex.split(precision_options or "")
     extra_tokens = shlex.split(extra or "")
     for where, tokens in (
         ("runtime.compile_options", runtime_tokens),

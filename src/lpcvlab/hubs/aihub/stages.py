@@ -26,17 +26,17 @@ Track 2's ``video`` is ``(1, 16, 112, 112, 3)`` on device), each sample is trans
 ``np.moveaxis(x, 1, -1)`` before upload; 64-bit integer inputs are cast to the device's dtype
 (int32 under ``--truncate_64bit_io``). Outputs come back as the device produces them.
 
-**Where a quantize stage goes** (AI Hub's ``submit_quantize_job``: an ONNX model plus a
-calibration dataset in, a quantized ONNX model out). Beside :meth:`Stages.start_compile`: a
-``start_quantize(state)`` uploads the export and the calibration dataset and calls
-``self.driver.start("quantize", state.trail, {"model_sha256": ..., "calibration_sha256": ...},
-options, submit, on_success)``, its ``submit`` calling ``client.submit_quantize_job`` through
-:func:`~lpcvlab.hubs.aihub.client.submit`. Its ``on_success`` keeps
-``p.job.get_target_model()`` on the state and returns ``[self.start_compile(state)]``;
-:meth:`_source_model` then hands compile that model instead of uploading the export, and the
-compile key's ``model_sha256`` becomes the quantize job's. ``AIHub.run_components`` starts with
-``start_quantize`` for a job whose stages include ``"quantize"``. The driver, the ledger, polling
-and reuse need no change.
+**Precision.** A component in w8a16 or w8a8 starts with a **quantize** job
+(:meth:`Stages.start_quantize`): the export and its calibration data (uploaded as a dataset, in
+the exported layout) go to ``submit_quantize_job`` with ``weights_dtype=INT8`` and
+``activations_dtype=INT16`` or ``INT8``; the ledger keys it by the model's hash, the calibration
+data's hash and both dtypes. When it succeeds, its quantized ONNX model (QDQ) is what
+:meth:`Stages.start_compile` compiles -- no upload, and the compile key names the quantize job
+instead of the export's hash. A component in fp16 is compiled from the export with the runtime's
+fp16 options (``runtime.fp16_options``, e.g. ``--qnn_options
+default_graph_htp_precision=FLOAT16``) before ``hub.extra_compile_options``. In both cases the
+device outputs are compared with the fp32 export on this machine (``device_parity_*``): the
+quantized model lives on AI Hub, so that number includes the quantization error.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from lpcvlab.hashing import array_sha256, file_sha256
 from lpcvlab.hubs.aihub.client import guard, submit
 from lpcvlab.hubs.aihub.jobs import Emit, JobDriver, JobTrail, LedgerEntry, Pending
 from lpcvlab.hubs.aihub.settings import (
+    QUANTIZE_DTYPES,
     channel_last_shape,
     compile_options,
     forced_channel_last,
@@ -74,7 +75,14 @@ from lpcvlab.hubs.aihub.settings import (
 from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE
 from lpcvlab.hubs.parity import device_parity
 from lpcvlab.hubs.profile import parse_profile
-from lpcvlab.types import CompileResult, ExportResult, InferenceResult, ProfileResult
+from lpcvlab.precision import FP32, ComponentPrecision
+from lpcvlab.types import (
+    CompileResult,
+    ExportResult,
+    InferenceResult,
+    ProfileResult,
+    QuantizeResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +111,9 @@ class ComponentState:
     exported: ExportResult
     inputs: np.ndarray | None = None
     wanted: frozenset[str] = ALL_STAGES
+    precision: ComponentPrecision = FP32
+    quantized: QuantizeResult | None = None  # how a non-fp32 component was made
+    quantized_model: Any = None  # the quantize job's target model, compiled instead of the export
     compiled: CompileResult | None = None
     profile: ProfileResult | None = None
     chunk_outputs: list[np.ndarray | None] = field(default_factory=list)
@@ -192,6 +203,7 @@ class Stages:
         runtime_options: str,
         channel_last_inputs: Iterable[str],
         track: str,
+        fp16_options: str = "",
         redact: Callable[[object], str],
         emit: Emit,
     ) -> None:
@@ -203,6 +215,7 @@ class Stages:
         self.runtime_options = runtime_options
         self.channel_last_inputs = frozenset(channel_last_inputs)
         self.track = track
+        self.fp16_options = fp16_options
         self._redact = redact
         self._emit = emit
         self._hub_device = qai_hub.Device(name=device)
@@ -258,21 +271,96 @@ class Stages:
 
     # ------------------------------------------------------------------ compile
 
-    def start_compile(self, state: ComponentState) -> Pending:
-        """Upload and compile one export (or reuse/resume its compile job); share it."""
+    def start_quantize(self, state: ComponentState) -> Pending:
+        """A quantize job of the export with its calibration data; compile follows its model."""
         exported = state.exported
         spec = exported.input
+        cal = state.precision.calibration
+        if cal is None:
+            raise RuntimeStageError(f"{state.component}: {state.precision.name} needs calibration")
+        weights, activations = QUANTIZE_DTYPES[state.precision.name]
+        inputs = {
+            "model_sha256": self._model_digest(exported),
+            "calibration_sha256": cal.sha256,
+            "weights_dtype": weights,
+            "activations_dtype": activations,
+        }
+        options = ""  # AI Hub's defaults; the dtypes are arguments of their own
+
+        def submit_job() -> Any:
+            model = self._source_model(state)
+            name = self._job_name(state.component, f"quantize {state.precision.name}")
+            entries = {spec.name: [cal.samples[i : i + 1] for i in range(len(cal))]}
+            dataset = self._call(
+                lambda: self.client.upload_dataset(entries, name=f"{name} calibration"),
+                f"uploading the calibration data of {state.component}",
+            )
+            log.info(
+                "AI Hub: uploaded %d calibration samples of %s (%s) as dataset %s",
+                len(cal),
+                state.component,
+                cal.source,
+                dataset.dataset_id,
+            )
+            return self._submit(
+                lambda: self.client.submit_quantize_job(
+                    model,
+                    dataset,
+                    weights_dtype=qai_hub.QuantizeDtype[weights],
+                    activations_dtype=qai_hub.QuantizeDtype[activations],
+                    name=name,
+                    options=options,
+                ),
+                f"submitting the quantize job of {state.component}",
+            )
+
+        def on_success(p: Pending) -> list[Pending]:
+            target = self._call(p.job.get_target_model, f"reading the model of {p.job.job_id}")
+            if target is None:
+                raise RuntimeStageError(
+                    f"{state.component}: quantize job {p.job.job_id} finished without a model "
+                    f"({p.job.url})"
+                )
+            state.quantized_model = target
+            state.quantized = QuantizeResult(
+                component=state.component,
+                precision=state.precision.name,
+                method=f"AI Hub quantize job (weights {weights}, activations {activations})",
+                seconds=time.monotonic() - p.started,
+                calibration_samples=len(cal),
+                calibration_sha256=cal.sha256,
+                calibration_source=cal.source,
+                job_id=p.job.job_id,
+                job_url=p.job.url,
+            )
+            return [self.start_compile(state)]
+
+        return self.driver.start("quantize", state.trail, inputs, options, submit_job, on_success)
+
+    def start_compile(self, state: ComponentState) -> Pending:
+        """Upload and compile one export -- or the model its quantize job made -- (or reuse or
+        resume its compile job); share it."""
+        exported = state.exported
+        spec = exported.input
+        fp16 = state.precision.name == "fp16"
         options = compile_options(
             exported,
             self.target_runtime,
             self.runtime_options,
             self.channel_last_inputs,
             self.settings.extra_compile_options,
+            precision_options=self.fp16_options if fp16 else "",
         )
-        inputs = {
-            "model_sha256": self._model_digest(exported),
-            "input_specs": {spec.name: [list(spec.shape), spec.dtype]},
-        }
+        if fp16:
+            state.quantized = QuantizeResult(
+                state.component, "fp16", f"AI Hub compile options {self.fp16_options}", 0.0
+            )
+        source = (
+            {"quantize_job": state.quantized.job_id}
+            if state.quantized_model is not None and state.quantized is not None
+            else {"model_sha256": self._model_digest(exported)}
+        )
+        inputs = {**source, "input_specs": {spec.name: [list(spec.shape), spec.dtype]}}
 
         def submit_job() -> Any:
             model = self._source_model(state)
@@ -305,7 +393,10 @@ class Stages:
         return follow
 
     def _source_model(self, state: ComponentState) -> Any:
-        """The model compile takes: the export, uploaded (a quantized model would come here)."""
+        """The model compile (or quantize) takes: the quantize job's model when there is one,
+        else the export, uploaded."""
+        if state.quantized_model is not None:
+            return state.quantized_model
         path = Path(state.exported.path)
         data_files = self._external_files(path)
         with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
