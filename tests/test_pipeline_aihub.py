@@ -62,3 +62,50 @@ def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path): 
     for art in ("config.yaml", "profiles/image_encoder.json", "profiles/text_encoder.json"):
         logged.append(open(client.download_artifacts(res.run_id, art, str(tmp_path))).read())
     assert all(TOKEN not in text for text in logged)
+
+
+def test_mixed_precision_on_aihub_records_the_quantize_job_and_its_fidelity(fake, tmp_path):  # noqa: F811
+    cfg = _aihub_cfg(
+        tmp_path,
+        "hub.poll_interval_s=0",
+        "precision=mixed",
+        "precision.per_component.image_encoder=fp16",
+        "precision.per_component.text_encoder=w8a8",
+        "precision.calibration_samples=8",
+        "export.rewrites=[finite_mask]",
+    )
+    first, run = _logged(cfg, tmp_path / "work")
+    tags, metrics = run.tags, run.metrics
+    (quantize,) = fake.jobs_of("quantize")
+    assert tags["aihub/text_encoder/quantize_job"] == quantize.job_id
+    assert tags["aihub/text_encoder/quantize_job_status"] == "SUCCESS"
+    assert "aihub/image_encoder/quantize_job" not in tags
+    assert "AI Hub quantize job" in tags["precision_method/text_encoder"]
+    assert "FLOAT16" in tags["precision_method/image_encoder"]
+    assert tags["calibration/text_encoder/source"] == "eval_spread"
+    assert quantize.calibration_samples == 8
+    image_compile = fake.jobs[tags["aihub/image_encoder/compile_job"]]
+    assert "default_graph_htp_precision=FLOAT16" in image_compile.request.options
+    for comp in ("image_encoder", "text_encoder"):
+        assert 0.9 < metrics[f"fidelity_cosine_min/{comp}"] < 1.0
+    assert "recall_at_10_fp32" in metrics and tags["fidelity_gate"] in ("passed", "failed")
+    # The fp32 reference was computed on this machine, not paid for on AI Hub.
+    assert tags["fidelity/reference"].endswith("computed on this machine")
+    assert len(fake.jobs_of("compile")) == 2
+
+    # Again: every AI Hub job is reused from the ledger, the reference from the stage cache.
+    jobs = len(fake.jobs)
+    _, again = _logged(cfg, tmp_path / "again")
+    assert len(fake.jobs) == jobs
+    assert again.tags["aihub/text_encoder/quantize_job_status"] == "REUSED"
+    assert first in again.tags["fidelity/reference"]
+    assert (
+        again.metrics["fidelity_cosine_min/text_encoder"]
+        == (metrics["fidelity_cosine_min/text_encoder"])
+    )
+
+
+def _logged(cfg, work_dir):
+    """(run ID, what the run logged) of one pipeline run."""
+    run_id = pipeline.run(cfg, work_dir=work_dir).run_id
+    return run_id, MlflowClient(cfg.tracking.uri).get_run(run_id).data

@@ -1,9 +1,13 @@
 """``lpcvlab compare``: runs side by side, what differs between them, and the Pareto front.
 
 The columns are the parameters that differ between the runs (a config group shows as its choice,
-e.g. ``backbone=clip_tiny``, not as the dozen keys that come with it), accuracy, latency and
-peak memory per component, total latency, weights and runtime. A sweep parent run gets the same
-table as ``sweep_runs.csv`` and an accuracy-vs-latency Pareto plot as ``pareto.png``.
+e.g. ``backbone=clip_tiny``, not as the dozen keys that come with it; the deployment precision as
+one ``precision`` column, ``w8a8`` or ``image_encoder:fp16 text_encoder:w8a8``), accuracy,
+latency, peak memory and fidelity against fp32 per component, total latency, the fidelity gate,
+weights and runtime. A sweep parent run gets the same table as ``sweep_runs.csv`` and an
+accuracy-vs-latency Pareto plot as ``pareto.png``. A run that failed the fidelity gate is marked
+(``fidelity_gate=failed``, a cross in the plot) and left off the Pareto front: its accuracy is
+not what the device would deliver safely.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ ACCURACY_METRICS = (
     "clip_top1",
     "clip_top5",
 )
-PER_COMPONENT = ("latency_ms", "peak_memory_mb", "parity_cosine_min")
+PER_COMPONENT = ("latency_ms", "peak_memory_mb", "parity_cosine_min", "fidelity_cosine_min")
 TOTAL_LATENCY = "latency_ms/total"
+PRECISION = "precision"  # the column of the deployment precision (from the run's tags)
+GATE_FAILED = "failed"
 _INFO_TAGS = ("weights", "runtime", "device", "hub")
 
 
@@ -69,7 +75,9 @@ class Comparison:
         CSV has them), and no column that is empty for every run."""
         skip = {"run_id", "experiment_id", "name", "device", "hub"}
         skip |= {c for c in self.columns if c.startswith("parity_cosine_min/")}
-        skip |= {c for c in self.columns if all(r.get(c) in ("", None) for r in self.rows)}
+        skip |= {
+            c for c in self.columns if all(_cell(r.get(c)) in ("", "-", None) for r in self.rows)
+        }
         cols = ["run"] + [c for c in self.columns if c not in skip]
         rows = [[r["run_id"][:8]] + [_cell(r.get(c)) for c in cols[1:]] for r in self.rows]
         return console.table(cols, rows)
@@ -105,9 +113,32 @@ def swept_params(runs: Sequence[RunInfo]) -> list[str]:
     return out
 
 
+def precision_label(run: RunInfo) -> str:
+    """``w8a8`` when every component has that precision, else ``<component>:<precision> ...``."""
+    per = {k.split("/", 1)[1]: v for k, v in run.tags.items() if k.startswith("precision/")}
+    per.pop("default", None)
+    if not per:
+        return run.tags.get(PRECISION, "")
+    if len(set(per.values())) == 1:
+        return next(iter(per.values()))
+    return " ".join(f"{c}:{p}" for c, p in sorted(per.items()))
+
+
+def _with_precision(swept: list[str], runs: Sequence[RunInfo]) -> list[str]:
+    """Every swept ``precision.*`` param as one ``precision`` column."""
+    precision = [p for p in swept if p.startswith(PRECISION + ".")]
+    if not precision and len({precision_label(r) for r in runs}) < 2:
+        return swept
+    return [p for p in swept if p not in precision] + [PRECISION]
+
+
+def _param(run: RunInfo, param: str) -> str:
+    return precision_label(run) if param == PRECISION else run.params.get(param, "")
+
+
 def build_comparison(runs: Sequence[RunInfo]) -> Comparison:
     runs = list(runs)
-    swept = swept_params(runs)
+    swept = _with_precision(swept_params(runs), runs)
     all_metrics = set().union(*(r.metrics for r in runs)) if runs else set()
     accuracy = [m for m in ACCURACY_METRICS if m in all_metrics]
     components = sorted(
@@ -121,7 +152,7 @@ def build_comparison(runs: Sequence[RunInfo]) -> Comparison:
     columns += [_param_column(p) for p in swept]
     columns += list(_INFO_TAGS) + accuracy + ["objective"]
     columns += [f"{m}/{c}" for c in components for m in PER_COMPONENT]
-    columns += [TOTAL_LATENCY, "over_budget", "cache_hits"]
+    columns += [TOTAL_LATENCY, "over_budget", "fidelity_gate", "cache_hits"]
     rows = []
     for r in runs:
         row: dict[str, Any] = {
@@ -130,9 +161,10 @@ def build_comparison(runs: Sequence[RunInfo]) -> Comparison:
             "experiment_id": r.experiment_id,
             "status": r.status,
             "over_budget": r.tags.get("over_budget", ""),
+            "fidelity_gate": r.tags.get("fidelity_gate", ""),
             "cache_hits": r.tags.get("cache/hits", ""),
         }
-        row |= {_param_column(p): r.params.get(p, "") for p in swept}
+        row |= {_param_column(p): _param(r, p) for p in swept}
         row |= {t: r.tags.get(t, "") for t in _INFO_TAGS}
         row |= {m: r.metrics.get(m, math.nan) for m in accuracy + ["objective", TOTAL_LATENCY]}
         row |= {
@@ -159,11 +191,19 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def accuracy_latency(runs: Sequence[RunInfo]) -> list[tuple[float, float]]:
-    """(total latency ms, the track's objective metric) per run; NaN where missing."""
+    """(total latency ms, the track's objective metric) per run; NaN where missing, and for a
+    run that failed the fidelity gate (it is not a candidate for the front)."""
     return [
-        (r.metrics.get(TOTAL_LATENCY, math.nan), r.metrics.get(objective_name(r), math.nan))
+        (
+            r.metrics.get(TOTAL_LATENCY, math.nan),
+            math.nan if gate_failed(r) else r.metrics.get(objective_name(r), math.nan),
+        )
         for r in runs
     ]
+
+
+def gate_failed(run: RunInfo) -> bool:
+    return run.tags.get("fidelity_gate") == GATE_FAILED
 
 
 def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | None:
@@ -175,18 +215,32 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
 
     runs = comparison.runs
     points = accuracy_latency(runs)
+    front = pareto_front(points)
+    failed = [i for i, r in enumerate(runs) if gate_failed(r)]
+    for i in failed:  # plotted where they measured, marked, and kept off the front
+        points[i] = (points[i][0], runs[i].metrics.get(objective_name(runs[i]), math.nan))
     ok = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
     if not ok:
         return None
-    front = pareto_front(points)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    passed = [i for i in ok if i not in failed]
     ax.scatter(
-        [points[i][0] for i in ok],
-        [points[i][1] for i in ok],
+        [points[i][0] for i in passed],
+        [points[i][1] for i in passed],
         color="tab:gray",
         label="runs",
         zorder=2,
     )
+    shown = [i for i in ok if i in failed]
+    if shown:
+        ax.scatter(
+            [points[i][0] for i in shown],
+            [points[i][1] for i in shown],
+            color="tab:red",
+            marker="x",
+            label="fidelity gate failed",
+            zorder=2,
+        )
     ax.plot(
         [points[i][0] for i in front],
         [points[i][1] for i in front],
@@ -280,6 +334,12 @@ def compare_command(args: argparse.Namespace) -> int:
         print(
             "\nPareto front (higher accuracy, lower total latency): "
             + ", ".join(f"{runs[i].short_id} ({_label(comparison, i)})" for i in front)
+        )
+    failed = [r for r in runs if gate_failed(r)]
+    if failed:
+        print(
+            "Failed the fidelity gate (left off the front): "
+            + ", ".join(f"{r.short_id} ({r.tags.get('fidelity_gate_reasons', '')})" for r in failed)
         )
     if args.csv:
         print(f"table written to {comparison.to_csv(Path(args.csv))}")

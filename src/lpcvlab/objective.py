@@ -7,6 +7,11 @@ LPCVC ranks accuracy only among submissions that run fast enough, so a search mu
 with the default penalty of 1 every over-budget run scores below every in-budget run of an
 accuracy in [0, 1], and among over-budget runs the faster one scores higher, which gives a
 sampler a direction to move in.
+
+A run deployed in another precision than fp32 must also stay close to fp32: with ``fidelity``
+thresholds set, a run that fails the fidelity gate (:func:`lpcvlab.precision.fidelity.gate`) is
+tagged ``fidelity_gate=failed`` and returns ``objective - fidelity.penalty`` on top of any budget
+penalty: with the default penalty of 1, below every run that passes.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lpcvlab.config.schema import BudgetConfig
+from lpcvlab.config.schema import BudgetConfig, FidelityConfig
 from lpcvlab.errors import ConfigError
+from lpcvlab.precision.fidelity import GateVerdict, gate
 
 LATENCY_PREFIX = "latency_ms/"
 TOTAL_LATENCY = "latency_ms/total"
@@ -31,17 +37,23 @@ class Objective:
     total_latency_ms: float
     budget_ms: float | None
     over_budget: bool
+    fidelity: GateVerdict | None = None  # None: every component in fp32
 
     def metrics(self) -> dict[str, float]:
         return {TOTAL_LATENCY: self.total_latency_ms, "objective": self.value}
 
     def tags(self) -> dict[str, str]:
-        if self.budget_ms is None:
-            return {}
-        return {
-            "over_budget": str(self.over_budget).lower(),
-            "latency_budget_ms": f"{self.budget_ms:g}",
-        }
+        tags = {}
+        if self.budget_ms is not None:
+            tags |= {
+                "over_budget": str(self.over_budget).lower(),
+                "latency_budget_ms": f"{self.budget_ms:g}",
+            }
+        if self.fidelity is not None:
+            tags["fidelity_gate"] = self.fidelity.tag
+            if self.fidelity.reasons:
+                tags["fidelity_gate_reasons"] = "; ".join(self.fidelity.reasons)[:5000]
+        return tags
 
 
 def total_latency_ms(metrics: dict[str, float]) -> float:
@@ -52,8 +64,14 @@ def total_latency_ms(metrics: dict[str, float]) -> float:
     return float(sum(values)) if values else float("nan")
 
 
-def score(objective: str, budget: BudgetConfig, metrics: dict[str, float]) -> Objective:
-    """Score a run: ``objective`` is ``track.objective``; ``budget`` the ``budget`` section."""
+def score(
+    objective: str,
+    budget: BudgetConfig,
+    metrics: dict[str, float],
+    fidelity: FidelityConfig | None = None,
+) -> Objective:
+    """Score a run: ``objective`` is ``track.objective``; ``budget`` the ``budget`` section;
+    ``fidelity`` the thresholds of the fidelity gate (read from the run's fidelity metrics)."""
     if objective not in metrics:
         known = ", ".join(sorted(k for k in metrics if "/" not in k)) or "none"
         raise ConfigError(
@@ -62,13 +80,18 @@ def score(objective: str, budget: BudgetConfig, metrics: dict[str, float]) -> Ob
         )
     raw = float(metrics[objective])
     total = total_latency_ms(metrics)
+    verdict = gate(fidelity, objective, metrics) if fidelity is not None else None
+    value = raw
+    if verdict is not None and not verdict.passed:
+        value -= float(fidelity.penalty) if fidelity is not None else 0.0
     if budget.latency_ms is None:
-        return Objective(objective, raw, raw, total, None, False)
+        return Objective(objective, raw, value, total, None, False, verdict)
     limit = float(budget.latency_ms)
     if math.isnan(total):
         raise ConfigError(
             f"budget.latency_ms={limit:g} is set but this run measured no latency_ms/<component>"
         )
     over = total > limit
-    value = raw - float(budget.penalty) * total / limit if over else raw
-    return Objective(objective, raw, value, total, limit, over)
+    if over:
+        value -= float(budget.penalty) * total / limit
+    return Objective(objective, raw, value, total, limit, over, verdict)

@@ -1,28 +1,35 @@
 """One run, start to end: data -> model -> (train) -> export -> hub -> metrics -> MLflow.
 
 The config is read once, here: :func:`run` loads and checks the typed settings, checks the
-tracking store, builds the track (with its backbone factory) and the hub back-end, and hands each
-stage those objects and its own settings. The pipeline owns the MLflow run; each stage is a
-function of the previous stage's record.
+tracking store, builds the track (with its backbone factory), the hub back-end and the precision
+plan, and hands each stage those objects and its own settings. The pipeline owns the MLflow
+run; each stage is a function of the previous stage's record.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from lpcvlab import console
 from lpcvlab.cache import StageCache
 from lpcvlab.config import RunConfig, load_settings
+from lpcvlab.config.schema import LocalHubConfig
 from lpcvlab.errors import Interrupted
 from lpcvlab.export import export_component
-from lpcvlab.hubs import ComponentJob, Hub, build_hub
+from lpcvlab.hubs import INFERENCE, ComponentJob, Hub, build_hub
 from lpcvlab.objective import Objective, score
+from lpcvlab.precision import ComponentPrecision, PrecisionPlan
+from lpcvlab.precision.calibration import choose_calibration
+from lpcvlab.precision.fidelity import component_fidelity, metric_fidelity
+from lpcvlab.rewrites import op_counts
 from lpcvlab.seeding import seed_everything
 from lpcvlab.tracking import (
     RunRecorder,
@@ -33,8 +40,8 @@ from lpcvlab.tracking import (
     resolve_uri,
     start_run,
 )
-from lpcvlab.tracks import Track, build_track
-from lpcvlab.types import ComponentRun, EvalResult, ExportResult
+from lpcvlab.tracks import Track, TrackData, build_track
+from lpcvlab.types import ComponentRun, EvalResult, ExportResult, ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,8 @@ class StageClock:
 def run_name(s: RunConfig) -> str:
     if s.tracking.run_name:
         return str(s.tracking.run_name)
-    return f"{s.backbone.name}/{s.preprocess.name}/{s.device.name}/{s.hub.name}"
+    name = f"{s.backbone.name}/{s.preprocess.name}/{s.device.name}/{s.hub.name}"
+    return name if s.precision.name == "fp32" else f"{name}/{s.precision.name}"
 
 
 def run_tags(s: RunConfig) -> dict[str, str]:
@@ -84,6 +92,7 @@ def run_tags(s: RunConfig) -> dict[str, str]:
         "hub": s.hub.name,
         "train": s.train.name,
         "seed": str(s.seed),
+        "precision": s.precision.name,
     }
     if s.hub.name == "local":
         tags["measured_on"] = "host_cpu"
@@ -152,6 +161,7 @@ def run(
     prune_store(uri)
     work_dir = _work_dir(work_dir)
     track = build_track(settings)
+    precision = PrecisionPlan(settings.precision)
     if settings.hub.name == "local" and settings.device.name != "host_cpu":
         log.warning(
             "hub=local measures on this machine's CPU with ONNX Runtime: device=%s and "
@@ -170,8 +180,10 @@ def run(
             try:
                 rec.log_params(flatten(OmegaConf.to_container(resolved, resolve=True)))
                 rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
-                result = _stages(settings, track, rec, work_dir)
-                result.objective = score(settings.track.objective, settings.budget, result.metrics)
+                result = _stages(settings, track, precision, rec, work_dir)
+                result.objective = score(
+                    settings.track.objective, settings.budget, result.metrics, settings.fidelity
+                )
                 rec.log_metrics(result.objective.metrics())
                 rec.set_tags(result.objective.tags())
                 result.metrics |= result.objective.metrics()
@@ -208,7 +220,9 @@ def _interrupted(
     return Interrupted(signal_name, run_id=run_id, kept=tuple(kept), resume=resume)
 
 
-def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> PipelineResult:
+def _stages(
+    s: RunConfig, track: Track, plan: PrecisionPlan, rec: RunRecorder, work_dir: Path
+) -> PipelineResult:
     seed_everything(s.seed)
     clock = StageClock()
     # The hub first, inside the run: credentials, network and device are checked before any
@@ -240,6 +254,9 @@ def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> Pip
         bundle = track.train(bundle, data, s.train, rec, work_dir)
         clock.lap("train")
 
+    # Calibration data is chosen and checked before anything is exported or paid for.
+    precisions = _precisions(plan, track, data, bundle, rec)
+
     console.stage("export", ", ".join(c.name for c in bundle.components))
     onnx_dir = Path(s.paths.cache_dir) / "onnx"
     exports: dict[str, ExportResult] = {}
@@ -256,7 +273,9 @@ def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> Pip
                 onnx_dir,
                 opset=s.export.opset,
                 parity_threshold=s.export.parity_threshold,
+                rewrites=s.export.rewrites,
             ),
+            rewrites=s.export.rewrites,
         )
         exports[comp.name] = exp
         rec.set_tags({f"onnx_sha256/{comp.name}": exp.sha256})
@@ -265,6 +284,7 @@ def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> Pip
                 f"parity_cosine_min/{comp.name}": exp.parity_cosine_min,
                 f"export_seconds/{comp.name}": exp.seconds,
             }
+            | export_metrics(comp.name, exp)
         )
         if s.tracking.log_onnx:
             rec.log_artifact(exp.path, "onnx")
@@ -273,7 +293,10 @@ def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> Pip
 
     console.stage("compile, profile, infer", f"hub={s.hub.name}")
     runs = hub.run_components(
-        [ComponentJob(exp, data.inputs[name]) for name, exp in exports.items()]
+        [
+            ComponentJob(exp, data.inputs[name], precision=precisions[name])
+            for name, exp in exports.items()
+        ]
     )
     rec.set_tags(cache.tags())
     if cache.hits:
@@ -286,6 +309,9 @@ def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> Pip
         metrics |= component_metrics(name, crun)
         assert crun.profile is not None
         rec.log_dict(crun.profile.raw, f"profiles/{name}.json")
+        if crun.quantized is not None:
+            metrics |= quantized_metrics(name, crun)
+            rec.set_tags(quantized_tags(name, crun))
     rec.log_metrics(metrics)
 
     console.stage("metrics", s.track.name)
@@ -302,9 +328,133 @@ def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> Pip
     metrics |= evaluation.metrics
     metrics |= {f"parity_cosine_min/{n}": e.parity_cosine_min for n, e in exports.items()}
     clock.lap("metrics")
+    lowered = [n for n, p in precisions.items() if p.name != "fp32"]
+    if lowered:
+        fidelity = _fidelity(
+            s, hub, cache, track, data, exports, outputs, evaluation, lowered, work_dir
+        )
+        rec.log_metrics(fidelity)
+        rec.set_tags(cache.tags() | _reference_tag(cache))
+        metrics |= fidelity
+        clock.lap("fidelity")
     rec.log_metrics(clock.metrics())
     metrics |= clock.metrics()
     return PipelineResult(rec.run_id, metrics, exports, runs, evaluation, bundle.weights)
+
+
+def export_metrics(name: str, exp: ExportResult) -> dict[str, float]:
+    """The exported graph's operator histogram and each rewrite's sites and cost."""
+    counts = exp.op_counts or op_counts(exp.path)
+    metrics = {f"onnx_ops/{name}/{op}": float(n) for op, n in counts.items()}
+    metrics |= {f"rewrite_sites/{name}/{r}": float(n) for r, n in exp.rewrite_sites.items()}
+    metrics |= {f"rewrite_cosine_min/{name}/{r}": c for r, c in exp.rewrite_cosine_min.items()}
+    return metrics
+
+
+def quantized_metrics(name: str, run: ComponentRun) -> dict[str, float]:
+    """How a non-fp32 component was made: time, calibration size, the graph's operators."""
+    q = run.quantized
+    assert q is not None
+    metrics = {f"quantize_seconds/{name}": q.seconds}
+    if q.calibration_samples:
+        metrics[f"calibration_samples/{name}"] = float(q.calibration_samples)
+    if q.model is not None:
+        counts = q.model.op_counts or op_counts(q.model.path)
+        metrics |= {f"onnx_ops_{q.precision}/{name}/{op}": float(n) for op, n in counts.items()}
+    return metrics
+
+
+def quantized_tags(name: str, run: ComponentRun) -> dict[str, str]:
+    q = run.quantized
+    assert q is not None
+    tags = {f"precision_method/{name}": q.method}
+    if q.model is not None:
+        tags[f"onnx_sha256/{name}/{q.precision}"] = q.model.sha256
+    return tags
+
+
+def _precisions(
+    plan: PrecisionPlan, track: Track, data: TrackData, bundle: ModelBundle, rec: RunRecorder
+) -> dict[str, ComponentPrecision]:
+    """Each component's precision, with its calibration data chosen from the track's inputs
+    and checked (a ConfigError naming the component and the setting otherwise)."""
+    rec.set_tags(plan.tags([c.name for c in bundle.components]))
+    hook = getattr(track, "calibration_inputs", None)
+    out: dict[str, ComponentPrecision] = {}
+    for comp in bundle.components:
+        calibration = None
+        if plan.needs_calibration(comp.name):
+            n = plan.calibration_samples
+            train = hook(data, comp.name, n) if hook is not None else None
+            calibration = choose_calibration(
+                comp.name, comp.input, n, data.inputs[comp.name], train
+            )
+            rec.set_tags(
+                {
+                    f"calibration/{comp.name}/source": calibration.source,
+                    f"calibration/{comp.name}/sha256": calibration.sha256,
+                }
+            )
+            rec.log_metrics({f"calibration_samples/{comp.name}": float(len(calibration))})
+        out[comp.name] = ComponentPrecision(plan.of(comp.name), calibration)
+    return out
+
+
+REFERENCE = ".fp32"  # suffix of the fp32 reference's component names (cache tags)
+
+
+def _fidelity(
+    s: RunConfig,
+    hub: Hub,
+    cache: StageCache,
+    track: Track,
+    data: TrackData,
+    exports: dict[str, ExportResult],
+    outputs: dict[str, np.ndarray],
+    evaluation: EvalResult,
+    lowered: list[str],
+    work_dir: Path,
+) -> dict[str, float]:
+    """Every non-fp32 component's outputs against the fp32 export's on the same inputs, and
+    the track's objective computed from the fp32 outputs."""
+    console.stage("fidelity", f"{', '.join(lowered)} against the fp32 export")
+    if hub.records_jobs:  # the reference is never a paid job: this machine computes it
+        local = build_hub(
+            LocalHubConfig(), s.device, s.runtime, track=s.track.name, cache_dir=s.paths.cache_dir
+        )
+        hub = cache.wrap(local)
+    jobs = [
+        ComponentJob(
+            dataclasses.replace(exports[n], component=n + REFERENCE),
+            data.inputs[n],
+            frozenset({INFERENCE}),
+        )
+        for n in lowered
+    ]
+    runs = hub.run_components(jobs)
+    reference = {}
+    for n in lowered:
+        inference = runs[n + REFERENCE].inference
+        assert inference is not None
+        reference[n] = inference.outputs
+    metrics: dict[str, float] = {}
+    for n in lowered:
+        metrics |= component_fidelity(n, reference[n], outputs[n])
+    fp32_dir = work_dir / "fp32"
+    fp32_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = track.evaluate(data, outputs | reference, fp32_dir)
+    objective = s.track.objective
+    metrics |= metric_fidelity(objective, evaluation.metrics[objective], fp32.metrics[objective])
+    return metrics
+
+
+def _reference_tag(cache: StageCache) -> dict[str, str]:
+    """Where the fp32 reference outputs came from."""
+    runs = {
+        h.run_id for h in cache.hits if h.component.endswith(REFERENCE) and h.stage == INFERENCE
+    }
+    found = f"stage cache (run {', '.join(sorted(runs))})" if runs else "computed on this machine"
+    return {"fidelity/reference": f"fp32 export, onnxruntime CPU; {found}"}
 
 
 def _print_summary(s: RunConfig, res: PipelineResult, uri: str, experiment: str) -> None:
@@ -314,12 +464,15 @@ def _print_summary(s: RunConfig, res: PipelineResult, uri: str, experiment: str)
     for name, crun in res.runs.items():
         assert crun.profile is not None
         low, high = crun.profile.peak_memory_mb
+        fidelity = res.metrics.get(f"fidelity_cosine_min/{name}")
         comp_rows.append(
             [
                 name,
+                s.precision.of(name),
                 crun.profile.latency_ms,
                 f"{console.fmt(low, 1)}-{console.fmt(high, 1)}",
                 f"{res.exports[name].parity_cosine_min:.6f}",
+                "-" if fidelity is None else f"{fidelity:.6f}",
             ]
         )
     where = "host CPU (onnxruntime)" if s.hub.name == "local" else s.device.aihub_name
@@ -332,10 +485,26 @@ def _print_summary(s: RunConfig, res: PipelineResult, uri: str, experiment: str)
     print()
     print(
         console.table(
-            [f"component ({where})", "latency ms", "peak memory MB", "parity cos min"], comp_rows
+            [
+                f"component ({where})",
+                "precision",
+                "latency ms",
+                "peak memory MB",
+                "parity cos min",
+                "vs fp32 cos min",
+            ],
+            comp_rows,
         )
     )
     obj = res.objective
+    if obj is not None and obj.fidelity is not None:
+        objective = s.track.objective
+        fp32 = res.metrics.get(f"{objective}_fp32", float("nan"))
+        print(f"\n{objective}: {obj.raw:.4f} here, {fp32:.4f} from the fp32 outputs")
+        print(
+            obj.fidelity.line()
+            + (f"; returned to the sweeper: {obj.value:.4f}" if not obj.fidelity.passed else "")
+        )
     if obj is not None and obj.budget_ms is not None:
         verdict = "OVER budget" if obj.over_budget else "within budget"
         print(
