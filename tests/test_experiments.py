@@ -80,6 +80,19 @@ EXPECTED = {
     "track1_sweep": {"backbone.name": "clip_vit_b16", "tracking.run_name": None},
     "track2_sweep": {"backbone.name": "r2plus1d_18", "track.name": "video"},
     "tiny_sweep": {"backbone.name": "clip_tiny", "data.name": "demo_retrieval"},
+    "track1_precision_sweep": {
+        "backbone.name": "clip_vit_b16",
+        "precision.name": "mixed",
+        "precision.per_component.image_encoder": "fp16",
+        "precision.per_component.text_encoder": "w8a8",
+        "export.rewrites": ["gelu_sigmoid", "finite_mask"],
+    },
+    "track2_precision_sweep": {
+        "backbone.name": "r2plus1d_18",
+        "track.name": "video",
+        "precision.name": "fp32",
+        "precision.calibration_samples": 64,
+    },
 }
 
 
