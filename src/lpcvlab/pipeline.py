@@ -25,6 +25,7 @@ from lpcvlab.hubs import ComponentJob, Hub, build_hub
 from lpcvlab.objective import Objective, score
 from lpcvlab.seeding import seed_everything
 from lpcvlab.tracking import (
+    ModelFacts,
     RunRecorder,
     check_store,
     flatten,
@@ -105,25 +106,25 @@ def system_metrics_on(s: RunConfig) -> bool:
     return s.train.name != "none"
 
 
-def model_records(s: RunConfig, weights: str) -> dict[str, dict[str, str]]:
-    """Tags, params and deployment (AI Hub device and runtime) of the runs' logged models."""
+def model_facts(s: RunConfig, weights: str) -> ModelFacts:
+    """What the run's logged models record besides their files (see :class:`ModelFacts`)."""
     deployment = {}
     if s.hub.name == "aihub":
         deployment = {
             "aihub.device": str(s.device.aihub_name),
             "aihub.runtime": str(s.runtime.target_runtime),
         }
-    return {
-        "tags": {"track": s.track.name},
-        "params": {
+    return ModelFacts(
+        tags={"track": s.track.name},
+        params={
             "backbone": s.backbone.name,
             "preprocess": s.preprocess.name,
             "weights": weights,
             "precision": precision_name(s),
             "export.opset": str(s.export.opset),
         },
-        "deployment": deployment,
-    }
+        deployment=deployment,
+    )
 
 
 def component_metrics(name: str, run: ComponentRun) -> dict[str, float]:
@@ -307,7 +308,7 @@ def _stages(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> Pip
         exports[comp.name] = exp
         rec.set_tags({f"onnx_sha256/{comp.name}": exp.sha256})
         if s.tracking.log_models:
-            rec.log_model(comp.name, exp.path, exp.sha256, **model_records(s, bundle.weights))
+            rec.log_model(comp.name, exp.path, exp.sha256, model_facts(s, bundle.weights))
         rec.log_metrics(
             {
                 f"parity_cosine_min/{comp.name}": exp.parity_cosine_min,

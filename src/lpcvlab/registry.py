@@ -29,6 +29,7 @@ from lpcvlab.runstore import RunInfo, get_run, open_store, tracking_uri
 from lpcvlab.tracking import (
     COMPONENT_TAG,
     ONNX_SHA_TAG,
+    ModelFacts,
     find_onnx_model,
     log_onnx_model,
     ui_link,
@@ -165,9 +166,9 @@ def _model_for(client: Any, run: RunInfo, component: str, sha256: str) -> str:
             f"tracking.log_models=false) and its ONNX file {path} is gone; run it again with "
             "tracking.log_models=true and register the new run"
         )
-    track = {"track": run.tags.get("track", "")}
+    facts = ModelFacts(tags={"track": run.tags.get("track", "")})
     model_id, _ = log_onnx_model(
-        client, run.run_id, run.experiment_id, component, path, sha256, track
+        client, run.run_id, run.experiment_id, component, path, sha256, facts
     )
     return model_id
 

@@ -36,7 +36,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,6 @@ log = logging.getLogger(__name__)
 PARENT_RUN_ENV = "LPCVLAB_PARENT_RUN_ID"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI (markdown)
 COMMAND_TAG = "command"
-# Without it MLflow 3's UI opens an experiment on its GenAI (traces) page, not on its runs.
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 _MAX_PARAM = 6000
 _BATCH = 100
 
@@ -318,14 +316,9 @@ def retry_locked(fn: Callable[[], Any], what: str, attempts: int = 8, delay_s: f
 
 def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
     """The experiment's ID, creating it if needed. ``artifact_root`` applies to a local store
-    only: a tracking server keeps artifacts where it is told to (``--artifacts-destination``).
-    The experiment is marked as machine learning (:data:`EXPERIMENT_KIND`), so that the UI opens
-    it on its runs."""
-    kind, value = EXPERIMENT_KIND
+    only: a tracking server keeps artifacts where it is told to (``--artifacts-destination``)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
-        if exp.tags.get(kind) is None:  # made before lpcvlab marked its experiments
-            client.set_experiment_tag(exp.experiment_id, kind, value)
         return exp.experiment_id
     location = None
     if artifact_root and is_local_store(str(client.tracking_uri)):
@@ -333,7 +326,7 @@ def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None
         root.mkdir(parents=True, exist_ok=True)
         location = root.as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location, tags={kind: value})
+        return client.create_experiment(name, artifact_location=location)
     except Exception:  # another process created it first (parallel sweep jobs)
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -396,6 +389,17 @@ def onnx_signature(model: Any) -> Any:
     return ModelSignature(inputs=specs(model.graph.input), outputs=specs(model.graph.output))
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a logged model records besides its file: tags, params, and the AI Hub deployment
+    (device, runtime) it is tagged with once compiled; a model tagged with another deployment is
+    not reused for this one."""
+
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    deployment: dict[str, str] = field(default_factory=dict)
+
+
 def find_onnx_model(
     client: Any, experiment_id: str, sha256: str, deployment: dict[str, str] | None = None
 ) -> Any | None:
@@ -421,9 +425,7 @@ def log_onnx_model(
     component: str,
     path: Path,
     sha256: str,
-    tags: dict[str, str] | None = None,
-    params: dict[str, str] | None = None,
-    deployment: dict[str, str] | None = None,
+    facts: ModelFacts | None = None,
 ) -> tuple[str, bool]:
     """Log ``path`` as an MLflow model (ONNX flavour) output by ``run_id``: (model ID, reused).
 
@@ -432,7 +434,8 @@ def log_onnx_model(
     ``onnx_sha256`` tag is the file's), a signature of its graph's inputs and outputs and fixed
     pip requirements (MLflow would otherwise spend seconds inferring them).
     """
-    existing = find_onnx_model(client, experiment_id, sha256, deployment)
+    facts = facts or ModelFacts()
+    existing = find_onnx_model(client, experiment_id, sha256, facts.deployment)
     if existing is not None:
         client.log_outputs(run_id, [LoggedModelOutput(existing.model_id, step=0)])
         return existing.model_id, True
@@ -440,8 +443,8 @@ def log_onnx_model(
         experiment_id,
         name=component,
         source_run_id=run_id,
-        tags=(tags or {}) | {COMPONENT_TAG: component, ONNX_SHA_TAG: sha256},
-        params=params,
+        tags=facts.tags | {COMPONENT_TAG: component, ONNX_SHA_TAG: sha256},
+        params=facts.params or None,
         model_type="onnx",
     )
     try:
@@ -557,29 +560,16 @@ class RunRecorder:
         self.datasets |= {d.context: d for d in datasets}
 
     def log_model(
-        self,
-        component: str,
-        path: Path,
-        sha256: str,
-        tags: dict[str, str] | None = None,
-        params: dict[str, str] | None = None,
-        deployment: dict[str, str] | None = None,
+        self, component: str, path: Path, sha256: str, facts: ModelFacts | None = None
     ) -> str:
         """Log an exported component as this run's MLflow model (see :func:`log_onnx_model`);
-        ``deployment`` (AI Hub device and runtime) is set on the model with its compile job."""
+        the AI Hub deployment (device and runtime) is set on the model with its compile job."""
+        facts = facts or ModelFacts()
         model_id, reused = log_onnx_model(
-            self.client,
-            self.run_id,
-            self.experiment_id,
-            component,
-            path,
-            sha256,
-            tags,
-            params,
-            deployment,
+            self.client, self.run_id, self.experiment_id, component, path, sha256, facts
         )
         self.models[component] = model_id
-        self._deployment = dict(deployment or {})
+        self._deployment = dict(facts.deployment)
         how = "linked the logged model" if reused else "logged as model"
         log.info("MLflow: %s %s %s", component, how, model_id)
         return model_id

@@ -27,14 +27,7 @@ from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import cosine_similarity, recall_at_k
 from lpcvlab.models.clip import CONTEXT_LENGTH, ClipBackbone, ImageEncoder, TextEncoder
 from lpcvlab.tracks.base import TrackData, data_source
-from lpcvlab.types import (
-    Component,
-    DatasetRecord,
-    EvalResult,
-    ModelBundle,
-    RunLog,
-    TensorSpec,
-)
+from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
 
 log = logging.getLogger(__name__)
 

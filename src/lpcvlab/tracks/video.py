@@ -32,14 +32,7 @@ from lpcvlab.hashing import file_sha256, manifest_sha256
 from lpcvlab.metrics import softmax, top_k_accuracy
 from lpcvlab.models.video import VideoBackbone
 from lpcvlab.tracks.base import TrackData, data_source
-from lpcvlab.types import (
-    Component,
-    DatasetRecord,
-    EvalResult,
-    ModelBundle,
-    RunLog,
-    TensorSpec,
-)
+from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
 
 log = logging.getLogger(__name__)
 
