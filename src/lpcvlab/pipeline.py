@@ -51,7 +51,7 @@ class PipelineResult:
     weights: str = ""
     objective: Objective | None = None  # what run.py returns to a sweeper (budget applied)
     experiment_id: str = ""
-    cache_reused: str = ""  # "<component>/<stage>, ... (from run <id>)" when the cache served
+    cache_reused: str = ""  # "<component> <stage>/<stage>; ... (from run <id>)" from the cache
 
 
 class StageClock:

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -295,23 +295,18 @@ class RetryingClient:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return retry_locked(lambda: attr(*args, **kwargs), name, self._attempts, self._delay_s)
+            for attempt in range(self._attempts):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:
+                    locked = any(m in str(exc).lower() for m in _LOCKED)
+                    if not locked or attempt == self._attempts - 1:
+                        raise
+                    log.debug("MLflow store locked (%s); retrying %s", exc, name)
+                    time.sleep(min(5.0, self._delay_s * 2**attempt))
+            raise AssertionError("unreachable")
 
         return call
-
-
-def retry_locked(fn: Callable[[], Any], what: str, attempts: int = 8, delay_s: float = 0.2) -> Any:
-    """``fn()``, tried again while a SQLite store is locked (see :class:`RetryingClient`)."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception as exc:
-            locked = any(m in str(exc).lower() for m in _LOCKED)
-            if not locked or attempt == attempts - 1:
-                raise
-            log.debug("MLflow store locked (%s); retrying %s", exc, what)
-            time.sleep(min(5.0, delay_s * 2**attempt))
-    raise AssertionError("unreachable")
 
 
 def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None) -> str:
