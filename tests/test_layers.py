@@ -18,7 +18,7 @@ LAYERS = [
     {"tracks"},
     {"tracking", "objective", "runstore"},
     {"pipeline"},
-    {"app", "sweep", "compare", "reproduce", "cli", "cli_hub", "cli_qevd", "cli_runs"},
+    {"app", "sweep", "compare", "reproduce", "registry", "cli", "cli_hub", "cli_qevd", "cli_runs"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

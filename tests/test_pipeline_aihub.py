@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import compose_config, tiny_overrides
 from mlflow.tracking import MlflowClient
@@ -9,6 +11,7 @@ from test_aihub import TOKEN, fake  # noqa: F401  (the fixture)
 
 from lpcvlab import pipeline
 from lpcvlab.errors import ConfigError
+from lpcvlab.registry import register_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.hub]
 
@@ -57,10 +60,42 @@ def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path): 
         assert f"compute_units/{comp}/npu" in metrics
     assert 0.0 <= metrics["recall_at_10"] <= 1.0
     assert "measured_on" not in tags and tags["hub"] == "aihub"
+    # The logged models carry the AI Hub facts of their compile jobs; the description the device.
+    models = {}
+    for out in run.outputs.model_outputs:
+        model = client.get_logged_model(out.model_id)
+        models[model.tags["component"]] = model
+    for comp, model in models.items():
+        assert model.tags["aihub.compile_job"] == tags[f"aihub/{comp}/compile_job"]
+        assert model.tags["aihub.target_model"] == tags[f"aihub/{comp}/target_model"]
+        assert model.tags["aihub.device"] == "XR2 Gen 2 (Proxy)"
+        assert model.tags["aihub.runtime"] == "qnn_dlc"
+        assert model.tags["aihub.shared_with"] == "lpcv@example.com"
+    assert set(models) == {"image_encoder", "text_encoder"}
+    assert "component (XR2 Gen 2 (Proxy))" in tags["mlflow.note.content"]
+    # A registered version carries what the submission form asks for.
+    versions = register_run(client, res.run_id)
+    for v in versions:
+        version = client.get_model_version(v.name, v.version)
+        assert version.tags["aihub.compile_job"] == tags[f"aihub/{v.component}/compile_job"]
+        assert version.tags["aihub.target_model"] == tags[f"aihub/{v.component}/target_model"]
+        assert version.tags["shared_with"] == "lpcv@example.com"
+        assert version.tags["device"] == "XR2 Gen 2 (Proxy)" and version.tags["hub"] == "aihub"
+        assert float(version.tags["latency_ms"]) == metrics[f"latency_ms/{v.component}"]
     # The token is nowhere in what the run logged.
-    logged = [str(run.data.params), str(tags), str(metrics)]
+    run = client.get_run(res.run_id)  # with the registry's tags
+    logged = [str(run.data.params), str(run.data.tags), str(metrics), str(run.inputs)]
     for art in ("config.yaml", "profiles/image_encoder.json", "profiles/text_encoder.json"):
         logged.append(open(client.download_artifacts(res.run_id, art, str(tmp_path))).read())
+    for model in models.values():
+        model = client.get_logged_model(model.model_id)
+        logged += [str(model.tags), str(model.params), str(model.metrics)]
+        mlmodel = Path(model.artifact_location.removeprefix("file://")) / "MLmodel"
+        logged.append(mlmodel.read_text())
+    for v in versions:
+        version = client.get_model_version(v.name, v.version)
+        logged += [str(version.tags), str(version.description)]
+        logged.append(str(client.get_registered_model(v.name)))
     assert all(TOKEN not in text for text in logged)
 
 

@@ -279,6 +279,16 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise TimeoutError(f"mlflow server at {url} not ready after {timeout_s} s")
 
 
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to a server's process group, SIGKILL after ``grace_s``."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = _free_port()
@@ -299,12 +309,7 @@ def mlflow_server(tmp_path):
         _wait_ready(url, proc, timeout_s=120)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
+        _stop(proc, grace_s=20)
         log.close()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lpcvlab.errors import Interrupted, LpcvlabError
+from lpcvlab.secrets import mask_secrets
 
 log = logging.getLogger("lpcvlab")
 
@@ -61,9 +63,12 @@ def sweep_job() -> tuple[bool, dict[str, str]]:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return False, {}
     hc = HydraConfig.get()
+    overrides = [str(o) for o in hc.overrides.task]
     return True, {
         "sweep_job": str(hc.job.num),
-        "sweep_overrides": " ".join(str(o) for o in hc.overrides.task)[:5000],
+        "sweep_overrides": " ".join(overrides)[:5000],
+        # The command that runs this job alone (the process's own is the sweep's, or a worker's).
+        "command": shlex.join(["python", "run.py", *mask_secrets(overrides)])[:5000],
     }
 
 

@@ -1,4 +1,5 @@
-"""The ``lpcvlab`` console script: verbs that are not one Hydra job (data tools, hub, reproduce)."""
+"""The ``lpcvlab`` console script: verbs that are not one Hydra job (data tools, hub, reproduce,
+register)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ _COMMAND_MODULES: list[tuple[str, str]] = [
     ("lpcvlab.compare", "add_compare_commands"),
     ("lpcvlab.reproduce", "add_reproduce_commands"),
     ("lpcvlab.cli_runs", "add_runs_commands"),
+    ("lpcvlab.registry", "add_register_commands"),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -22,4 +23,13 @@ def array_sha256(x: np.ndarray) -> str:
     x = np.ascontiguousarray(x)
     h = hashlib.sha256(f"{x.dtype.str}|{x.shape}\n".encode())
     h.update(x.view(np.uint8).reshape(-1) if x.size else b"")
+    return h.hexdigest()
+
+
+def manifest_sha256(entries: Iterable[tuple[str, str]]) -> str:
+    """SHA-256 of (name, content hash) pairs in order: one digest for a dataset's files, which
+    changes when a file is renamed, edited, added or dropped."""
+    h = hashlib.sha256()
+    for name, digest in entries:
+        h.update(f"{name}\t{digest}\n".encode())
     return h.hexdigest()

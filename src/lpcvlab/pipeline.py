@@ -32,6 +32,7 @@ from lpcvlab.precision.fidelity import component_fidelity, metric_fidelity
 from lpcvlab.rewrites import op_counts
 from lpcvlab.seeding import seed_everything
 from lpcvlab.tracking import (
+    ModelFacts,
     RunRecorder,
     check_store,
     flatten,
@@ -39,6 +40,7 @@ from lpcvlab.tracking import (
     prune_vanished,
     resolve_uri,
     start_run,
+    ui_link,
 )
 from lpcvlab.tracks import Track, TrackData, build_track
 from lpcvlab.types import ComponentRun, EvalResult, ExportResult, ModelBundle
@@ -55,6 +57,8 @@ class PipelineResult:
     eval: EvalResult | None = None
     weights: str = ""
     objective: Objective | None = None  # what run.py returns to a sweeper (budget applied)
+    experiment_id: str = ""
+    cache_reused: str = ""  # "<component> <stage>/<stage>; ... (from run <id>)" from the cache
 
 
 class StageClock:
@@ -97,6 +101,35 @@ def run_tags(s: RunConfig) -> dict[str, str]:
     if s.hub.name == "local":
         tags["measured_on"] = "host_cpu"
     return tags | git_info()
+
+
+def system_metrics_on(s: RunConfig) -> bool:
+    """MLflow's system metrics: ``tracking.system_metrics``, or on when the run trains."""
+    if s.tracking.system_metrics is not None:
+        return bool(s.tracking.system_metrics)
+    return s.train.name != "none"
+
+
+def model_facts(s: RunConfig, component: str, weights: str) -> ModelFacts:
+    """What a component's logged model records besides its file (see :class:`ModelFacts`); the
+    file is the fp32 export, ``precision`` what the component is deployed in."""
+    deployment = {}
+    if s.hub.name == "aihub":
+        deployment = {
+            "aihub.device": str(s.device.aihub_name),
+            "aihub.runtime": str(s.runtime.target_runtime),
+        }
+    return ModelFacts(
+        tags={"track": s.track.name},
+        params={
+            "backbone": s.backbone.name,
+            "preprocess": s.preprocess.name,
+            "weights": weights,
+            "precision": s.precision.of(component),
+            "export.opset": str(s.export.opset),
+        },
+        deployment=deployment,
+    )
 
 
 def component_metrics(name: str, run: ComponentRun) -> dict[str, float]:
@@ -175,7 +208,13 @@ def run(
     resolved = _resolved(cfg)
     run_id: str | None = None
     try:
-        with start_run(settings.tracking, experiment, run_name(settings), tags) as rec:
+        with start_run(
+            settings.tracking,
+            experiment,
+            run_name(settings),
+            tags,
+            system_metrics=system_metrics_on(settings),
+        ) as rec:
             run_id = rec.run_id
             try:
                 rec.log_params(flatten(OmegaConf.to_container(resolved, resolve=True)))
@@ -187,6 +226,9 @@ def run(
                 rec.log_metrics(result.objective.metrics())
                 rec.set_tags(result.objective.tags())
                 result.metrics |= result.objective.metrics()
+                result.experiment_id = rec.experiment_id
+                summary = results_text(settings, result)
+                rec.set_note(f"```text\n{summary}\n```\n")
             finally:
                 if hydra_dir is not None and hydra_dir.is_dir():
                     rec.log_artifact(hydra_dir, ".hydra")
@@ -194,7 +236,7 @@ def run(
                     rec.log_artifact(logfile)
     except KeyboardInterrupt as exc:
         raise _interrupted(exc, run_id, settings, work_dir) from None
-    _print_summary(settings, result, rec.tracking_uri, experiment)
+    _print_summary(summary, result, rec.tracking_uri, experiment)
     return result
 
 
@@ -240,6 +282,7 @@ def _stages(
     data = track.load_data(work_dir, training=training)
     clock.lap("data")
     rec.log_metrics({f"data/{k}": v for k, v in data.stats.items()})
+    rec.log_datasets(data.datasets)
     for report in data.reports:
         rec.log_artifact(report, "data")
 
@@ -279,12 +322,17 @@ def _stages(
         )
         exports[comp.name] = exp
         rec.set_tags({f"onnx_sha256/{comp.name}": exp.sha256})
+        if s.tracking.log_models:
+            rec.log_model(
+                comp.name, exp.path, exp.sha256, model_facts(s, comp.name, bundle.weights)
+            )
         rec.log_metrics(
             {
                 f"parity_cosine_min/{comp.name}": exp.parity_cosine_min,
                 f"export_seconds/{comp.name}": exp.seconds,
             }
-            | export_metrics(comp.name, exp)
+            | export_metrics(comp.name, exp),
+            models=[comp.name],
         )
         if s.tracking.log_onnx:
             rec.log_artifact(exp.path, "onnx")
@@ -299,20 +347,28 @@ def _stages(
         ]
     )
     rec.set_tags(cache.tags())
+    reused = ""
     if cache.hits:
-        reused = ", ".join(f"{h.component}/{h.stage}" for h in cache.hits)
+        stages: dict[str, list[str]] = {}
+        for h in cache.hits:
+            stages.setdefault(h.component, []).append(h.stage)
         sources = ", ".join(sorted({h.run_id for h in cache.hits}))
-        console.stage("cache", f"reused {reused} (from run {sources})")
+        reused = "; ".join(f"{c} {'/'.join(st)}" for c, st in stages.items())
+        reused += f" (from run {sources})"
+        console.stage("cache", f"reused {reused}")
     clock.lap("runtime")
     metrics: dict[str, float] = {}
     for name, crun in runs.items():
-        metrics |= component_metrics(name, crun)
+        measured = component_metrics(name, crun)
+        rec.log_metrics(measured, models=[name])
+        metrics |= measured
         assert crun.profile is not None
         rec.log_dict(crun.profile.raw, f"profiles/{name}.json")
         if crun.quantized is not None:
-            metrics |= quantized_metrics(name, crun)
+            quantized = quantized_metrics(name, crun)
+            rec.log_metrics(quantized, models=[name])
             rec.set_tags(quantized_tags(name, crun))
-    rec.log_metrics(metrics)
+            metrics |= quantized
 
     console.stage("metrics", s.track.name)
     outputs = {}
@@ -320,7 +376,7 @@ def _stages(
         assert crun.inference is not None
         outputs[name] = crun.inference.outputs
     evaluation = track.evaluate(data, outputs, work_dir)
-    rec.log_metrics(evaluation.metrics)
+    rec.log_metrics(evaluation.metrics, models=list(exports), dataset="evaluation")
     for path in evaluation.artifacts:
         rec.log_artifact(path, "results")
     if evaluation.summary:
@@ -339,7 +395,9 @@ def _stages(
         clock.lap("fidelity")
     rec.log_metrics(clock.metrics())
     metrics |= clock.metrics()
-    return PipelineResult(rec.run_id, metrics, exports, runs, evaluation, bundle.weights)
+    return PipelineResult(
+        rec.run_id, metrics, exports, runs, evaluation, bundle.weights, cache_reused=reused
+    )
 
 
 def export_metrics(name: str, exp: ExportResult) -> dict[str, float]:
@@ -457,7 +515,9 @@ def _reference_tag(cache: StageCache) -> dict[str, str]:
     return {"fidelity/reference": f"fp32 export, onnxruntime CPU; {found}"}
 
 
-def _print_summary(s: RunConfig, res: PipelineResult, uri: str, experiment: str) -> None:
+def results_text(s: RunConfig, res: PipelineResult) -> str:
+    """The results table: what the terminal prints at the end, and the run's MLflow
+    description (metrics, latency and memory per component, precision, weights, cache reuse)."""
     assert res.eval is not None
     acc = [(k, v) for k, v in sorted(res.eval.metrics.items())]
     comp_rows = []
@@ -476,14 +536,11 @@ def _print_summary(s: RunConfig, res: PipelineResult, uri: str, experiment: str)
             ]
         )
     where = "host CPU (onnxruntime)" if s.hub.name == "local" else s.device.aihub_name
-    print()
-    print(
+    lines = [
         f"Results: track={s.track.name} backbone={s.backbone.name} "
-        f"preprocess={s.preprocess.name} weights={res.weights}"
-    )
-    print(console.table(["metric", "value"], acc))
-    print()
-    print(
+        f"preprocess={s.preprocess.name} precision={s.precision.name} weights={res.weights}",
+        console.table(["metric", "value"], acc),
+        "",
         console.table(
             [
                 f"component ({where})",
@@ -494,24 +551,37 @@ def _print_summary(s: RunConfig, res: PipelineResult, uri: str, experiment: str)
                 "vs fp32 cos min",
             ],
             comp_rows,
-        )
-    )
+        ),
+    ]
+    if res.cache_reused:
+        lines += ["", f"Stage cache: reused {res.cache_reused}"]
     obj = res.objective
     if obj is not None and obj.fidelity is not None:
         objective = s.track.objective
         fp32 = res.metrics.get(f"{objective}_fp32", float("nan"))
-        print(f"\n{objective}: {obj.raw:.4f} here, {fp32:.4f} from the fp32 outputs")
-        print(
+        lines += [
+            "",
+            f"{objective}: {obj.raw:.4f} here, {fp32:.4f} from the fp32 outputs",
             obj.fidelity.line()
-            + (f"; returned to the sweeper: {obj.value:.4f}" if not obj.fidelity.passed else "")
-        )
+            + (f"; returned to the sweeper: {obj.value:.4f}" if not obj.fidelity.passed else ""),
+        ]
     if obj is not None and obj.budget_ms is not None:
         verdict = "OVER budget" if obj.over_budget else "within budget"
-        print(
-            f"\nLatency budget {obj.budget_ms:g} ms: total {obj.total_latency_ms:.3f} ms, "
-            f"{verdict}; {obj.name}={obj.raw:.4f}, returned to the sweeper: {obj.value:.4f}"
-        )
+        lines += [
+            "",
+            f"Latency budget {obj.budget_ms:g} ms: total {obj.total_latency_ms:.3f} ms, "
+            f"{verdict}; {obj.name}={obj.raw:.4f}, returned to the sweeper: {obj.value:.4f}",
+        ]
+    return "\n".join(lines)
+
+
+def _print_summary(summary: str, res: PipelineResult, uri: str, experiment: str) -> None:
+    print()
+    print(summary)
     print()
     print(f"MLflow run {res.run_id} in experiment {experiment!r} at {uri}")
     if uri.startswith("sqlite:"):
-        print(f"Open the UI: mlflow ui --backend-store-uri {uri}")
+        print(
+            f"Open the UI: mlflow ui --backend-store-uri {uri}, then "
+            f"http://127.0.0.1:5000/{ui_link(res.experiment_id, res.run_id)}"
+        )

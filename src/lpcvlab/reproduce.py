@@ -36,6 +36,7 @@ MEASURED_PREFIXES = (
     "inference_seconds/",
     "export_seconds/",
     "stage_seconds/",
+    "system/",  # MLflow's system metrics (CPU, memory, GPU while the run ran)
 )
 
 

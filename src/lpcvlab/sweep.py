@@ -10,7 +10,9 @@
   where environment variables do not travel, as long as the sweep dir is on a shared disk;
 - ``on_job_end`` writes ``<sweep dir>/.lpcvlab/jobs/<num>.json``: status, objective, error;
 - ``on_multirun_end`` logs the summary on the parent (jobs, finished, failed, runs missing, the
-  best run by ``objective``, ``sweep_runs.csv``, ``pareto.png``) and ends it.
+  best run by ``objective``, ``sweep_runs.csv``, ``pareto.png``), writes it with the runs' table
+  and a link to the best child as the parent's description, registers the best child's models
+  when ``sweep.register_best`` (:mod:`lpcvlab.registry`), and ends it.
 
 A job that fails with a user error returns no objective (``lpcvlab.app.run_job``) and leaves its
 reason in ``<job output dir>/.lpcvlab/job_error.txt`` for ``on_job_end``: its run is FAILED (or
@@ -28,6 +30,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lpcvlab.io import atomic_write_text
-from lpcvlab.tracking import PARENT_RUN_ENV
+from lpcvlab.tracking import NOTE_TAG, PARENT_RUN_ENV, ui_link
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,8 @@ class SweepSummary:
     best_run_id: str | None
     best_objective: float | None
     objective_name: str
+    table: str = ""  # the runs side by side, as `lpcvlab compare` prints them
+    best_run_name: str = ""
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -152,6 +157,8 @@ class MlflowSweepCallback(Callback):
         self._config: DictConfig | None = None
         self._parent: SweepParent | None = None
         self._done = False
+        self._register_best = False
+        self._registry_name: str | None = None
 
     # -- the launching process ---------------------------------------------------------
 
@@ -165,6 +172,7 @@ class MlflowSweepCallback(Callback):
             git_info,
             process_tags,
             resolve_uri,
+            source_tags,
         )
 
         sweep = sweep_dir(config)
@@ -186,7 +194,10 @@ class MlflowSweepCallback(Callback):
             }
             | git_info()
             | process_tags()
+            | source_tags()  # entry point and the sweep's own command line
         )
+        self._register_best = bool(OmegaConf.select(config, "sweep.register_best", default=False))
+        self._registry_name = OmegaConf.select(config, "tracking.registry_name", default=None)
         outer = os.environ.get(PARENT_RUN_ENV)  # a sweep may itself nest under a run
         if outer:
             tags["mlflow.parentRunId"] = outer
@@ -279,10 +290,32 @@ class MlflowSweepCallback(Callback):
                     "the sweep ended before Hydra's on_multirun_end (a job raised an unexpected "
                     "exception, or the sweep was interrupted); see the console and job logs",
                 )
-            _print_summary(summary, run_id)
+            registered = []
+            if self._register_best and status == "FINISHED" and summary.best_run_id:
+                registered = self._register(client, summary.best_run_id)
+            text = summary_text(summary, run_id, registered)
+            client.set_tag(run_id, NOTE_TAG, _note(text, summary, self._parent.experiment_id))
+            print("\n" + text)
         finally:
             client.set_terminated(run_id, status=status or "FAILED")
             os.environ.pop(PARENT_RUN_ENV, None)
+
+    def _register(self, client: Any, best_run_id: str) -> list[str]:
+        """Register the best child's models (``sweep.register_best``); a failure is reported
+        and tagged on the parent, and the sweep still ends as its jobs decided."""
+        from lpcvlab.errors import LpcvlabError
+        from lpcvlab.registry import register_run
+
+        assert self._parent is not None
+        try:
+            versions = register_run(client, best_run_id, self._registry_name)
+        except LpcvlabError as exc:
+            log.error("sweep.register_best: %s", exc)
+            client.set_tag(self._parent.run_id, "register_error", str(exc)[:5000])
+            return [f"not registered: {exc}"]
+        lines = [v.line() for v in versions]
+        client.set_tag(self._parent.run_id, "registered", "; ".join(lines)[:5000])
+        return lines
 
 
 def _plain_start_method() -> None:
@@ -319,6 +352,7 @@ def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
         best_run_id=best.run_id if best else None,
         best_objective=best.metrics["objective"] if best else None,
         objective_name=obj_name,
+        best_run_name=best.name if best else "",
     )
     metrics = summary.metrics()
     tags: dict[str, str] = {}
@@ -339,6 +373,7 @@ def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
         client.log_artifact(parent_id, str(tmpdir / "jobs.json"))
         if children:
             comparison = build_comparison(children)
+            summary.table = comparison.render()
             client.log_artifact(parent_id, str(comparison.to_csv(tmpdir / "sweep_runs.csv")))
             plot = plot_pareto(comparison, tmpdir / "pareto.png", title=f"sweep {parent_id[:8]}")
             if plot is not None:
@@ -349,7 +384,8 @@ def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
     return summary
 
 
-def _print_summary(summary: SweepSummary, parent_id: str) -> None:
+def summary_text(summary: SweepSummary, parent_id: str, registered: Sequence[str] = ()) -> str:
+    """What the sweep prints when it ends, and the start of its parent's description."""
     lines = [
         f"Sweep {parent_id}: {summary.jobs} job(s), {summary.finished} finished, "
         f"{summary.failed} failed"
@@ -360,8 +396,23 @@ def _print_summary(summary: SweepSummary, parent_id: str) -> None:
             f"best by objective ({summary.objective_name}, budget applied): run "
             f"{summary.best_run_id} = {summary.best_objective:.4f}"
         )
+    lines += [f"best run registered: {line}" for line in registered]
     lines.append(f"compare: lpcvlab compare {parent_id}")
-    print("\n" + "\n".join(lines))
+    return "\n".join(lines)
+
+
+def _note(text: str, summary: SweepSummary, experiment_id: str) -> str:
+    """The parent's description (markdown): a link to the best child first (the UI shows a
+    description's first lines), then the summary and the runs' table."""
+    note = ""
+    if summary.best_run_id:
+        link = ui_link(experiment_id, summary.best_run_id)
+        note = (
+            f"Best run: [{summary.best_run_name or summary.best_run_id}]({link}), "
+            f"objective {summary.best_objective:.4f} ({summary.objective_name}, budget "
+            "applied)\n\n"
+        )
+    return note + f"```text\n{text}\n\n{summary.table}\n```\n"
 
 
 def _base_config_yaml(config: DictConfig) -> str:

@@ -9,6 +9,14 @@ Runs always end: FINISHED, FAILED (``error`` tag, ``error.txt``) or KILLED (Ctrl
 memory, power loss) is found later by its ``host`` and ``pid`` tags and marked FAILED
 (:func:`prune_vanished`). A store that cannot be used is found before any work
 (:func:`check_store`), with a message naming its URI.
+
+Beyond params, metrics and tags a run uses MLflow's own records, so that its page reads well:
+the data it read as dataset inputs (:meth:`RunRecorder.log_datasets`), each exported component
+as a logged model in the ONNX flavour (:func:`log_onnx_model`; a file already logged, by sha256,
+is linked rather than stored again), metrics linked to those models and datasets, AI Hub job
+IDs as model tags as the jobs appear (:meth:`RunRecorder.on_job`), the results table as the run's
+description (:meth:`RunRecorder.set_note`), source tags with the command line, and MLflow's
+system metrics while it runs.
 """
 
 from __future__ import annotations
@@ -17,31 +25,44 @@ import json
 import logging
 import math
 import os
+import shlex
+import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import psutil
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModelOutput,
+    Metric,
+    Param,
+    RunTag,
+)
 from mlflow.tracking import MlflowClient
 
 from lpcvlab.config.schema import TrackingConfig
 from lpcvlab.errors import Interrupted, TrackingStoreError
-from lpcvlab.secrets import is_secret_key
-from lpcvlab.types import JobEvent
+from lpcvlab.secrets import is_secret_key, mask_secrets
+from lpcvlab.types import DatasetRecord, JobEvent
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "LPCVLAB_PARENT_RUN_ID"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI (markdown)
+COMMAND_TAG = "command"
 _MAX_PARAM = 6000
 _BATCH = 100
 
@@ -308,13 +329,173 @@ def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None
         return exp.experiment_id
 
 
+def ui_link(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's address (after the server's ``/``) of an experiment's runs, or of one run,
+    in its machine-learning view: without ``workflowType`` MLflow 3.17 opens its GenAI pages."""
+    run = f"/{run_id}" if run_id else ""
+    return f"#/experiments/{experiment_id}/runs{run}?workflowType=machine_learning"
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that started this process (``python run.py ...``, ``lpcvlab reproduce ...``),
+    with the value of any ``key=value`` whose key names a secret masked."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(".py"):
+        argv = ["python", *argv]
+    elif argv:
+        argv[0] = Path(argv[0]).name
+    return shlex.join(mask_secrets(argv))[:5000]
+
+
+def source_tags(command: str | None = None) -> dict[str, str]:
+    """MLflow's source tags for a run created without ``mlflow.start_run`` (entry point, type,
+    user, git commit), plus the command line: what the run page shows as its source."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {k: str(v) for k, v in resolve_tags().items()}
+    return tags | {COMMAND_TAG: command or command_line()}
+
+
+# ----------------------------------------------------------------------------- logged models
+
+ONNX_SHA_TAG = "onnx_sha256"
+COMPONENT_TAG = "component"
+
+
+def onnx_signature(model: Any) -> Any:
+    """The deployed tensors (names, shapes, dtypes) of an ONNX graph as an MLflow signature."""
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    weights = {t.name for t in model.graph.initializer}
+
+    def specs(values: Any) -> Any:
+        out = []
+        for v in values:
+            if v.name in weights:
+                continue
+            t = v.type.tensor_type
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            out.append(TensorSpec(np.dtype(tensor_dtype_to_np_dtype(t.elem_type)), shape, v.name))
+        return Schema(out)
+
+    return ModelSignature(inputs=specs(model.graph.input), outputs=specs(model.graph.output))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a logged model records besides its file: tags, params, and the AI Hub deployment
+    (device, runtime) it is tagged with once compiled; a model tagged with another deployment is
+    not reused for this one."""
+
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    deployment: dict[str, str] = field(default_factory=dict)
+
+
+def find_onnx_model(
+    client: Any, experiment_id: str, sha256: str, deployment: dict[str, str] | None = None
+) -> Any | None:
+    """A READY logged model of the experiment holding this ONNX file (by content hash) whose
+    deployment tags (e.g. ``aihub.device``) do not contradict ``deployment``; None if none."""
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"tags.{ONNX_SHA_TAG} = '{sha256}'", max_results=50
+    )
+    for model in found:
+        status = getattr(model.status, "name", str(model.status))
+        tags = model.tags or {}
+        if status.endswith("READY") and all(
+            tags.get(k) in (None, v) for k, v in (deployment or {}).items()
+        ):
+            return model
+    return None
+
+
+def log_onnx_model(
+    client: Any,
+    run_id: str,
+    experiment_id: str,
+    component: str,
+    path: Path,
+    sha256: str,
+    facts: ModelFacts | None = None,
+) -> tuple[str, bool]:
+    """Log ``path`` as an MLflow model (ONNX flavour) output by ``run_id``: (model ID, reused).
+
+    A model already logged with the same sha256 (:func:`find_onnx_model`) is linked to the run
+    instead: no second copy of the file. A new model holds the exported bytes unchanged (its
+    ``onnx_sha256`` tag is the file's), a signature of its graph's inputs and outputs and fixed
+    pip requirements (MLflow would otherwise spend seconds inferring them).
+    """
+    facts = facts or ModelFacts()
+    existing = find_onnx_model(client, experiment_id, sha256, facts.deployment)
+    if existing is not None:
+        client.log_outputs(run_id, [LoggedModelOutput(existing.model_id, step=0)])
+        return existing.model_id, True
+    model = client.create_logged_model(
+        experiment_id,
+        name=component,
+        source_run_id=run_id,
+        tags=facts.tags | {COMPONENT_TAG: component, ONNX_SHA_TAG: sha256},
+        params=facts.params or None,
+        model_type="onnx",
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="lpcvlab-model-") as tmp:
+            local = Path(tmp) / "model"
+            _save_onnx_flavour(Path(path), local, model, run_id)
+            client.log_model_artifacts(model.model_id, str(local))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+    return model.model_id, False
+
+
+def _save_onnx_flavour(path: Path, dst: Path, logged: Any, run_id: str) -> None:
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
+    from mlflow.models import Model
+
+    model = onnx.load(str(path), load_external_data=False)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if external:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    meta = Model(
+        artifact_path=logged.artifact_location,
+        model_uuid=logged.model_id,
+        model_id=logged.model_id,
+        run_id=run_id,
+    )
+    mlflow.onnx.save_model(
+        model,
+        str(dst),
+        mlflow_model=meta,
+        signature=onnx_signature(model),
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+        save_as_external_data=external,
+    )
+    if not external:  # the exported bytes themselves, not a re-serialisation
+        shutil.copyfile(path, dst / "model.onnx")
+
+
 class RunRecorder:
     """Writes into one MLflow run; handed to tracks as their :class:`RunLog`."""
 
-    def __init__(self, client: MlflowClient, run_id: str, tracking_uri: str) -> None:
+    def __init__(
+        self, client: MlflowClient, run_id: str, tracking_uri: str, experiment_id: str = ""
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.models: dict[str, str] = {}  # component -> MLflow logged model ID
+        self.datasets: dict[str, DatasetRecord] = {}  # context -> dataset
+        self._deployment: dict[str, str] = {}  # AI Hub device and runtime, for model tags
 
     def log_params(self, params: dict[str, str]) -> None:
         items = [
@@ -330,15 +511,67 @@ class RunRecorder:
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, tags=items[i : i + _BATCH])
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: dict[str, float],
+        step: int | None = None,
+        *,
+        models: Sequence[str] = (),
+        dataset: str | None = None,
+    ) -> None:
+        """Log ``metrics``; with ``models`` (component names) they are also linked to those
+        components' logged models, and with ``dataset`` (a context such as ``evaluation``) to
+        the dataset they were measured on, as the model's page shows them."""
         now = int(time.time() * 1000)
+        ids = [self.models[c] for c in models if c in self.models] or [None]
+        data = self.datasets.get(dataset or "")
+        name, digest = (data.name, data.digest) if data and ids != [None] else (None, None)
         items = [
-            Metric(k, float(v), now, step or 0)
+            Metric(k, float(v), now, step or 0, m, dataset_name=name, dataset_digest=digest)
             for k, v in metrics.items()
             if v is not None and not math.isnan(float(v))
+            for m in ids
         ]
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH])
+
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None:
+        """The data the run read, as MLflow dataset inputs (name, source, digest, context)."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=d.name,
+                    digest=d.digest,
+                    source_type="local",
+                    source=json.dumps({"uri": d.source}),
+                    profile=json.dumps(d.profile | {"sha256": d.sha256}),
+                ),
+                tags=[InputTag("mlflow.data.context", d.context)],
+            )
+            for d in datasets
+        ]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        self.datasets |= {d.context: d for d in datasets}
+
+    def log_model(
+        self, component: str, path: Path, sha256: str, facts: ModelFacts | None = None
+    ) -> str:
+        """Log an exported component as this run's MLflow model (see :func:`log_onnx_model`);
+        the AI Hub deployment (device and runtime) is set on the model with its compile job."""
+        facts = facts or ModelFacts()
+        model_id, reused = log_onnx_model(
+            self.client, self.run_id, self.experiment_id, component, path, sha256, facts
+        )
+        self.models[component] = model_id
+        self._deployment = dict(facts.deployment)
+        how = "linked the logged model" if reused else "logged as model"
+        log.info("MLflow: %s %s %s", component, how, model_id)
+        return model_id
+
+    def set_note(self, markdown: str) -> None:
+        """The run's description in the MLflow UI."""
+        self.set_tags({NOTE_TAG: markdown})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -364,7 +597,27 @@ class RunRecorder:
             tags[f"{base}_shared_with"] = event.status.removeprefix("SHARED with ")
         elif event.status:
             tags[f"{base}_status"] = event.status
+        if event.kind == "target_model":  # a model, not a job
+            tags = {f"aihub/{event.component}/target_model": event.job_id}
         self.set_tags(tags)
+        self._tag_model(event)
+
+    def _tag_model(self, event: JobEvent) -> None:
+        """The AI Hub facts of a component's logged model, as they become known."""
+        model_id = self.models.get(event.component)
+        if model_id is None:
+            return
+        tags: dict[str, str] = {}
+        if event.kind == "compile":
+            tags = self._deployment | {"aihub.compile_job": event.job_id}
+            if event.url:
+                tags["aihub.compile_job_url"] = event.url
+            if event.status and event.status.startswith("SHARED with "):
+                tags["aihub.shared_with"] = event.status.removeprefix("SHARED with ")
+        elif event.kind == "target_model":
+            tags = {"aihub.target_model": event.job_id}
+        if tags:
+            self.client.set_logged_model_tags(model_id, tags)
 
 
 @contextmanager
@@ -374,10 +627,13 @@ def start_run(
     run_name: str,
     tags: dict[str, str],
     parent_run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[RunRecorder]:
     """Open a run (MLflow's ``start_run``: it adds the source and git tags, and nests the run
     under ``parent_run_id`` or the sweep's parent); it ends FINISHED, FAILED (with
-    ``error.txt``) or KILLED (Ctrl-C or SIGTERM)."""
+    ``error.txt``) or KILLED (Ctrl-C or SIGTERM). ``system_metrics`` starts MLflow's own
+    sampler (``system/*`` metrics every ``tracking.system_metrics_interval_s``) for the run's
+    lifetime. The command line is a tag unless ``tags`` names it already."""
     uri = resolve_uri(str(tracking.uri))
     client: Any = RetryingClient(MlflowClient(tracking_uri=uri))
     exp_id = get_experiment_id(client, experiment, tracking.artifact_root)
@@ -385,11 +641,18 @@ def start_run(
     mlflow.set_tracking_uri(uri)
     if mlflow.active_run() is not None:  # a run another caller left open in this process
         mlflow.end_run()
-    all_tags = dict(tags) | process_tags()
+    all_tags = {COMMAND_TAG: command_line()} | dict(tags) | process_tags()
+    if system_metrics:
+        interval = getattr(tracking, "system_metrics_interval_s", None) or 10.0
+        mlflow.set_system_metrics_sampling_interval(float(interval))
     active = mlflow.start_run(
-        experiment_id=exp_id, run_name=run_name, tags=all_tags, parent_run_id=parent
+        experiment_id=exp_id,
+        run_name=run_name,
+        tags=all_tags,
+        parent_run_id=parent,
+        log_system_metrics=system_metrics,
     )
-    rec = RunRecorder(client, active.info.run_id, uri)
+    rec = RunRecorder(client, active.info.run_id, uri, exp_id)
     try:
         yield rec
     except KeyboardInterrupt as exc:

@@ -42,6 +42,27 @@ class TensorSpec:
         )
 
 
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One split a run read, as MLflow shows it among the run's inputs.
+
+    ``sha256`` is the content hash of the files read (computed where the data stage reads them),
+    so two runs on the same data show the same digest whatever their preprocessing.
+    """
+
+    name: str  # e.g. "demo_retrieval", "qevd/val"
+    context: str  # "evaluation" | "training" | "calibration"
+    source: str  # the data root, or "demo" for generated data
+    sha256: str
+    profile: dict[str, Any] = field(default_factory=dict)  # counts: images, texts, videos...
+
+    @property
+    def digest(self) -> str:
+        """MLflow's digest column holds at most 36 characters: the hash's first 16, as the
+        exported ONNX files are named."""
+        return self.sha256[:16]
+
+
 @dataclass
 class Component:
     """One deployable network of a track (e.g. ``image_encoder``), ready for export.
@@ -281,7 +302,8 @@ class JobEvent:
     """A remote job came into being or changed state; the pipeline records it as it happens."""
 
     component: str
-    kind: str  # "quantize" | "compile" | "profile" | "inference" | "upload"
+    # "quantize" | "compile" | "profile" | "inference" | "upload" | "target_model" (compiled)
+    kind: str
     job_id: str
     url: str | None = None
     status: str | None = None  # e.g. "SUBMITTED", "SUCCESS", "FAILED: <reason>", "REUSED"

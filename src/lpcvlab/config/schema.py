@@ -416,6 +416,13 @@ class TrackingConfig:
     experiment: str = MISSING
     run_name: str | None = None  # null = <backbone>/<preprocess>/<device>/<hub>
     log_onnx: bool = False
+    # MLflow-native records (lpcvlab.tracking): each export as an MLflow model (ONNX flavour),
+    # system metrics (null = on when training), and the registry's name for submission
+    # candidates (null = lpcvc-track1 / lpcvc-track2, by track).
+    log_models: bool = True
+    system_metrics: bool | None = None
+    system_metrics_interval_s: float = setting(10.0, gt=0)
+    registry_name: str | None = None
 
 
 @dataclass
@@ -462,6 +469,13 @@ class FidelityConfig:
 
 
 @dataclass
+class SweepConfig:
+    """``sweep``: what a multirun does when it ends (:mod:`lpcvlab.sweep`)."""
+
+    register_best: bool = False  # register the best child's models (``lpcvlab register``)
+
+
+@dataclass
 class RunConfig:
     """The whole composed config of one run (``conf/config.yaml``)."""
 
@@ -484,6 +498,7 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # (group, name) -> schema; each YAML option's defaults list names one of these.

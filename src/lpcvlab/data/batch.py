@@ -43,6 +43,12 @@ def cache_path(cache_dir: str | os.PathLike[str], sha256: str, preprocess: Video
     return Path(cache_dir) / _CACHE_SUBDIR / sha256[:2] / f"{sha256}-{digest}.npy"
 
 
+def cached_sha256(cached: str | os.PathLike[str]) -> str:
+    """The content hash of the video a cache entry was decoded from (it names the entry, see
+    :func:`cache_path`): a dataset's digest without reading its videos again."""
+    return Path(cached).name.split("-", 1)[0]
+
+
 def _load_cached(
     path: Path, preprocess: VideoPreprocess, *, header_only: bool = False
 ) -> np.ndarray | None:

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lpcvlab.errors import DataError
+from lpcvlab.hashing import file_sha256, manifest_sha256
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +150,14 @@ def read_image_list(path: Path, images_dir: Path) -> list[ImageRow]:
     if not rows:
         raise DataError(f"{path}: no image rows")
     return rows
+
+
+def content_sha256(root: Path, lists: Sequence[str], images: Sequence[ImageRow]) -> str:
+    """The content hash of what a run reads: the CSVs and every image it decoded, by name, so
+    that the same files give the same digest whatever the preprocessing."""
+    entries = [(name, file_sha256(Path(root) / name)) for name in lists]
+    entries += [(f"images/{r.name}", file_sha256(r.path)) for r in images]
+    return manifest_sha256(entries)
 
 
 def read_track1(

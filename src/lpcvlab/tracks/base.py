@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lpcvlab.config.schema import TrainConfig
-from lpcvlab.types import EvalResult, ModelBundle, RunLog
+from lpcvlab.config.schema import DataConfig, TrainConfig
+from lpcvlab.types import DatasetRecord, EvalResult, ModelBundle, RunLog
 
 
 @dataclass
@@ -24,13 +24,23 @@ class TrackData:
 
     ``inputs`` holds, per component, the tensors its deployed model receives, stacked along the
     batch axis; ``stats`` are logged as ``data/<key>`` metrics; ``reports`` (e.g. a CSV of skipped
-    files) become artifacts; ``payload`` is the track's own (ground truth, file lists, ...).
+    files) become artifacts; ``payload`` is the track's own (ground truth, file lists, ...);
+    ``datasets`` name each split read with its content hash (MLflow's run inputs).
     """
 
     inputs: dict[str, np.ndarray]
     stats: dict[str, float] = field(default_factory=dict)
     reports: list[Path] = field(default_factory=list)
     payload: Any = None
+    datasets: list[DatasetRecord] = field(default_factory=list)
+
+
+def data_source(data: DataConfig) -> str:
+    """Where a dataset comes from, as MLflow's dataset source: ``demo`` for generated data (its
+    folder is a cache), else the data root."""
+    if getattr(data, "demo", None) is not None:
+        return "demo"
+    return str(Path(str(data.root)).resolve())
 
 
 class Track(Protocol):

@@ -22,12 +22,12 @@ from lpcvlab.config.schema import (
 )
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
 from lpcvlab.data.images import ImagePreprocess, load_images, tokenize
-from lpcvlab.data.track1 import ImageRow, read_track1
+from lpcvlab.data.track1 import ImageRow, content_sha256, read_track1
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import cosine_similarity, recall_at_k
 from lpcvlab.models.clip import CONTEXT_LENGTH, ClipBackbone, ImageEncoder, TextEncoder
-from lpcvlab.tracks.base import TrackData
-from lpcvlab.types import Component, EvalResult, ModelBundle, RunLog, TensorSpec
+from lpcvlab.tracks.base import TrackData, data_source
+from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,19 @@ class RetrievalTrack:
         reports = []
         if ds.skipped:
             reports.append(_write_skips(work_dir / "skipped.csv", ds.skipped))
+        evaluation = DatasetRecord(
+            name=data.name,
+            context="evaluation",
+            source=data_source(data),
+            sha256=content_sha256(ds.root, [data.img_list, data.txt_list], kept),
+            profile={"images": len(kept), "texts": len(text_ids)},
+        )
         return TrackData(
             inputs={IMAGE: images, TEXT: tokens},
             stats={k: float(v) for k, v in stats.items()},
             reports=reports,
             payload=RetrievalPayload(kept, text_ids, missing),
+            datasets=[evaluation],
         )
 
     def build_model(self) -> ModelBundle:

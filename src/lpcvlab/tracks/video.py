@@ -23,15 +23,16 @@ from lpcvlab.config.schema import (
     VideoTrackConfig,
 )
 from lpcvlab.console import stage
-from lpcvlab.data.batch import DecodeBatch, decode_videos, skipped_summary
+from lpcvlab.data.batch import DecodeBatch, cached_sha256, decode_videos, skipped_summary
 from lpcvlab.data.formats import ManifestRecord, check_results_against_manifest, write_results_h5
 from lpcvlab.data.frames import VideoPreprocess
 from lpcvlab.data.qevd import VideoSample, load_class_map, read_split
 from lpcvlab.errors import ConfigError, DataError
+from lpcvlab.hashing import file_sha256, manifest_sha256
 from lpcvlab.metrics import softmax, top_k_accuracy
 from lpcvlab.models.video import VideoBackbone
-from lpcvlab.tracks.base import TrackData
-from lpcvlab.types import Component, EvalResult, ModelBundle, RunLog, TensorSpec
+from lpcvlab.tracks.base import TrackData, data_source
+from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,33 @@ class VideoTrack:
             train=train,
             train_cache=train_cache,
         )
-        return TrackData(inputs={VIDEO: clips}, stats=stats, reports=reports, payload=payload)
+        datasets = [self._dataset(data.val_split, "evaluation", payload.val, payload.val_cache)]
+        if train:
+            datasets.append(self._dataset(data.train_split, "training", train, train_cache))
+        return TrackData(
+            inputs={VIDEO: clips},
+            stats=stats,
+            reports=reports,
+            payload=payload,
+            datasets=datasets,
+        )
+
+    def _dataset(
+        self, split: str, context: str, samples: list[VideoSample], cached: list
+    ) -> DatasetRecord:
+        """A split as MLflow shows it: its videos' content hashes (already computed: they name
+        the decode cache's entries) by class and file name."""
+        entries = [
+            (f"{s.class_name}/{s.path.name}", cached_sha256(c) if c else file_sha256(s.path))
+            for s, c in zip(samples, cached, strict=True)
+        ]
+        return DatasetRecord(
+            name=f"{self.data.name}/{split}",
+            context=context,
+            source=data_source(self.data),
+            sha256=manifest_sha256(entries),
+            profile={"videos": len(samples), "classes": len({s.label for s in samples})},
+        )
 
     def calibration_inputs(self, data: TrackData, component: str, n: int) -> np.ndarray | None:
         """Up to ``n`` training clips, evenly spaced over the class-sorted training split, in the

@@ -435,6 +435,8 @@ class Stages:
             shapes = self._call(lambda: job.target_shapes, f"reading the shapes of {job.job_id}")
         name, shape, dtype, channel_last = self._device_input(state.exported, shapes, p.entry)
         self._models[target.model_id] = target
+        # The compiled model the submission form asks for, recorded as it becomes known.
+        self._emit(state.component, "target_model", target.model_id, target.url, "COMPILED")
         handle = HubTarget(
             compile_job_id=job.job_id,
             model_id=target.model_id,

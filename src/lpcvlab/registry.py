@@ -1,0 +1,270 @@
+"""Submission candidates in MLflow's model registry: ``lpcvlab register RUN_ID [--name NAME]``.
+
+Each component of a FINISHED run (its ONNX logged model) becomes a version of the registered
+model ``<name>-<component>`` (``lpcvc-track1-image_encoder``, ``lpcvc-track1-text_encoder``,
+``lpcvc-track2-video_classifier``): one registered model per deployable file, so that its versions
+compare like with like and an alias such as ``submitted`` points at one file. The version's tags
+are what the organisers' submission form asks for: the run's accuracy metrics, the component's
+latency and peak memory, precision, device, runtime, the AI Hub compile job and target model, and
+whom the compile job was shared with (``hub.share_with``). The run is tagged
+``registered/<component>``. Registering a run again returns its existing versions.
+
+A run logged with ``tracking.log_models=false`` has no logged models: its ONNX files are logged
+now from the export cache when they are still there (same sha256), else the command says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+
+from lpcvlab.errors import LpcvlabError
+from lpcvlab.hashing import file_sha256
+from lpcvlab.runstore import RunInfo, get_run, open_store, tracking_uri
+from lpcvlab.tracking import (
+    COMPONENT_TAG,
+    ONNX_SHA_TAG,
+    ModelFacts,
+    find_onnx_model,
+    log_onnx_model,
+    ui_link,
+)
+
+DEFAULT_NAMES = {"retrieval": "lpcvc-track1", "video": "lpcvc-track2"}
+# Accuracy metrics of both tracks; those the run has become version tags.
+ACCURACY = ("recall_at_10", "recall_at_5", "recall_at_1", "top1", "top5", "clip_top1", "clip_top5")
+
+
+class RegisterError(LpcvlabError):
+    """A run that cannot be registered as it is."""
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    component: str
+    model_id: str
+    existed: bool  # the run was registered before: its version is returned, not a new one
+
+    def line(self) -> str:
+        how = "already registered as" if self.existed else "registered as"
+        return f"{self.component}: {how} {self.name} version {self.version} ({self.model_id})"
+
+
+def registry_name(run: RunInfo, name: str | None = None) -> str:
+    """``name``, else the run's ``tracking.registry_name``, else ``lpcvc-track1``/``-track2``."""
+    configured = run.params.get("tracking.registry_name")
+    if name:
+        return name
+    if configured not in (None, "", "None", "null"):
+        return str(configured)
+    return DEFAULT_NAMES.get(run.tags.get("track", ""), "lpcvc")
+
+
+def components(run: RunInfo) -> dict[str, str]:
+    """Component -> ONNX sha256 of what the run exported (its ``onnx_sha256/<component>``)."""
+    prefix = f"{ONNX_SHA_TAG}/"
+    return {k[len(prefix) :]: v for k, v in sorted(run.tags.items()) if k.startswith(prefix)}
+
+
+def check_registrable(run: RunInfo) -> None:
+    """A FINISHED run with exported components, or one line saying what to do."""
+    if run.status == "RUNNING":
+        raise RegisterError(f"run {run.run_id} is still RUNNING; register it once it has FINISHED")
+    if run.status != "FINISHED":
+        why = f" ({run.tags['error'].splitlines()[0][:200]})" if run.tags.get("error") else ""
+        raise RegisterError(
+            f"run {run.run_id} is {run.status}{why}; only a FINISHED run can be registered: "
+            "fix what stopped it, run it again and register the new run"
+        )
+    if not components(run):
+        raise RegisterError(
+            f"run {run.run_id} has no exported components (no onnx_sha256/<component> tags); "
+            "register a run made by `python run.py`"
+        )
+
+
+def version_tags(run: RunInfo, component: str) -> dict[str, str]:
+    """What the submission form asks for, from the run's metrics, params and tags."""
+    m, t, p = run.metrics, run.tags, run.params
+    tags = {
+        "run_id": run.run_id,
+        "run_name": run.name,
+        "component": component,
+        "track": t.get("track"),
+        "backbone": t.get("backbone"),
+        "preprocess": t.get("preprocess"),
+        "weights": t.get("weights"),
+        # What the component is deployed in (precision=mixed names one per component).
+        "precision": t.get(f"precision/{component}") or p.get("precision.name") or "fp32",
+        "device": p.get("device.aihub_name") or t.get("device"),
+        "runtime": p.get("runtime.target_runtime") or t.get("runtime"),
+        "hub": t.get("hub"),
+        "measured_on": t.get("measured_on"),
+        ONNX_SHA_TAG: t.get(f"{ONNX_SHA_TAG}/{component}"),
+        "latency_ms": _number(m.get(f"latency_ms/{component}")),
+        "peak_memory_mb": _number(m.get(f"peak_memory_mb/{component}")),
+        "latency_ms_total": _number(m.get("latency_ms/total")),
+        "aihub.compile_job": t.get(f"aihub/{component}/compile_job"),
+        "aihub.compile_job_url": t.get(f"aihub/{component}/compile_job_url"),
+        "aihub.target_model": t.get(f"aihub/{component}/target_model"),
+        "shared_with": t.get(f"aihub/{component}/compile_job_shared_with"),
+    }
+    tags |= {k: _number(m.get(k)) for k in ACCURACY}
+    return {k: str(v) for k, v in tags.items() if v not in (None, "")}
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None or math.isnan(value) else f"{value:.6g}"
+
+
+def _description(run: RunInfo, component: str, tags: dict[str, str]) -> str:
+    scores = ", ".join(f"{k} {tags[k]}" for k in ACCURACY if k in tags)
+    where = f"{tags.get('device', '?')} ({tags.get('runtime', '?')}, hub={tags.get('hub', '?')})"
+    text = (
+        f"{component} of run [{run.name or run.run_id}]({ui_link(run.experiment_id, run.run_id)})"
+        f": {scores}; {tags.get('latency_ms', '?')} ms on {where}; "
+        f"precision {tags['precision']}"
+    )
+    if "aihub.compile_job" in tags:
+        text += f"; AI Hub compile job {tags['aihub.compile_job']}"
+    if "shared_with" in tags:
+        text += f", shared with {tags['shared_with']}"
+    return text
+
+
+def run_models(client: Any, run: RunInfo) -> dict[str, str]:
+    """Component -> logged model ID of the models the run output, matched by sha256."""
+    wanted = {sha: comp for comp, sha in components(run).items()}
+    outputs = client.get_run(run.run_id).outputs
+    found: dict[str, str] = {}
+    for out in getattr(outputs, "model_outputs", None) or []:
+        model = client.get_logged_model(out.model_id)
+        comp = wanted.get((model.tags or {}).get(ONNX_SHA_TAG, ""))
+        if comp is not None and (model.tags or {}).get(COMPONENT_TAG, comp) == comp:
+            found[comp] = model.model_id
+    return found
+
+
+def _model_for(client: Any, run: RunInfo, component: str, sha256: str) -> str:
+    """The logged model of a component the run did not log: one logged by another run with the
+    same file, linked, else the export cache's file, logged now."""
+    existing = find_onnx_model(client, run.experiment_id, sha256)
+    if existing is not None:
+        client.log_outputs(run.run_id, [_output(existing.model_id)])
+        return existing.model_id
+    cache = Path(run.params.get("paths.cache_dir", ".cache/lpcvlab"))
+    path = cache / "onnx" / f"{component}-{sha256[:16]}.onnx"
+    if not path.is_file() or file_sha256(path) != sha256:
+        raise RegisterError(
+            f"run {run.run_id} has no logged model for {component} (it ran with "
+            f"tracking.log_models=false) and its ONNX file {path} is gone; run it again with "
+            "tracking.log_models=true and register the new run"
+        )
+    facts = ModelFacts(tags={"track": run.tags.get("track", "")})
+    model_id, _ = log_onnx_model(
+        client, run.run_id, run.experiment_id, component, path, sha256, facts
+    )
+    return model_id
+
+
+def _output(model_id: str) -> Any:
+    from mlflow.entities import LoggedModelOutput
+
+    return LoggedModelOutput(model_id, step=0)
+
+
+def register_run(client: Any, run_id: str, name: str | None = None) -> list[RegisteredVersion]:
+    """Register each component of a FINISHED run as a version of ``<name>-<component>``."""
+    import mlflow
+
+    # MLflow's registry store resolves a ``models:/<id>`` source with a client of the global
+    # tracking URI, not of the one it was handed: point it at this store.
+    mlflow.set_tracking_uri(str(client.tracking_uri))
+    run = get_run(client, run_id)
+    check_registrable(run)
+    base = registry_name(run, name)
+    models = run_models(client, run)
+    out = []
+    for component, sha256 in components(run).items():
+        model_id = models.get(component) or _model_for(client, run, component, sha256)
+        reg = f"{base}-{component}"
+        _ensure_registered_model(client, reg, run, component)
+        done = client.search_model_versions(f"name = '{reg}' and run_id = '{run.run_id}'")
+        if done:
+            version = max(done, key=lambda v: int(v.version))
+            out.append(RegisteredVersion(reg, str(version.version), component, model_id, True))
+            continue
+        tags = version_tags(run, component)
+        version = client.create_model_version(
+            reg,
+            source=f"models:/{model_id}",
+            run_id=run.run_id,
+            tags=tags,
+            description=_description(run, component, tags),
+            model_id=model_id,
+        )
+        out.append(RegisteredVersion(reg, str(version.version), component, model_id, False))
+    client.log_batch(run.run_id, tags=_run_tags(out))
+    return out
+
+
+def _run_tags(versions: list[RegisteredVersion]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(f"registered/{v.component}", f"{v.name} v{v.version}") for v in versions]
+
+
+def _ensure_registered_model(client: Any, name: str, run: RunInfo, component: str) -> None:
+    try:
+        client.create_registered_model(
+            name,
+            tags={"component": component, "track": run.tags.get("track", "")},
+            description=(
+                f"LPCVC submission candidates: the {component} of track={run.tags.get('track')} "
+                "runs, one version per registered run (lpcvlab register)."
+            ),
+        )
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+# ----------------------------------------------------------------------------- the verb
+
+
+def add_register_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "register",
+        help="register a finished run's components as submission candidates",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument(
+        "--name",
+        help="registered model prefix (default: the run's tracking.registry_name, else "
+        "lpcvc-track1 / lpcvc-track2); each component is <name>-<component>",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
+    )
+    p.set_defaults(func=register_command)
+
+
+def register_command(args: argparse.Namespace) -> int:
+    from lpcvlab.tracking import RetryingClient
+
+    client = RetryingClient(open_store(tracking_uri(args.tracking_uri)))
+    versions = register_run(client, args.run_id, args.name)
+    print(f"run {args.run_id}:")
+    for v in versions:
+        print(f"  {v.line()}")
+    return 0
