@@ -9,6 +9,7 @@ from __future__ import annotations
 from lpcvlab.config.schema import (
     AIHubConfig,
     ClipBackboneConfig,
+    FinetuneConfig,
     MixedPrecisionConfig,
     NoTrainConfig,
     RetrievalDataConfig,
@@ -19,6 +20,7 @@ from lpcvlab.config.schema import (
     VideoFinetuneConfig,
     VideoTrackConfig,
 )
+from lpcvlab.config.teacher import resolve_teacher
 from lpcvlab.errors import ConfigError
 
 TRACK1_BACKBONES = "clip_vit_b16, clip_vit_b32, mobileclip2_s0, clip_tiny"
@@ -46,6 +48,11 @@ def check_combinations(s: RunConfig) -> None:
             "or use hub=local"
         )
     _check_precision(s)
+    if isinstance(s.train, FinetuneConfig):
+        kind = ClipBackboneConfig if isinstance(s.track, RetrievalTrackConfig) else None
+        kind = VideoBackboneConfig if isinstance(s.track, VideoTrackConfig) else kind
+        if kind is not None:
+            resolve_teacher(s.train.distill, kind, s.track.name)
 
 
 def _check_precision(s: RunConfig) -> None:

@@ -371,14 +371,42 @@ class NoTrainConfig(TrainConfig):
     name: str = "none"
 
 
+AVERAGING = ("none", "last", "best")  # train.average: which checkpoints are averaged
+
+
+@dataclass
+class DistillConfig:
+    """``train.distill``: a teacher the student also learns from (null teacher: no distillation).
+
+    ``teacher`` is a backbone option of the same track (``conf/backbone/<name>.yaml``, e.g.
+    ``clip_vit_b16`` or ``r2plus1d_18``) or the path of a checkpoint lpcvlab's training wrote
+    (``.ckpt``: it records the backbone it was trained with). ``teacher_pretrained`` replaces the
+    option's own weights (an open_clip tag, ``kinetics400`` or a file). The teacher's outputs are
+    computed once and cached on disk, keyed by its weights and the data; the loss becomes
+    ``task + weight * temperature**2 * KL(teacher || student)`` at that temperature.
+    """
+
+    teacher: str | None = None
+    teacher_pretrained: str | None = None
+    weight: float = setting(1.0, ge=0)
+    temperature: float = setting(2.0, gt=0)
+
+
 @dataclass
 class FinetuneConfig(TrainConfig):
     """Lightning fine-tuning: what every track shares. Trainer, optimizer, scheduler and
     checkpoint are ``_target_`` configs; each track adds its own section (a subclass, filled
-    from ``conf/train_track/finetune-<track>.yaml``)."""
+    from ``conf/train_track/finetune-<track>.yaml``).
+
+    ``lr`` is the base learning rate (the optimizer config reads it, so ``train.lr=`` sweeps
+    it). ``wise_alpha`` interpolates the weights as WiSE-FT does: the share of the fine-tuned
+    weights, 0 = the starting weights exactly, 1 = the fine-tuned ones. ``average`` averages
+    the ``average_k`` last or best checkpoints before that (``none``: the best checkpoint).
+    """
 
     what: ClassVar[str] = "train=finetune"
     name: str = "finetune"
+    lr: float = setting(1.0e-3, gt=0)
     batch_size: int = setting(8, ge=1)
     num_workers: int = setting(0, ge=0)
     resume_from: str | None = None
@@ -386,6 +414,10 @@ class FinetuneConfig(TrainConfig):
     optimizer: dict[str, Any] = field(default_factory=dict)
     scheduler: dict[str, Any] | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    wise_alpha: float = setting(1.0, ge=0, le=1)
+    average: str = setting("none", choices=AVERAGING)
+    average_k: int = setting(2, ge=1)
 
     def check(self, prefix: str) -> None:
         for key in ("trainer", "optimizer", "checkpoint"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lpcvlab.config.schema import (
     ClipBackboneConfig,
+    FinetuneConfig,
     RetrievalDataConfig,
     RetrievalTrackConfig,
     RunConfig,
@@ -11,6 +12,7 @@ from lpcvlab.config.schema import (
     VideoDataConfig,
     VideoTrackConfig,
 )
+from lpcvlab.config.teacher import Teacher, resolve_teacher
 from lpcvlab.errors import ConfigError
 from lpcvlab.tracks.base import Track, TrackData
 
@@ -22,6 +24,10 @@ def build_track(s: RunConfig) -> Track:
 
     (The combination of groups was checked when the config was loaded.)
     """
+    teacher: Teacher | None = None
+    if isinstance(s.train, FinetuneConfig):
+        kind = ClipBackboneConfig if isinstance(s.track, RetrievalTrackConfig) else None
+        teacher = resolve_teacher(s.train.distill, kind or VideoBackboneConfig, s.track.name)
     if isinstance(s.track, RetrievalTrackConfig):
         from lpcvlab.models.clip import ClipBackbone
         from lpcvlab.tracks.retrieval import RetrievalTrack
@@ -31,7 +37,12 @@ def build_track(s: RunConfig) -> Track:
         )
         assert s.preprocess.image is not None
         return RetrievalTrack(
-            s.track, s.data, s.preprocess.image, ClipBackbone(s.backbone), seed=s.seed
+            s.track,
+            s.data,
+            s.preprocess.image,
+            ClipBackbone(s.backbone),
+            seed=s.seed,
+            teacher=teacher,
         )
     if isinstance(s.track, VideoTrackConfig):
         from lpcvlab.models.video import VideoBackbone
@@ -46,5 +57,6 @@ def build_track(s: RunConfig) -> Track:
             VideoBackbone(s.backbone),
             cache_dir=s.paths.cache_dir,
             seed=s.seed,
+            teacher=teacher,
         )
     raise ConfigError(f"track={s.track.name!r} is not a known track; use track=retrieval or video")

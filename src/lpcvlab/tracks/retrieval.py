@@ -20,6 +20,7 @@ from lpcvlab.config.schema import (
     RetrievalTrackConfig,
     TrainConfig,
 )
+from lpcvlab.config.teacher import Teacher
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
 from lpcvlab.data.images import ImagePreprocess, load_images, tokenize
 from lpcvlab.data.track1 import ImageRow, content_sha256, read_track1
@@ -70,7 +71,9 @@ class RetrievalTrack:
         image: ImagePreprocessConfig,
         backbone: ClipBackbone,
         seed: int = 0,
+        teacher: Teacher | None = None,
     ) -> None:
+        self.teacher = teacher  # train.distill.teacher, resolved (None: no distillation)
         self.settings = track
         self.data = data
         self.image = image

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from lpcvlab.config.schema import (
     VideoPreprocessConfig,
     VideoTrackConfig,
 )
+from lpcvlab.config.teacher import Teacher
 from lpcvlab.console import stage
 from lpcvlab.data.batch import DecodeBatch, cached_sha256, decode_videos, skipped_summary
 from lpcvlab.data.formats import ManifestRecord, check_results_against_manifest, write_results_h5
@@ -80,7 +82,9 @@ class VideoTrack:
         backbone: VideoBackbone,
         cache_dir: str | Path,
         seed: int = 0,
+        teacher: Teacher | None = None,
     ) -> None:
+        self.teacher = teacher  # train.distill.teacher, resolved (None: no distillation)
         self.settings = track
         self.data = data
         self.preprocess = video_preprocess(video)
@@ -247,9 +251,16 @@ class VideoTrack:
         run: RunLog,
         work_dir: Path,
     ) -> ModelBundle:
+        from hydra.utils import instantiate
+
         from lpcvlab.models.video import VideoClassifier
-        from lpcvlab.training.fit import finetune
-        from lpcvlab.training.module import ClipDataModule, ClipDataset
+        from lpcvlab.training.fit import fit
+        from lpcvlab.training.module import (
+            ClipDataModule,
+            ClipDataset,
+            VideoClassifierModule,
+            set_trainable,
+        )
 
         if not isinstance(settings, VideoFinetuneConfig):
             raise ConfigError(f"train={settings.name} is not available for track=video")
@@ -270,12 +281,23 @@ class VideoTrack:
         dm = ClipDataModule(train_set, val_set, int(settings.batch_size), int(settings.num_workers))
         model = copy.deepcopy(bundle.model)
         net = VideoClassifier(model, self.backbone.mean, self.backbone.std)
+        prefixes = list(settings.trainable)
+        trainable, total = set_trainable(model, prefixes)
+        log.info("training %d of %d parameters (prefixes %s)", trainable, total, prefixes)
+        run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
+        module = VideoClassifierModule(
+            net,
+            optimizer=instantiate(settings.optimizer),
+            scheduler=instantiate(settings.scheduler) if settings.scheduler else None,
+        )
         net.train()
-        result = finetune(settings, net, dm, run, work_dir, list(settings.trainable))
+        record = {"track": self.name, "backbone": dataclasses.asdict(self.backbone.settings)}
+        result = fit(settings, module, dm, run, work_dir, record=record)
         net.eval()
         log.info(
-            "fine-tuning done: best val/top1 %.4f (%s)",
-            result.best_val_top1,
+            "fine-tuning done: best %s %.4f (%s)",
+            result.monitor,
+            result.best_score,
             result.best_checkpoint,
         )
         return self._bundle(model, bundle.weights)

@@ -1,4 +1,4 @@
-"""Run a fine-tuning job inside the pipeline's MLflow run (one run, not two).
+"""Run a fine-tuning job inside the pipeline's MLflow run (one run, not two), for any track.
 
 Lightning's MLflow logger writes into the run the pipeline already owns; checkpoints go to the
 job's output folder and the best one becomes an artifact. Ctrl-C keeps the last checkpoint, logs
@@ -22,8 +22,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from lpcvlab.config.schema import FinetuneConfig
+from lpcvlab.config.teacher import CHECKPOINT_KEY
 from lpcvlab.errors import ConfigError
-from lpcvlab.training.module import ClipDataModule, VideoClassifierModule, set_trainable
 from lpcvlab.types import RunLog
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,25 @@ class SaveOnException(Callback):
         return KeyboardInterrupt()
 
 
+class RecordInCheckpoint(Callback):
+    """Writes what built the model (backbone config, track) into every checkpoint, so that a
+    checkpoint alone can be rebuilt, e.g. as a distillation teacher."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.record
+
+
 @dataclass
 class FitResult:
     best_checkpoint: Path | None
-    best_val_top1: float
+    best_score: float  # the checkpoint monitor's best value (nan without one)
+    monitor: str | None  # e.g. "val/top1"
     epochs: int
-    trainable_params: int
-    total_params: int
 
 
 def resolve_resume(resume_from: str | None, run: RunLog, work_dir: Path) -> Path | None:
@@ -102,36 +114,32 @@ def resolve_resume(resume_from: str | None, run: RunLog, work_dir: Path) -> Path
     return path
 
 
-def finetune(
+def fit(
     train: FinetuneConfig,
-    net: torch.nn.Module,
-    data: ClipDataModule,
+    module: pl.LightningModule,
+    data: pl.LightningDataModule,
     run: RunLog,
     work_dir: Path,
-    trainable_prefixes: list[str],
+    record: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Fine-tune ``net`` in place (best checkpoint's weights loaded back at the end); only the
-    parameters named by ``trainable_prefixes`` train (empty: all).
+    """Train ``module`` with the Trainer and checkpoint of ``train``, inside the pipeline's MLflow
+    run, and load the best checkpoint's weights back into it (the track builds the module: its
+    loss, freezing policy and optimizer; ``record`` goes into every checkpoint).
 
     The run was seeded at its start (:func:`lpcvlab.seeding.seed_everything`, which also tells
     Lightning to seed DataLoader workers).
     """
-    trainable, total = set_trainable(net.model, trainable_prefixes)
-    log.info("training %d of %d parameters (prefixes %s)", trainable, total, trainable_prefixes)
-    run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
-    module = VideoClassifierModule(
-        net,
-        optimizer=instantiate(train.optimizer),
-        scheduler=instantiate(train.scheduler) if train.scheduler else None,
-    )
     ckpt_dir = work_dir / "checkpoints"
     checkpoint: ModelCheckpoint = instantiate(train.checkpoint, dirpath=str(ckpt_dir))
     on_interrupt = SaveOnException(ckpt_dir / "interrupted.ckpt")
+    callbacks: list[Callback] = [checkpoint, on_interrupt]
+    if record is not None:
+        callbacks.append(RecordInCheckpoint(record))
     logger = SharedRunMLFlowLogger(tracking_uri=run.tracking_uri, run_id=run.run_id)
     trainer: pl.Trainer = instantiate(
         train.trainer,
         logger=logger,
-        callbacks=[checkpoint, on_interrupt],
+        callbacks=callbacks,
         default_root_dir=str(work_dir),
         enable_model_summary=False,
     )
@@ -167,8 +175,10 @@ def finetune(
         run.set_tags({"best_checkpoint": best.name})
     if checkpoint.last_model_path and Path(checkpoint.last_model_path).is_file():
         run.log_artifact(Path(checkpoint.last_model_path), "checkpoints")
-    run.log_metrics({"train/best_val_top1": best_score})
-    return FitResult(best, best_score, trainer.current_epoch, trainable, total)
+    monitor = checkpoint.monitor
+    if monitor:
+        run.log_metrics({f"train/best_{monitor.replace('/', '_')}": best_score})
+    return FitResult(best, best_score, monitor, trainer.current_epoch)
 
 
 def _log_checkpoints(run: RunLog, ckpt_dir: Path) -> None:
