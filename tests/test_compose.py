@@ -144,6 +144,10 @@ def test_a_preset_setting_a_key_only_the_other_hub_has_names_both(tmp_path):
             ["preprocess=dynamic_fps", "track=retrieval"],
         ),
         (["-m", "seed=0,1", "hub.warmup_iterations=-1"], ["hub.warmup_iterations=-1", ">= 0"]),
+        (
+            ["-m", "seed=0,1", "track=video", "preprocess=clip_mean_std"],
+            ["preprocess=clip_mean_std"],
+        ),
     ],
 )
 def test_run_py_stops_before_any_run_or_compute(tmp_path, args, words):
@@ -164,15 +168,26 @@ def test_run_py_stops_before_any_run_or_compute(tmp_path, args, words):
         timeout=120,
     )
     elapsed = time.monotonic() - start
-    if "-m" not in args:  # a sweep first opens the store for its parent run (MLflow's own start-up)
-        assert elapsed < 15, elapsed
+    assert elapsed < 15, elapsed
     assert "Traceback" not in proc.stderr
-    shown = proc.stdout + proc.stderr  # a multirun's jobs report through Hydra's log (stdout)
     for w in words:
-        assert w in shown, shown
-    if "-m" not in args:
-        assert proc.returncode == 1
-        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-        assert len(errors) == 1, proc.stderr
-        assert not Path(tmp_path / "mlflow.db").exists()  # no MLflow run, not even a store
+        assert w in proc.stderr, proc.stderr
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    # No MLflow run, not even a store: a sweep whose jobs all share the mistake starts none.
+    assert not Path(tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "cache").exists()  # no data or model work
+
+
+def test_a_sweep_whose_swept_value_can_fix_the_mistake_runs_its_jobs():
+    """Only a mistake no swept value names stops a sweep at once; otherwise each job decides."""
+    from lpcvlab.sweep import refuse_a_sweep_no_job_can_run
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        shared = compose("config", overrides=["hub.warmup_iterations=-1"], return_hydra_config=True)
+    shared.hydra.overrides.task = ["seed=0,1", "hub.warmup_iterations=-1"]
+    with pytest.raises(ConfigError, match="every job of this sweep has it"):
+        refuse_a_sweep_no_job_can_run(shared)
+    shared.hydra.overrides.task = ["hub.warmup_iterations=-1,1"]
+    refuse_a_sweep_no_job_can_run(shared)  # hub.warmup_iterations=1 can run

@@ -28,6 +28,8 @@ import json
 import logging
 import math
 import os
+import re
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,6 +40,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lpcvlab.errors import ConfigError, LpcvlabError
 from lpcvlab.io import atomic_write_text
 from lpcvlab.tracking import NOTE_TAG, PARENT_RUN_ENV, ui_link
 
@@ -150,6 +153,29 @@ def sweep_overrides(config: DictConfig, swept_only: bool = False) -> list[str]:
     return [text for text, o in zip(overrides, parsed, strict=True) if o.is_sweep_override()]
 
 
+def refuse_a_sweep_no_job_can_run(config: DictConfig) -> None:
+    """Raise the one-line ConfigError of a config mistake that every job of the sweep shares.
+
+    The sweep's base config (every override but the swept ones) is loaded as a run would load
+    it. When that fails on a key or group that no swept override names, no job can run, so the
+    sweep stops here: before any MLflow run or compute. When a swept value could change the
+    outcome (the message names a swept key), the jobs are left to find out one by one.
+    """
+    from lpcvlab.config import load_settings
+
+    body = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    try:
+        load_settings(body)
+    except ConfigError as exc:
+        message = str(exc)
+        swept = [o.split("=", 1)[0].lstrip("+~") for o in sweep_overrides(config, swept_only=True)]
+        named = [k for k in swept if re.search(rf"(?<![\w.]){re.escape(k)}(?!\w)", message)]
+        if not named:
+            raise ConfigError(
+                f"{message} (every job of this sweep has it: none was started)"
+            ) from None
+
+
 class MlflowSweepCallback(Callback):
     """Parent run for a multirun; see the module docstring."""
 
@@ -175,9 +201,16 @@ class MlflowSweepCallback(Callback):
             source_tags,
         )
 
+        try:
+            refuse_a_sweep_no_job_can_run(config)  # before the store is opened or a run exists
+            uri = resolve_uri(str(config.tracking.uri))
+            check_store(uri)
+        except LpcvlabError as exc:
+            # Hydra turns a callback's exception into a warning and launches the jobs anyway;
+            # a mistake that every job shares stops the sweep here, in one line.
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
         sweep = sweep_dir(config)
-        uri = resolve_uri(str(config.tracking.uri))
-        check_store(uri)
         client = RetryingClient(MlflowClient(tracking_uri=uri))
         exp_id = get_experiment_id(
             client, str(config.tracking.experiment), config.tracking.get("artifact_root")
