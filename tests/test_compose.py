@@ -37,7 +37,6 @@ CANNOT_RUN = {
     ("data", "demo_video"): ("data=demo_video", "track=retrieval"),
     ("data", "qevd"): ("data=qevd", "track=retrieval"),
     ("data", "lpcvc_track1"): ("data=lpcvc_track1", "data.root"),
-    ("train", "finetune"): ("train=finetune", "track=retrieval"),
 }
 ONLY_LOCAL = {("device", "host_cpu"): ("device=host_cpu", "hub=aihub")}
 

@@ -93,6 +93,14 @@ EXPECTED = {
         "precision.name": "fp32",
         "precision.calibration_samples": 64,
     },
+    "track1_finetune_demo": {
+        "track.name": "retrieval",
+        "backbone.name": "clip_tiny",
+        "data.name": "demo_retrieval",
+        "train.name": "finetune",
+        "train.checkpoint.monitor": "val/recall_at_10",
+        "train.hard_negatives.enabled": True,
+    },
 }
 
 
@@ -141,7 +149,11 @@ def test_track2_sample_is_channel_last_on_the_device():
 
 @pytest.mark.parametrize(
     ("search", "track", "budget"),
-    [("retrieval_optuna", "retrieval", 29.3 + 5.4), ("video_optuna", "video", None)],
+    [
+        ("retrieval_optuna", "retrieval", 29.3 + 5.4),
+        ("retrieval_finetune_optuna", "retrieval", 29.3 + 5.4),
+        ("video_optuna", "video", None),
+    ],
 )
 def test_hparams_search_is_an_optuna_multirun_that_maximises(search, track, budget):
     cfg = compose_hydra(f"hparams_search={search}")

@@ -13,6 +13,7 @@ from lpcvlab.config.schema import (
     MixedPrecisionConfig,
     NoTrainConfig,
     RetrievalDataConfig,
+    RetrievalFinetuneConfig,
     RetrievalTrackConfig,
     RunConfig,
     VideoBackboneConfig,
@@ -23,7 +24,9 @@ from lpcvlab.config.schema import (
 from lpcvlab.config.teacher import resolve_teacher
 from lpcvlab.errors import ConfigError
 
-TRACK1_BACKBONES = "clip_vit_b16, clip_vit_b32, mobileclip2_s0, clip_tiny"
+TRACK1_BACKBONES = (
+    "clip_vit_b16, clip_vit_b32, mobileclip2_s0, mobileclip2_s2, mobileclip2_b, clip_tiny"
+)
 TRACK2_BACKBONES = "r2plus1d_18, r3d_18, mc3_18, video_tiny"
 TRACK1_PREPROCESS = "lpcvc_sample, clip_mean_std"
 TRACK2_PREPROCESS = "lpcvc_sample, dynamic_fps, uniform_span"
@@ -98,15 +101,28 @@ def _check_retrieval(s: RunConfig) -> None:
             f"data={s.data.name} is {s.data.what}, which track=retrieval cannot read; "
             "use data=demo_retrieval or data=lpcvc_track1"
         )
-    if not isinstance(s.train, NoTrainConfig):
+    if not isinstance(s.train, (NoTrainConfig, RetrievalFinetuneConfig)):
         raise ConfigError(
-            f"train={s.train.name} is not available for track=retrieval; use train=none"
+            f"train={s.train.name} has no Track 1 section (conf/train_track/"
+            f"{s.train.name}-retrieval.yaml), so it cannot go with track=retrieval; use "
+            "train=finetune or train=none"
         )
     if s.data.root is None:
         d = s.data
         raise ConfigError(
             f"data={d.name} needs data.root=/path/to/track1 (the folder with "
             f"{d.img_list}, {d.txt_list} and {d.images_dir}/)"
+        )
+    if isinstance(s.train, RetrievalFinetuneConfig) and s.data.train.root is None:
+        t = s.data.train
+        layout = (
+            f"{t.annotations} and {t.images_dir}/"
+            if t.format == "coco"
+            else f"{t.img_list}, {t.txt_list} and {t.images_dir}/"
+        )
+        raise ConfigError(
+            f"train=finetune needs a training split: set data.train.root=/path/to/train (the "
+            f"folder with {layout}; data.train.format=coco reads COCO-captions JSON)"
         )
 
 

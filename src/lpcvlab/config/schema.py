@@ -328,6 +328,30 @@ class DataConfig:
 @dataclass
 class RetrievalDemoConfig:
     num_images: int = setting(40, ge=1)
+    # Images of the generated training split (root/train/), made only when the run trains.
+    num_train_images: int = setting(400, ge=1)
+
+
+TRAIN_FORMATS = ("official", "coco")  # data.train.format
+
+
+@dataclass
+class RetrievalTrainSplitConfig:
+    """``data.train``: Track 1's training split, read only when the run trains.
+
+    ``format=official``: ``root/<images_dir>/`` + ``img_list`` + ``txt_list`` (every caption of
+    an image's text IDs is one of its captions). ``format=coco``: a COCO-captions JSON
+    (``annotations``, relative to ``root``: ``images`` with ``id`` and ``file_name``,
+    ``annotations`` with ``image_id`` and ``caption``; COCO and Flickr30k ship it) and the images
+    under ``root/<images_dir>/``.
+    """
+
+    format: str = setting("official", choices=TRAIN_FORMATS)
+    root: str | None = None  # null: no training split
+    images_dir: str = "images"
+    img_list: str = "img_list.csv"  # format=official
+    txt_list: str = "txt_list.csv"  # format=official
+    annotations: str = "captions.json"  # format=coco
 
 
 @dataclass
@@ -339,6 +363,7 @@ class RetrievalDataConfig(DataConfig):
     img_list: str = "img_list.csv"
     txt_list: str = "txt_list.csv"
     demo: RetrievalDemoConfig | None = None  # set: generate this demo dataset under root
+    train: RetrievalTrainSplitConfig = field(default_factory=RetrievalTrainSplitConfig)
 
 
 @dataclass
@@ -438,6 +463,42 @@ class VideoFinetuneConfig(FinetuneConfig):
     what: ClassVar[str] = "train=finetune with track=video"
     trainable: list[str] = field(default_factory=lambda: ["layer4", "fc"])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+UNFREEZE = ("all", "projection", "last_blocks")  # train.unfreeze (Track 1)
+
+
+@dataclass
+class HardNegativesConfig:
+    """``train.hard_negatives``: captions with one word swapped for another of its group (left
+    for right, a colour for another colour, ...), added as extra negatives of every image."""
+
+    enabled: bool = False
+    word_groups: list[list[str]] = field(default_factory=list)
+
+    def check(self, prefix: str) -> None:
+        if self.enabled and not any(len(g) >= 2 for g in self.word_groups):
+            raise ConfigError(
+                f"{prefix}.enabled=true needs {prefix}.word_groups with at least one group of "
+                "two or more words (e.g. [[left, right]])"
+            )
+
+
+@dataclass
+class RetrievalFinetuneConfig(FinetuneConfig):
+    """Track 1's section: contrastive fine-tuning of both towers.
+
+    ``unfreeze``: ``all`` trains everything; ``projection`` only the two projections and the
+    logit scale; ``last_blocks`` the last ``unfreeze_blocks`` blocks of each tower and what
+    follows them (final norm, projection), plus the logit scale. ``lr_text`` is the text tower's
+    learning rate (null: ``train.lr``, the image tower's and the logit scale's).
+    """
+
+    what: ClassVar[str] = "train=finetune with track=retrieval"
+    unfreeze: str = setting("all", choices=UNFREEZE)
+    unfreeze_blocks: int = setting(2, ge=1)
+    lr_text: float | None = setting(None, gt=0)
+    hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
 
 
 @dataclass
@@ -550,6 +611,7 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("train", "none"): NoTrainConfig,
     ("train", "finetune"): FinetuneConfig,
     ("train", "finetune_video"): VideoFinetuneConfig,
+    ("train", "finetune_retrieval"): RetrievalFinetuneConfig,
     ("tracking", "mlflow"): TrackingConfig,
     ("paths", "paths"): PathsConfig,
     ("precision", "uniform"): PrecisionConfig,

@@ -5,6 +5,11 @@ what is drawn. Like the real 2026 sample it has text IDs with gaps, one ground-t
 caption (so the best achievable Recall@10 is below 1), mixed-case file names listed in an order
 that differs from ``sorted()``, several image sizes and both JPEG and PNG. It is then read by the
 very same reader as real data.
+
+:func:`make_demo_training_split` adds a training split in the same layout under ``root/train/``:
+other images (the combinations of shape, colour, background and place the evaluation set does not
+show, drawn again at other sizes when more images are asked for), the same vocabulary, and all
+three captions of each image -- so that a model trained on it must compose what it learnt.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import io
 import itertools
 import json
 import random
+import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -65,6 +71,15 @@ def make_demo_retrieval_dataset(root: Path | str, num_images: int = 40, seed: in
         return _write_demo_dataset(root, num_images, seed)
 
 
+def _combos(seed: int) -> list[tuple[str, str, str, str]]:
+    """Every (shape, colour, background, place), in the seed's order: the evaluation set takes
+    the first ``num_images``, the training split the rest."""
+    combos = list(itertools.product(SHAPES, COLOURS, BACKGROUNDS, PLACES))
+    combos = [c for c in combos if COLOURS[c[1]] != BACKGROUNDS[c[2]]]
+    random.Random(seed).shuffle(combos)
+    return combos
+
+
 def _write_demo_dataset(root: Path, num_images: int, seed: int) -> Path:
     params = {"num_images": num_images, "seed": seed, "version": _VERSION}
     marker = root / "demo.json"
@@ -109,6 +124,54 @@ def _write_demo_dataset(root: Path, num_images: int, seed: int) -> Path:
     _write_csv(root / "txt_list.csv", ["Text_nums", "Unique_Texts"], txt_rows)
     atomic_write_text(marker, json.dumps(params))  # last: a half-written dataset is redone
     return root
+
+
+def make_demo_training_split(
+    root: Path | str, num_images: int, eval_images: int, seed: int = 0
+) -> Path:
+    """Write ``root/train/`` (images + ``img_list.csv`` + ``txt_list.csv``): ``num_images``
+    images of the combinations the evaluation set of ``eval_images`` images does not show (all
+    of them when it shows every one), each with its three captions; a no-op when already there.
+    """
+    root = Path(root) / "train"
+    with file_lock(root):
+        params = {
+            "num_images": num_images,
+            "eval_images": eval_images,
+            "seed": seed,
+            "version": _VERSION,
+        }
+        marker = root / "demo.json"
+        if marker.is_file() and json.loads(marker.read_text()) == params:
+            return root
+        if num_images < 1:
+            raise ValueError("data.demo.num_train_images must be at least 1")
+        shutil.rmtree(root / "images", ignore_errors=True)  # another size's leftovers
+        combos = _combos(seed)
+        unseen = combos[eval_images:] or combos
+        rng = random.Random(seed * 7919 + 104_729)  # another stream than the evaluation set's
+        img_rows: list[tuple[str, str]] = []
+        txt_rows: list[tuple[int, str]] = []
+        for i in range(num_images):
+            shape, colour, bg, place = unseen[i % len(unseen)]
+            name = f"train_{i:05d}.png" if i % 4 == 0 else f"train_{i:05d}.jpg"
+            size = SIZES[rng.randrange(len(SIZES))]
+            img = _draw(shape, COLOURS[colour], BACKGROUNDS[bg], PLACES[place], size, rng)
+            _save_image(img, root / "images" / name)
+            captions = [
+                f"a {colour} {shape} in the {place} on a {bg} background",
+                f"the {colour} {shape}",
+                f"a {bg} picture with a {colour} {shape} in the {place}",
+            ]
+            ids = []
+            for caption in captions:
+                ids.append(len(txt_rows) + 1)
+                txt_rows.append((ids[-1], caption))
+            img_rows.append((name, ";".join(map(str, ids))))
+        _write_csv(root / "img_list.csv", ["Image_names", "Text_nums"], img_rows)
+        _write_csv(root / "txt_list.csv", ["Text_nums", "Unique_Texts"], txt_rows)
+        atomic_write_text(marker, json.dumps(params))
+        return root
 
 
 def _save_image(img: Image.Image, path: Path) -> None:

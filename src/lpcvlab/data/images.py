@@ -7,20 +7,29 @@ Text: CLIP BPE to ``(77,)`` int64 with SOT/EOT; longer captions are truncated an
 Images PIL cannot turn into pixels are skipped and named with their CSV row: unreadable or
 truncated files, and images above PIL's decompression-bomb limit. 16-bit and 32-bit grey images
 are scaled to 8 bits before the RGB conversion, which would otherwise clip them to white.
+
+A training split is decoded once (:func:`decode_training_images`) into a uint8 cache of resized
+images, memory-mapped, keyed by the files' content and the resize: epochs, the distillation
+teacher and calibration read it instead of decoding again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from lpcvlab.data.track1 import ImageRow, Skip
+from lpcvlab.data.track1 import CaptionImage, CaptionSplit, ImageRow, Skip
+from lpcvlab.hashing import file_sha256, manifest_sha256
+from lpcvlab.io import atomic_write, atomic_write_text, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,9 @@ class ImagePreprocess:
         if (self.mean is None) != (self.std is None):
             raise ValueError("preprocess.image.mean and std must be set together")
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
+    def resized(self, img: Image.Image) -> np.ndarray:
+        """The resized RGB pixels, ``(3, size, size)`` uint8 (what :meth:`scale` turns into the
+        model's input)."""
         img = to_8bit(img).convert("RGB")
         size = (self.size, self.size)
         img = (
@@ -55,12 +66,19 @@ class ImagePreprocess:
             if self.resample is None
             else img.resize(size, _RESAMPLE[self.resample])
         )
-        x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+    def scale(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels ``(..., 3, H, W)`` -> float32 in [0,1], mean/std when asked for."""
+        x = np.asarray(pixels, dtype=np.float32) / 255.0
         if self.mean is not None:
             mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
             std = np.asarray(self.std, dtype=np.float32)[:, None, None]
             x = (x - mean) / std
         return x.astype(np.float32)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return self.scale(self.resized(img))
 
 
 _16_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -139,3 +157,80 @@ def tokenize(
                 truncated.append(i)
     tokens = tokenizer(list(captions), context_length=context_length)
     return np.asarray(tokens, dtype=np.int64), truncated
+
+
+@dataclass
+class DecodedImages:
+    """A training split's images, decoded once: ``pixels[i]`` is ``images[i]`` resized,
+    ``(3, size, size)`` uint8, memory-mapped from the cache."""
+
+    pixels: np.ndarray
+    images: list[CaptionImage]
+    skipped: list[Skip]  # unreadable, truncated or oversized files (file, row, reason)
+    sha256: str  # content hash of the metadata files and every image listed
+    cache_path: Path
+    reused: bool  # the cache was there already
+
+
+def split_sha256(split: CaptionSplit) -> str:
+    """The content hash of a training split: its metadata files and every listed image, by
+    name (the same files give the same digest whatever the preprocessing)."""
+    entries = [(name, file_sha256(split.root / name)) for name in split.lists]
+    for image in tqdm(split.images, desc="hash training images", unit="img", leave=False):
+        entries.append((f"images/{image.name}", file_sha256(image.path)))
+    return manifest_sha256(entries)
+
+
+def decode_training_images(
+    split: CaptionSplit, preprocess: ImagePreprocess, cache_dir: Path | str
+) -> DecodedImages:
+    """Decode and resize every image of ``split`` once into ``cache_dir/track1_train/`` (keyed
+    by the content hash and the resize), or reuse that cache. Images PIL cannot read are skipped
+    and reported with their row, as the evaluation reader does; the report is kept with the
+    cache, so a second run reports them too."""
+    sha = split_sha256(split)
+    key = hashlib.sha256(f"{sha}|{preprocess.size}|{preprocess.resample}|v1".encode()).hexdigest()[
+        :24
+    ]
+    path = Path(cache_dir) / "track1_train" / f"{key}.npy"
+    meta_path = path.with_suffix(".json")
+    with file_lock(path):
+        reused = path.is_file() and meta_path.is_file()
+        if not reused:
+            _decode_into(split.images, preprocess, path, meta_path)
+        meta = json.loads(meta_path.read_text())
+    kept = set(meta["kept"])
+    images = [image for image in split.images if image.name in kept]
+    skipped = [Skip(str(f), int(r), str(why)) for f, r, why in meta["skipped"]]
+    pixels = np.load(path, mmap_mode="r")[: len(images)]
+    return DecodedImages(pixels, images, skipped, sha, path, reused)
+
+
+def _decode_into(
+    images: Sequence[CaptionImage], preprocess: ImagePreprocess, path: Path, meta_path: Path
+) -> None:
+    shape = (len(images), 3, preprocess.size, preprocess.size)
+    kept: list[str] = []
+    skipped: list[tuple[str, int, str]] = []
+
+    def write(tmp: Path) -> None:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        for image in tqdm(images, desc="decode training images", unit="img"):
+            try:
+                with Image.open(image.path) as img:
+                    img.load()  # a truncated file fails here, not later
+                    out[len(kept)] = preprocess.resized(img)
+                kept.append(image.name)
+            except Image.DecompressionBombError as exc:
+                msg = f"image too large ({image.where}): {_too_many_pixels(exc)}"
+                log.warning("%s: %s; skipped", image.path, msg)
+                skipped.append((image.name, image.row, msg))
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                msg = f"unreadable image ({image.where}): {exc}"
+                log.warning("%s: %s; skipped", image.path, msg)
+                skipped.append((image.name, image.row, msg))
+        out.flush()
+        del out
+
+    atomic_write(path, write)
+    atomic_write_text(meta_path, json.dumps({"kept": kept, "skipped": skipped}))

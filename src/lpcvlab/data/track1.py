@@ -16,6 +16,11 @@ Policy for bad input (each counted and reported; never a silent shift of rows):
   denominator, as the official metric keeps it.
 
 Images are aligned to ground truth by file name, never by position.
+
+A training split (``data.train``) is read into a :class:`CaptionSplit` -- images, each with its
+captions -- from the same layout (:func:`read_official_captions`) or from COCO-captions JSON
+(:mod:`lpcvlab.data.coco`), with the same rules: structural errors stop naming the file and row,
+missing images and images left without a caption are skipped, counted and listed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lpcvlab.config.schema import RetrievalTrainSplitConfig
 from lpcvlab.errors import DataError
 from lpcvlab.hashing import file_sha256, manifest_sha256
 
@@ -219,3 +225,87 @@ def read_track1(
         unlisted_images=unlisted,
         empty_captions=empty,
     )
+
+
+# --------------------------------------------------------------------------- training split
+
+
+@dataclass(frozen=True)
+class CaptionImage:
+    """One training image and its captions (one or more)."""
+
+    name: str
+    path: Path
+    captions: tuple[str, ...]
+    row: int  # CSV line (official layout) or index in the JSON ``images`` list (COCO)
+    where: str  # the row or entry, for messages ("row 12 of img_list.csv", "images[3] of ...")
+
+
+@dataclass
+class CaptionSplit:
+    """A training split as read: its images in file order, what was skipped, and the metadata
+    files (relative to ``root``) that belong to its content hash."""
+
+    root: Path
+    images: list[CaptionImage]
+    skipped: list[Skip] = field(default_factory=list)
+    lists: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "images": len(self.images),
+            "captions": sum(len(i.captions) for i in self.images),
+            "skipped_images": len(self.skipped),
+            **self.counts,
+        }
+
+
+def read_official_captions(
+    root: Path | str,
+    images_dir: str = "images",
+    img_list: str = "img_list.csv",
+    txt_list: str = "txt_list.csv",
+) -> CaptionSplit:
+    """A training split in the official layout: each image's captions are the texts of its
+    ground-truth IDs (IDs without a text are counted; an image left with none is skipped)."""
+    ds = read_track1(root, images_dir, img_list, txt_list)
+    images, skipped = [], list(ds.skipped)
+    for r in ds.images:
+        captions = tuple(ds.texts[t] for t in r.text_ids if t in ds.texts)
+        if not captions:
+            skipped.append(
+                Skip(
+                    r.name,
+                    r.row,
+                    f"no caption for its text IDs (row {r.row} of "
+                    f"{img_list}: {';'.join(map(str, r.text_ids))})",
+                )
+            )
+            continue
+        images.append(CaptionImage(r.name, r.path, captions, r.row, f"row {r.row} of {img_list}"))
+    if not images:
+        raise DataError(f"{ds.root}: no image in {img_list} has a caption in {txt_list}")
+    return CaptionSplit(
+        root=ds.root,
+        images=images,
+        skipped=skipped,
+        lists=[img_list, txt_list],
+        counts={
+            "missing_images": len(ds.skipped),
+            "unlisted_images": len(ds.unlisted_images),
+            "empty_captions": len(ds.empty_captions),
+            "missing_text_ids": len(ds.missing_text_ids),
+            "images_without_captions": len(skipped) - len(ds.skipped),
+        },
+    )
+
+
+def read_caption_split(train: RetrievalTrainSplitConfig) -> CaptionSplit:
+    """The training split ``data.train`` names, in its format."""
+    assert train.root is not None  # checked when the config was loaded
+    if train.format == "coco":
+        from lpcvlab.data.coco import read_coco_captions
+
+        return read_coco_captions(train.root, train.annotations, train.images_dir)
+    return read_official_captions(train.root, train.images_dir, train.img_list, train.txt_list)

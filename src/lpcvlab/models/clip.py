@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from lpcvlab.config.schema import ClipBackboneConfig
+from lpcvlab.config.teacher import CHECKPOINT_KEY, Teacher
 from lpcvlab.errors import ConfigError
 from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
 
@@ -192,3 +194,88 @@ def tokenizer_for(backbone: Any) -> Any:
         name = backbone.get("tokenizer") or backbone["model_name"]
     with _quiet_root():
         return open_clip.get_tokenizer(name)
+
+
+# The attribute under which Track 1's LightningModule holds the open_clip model: its checkpoint
+# keys start with this (lpcvlab.training.contrastive.ContrastiveModule).
+CHECKPOINT_PREFIX = "model."
+
+
+def build_architecture(backbone: ClipBackboneConfig) -> nn.Module:
+    """The backbone's architecture with fresh weights, nothing loaded and no banner: the weights
+    of a checkpoint go in next."""
+    with _quiet_root():
+        if backbone.model_cfg is not None:
+            return open_clip.CLIP(**backbone.model_cfg).eval()
+        tag = backbone.pretrained
+        quick_gelu = bool(backbone.quick_gelu)
+        if tag and not looks_like_path(str(tag)):
+            quick_gelu = bool(
+                open_clip.get_pretrained_cfg(backbone.model_name, str(tag)).get("quick_gelu")
+            )
+        return open_clip.create_model(
+            backbone.model_name, pretrained=None, force_quick_gelu=quick_gelu
+        ).eval()
+
+
+@dataclass
+class ClipTeacher:
+    """A distillation teacher, ready to embed: the model (eval mode), its tokenizer, what it is,
+    and the input normalisation its weights expect (None: the student's own)."""
+
+    model: nn.Module
+    tokenizer: Any
+    description: str
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+def _native_normalisation(backbone: ClipBackboneConfig) -> tuple[Any, Any]:
+    """The mean/std an open_clip tag's weights were trained with (identity for MobileCLIP2's
+    dfndr2b, CLIP's for openai); None for files, random weights and custom architectures."""
+    tag = backbone.pretrained
+    if backbone.model_cfg is not None or not tag or looks_like_path(str(tag)):
+        return None, None
+    cfg = open_clip.get_pretrained_cfg(backbone.model_name, str(tag)) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    return (tuple(mean), tuple(std)) if mean and std else (None, None)
+
+
+def build_clip_teacher(teacher: Teacher) -> ClipTeacher:
+    """The teacher ``train.distill.teacher`` names: a backbone option built as ``backbone=``
+    builds it (weights from the local cache or a file), or an lpcvlab Track 1 checkpoint: the
+    backbone recorded in it (:data:`CHECKPOINT_KEY`) with the checkpoint's weights."""
+    if teacher.checkpoint is None:
+        assert teacher.backbone is not None
+        backbone = _typed(teacher.backbone)
+        model, tokenizer, weights = build_clip(backbone)
+        mean, std = _native_normalisation(backbone)
+        return ClipTeacher(model, tokenizer, f"{backbone.name} ({weights})", mean, std)
+    path = Path(teacher.checkpoint)
+    key = f"train.distill.teacher={path}"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one line naming it
+        raise ConfigError(f"{key}: cannot read the checkpoint ({exc})") from None
+    record = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if not isinstance(record, dict) or "backbone" not in record:
+        raise ConfigError(
+            f"{key}: the checkpoint does not record its backbone (no '{CHECKPOINT_KEY}' entry); "
+            "use a checkpoint lpcvlab's training wrote, or a backbone option"
+        )
+    if record.get("track") != "retrieval":
+        raise ConfigError(
+            f"{key}: a track={record.get('track')} checkpoint cannot teach a track=retrieval "
+            "student; use a Track 1 checkpoint or a CLIP backbone option"
+        )
+    backbone = _typed(record["backbone"])
+    prefix = CHECKPOINT_PREFIX
+    state = {
+        k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)
+    }
+    if not state:
+        raise ConfigError(f"{key}: the checkpoint holds no '{prefix}*' weights of a CLIP model")
+    model = build_architecture(backbone)
+    model.load_state_dict(state)
+    # Trained by lpcvlab: it saw what the student sees, so it gets the student's normalisation.
+    return ClipTeacher(model.eval(), tokenizer_for(backbone), f"{backbone.name} ({path})")

@@ -43,6 +43,7 @@ def build_track(s: RunConfig) -> Track:
             ClipBackbone(s.backbone),
             seed=s.seed,
             teacher=teacher,
+            cache_dir=s.paths.cache_dir,
         )
     if isinstance(s.track, VideoTrackConfig):
         from lpcvlab.models.video import VideoBackbone

@@ -2,11 +2,19 @@
 
 open_clip (and the torchvision it imports: seconds) is imported with the track, not inside the
 data stage, so that ``stage_seconds/*`` measure the stages' own work.
+
+Training (``train=finetune``): the training split (``data.train``, official layout or
+COCO-captions JSON) is read and decoded once when the run trains; the contrastive
+LightningModule (:mod:`lpcvlab.training.contrastive`) fine-tunes a copy of the model, validating
+every epoch on the evaluation set with the same Recall@K as the final score; the best
+(then averaged / WiSE-FT) weights are exported.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +25,23 @@ import numpy as np
 from lpcvlab.config.schema import (
     ImagePreprocessConfig,
     RetrievalDataConfig,
+    RetrievalFinetuneConfig,
     RetrievalTrackConfig,
     TrainConfig,
 )
 from lpcvlab.config.teacher import Teacher
-from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset
-from lpcvlab.data.images import ImagePreprocess, load_images, tokenize
-from lpcvlab.data.track1 import ImageRow, content_sha256, read_track1
+from lpcvlab.console import stage
+from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset, make_demo_training_split
+from lpcvlab.data.images import (
+    DecodedImages,
+    ImagePreprocess,
+    decode_training_images,
+    load_images,
+    tokenize,
+)
+from lpcvlab.data.track1 import ImageRow, content_sha256, read_caption_split, read_track1
 from lpcvlab.errors import ConfigError, DataError
-from lpcvlab.metrics import cosine_similarity, recall_at_k
+from lpcvlab.metrics import retrieval_recall
 from lpcvlab.models.clip import CONTEXT_LENGTH, ClipBackbone, ImageEncoder, TextEncoder
 from lpcvlab.tracks.base import TrackData, data_source
 from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
@@ -36,10 +52,21 @@ IMAGE, TEXT = "image_encoder", "text_encoder"
 
 
 @dataclass
+class TrainingSplit:
+    """The decoded training split: pixels (uint8 cache) aligned with ``decoded.images``, and
+    every caption flat, those of image ``i`` at ``offsets[i]:offsets[i + 1]``."""
+
+    decoded: DecodedImages
+    captions: list[str]
+    offsets: np.ndarray
+
+
+@dataclass
 class RetrievalPayload:
     images: list[ImageRow]  # aligned with inputs[IMAGE]
     text_ids: list[int]  # aligned with inputs[TEXT]
     missing_text_ids: list[int]
+    train: TrainingSplit | None = None  # when the run trains
 
 
 def host_preprocess(image: ImagePreprocessConfig) -> ImagePreprocess:
@@ -51,6 +78,14 @@ def host_preprocess(image: ImagePreprocessConfig) -> ImagePreprocess:
         mean=tuple(image.mean) if on_host and image.mean else None,
         std=tuple(image.std) if on_host and image.std else None,
     )
+
+
+def model_preprocess(image: ImagePreprocessConfig) -> ImagePreprocess:
+    """What the encoder works on, host and in-graph normalisation together (the teacher's cache
+    key, and its input when its weights have no normalisation of their own)."""
+    mean = tuple(image.mean) if image.mean else None
+    std = tuple(image.std) if image.std else None
+    return ImagePreprocess(size=int(image.size), resample=image.resample, mean=mean, std=std)
 
 
 def _write_skips(path: Path, skips) -> Path:
@@ -72,6 +107,7 @@ class RetrievalTrack:
         backbone: ClipBackbone,
         seed: int = 0,
         teacher: Teacher | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.teacher = teacher  # train.distill.teacher, resolved (None: no distillation)
         self.settings = track
@@ -79,6 +115,8 @@ class RetrievalTrack:
         self.image = image
         self.backbone = backbone
         self.seed = seed
+        # the training split's decoded images and the teacher's embeddings are cached here
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else Path(".cache/lpcvlab")
 
     def load_data(self, work_dir: Path, *, training: bool = False) -> TrackData:
         data = self.data
@@ -117,16 +155,99 @@ class RetrievalTrack:
             sha256=content_sha256(ds.root, [data.img_list, data.txt_list], kept),
             profile={"images": len(kept), "texts": len(text_ids)},
         )
+        datasets = [evaluation]
+        train = None
+        if training:
+            train, record, train_stats, report = self._load_training_split(work_dir)
+            datasets.append(record)
+            stats |= {f"train_{k}": v for k, v in train_stats.items()}
+            if report is not None:
+                reports.append(report)
         return TrackData(
             inputs={IMAGE: images, TEXT: tokens},
             stats={k: float(v) for k, v in stats.items()},
             reports=reports,
-            payload=RetrievalPayload(kept, text_ids, missing),
-            datasets=[evaluation],
+            payload=RetrievalPayload(kept, text_ids, missing, train),
+            datasets=datasets,
         )
+
+    def _load_training_split(
+        self, work_dir: Path
+    ) -> tuple[TrainingSplit, DatasetRecord, dict[str, float], Path | None]:
+        """Read ``data.train`` (generated first for the demo), decode its images once into the
+        cache, and check every caption fits the text encoder."""
+        data, cfg = self.data, self.data.train
+        assert data.root is not None and cfg.root is not None  # checked at load
+        if data.demo is not None:
+            make_demo_training_split(
+                data.root, data.demo.num_train_images, data.demo.num_images, seed=self.seed
+            )
+        split = read_caption_split(cfg)
+        decoded = decode_training_images(split, host_preprocess(self.image), self.cache_dir)
+        if not decoded.images:
+            raise DataError(f"{split.root}: no training image could be decoded; see the warnings")
+        captions: list[str] = []
+        offsets = [0]
+        for image in decoded.images:
+            captions.extend(image.captions)
+            offsets.append(len(captions))
+        tokenizer = self.backbone.tokenizer()
+        # A BPE token covers at least one character: only long strings can be too long.
+        long = [
+            c
+            for c in captions
+            if len(c) + 2 > CONTEXT_LENGTH and len(tokenizer.encode(c)) + 2 > CONTEXT_LENGTH
+        ]
+        if long:
+            log.warning(
+                "%d training caption(s) are longer than %d tokens and are truncated",
+                len(long),
+                CONTEXT_LENGTH,
+            )
+        stats = split.stats() | {
+            "images": len(decoded.images),
+            "captions": len(captions),
+            "skipped_images": len(split.skipped) + len(decoded.skipped),
+            "unreadable_images": len(decoded.skipped),
+            "truncated_captions": len(long),
+            "decode_cache_reused": float(decoded.reused),
+        }
+        skipped = split.skipped + decoded.skipped
+        report = _write_skips(work_dir / "skipped_train.csv", skipped) if skipped else None
+        if skipped:
+            stage("data", f"training split: {len(skipped)} image(s) skipped, listed in {report}")
+        record = DatasetRecord(
+            name=f"{data.name}/train" if cfg.format == "official" else f"{data.name}/train-coco",
+            context="training",
+            source="demo" if data.demo is not None else str(Path(cfg.root).resolve()),
+            sha256=decoded.sha256,
+            profile={"images": len(decoded.images), "captions": len(captions)},
+        )
+        split_data = TrainingSplit(decoded, captions, np.asarray(offsets, dtype=np.int64))
+        return split_data, record, {k: float(v) for k, v in stats.items()}, report
+
+    def calibration_inputs(self, data: TrackData, component: str, n: int) -> np.ndarray | None:
+        """Up to ``n`` inputs of the training split for ``component``, evenly spaced, in the
+        exported layout (images as uploaded; captions tokenised): what calibrates a quantized
+        encoder. None without a training split."""
+        payload: RetrievalPayload = data.payload
+        train = payload.train
+        if train is None or component not in (IMAGE, TEXT):
+            return None
+        from lpcvlab.precision.calibration import spread
+
+        if component == IMAGE:
+            idx = spread(len(train.decoded.pixels), min(n, len(train.decoded.pixels)))
+            return host_preprocess(self.image).scale(train.decoded.pixels[idx])
+        idx = spread(len(train.captions), min(n, len(train.captions)))
+        tokens, _ = tokenize([train.captions[int(i)] for i in idx], self.backbone.tokenizer())
+        return tokens
 
     def build_model(self) -> ModelBundle:
         model, weights = self.backbone.build()
+        return self._bundle(model, weights)
+
+    def _bundle(self, model: object, weights: str) -> ModelBundle:
         image = self.image
         bake = image.mean is not None and image.normalize_in_model
         size = int(image.size)
@@ -153,7 +274,130 @@ class RetrievalTrack:
         run: RunLog,
         work_dir: Path,
     ) -> ModelBundle:
-        raise ConfigError(f"train={settings.name} is not available for track=retrieval")
+        from hydra.utils import instantiate
+
+        from lpcvlab.training.contrastive import (
+            CaptionDataset,
+            ContrastiveModule,
+            RetrievalDataModule,
+            Validation,
+            set_unfreeze,
+        )
+        from lpcvlab.training.fit import fit
+        from lpcvlab.training.hard_negatives import HardNegatives
+
+        if not isinstance(settings, RetrievalFinetuneConfig):
+            raise ConfigError(f"train={settings.name} is not available for track=retrieval")
+        payload: RetrievalPayload = data.payload
+        train = payload.train
+        if train is None:
+            raise DataError("the training split was not loaded (load_data(training=True))")
+        model = copy.deepcopy(bundle.model)
+        trainable, total = set_unfreeze(model, settings.unfreeze, int(settings.unfreeze_blocks))
+        log.info("training %d of %d parameters (unfreeze=%s)", trainable, total, settings.unfreeze)
+        run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
+
+        hard = None
+        if settings.hard_negatives.enabled:
+            hard = HardNegatives(settings.hard_negatives.word_groups)
+            able = sum(hard.can_perturb(c) for c in train.captions)
+            log.info(
+                "hard negatives: %d of %d training captions can be perturbed",
+                able,
+                len(train.captions),
+            )
+            run.log_metrics({"train/hard_negative_captions": float(able)})
+        distill = self._distill_targets(settings, train, run)
+
+        image = self.image
+        baked = image.mean is not None and image.normalize_in_model
+        gt = [r.text_ids for r in payload.images]
+        module = ContrastiveModule(
+            model,
+            optimizer=instantiate(settings.optimizer),
+            scheduler=instantiate(settings.scheduler) if settings.scheduler else None,
+            validation=Validation(
+                payload.text_ids, gt, sorted({int(k) for k in self.settings.recall_ks} | {10})
+            ),
+            mean=image.mean if baked else None,
+            std=image.std if baked else None,
+            lr_text=settings.lr_text,
+            distill=distill,
+        )
+        dataset = CaptionDataset(
+            train.decoded.pixels,
+            train.captions,
+            train.offsets,
+            self.backbone.tokenizer(),
+            host_preprocess(image),
+            seed=self.seed,
+            hard_negatives=hard,
+        )
+        dm = RetrievalDataModule(
+            dataset,
+            data.inputs[IMAGE],
+            data.inputs[TEXT],
+            int(settings.batch_size),
+            int(settings.num_workers),
+        )
+        model.train()
+        record = {"track": self.name, "backbone": dataclasses.asdict(self.backbone.settings)}
+        result = fit(settings, module, dm, run, work_dir, record=record)
+        model.eval()
+        log.info(
+            "fine-tuning done: best %s %.4f (%s)",
+            result.monitor,
+            result.best_score,
+            result.best_checkpoint,
+        )
+        return self._bundle(model, bundle.weights)
+
+    def _distill_targets(
+        self, settings: RetrievalFinetuneConfig, train: TrainingSplit, run: RunLog
+    ):
+        """The teacher's embeddings of the training split (cached), or None without a teacher."""
+        if self.teacher is None:
+            return None
+        import torch
+
+        from lpcvlab.models.clip import build_clip_teacher
+        from lpcvlab.training.clip_distill import teacher_embeddings
+        from lpcvlab.training.contrastive import DistillTargets
+
+        teacher = build_clip_teacher(self.teacher)
+        stage("train", f"distillation teacher {teacher.description}")
+        emb = teacher_embeddings(
+            teacher,
+            train.decoded.pixels,
+            train.captions,
+            model_preprocess(self.image),
+            train.decoded.sha256,
+            self.cache_dir,
+            batch_size=max(int(settings.batch_size), 32),
+        )
+        how = "reused" if emb.reused else "computed"
+        stage("train", f"teacher embeddings {how} (cache key {emb.key})")
+        run.set_tags(
+            {
+                "distill/teacher": teacher.description,
+                "distill/teacher_cache": how,
+                "distill/teacher_cache_key": emb.key,
+            }
+        )
+        run.log_metrics(
+            {
+                "distill/teacher_cache_reused": float(emb.reused),
+                "distill/teacher_seconds": emb.seconds,
+            }
+        )
+        d = settings.distill
+        return DistillTargets(
+            torch.from_numpy(emb.image),
+            torch.from_numpy(emb.text),
+            emb.logit_scale,
+            float(d.weight),
+            float(d.temperature),
+        )
 
     def evaluate(
         self, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
@@ -165,10 +409,9 @@ class RetrievalTrack:
                 f"got {len(img_emb)} image / {len(txt_emb)} text embeddings for "
                 f"{len(payload.images)} images / {len(payload.text_ids)} texts"
             )
-        sim = cosine_similarity(img_emb, txt_emb)
         gt = [r.text_ids for r in payload.images]
         ks = sorted({int(k) for k in self.settings.recall_ks} | {10})
-        res = recall_at_k(sim, payload.text_ids, gt, ks=ks)
+        res = retrieval_recall(img_emb, txt_emb, payload.text_ids, gt, ks=ks)
         known = set(payload.text_ids)
         best = float(np.mean([len(set(g) & known) / len(g) for g in gt]))
         metrics = {f"recall_at_{k}": v for k, v in res.recall.items()}

@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from lpcvlab.config.schema import FinetuneConfig
 from lpcvlab.config.teacher import CHECKPOINT_KEY
 from lpcvlab.errors import ConfigError
+from lpcvlab.training.averaging import WeightAveraging
 from lpcvlab.types import RunLog
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,9 @@ def fit(
     callbacks: list[Callback] = [checkpoint, on_interrupt]
     if record is not None:
         callbacks.append(RecordInCheckpoint(record))
+    # train.average / train.wise_alpha: starting weights and checkpoints kept for after training
+    averaging = WeightAveraging(train, module, ckpt_dir / "average", checkpoint)
+    callbacks += averaging.callbacks
     logger = SharedRunMLFlowLogger(tracking_uri=run.tracking_uri, run_id=run.run_id)
     trainer: pl.Trainer = instantiate(
         train.trainer,
@@ -175,6 +179,7 @@ def fit(
         run.set_tags({"best_checkpoint": best.name})
     if checkpoint.last_model_path and Path(checkpoint.last_model_path).is_file():
         run.log_artifact(Path(checkpoint.last_model_path), "checkpoints")
+    averaging.apply(module, run, best if best is not None and best.is_file() else None)
     monitor = checkpoint.monitor
     if monitor:
         run.log_metrics({f"train/best_{monitor.replace('/', '_')}": best_score})
