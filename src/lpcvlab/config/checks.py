@@ -138,3 +138,39 @@ def _check_video(s: RunConfig) -> None:
             f"data={d.name} needs data.root=/path/to/qevd (with {d.train_split}/ and "
             f"{d.val_split}/ class folders; `lpcvlab qevd organise` makes that layout)"
         )
+    if isinstance(s.train, VideoFinetuneConfig):
+        _check_relaunch(s.train)
+
+
+# Lightning strategies that start their other processes by running the command line again.
+RELAUNCHING = ("auto", "ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
+
+
+def _several_devices(devices: object) -> bool:
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    return str(devices).strip() not in ("1", "[0]")
+
+
+def _check_relaunch(train: VideoFinetuneConfig) -> None:
+    """Lightning's ``ddp`` runs the command line again for its other processes: in a sweep
+    that would be the whole sweep. Refused there unless a launcher already started one process
+    per device (srun / submitit tasks, torchrun)."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    strategy = str(train.trainer.get("strategy", "auto"))
+    if strategy not in RELAUNCHING or not _several_devices(train.trainer.get("devices", 1)):
+        return
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    external = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "RANK" in os.environ
+    if not external:
+        raise ConfigError(
+            f"train.trainer.strategy={strategy} with train.trainer.devices="
+            f"{train.trainer.get('devices')} starts its other processes by running the command "
+            "line again, which in a sweep (-m) runs the whole sweep again; in sweeps use "
+            "train.trainer.strategy=ddp_spawn (docs/scaling.md)"
+        )
