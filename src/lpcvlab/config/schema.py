@@ -449,7 +449,9 @@ class VideoFinetuneConfig(FinetuneConfig):
     what: ClassVar[str] = "train=finetune with track=video"
     trainable: list[str] = field(default_factory=lambda: ["layer4", "fc"])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    clip_sampling: str = setting("random", choices=CLIP_SAMPLING)
+    # "first" when a config has no such key (one logged before it existed: reproduce); the
+    # option's YAML (conf/train_track/finetune-video.yaml) chooses random
+    clip_sampling: str = setting("first", choices=CLIP_SAMPLING)
     clips_per_video: int = setting(1, ge=1)
     clip_step: int = setting(1, ge=1)
     channels_last: bool | None = None
