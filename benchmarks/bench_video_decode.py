@@ -57,7 +57,7 @@ def make_videos(
                 img = base.copy()
                 x = int((i * 4 + v * 17) % (w - 40))
                 y = int((h - 40) * (0.5 + 0.4 * math.sin(i / 9)))
-                img[y : y + 40, x : x + 40] = (230, 90 + 10 * v, 40)
+                img[y : y + 40, x : x + 40] = (230, (90 + 10 * v) % 256, 40)
                 img[:: 7 + v % 3, :] += np.uint8(i % 30)
                 for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                     c.mux(p)
