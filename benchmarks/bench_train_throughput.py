@@ -2,7 +2,7 @@
 
 Run by hand::
 
-    python benchmarks/bench_train_throughput.py [--videos 48] [--epochs 3] [--batch 8] \
+    python benchmarks/bench_train_throughput.py [--videos 96] [--epochs 4] [--repeat 3] \
         [--workers 2] [--model auto] [--devices cpu,cuda]
 
 Both sides train the same model from the same initial weights on the same data in the same
@@ -196,15 +196,15 @@ def bench(args: argparse.Namespace, device: str, frames: list[Path]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--videos", type=int, default=48)
+    ap.add_argument("--videos", type=int, default=96)
     ap.add_argument("--frames", type=int, default=24, help="frames per cached sequence")
     ap.add_argument("--classes", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=3, help="the first is a warm-up")
+    ap.add_argument("--epochs", type=int, default=4, help="the first is a warm-up")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     ap.add_argument("--model", default="auto", help="auto | video_tiny | r2plus1d_18 | ...")
     ap.add_argument("--devices", default="cpu,cuda", help="those present are measured")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each side, alternating")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each side, alternating")
     args = ap.parse_args()
     devices = [d for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     pl.seed_everything(0, workers=True, verbose=False)
