@@ -190,3 +190,10 @@ def test_a_sweep_whose_swept_value_can_fix_the_mistake_runs_its_jobs():
         refuse_a_sweep_no_job_can_run(shared)
     shared.hydra.overrides.task = ["hub.warmup_iterations=-1,1"]
     refuse_a_sweep_no_job_can_run(shared)  # hub.warmup_iterations=1 can run
+
+
+def test_track1_training_on_several_devices_is_refused_in_one_line():
+    message = _outcome("train=finetune", "train.trainer.devices=2")
+    assert message is not None and "\n" not in message
+    assert "train.trainer.devices=2" in message and "track=retrieval" in message
+    assert _outcome("train=finetune") is None

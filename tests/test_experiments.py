@@ -76,6 +76,10 @@ EXPECTED = {
         "runtime.name": "qnn_context_binary",
         "data.name": "qevd",
         "train.name": "finetune",
+        # the sample's recipe, not the demo's defaults
+        "train.trainable": ["layer4", "fc"],
+        "train.lr": 1.0e-3,
+        "train.clip_sampling": "random",
     },
     "track1_sweep": {"backbone.name": "clip_vit_b16", "tracking.run_name": None},
     "track2_sweep": {"backbone.name": "r2plus1d_18", "track.name": "video"},

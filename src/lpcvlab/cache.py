@@ -14,7 +14,8 @@ name, so a hit is the same result the stage would compute again:
   the resolved ``hub``, ``device`` and ``runtime`` configs (secrets dropped), the runtime's code
   and client versions and, for ``hub=local``, the host (a latency is a property of the machine
   that measured it).
-- inference: the compile/profile key plus a hash of the input tensors.
+- inference: the compile/profile key plus a hash of the input tensors (streamed from disk for
+  inputs that live there, the same digest as the stacked array's).
 
 Hashing weights needs the model built, which is cheap next to exporting, profiling and running
 it; a key from config names alone would silently go stale after fine-tuning or a code change.
@@ -236,9 +237,17 @@ def _without_secrets(node: Any) -> Any:
     return node
 
 
+def inputs_sha256(inputs: Any) -> str:
+    """``array_sha256`` of a job's inputs; inputs read lazily from disk (Track 2's
+    :class:`~lpcvlab.data.clips.CachedClips`) hash themselves batch by batch to the same
+    digest, without being held in memory whole."""
+    content = getattr(inputs, "content_sha256", None)
+    return content() if callable(content) else array_sha256(inputs)
+
+
 def inference_key(runtime_key_: str, inputs: np.ndarray) -> str:
     return _sha256_json(
-        {"format": CACHE_FORMAT, "runtime": runtime_key_, "inputs": array_sha256(inputs)}
+        {"format": CACHE_FORMAT, "runtime": runtime_key_, "inputs": inputs_sha256(inputs)}
     )
 
 

@@ -43,6 +43,7 @@ from lpcvlab.tracking import (
     ui_link,
 )
 from lpcvlab.tracks import Track, TrackData, build_track
+from lpcvlab.training.launch import worker_rank
 from lpcvlab.types import ComponentRun, EvalResult, ExportResult, ModelBundle
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,9 @@ def run(
     config, so that a reproduction logs the same params as the run it reproduces.
     """
     settings = load_settings(cfg)  # every value and combination, before anything else
+    rank = worker_rank()
+    if rank:  # a DDP training worker started by a launcher: it trains, and that is all
+        return train_worker(settings, rank, _work_dir(work_dir))
     uri = resolve_uri(settings.tracking.uri)
     check_store(uri)
     prune_store(uri)
@@ -238,6 +242,42 @@ def run(
         raise _interrupted(exc, run_id, settings, work_dir) from None
     _print_summary(summary, result, rec.tracking_uri, experiment)
     return result
+
+
+class _WorkerLog:
+    """A training worker's RunLog: rank 0 records the run, workers record nothing."""
+
+    run_id = ""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        return None
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        return None
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        return None
+
+
+def train_worker(s: RunConfig, rank: int, work_dir: Path) -> PipelineResult:
+    """Rank ``rank`` (> 0) of a multi-process training launch (Lightning's ``ddp`` running the
+    command again, ``torchrun``, ``srun``): the same data and starting weights as rank 0, then
+    training, which joins rank 0's process group; no MLflow run, export or evaluation."""
+    log.info("training worker rank %d: training only; rank 0 records the run", rank)
+    nan = float("nan")
+    objective = Objective(s.track.objective, nan, nan, nan, None, False)
+    if s.train.name == "none":
+        return PipelineResult("", {}, objective=objective)
+    seed_everything(s.seed)
+    track = build_track(s)
+    data = track.load_data(work_dir, training=True)
+    seed_everything(s.seed)
+    bundle = track.build_model()
+    track.train(bundle, data, s.train, _WorkerLog(resolve_uri(s.tracking.uri)), work_dir)
+    return PipelineResult("", {}, objective=objective)
 
 
 def _interrupted(

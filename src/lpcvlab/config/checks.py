@@ -124,6 +124,14 @@ def _check_retrieval(s: RunConfig) -> None:
             f"train=finetune needs a training split: set data.train.root=/path/to/train (the "
             f"folder with {layout}; data.train.format=coco reads COCO-captions JSON)"
         )
+    if isinstance(s.train, RetrievalFinetuneConfig):
+        devices = s.train.trainer.get("devices", 1)
+        if _several_devices(devices) or int(s.train.trainer.get("num_nodes", 1) or 1) > 1:
+            raise ConfigError(
+                f"train.trainer.devices={devices} with track=retrieval: Track 1 trains on one "
+                "device (its contrastive loss and the validation's Recall@10 are not gathered "
+                "across processes); use train.trainer.devices=1 (several devices: track=video)"
+            )
 
 
 def _check_video(s: RunConfig) -> None:
@@ -153,4 +161,40 @@ def _check_video(s: RunConfig) -> None:
         raise ConfigError(
             f"data={d.name} needs data.root=/path/to/qevd (with {d.train_split}/ and "
             f"{d.val_split}/ class folders; `lpcvlab qevd organise` makes that layout)"
+        )
+    if isinstance(s.train, VideoFinetuneConfig):
+        _check_relaunch(s.train)
+
+
+# Lightning strategies that start their other processes by running the command line again.
+RELAUNCHING = ("auto", "ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
+
+
+def _several_devices(devices: object) -> bool:
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    return str(devices).strip() not in ("1", "[0]")
+
+
+def _check_relaunch(train: VideoFinetuneConfig) -> None:
+    """Lightning's ``ddp`` runs the command line again for its other processes: in a sweep
+    that would be the whole sweep. Refused there unless a launcher already started one process
+    per device (srun / submitit tasks, torchrun)."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    strategy = str(train.trainer.get("strategy", "auto"))
+    if strategy not in RELAUNCHING or not _several_devices(train.trainer.get("devices", 1)):
+        return
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    external = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "RANK" in os.environ
+    if not external:
+        raise ConfigError(
+            f"train.trainer.strategy={strategy} with train.trainer.devices="
+            f"{train.trainer.get('devices')} starts its other processes by running the command "
+            "line again, which in a sweep (-m) runs the whole sweep again; in sweeps use "
+            "train.trainer.strategy=ddp_spawn (docs/scaling.md)"
         )

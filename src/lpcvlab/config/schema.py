@@ -456,13 +456,38 @@ class AugmentConfig:
     translate: int = setting(8, ge=0)
 
 
+CLIP_SAMPLING = ("random", "first")  # train.clip_sampling (Track 2)
+
+
 @dataclass
 class VideoFinetuneConfig(FinetuneConfig):
-    """Track 2's section: the freezing policy and frame-consistent augmentation."""
+    """Track 2's section: the freezing policy, which clips training sees, augmentation.
+
+    ``clip_sampling=random`` is torchvision's video recipe: per video per epoch, a random window
+    of ``preprocess.video.num_frames`` frames among the windows ``clip_step`` frames apart in the
+    resampled video, and a random ``crop`` square of the resized frames (decoded once into a
+    uint8 frame cache); ``clips_per_video`` such clips per video per epoch. ``first``: the
+    official clip (first window, centre crop) every epoch. ``channels_last``: 3D activations in
+    ``channels_last_3d`` (null: on with a GPU, where tensor cores want it).
+    """
 
     what: ClassVar[str] = "train=finetune with track=video"
     trainable: list[str] = field(default_factory=lambda: ["layer4", "fc"])
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # "first" when a config has no such key (one logged before it existed: reproduce); the
+    # option's YAML (conf/train_track/finetune-video.yaml) chooses random
+    clip_sampling: str = setting("first", choices=CLIP_SAMPLING)
+    clips_per_video: int = setting(1, ge=1)
+    clip_step: int = setting(1, ge=1)
+    channels_last: bool | None = None
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        if self.clip_sampling == "first" and self.clips_per_video > 1:
+            raise ConfigError(
+                f"{prefix}.clips_per_video={self.clips_per_video} with {prefix}.clip_sampling="
+                "first would repeat the same clip; use clip_sampling=random or clips_per_video=1"
+            )
 
 
 UNFREEZE = ("all", "projection", "last_blocks")  # train.unfreeze (Track 1)

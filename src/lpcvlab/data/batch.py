@@ -1,7 +1,10 @@
 """Decoding many Track 2 videos: worker processes, the on-disk clip cache, skip accounting.
 
 Results can be cached on disk as ``.npy`` keyed by the SHA-256 of the file's bytes and
-:meth:`~lpcvlab.data.frames.VideoPreprocess.key`. Videos that cannot be decoded are never dropped
+:meth:`~lpcvlab.data.frames.VideoPreprocess.key`: the official float32 clips
+(``kind="clips"``), or, for random-clip training, each video's whole resampled frame sequence
+as uint8 (``kind="frames"``, keyed by :meth:`~lpcvlab.data.frames.VideoPreprocess.sequence_key`),
+decoded once and read by every later epoch and run. Videos that cannot be decoded are never dropped
 silently: each keeps its slot with a skip reason, and :func:`skipped_summary` says on one line
 what was skipped and where the list is. A cache entry that cannot be written (disk full) is an
 error naming the file, not a skipped video. Ctrl-C (or SIGTERM, turned into
@@ -25,21 +28,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lpcvlab.data.decode import decode_video
+from lpcvlab.data.decode import decode_frame_sequence, decode_video
 from lpcvlab.data.frames import MISSING, WORKER_CRASHED, VideoDecodeError, VideoPreprocess
 from lpcvlab.errors import ConfigError
 from lpcvlab.hashing import file_sha256
 from lpcvlab.io import atomic_save_npy
 
 _CACHE_SUBDIR = "video"
+CLIPS, FRAMES = "clips", "frames"  # what a cache entry holds (``kind``)
 
 
 # --------------------------------------------------------------------------- cache
 
 
-def cache_path(cache_dir: str | os.PathLike[str], sha256: str, preprocess: VideoPreprocess) -> Path:
+def cache_path(
+    cache_dir: str | os.PathLike[str], sha256: str, preprocess: VideoPreprocess, kind: str = CLIPS
+) -> Path:
     """``cache_dir/video/<sha[:2]>/<sha>-<settings digest>.npy``."""
-    digest = hashlib.sha256(preprocess.key().encode()).hexdigest()[:16]
+    key = preprocess.key() if kind == CLIPS else preprocess.sequence_key()
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(cache_dir) / _CACHE_SUBDIR / sha256[:2] / f"{sha256}-{digest}.npy"
 
 
@@ -50,7 +57,7 @@ def cached_sha256(cached: str | os.PathLike[str]) -> str:
 
 
 def _load_cached(
-    path: Path, preprocess: VideoPreprocess, *, header_only: bool = False
+    path: Path, preprocess: VideoPreprocess, *, header_only: bool = False, kind: str = CLIPS
 ) -> np.ndarray | None:
     """The cached array, or None when the entry is unreadable or of another shape (then it is
     recomputed and overwritten)."""
@@ -58,6 +65,15 @@ def _load_cached(
         arr = np.load(path, allow_pickle=False, mmap_mode="r" if header_only else None)
     except (OSError, ValueError, EOFError):
         return None
+    if kind == FRAMES:
+        ok = (
+            arr.dtype == np.uint8
+            and arr.ndim == 4
+            and arr.shape[0] == 3
+            and arr.shape[1] >= preprocess.num_frames
+            and tuple(arr.shape[2:]) == preprocess.resize
+        )
+        return arr if ok else None
     if arr.shape != preprocess.output_shape or arr.dtype != np.float32:
         return None
     return arr
@@ -71,7 +87,8 @@ class VideoResult:
     """One input video's outcome; ``clips`` is None when skipped or not requested."""
 
     path: Path
-    clips: torch.Tensor | None = None  # (n_clips, 3, T, crop, crop) float32
+    # (n_clips, 3, T, crop, crop) float32; kind="frames": (3, L, h, w) uint8
+    clips: torch.Tensor | None = None
     cache_path: Path | None = None
     from_cache: bool = False
     reason: str | None = None  # skip reason, None when decoded
@@ -134,6 +151,7 @@ def _decode_job(
     preprocess: VideoPreprocess,
     cache_dir: str | None,
     return_tensors: bool,
+    kind: str = CLIPS,
 ) -> tuple[np.ndarray | None, str | None, bool, str | None, str | None]:
     """(array, cache path, from_cache, reason, message) — picklable, runs in a worker."""
     p = Path(path)
@@ -144,12 +162,13 @@ def _decode_job(
                 sha = file_sha256(p)
             except FileNotFoundError:
                 return None, None, False, MISSING, f"{p}: {MISSING}: file not found"
-            cpath = cache_path(cache_dir, sha, preprocess)
+            cpath = cache_path(cache_dir, sha, preprocess, kind)
             if cpath.exists():
-                cached = _load_cached(cpath, preprocess, header_only=not return_tensors)
+                cached = _load_cached(cpath, preprocess, header_only=not return_tensors, kind=kind)
                 if cached is not None:
                     return (cached if return_tensors else None), str(cpath), True, None, None
-        arr = decode_video(p, preprocess).numpy()
+        decode = decode_frame_sequence if kind == FRAMES else decode_video
+        arr = decode(p, preprocess).numpy()
         if cpath is not None:
             atomic_save_npy(cpath, arr)  # StorageError (disk full) propagates
         return (arr if return_tensors else None), (str(cpath) if cpath else None), False, None, None
@@ -185,6 +204,7 @@ def decode_videos(
     return_tensors: bool = True,
     progress: bool = True,
     desc: str = "decode videos",
+    kind: str = CLIPS,
 ) -> DecodeBatch:
     """Decode + preprocess many videos, in worker processes when ``workers > 0``.
 
@@ -193,8 +213,11 @@ def decode_videos(
     their slot in ``results`` (``clips`` None), so nothing shifts. With ``cache_dir``, results are
     stored as ``.npy`` keyed by file content and settings and reused on the next call;
     ``return_tensors=False`` (needs ``cache_dir``) only fills the cache, for datasets too big to
-    hold in memory.
+    hold in memory. ``kind="frames"``: each video's uint8 frame sequence for random-clip
+    training (:func:`~lpcvlab.data.decode.decode_frame_sequence`) instead of its clips.
     """
+    if kind not in (CLIPS, FRAMES):
+        raise ConfigError(f"decode_videos(kind={kind!r}): use {CLIPS!r} or {FRAMES!r}")
     if not return_tensors and cache_dir is None:
         raise ConfigError("decode_videos(return_tensors=False) needs a cache_dir to write to")
     items = [str(p) for p in paths]
@@ -212,7 +235,7 @@ def decode_videos(
             message=message,
         )
 
-    jobs = [(path, preprocess, cdir, return_tensors) for path in items]
+    jobs = [(path, preprocess, cdir, return_tensors, kind) for path in items]
     outs = parallel_map(_decode_job, jobs, workers, progress=progress, desc=desc)
     for i, out in enumerate(outs):
         if isinstance(out, BrokenProcessPool):

@@ -36,7 +36,9 @@ from lpcvlab.data.frames import (
     VideoDecodeError,
     VideoPreprocess,
     frame_indices,
+    frame_sequence_indices,
     preprocess_frames,
+    resize_frames_uint8,
 )
 from lpcvlab.errors import ConfigError
 
@@ -127,7 +129,13 @@ def _open_video(path: Path) -> tuple[Any, Any]:
         if has_audio:
             raise VideoDecodeError(path, AUDIO_ONLY, "the file has audio but no video stream")
         raise VideoDecodeError(path, CORRUPT, "the file has no video stream")
-    return container, container.streams.video[0]
+    stream = container.streams.video[0]
+    # One decoder thread: PyAV's default starts a slice-thread pool per video, which costs more
+    # than it gains on short clips (and worker processes are the parallelism). Frame threading
+    # would be faster on long videos but delays decoding errors and can lose the one of a
+    # truncated last packet, which must make the file count as damaged.
+    stream.thread_count = 1
+    return container, stream
 
 
 def _stream_fps(path: Path, stream: Any) -> Fraction:
@@ -291,11 +299,14 @@ def read_video_frames(
     preprocess: VideoPreprocess,
     *,
     seek: bool | None = None,
+    sequence: bool = False,
 ) -> tuple[list[list[int]], dict[int, np.ndarray], VideoInfo]:
     """Decode just the frames ``preprocess`` selects: (indices per clip, RGB frames, info).
 
     ``seek=None`` seeks when the needed frames leave gaps of more than ``SEEK_MIN_GAP`` frames;
-    ``True``/``False`` force it on/off (tests compare both). Raises :class:`VideoDecodeError`.
+    ``True``/``False`` force it on/off (tests compare both). ``sequence``: one "clip", the whole
+    resampled sequence training windows are cut from (:func:`frame_sequence_indices`). Raises
+    :class:`VideoDecodeError`.
     """
     p = Path(path)
     container, stream = _open_video(p)
@@ -306,14 +317,25 @@ def read_video_frames(
         missing: list[int] = []
         for attempt in range(3):
             try:
-                clips = frame_indices(
-                    preprocess.frame_selection,
-                    n,
-                    info.fps,
-                    fps=preprocess.fps,
-                    num_frames=preprocess.num_frames,
-                    clips=preprocess.clips_per_video,
-                )
+                if sequence:
+                    clips = [
+                        frame_sequence_indices(
+                            preprocess.frame_selection,
+                            n,
+                            info.fps,
+                            fps=preprocess.fps,
+                            num_frames=preprocess.num_frames,
+                        )
+                    ]
+                else:
+                    clips = frame_indices(
+                        preprocess.frame_selection,
+                        n,
+                        info.fps,
+                        fps=preprocess.fps,
+                        num_frames=preprocess.num_frames,
+                        clips=preprocess.clips_per_video,
+                    )
             except VideoDecodeError as e:
                 raise e.with_path(p) from None
             needed = sorted({i for clip in clips for i in clip})
@@ -401,10 +423,32 @@ def decode_video(
             path, CORRUPT, "the frame size changes inside the video; re-encode it"
         ) from None
     processed = preprocess_frames(stacked, preprocess.resize, preprocess.crop)  # (3, U, h, w)
+    if len(clips) == 1 and clips[0] == order:  # one clip of distinct frames: nothing to gather
+        return processed.unsqueeze(0)
     pos = {i: j for j, i in enumerate(order)}
     gather = torch.tensor([[pos[i] for i in clip] for clip in clips], dtype=torch.long)
     out = processed[:, gather]  # (3, n_clips, T, h, w)
     return out.permute(1, 0, 2, 3, 4).contiguous()
+
+
+def decode_frame_sequence(
+    path: str | os.PathLike[str], preprocess: VideoPreprocess, *, seek: bool | None = None
+) -> torch.Tensor:
+    """A training video's whole resampled frame sequence, resized and rounded to uint8:
+    ``(3, L, h, w)`` with ``L >= num_frames`` (see :func:`frame_sequence_indices`). Window 0,
+    centre-cropped, is ``round(255 * decode_video(path, preprocess)[0])``."""
+    (indices,), frames, _ = read_video_frames(path, preprocess, seek=seek, sequence=True)
+    order = sorted(frames)
+    try:
+        stacked = np.stack([frames[i] for i in order])
+    except ValueError:
+        raise VideoDecodeError(
+            path, CORRUPT, "the frame size changes inside the video; re-encode it"
+        ) from None
+    resized = resize_frames_uint8(stacked, preprocess.resize)  # (3, U, h, w), U unique frames
+    pos = {i: j for j, i in enumerate(order)}
+    gather = torch.tensor([pos[i] for i in indices], dtype=torch.long)
+    return resized[:, gather].contiguous()
 
 
 def decode_clip(path: str | os.PathLike[str], preprocess: VideoPreprocess) -> torch.Tensor:

@@ -32,6 +32,15 @@ the single-clip result. For ``uniform_span``, the video is cut into C equal segm
 frames are spread over each. A video too short for distinct windows repeats windows rather than
 failing.
 
+Random-clip training (:func:`frame_sequence_indices`, :func:`window_starts`,
+:func:`resize_frames_uint8`): a training video is decoded once into its whole resampled frame
+sequence -- for ``lpcvc_sample`` / ``dynamic_fps`` every frame at the chosen rate,
+``floor(k * source_fps / rate)`` for ``k = 0..T_total-1``; for ``uniform_span`` its 16 spread
+frames, the only window it has -- resized to 128x171 and stored as uint8. A clip is a window of
+16 consecutive frames of that sequence; windows start every ``step`` frames (torchvision's
+``step_between_clips``). Window 0 is the official clip: the same source frames, and its centre
+crop is ``round(255 * official clip)`` exactly (the uint8 values of the same float resize).
+
 Importing this module does not import torch (only :func:`preprocess_frames` needs it).
 """
 
@@ -63,6 +72,8 @@ WORKER_CRASHED = "worker-crashed"
 
 # Bump when the decoding/preprocessing code changes its output, to invalidate old cache entries.
 CACHE_FORMAT = 1
+# Bump when the uint8 frame sequences of random-clip training change.
+SEQUENCE_FORMAT = 1
 
 
 class VideoDecodeError(DataError):
@@ -146,6 +157,14 @@ class VideoPreprocess:
     def output_shape(self) -> tuple[int, int, int, int, int]:
         """``(n_clips, C, T, H, W)`` of one decoded video."""
         return (self.clips_per_video, *self.clip_shape)
+
+    def sequence_key(self) -> str:
+        """Stable text naming a video's cached uint8 frame sequence (random-clip training): the
+        frame selection and the resize, not the crop or the evaluation clips."""
+        return (
+            f"frames;sel={self.frame_selection};fps={self.fps!r};t={self.num_frames};"
+            f"resize={self.resize[0]}x{self.resize[1]};fmt={CACHE_FORMAT};seq={SEQUENCE_FORMAT}"
+        )
 
 
 def _is_positive_int(v: Any) -> bool:
@@ -258,6 +277,45 @@ def frame_indices(
     return out
 
 
+def frame_sequence_indices(
+    frame_selection: str,
+    num_source_frames: int,
+    source_fps: float | Fraction,
+    *,
+    fps: float = 4,
+    num_frames: int = 16,
+) -> list[int]:
+    """Source frame indices of the whole resampled sequence that training windows are cut from.
+
+    ``lpcvc_sample`` / ``dynamic_fps``: every frame at the sampling rate, so that
+    ``sequence[s : s + num_frames]`` is the clip :func:`frame_indices` gives for start ``s``
+    (start 0: the official clip). ``uniform_span``: its one clip. Raises like
+    :func:`frame_indices` for a video too short to give a clip.
+    """
+    first = frame_indices(
+        frame_selection, num_source_frames, source_fps, fps=fps, num_frames=num_frames
+    )[0]
+    if frame_selection == "uniform_span":
+        return first
+    n = int(num_source_frames)
+    src = _as_fraction(source_fps)
+    rate = sampling_rate(frame_selection, n, src, fps=fps, num_frames=num_frames)
+    step = src / rate
+    total = math.floor(n * rate / src)
+    if frame_selection == "dynamic_fps":
+        total = max(total, num_frames)
+    return [min(math.floor(k * step), n - 1) for k in range(total)]
+
+
+def window_starts(length: int, num_frames: int, step: int = 1) -> list[int]:
+    """Start offsets of the clips of ``num_frames`` consecutive frames in a sequence of
+    ``length``, ``step`` apart (torchvision's ``VideoClips(step_between_clips=step)``); the first
+    is always 0 (a sequence shorter than a clip still gives that one, padded by the caller)."""
+    if num_frames < 1 or step < 1:
+        raise ConfigError(f"num_frames={num_frames} and step={step} must be >= 1")
+    return list(range(0, max(length - num_frames, 0) + 1, step))
+
+
 # --------------------------------------------------------------------------- pixels
 
 
@@ -272,25 +330,54 @@ def preprocess_frames(
     the work is split between threads, so this pins the result to the same bits on every machine,
     in every worker process and in every cache entry.
     """
+    x = _resize(frames, resize)  # (T, 3, h, w)
+    top, left = centre_offsets(resize, crop)
+    x = x[:, :, top : top + crop, left : left + crop]
+    return x.permute(1, 0, 2, 3).contiguous()
+
+
+def centre_offsets(resize: tuple[int, int], crop: int) -> tuple[int, int]:
+    """(top, left) of the centre crop, as torchvision's ``CenterCrop`` rounds them."""
+    h, w = resize
+    return int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+
+
+def resize_frames_uint8(
+    frames: np.ndarray | torch.Tensor, resize: tuple[int, int] = (128, 171), chunk: int = 8
+) -> torch.Tensor:
+    """``(T, H, W, 3)`` uint8 RGB -> ``(3, T, h, w)`` uint8: the official float resize of every
+    frame, rounded to uint8 (a quarter of the float's size, which is what makes caching a whole
+    training video affordable). Any crop of it is ``round(255 * x)`` of the same crop of
+    :func:`preprocess_frames`' output. ``chunk`` frames are resized at a time, so full-HD
+    videos never hold the whole sequence in float.
+    """
+    import torch
+
+    x = torch.as_tensor(frames)
+    h, w = resize
+    out = torch.empty((3, x.shape[0], h, w), dtype=torch.uint8)
+    for a in range(0, x.shape[0], chunk):
+        part = _resize(x[a : a + chunk], resize).permute(1, 0, 2, 3)
+        out[:, a : a + chunk] = part.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _resize(frames: np.ndarray | torch.Tensor, resize: tuple[int, int]) -> torch.Tensor:
+    """``(T, H, W, 3)`` uint8 -> ``(T, 3, h, w)`` float32 in [0,1], resized on one thread."""
     import torch  # here, not at the top: importing frames stays cheap (no torch)
     import torch.nn.functional as F
 
     x = torch.as_tensor(frames)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {tuple(x.shape)} {x.dtype}")
-    x = x.permute(0, 3, 1, 2).to(torch.float32) / 255
+    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255)  # in place: the same bits as ``/``
     threads = torch.get_num_threads()
     if threads != 1:
         torch.set_num_threads(1)
     try:
-        x = F.interpolate(
+        return F.interpolate(
             x, size=list(resize), mode="bilinear", align_corners=False, antialias=False
         )
     finally:
         if threads != 1:
             torch.set_num_threads(threads)
-    h, w = resize
-    top = int(round((h - crop) / 2.0))
-    left = int(round((w - crop) / 2.0))
-    x = x[:, :, top : top + crop, left : left + crop]
-    return x.permute(1, 0, 2, 3).contiguous()

@@ -8,6 +8,7 @@ class map, so Kinetics weights give a pretrained trunk with a fresh head.
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,19 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
 
 def _load_state(model: nn.Module, path: Path, num_classes: int) -> None:
     """Load a torchvision, fine-tuned or Lightning checkpoint; a head of another size is reset."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a Lightning checkpoint also pickles its callbacks' state
+        state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and "state_dict" in state:
-        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
+        state = state["state_dict"]
+        if any(k.startswith("net.model.") for k in state):
+            # lpcvlab's own training checkpoint: the model inside VideoClassifier inside the
+            # LightningModule; the normalisation buffers belong to the wrapper, not the model
+            prefix = "net.model."
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        else:
+            state = {k.removeprefix("model."): v for k, v in state.items()}
     head = state.get("fc.weight")
     if head is not None and head.shape[0] != num_classes:
         log.info(

@@ -59,5 +59,6 @@ def build_track(s: RunConfig) -> Track:
             cache_dir=s.paths.cache_dir,
             seed=s.seed,
             teacher=teacher,
+            train=s.train,
         )
     raise ConfigError(f"track={s.track.name!r} is not a known track; use track=retrieval or video")

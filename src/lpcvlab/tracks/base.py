@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lpcvlab.config.schema import DataConfig, TrainConfig
+from lpcvlab.data.clips import CachedClips
 from lpcvlab.types import DatasetRecord, EvalResult, ModelBundle, RunLog
 
 
@@ -23,12 +24,15 @@ class TrackData:
     """Validated data, loaded before any model compute is spent.
 
     ``inputs`` holds, per component, the tensors its deployed model receives, stacked along the
-    batch axis; ``stats`` are logged as ``data/<key>`` metrics; ``reports`` (e.g. a CSV of skipped
-    files) become artifacts; ``payload`` is the track's own (ground truth, file lists, ...);
+    batch axis: an ndarray, or an object that reads them from disk on demand with the same
+    ``shape``/``len``/indexing and a ``content_sha256()`` (Track 2's
+    :class:`~lpcvlab.data.clips.CachedClips`), which stages index a batch at a time and never
+    convert whole; ``stats`` are logged as ``data/<key>`` metrics; ``reports`` (e.g. a CSV of
+    skipped files) become artifacts; ``payload`` is the track's own (ground truth, file lists, ...);
     ``datasets`` name each split read with its content hash (MLflow's run inputs).
     """
 
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray | CachedClips]
     stats: dict[str, float] = field(default_factory=dict)
     reports: list[Path] = field(default_factory=list)
     payload: Any = None

@@ -2,7 +2,15 @@
 
 Evaluation is at two levels, as torchvision's video references do: per clip, and per video
 (softmax averaged over the video's clips). The results file is written in the official layout so
-the organisers' ``evaluate.py`` reads it unchanged.
+the organisers' ``evaluate.py`` reads it unchanged. Evaluation clips stay in the decode cache
+and are read on demand (:class:`~lpcvlab.data.clips.CachedClips`), so memory does not grow with
+the number of validation videos.
+
+Training (``train=finetune``) follows torchvision's video recipe by default: each training
+video is decoded once into its uint8 frame sequence, and every epoch takes a random window and
+a random crop of it (``train.clip_sampling=random``; ``first`` trains on the official clip),
+optionally distilled from a teacher whose logits per clip are cached
+(:mod:`lpcvlab.training.distill`).
 """
 
 from __future__ import annotations
@@ -10,13 +18,17 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from lpcvlab.config.schema import (
+    FinetuneConfig,
     TrainConfig,
     VideoDataConfig,
     VideoFinetuneConfig,
@@ -25,9 +37,17 @@ from lpcvlab.config.schema import (
 )
 from lpcvlab.config.teacher import Teacher
 from lpcvlab.console import stage
-from lpcvlab.data.batch import DecodeBatch, cached_sha256, decode_videos, skipped_summary
+from lpcvlab.data.batch import (
+    CLIPS,
+    FRAMES,
+    DecodeBatch,
+    cached_sha256,
+    decode_videos,
+    skipped_summary,
+)
+from lpcvlab.data.clips import CachedClips
 from lpcvlab.data.formats import ManifestRecord, check_results_against_manifest, write_results_h5
-from lpcvlab.data.frames import VideoPreprocess
+from lpcvlab.data.frames import VideoPreprocess, centre_offsets
 from lpcvlab.data.qevd import VideoSample, load_class_map, read_split
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.hashing import file_sha256, manifest_sha256
@@ -49,6 +69,9 @@ class VideoPayload:
     class_names: list[str]  # index -> name
     train: list[VideoSample]  # decoded training videos (empty without training)
     train_cache: list[Path]
+    # what train_cache holds: "clips" (the official float32 clip) or "frames" (the uint8 frame
+    # sequence random-clip training cuts windows from)
+    train_kind: str = CLIPS
 
 
 def video_preprocess(video: VideoPreprocessConfig) -> VideoPreprocess:
@@ -83,8 +106,11 @@ class VideoTrack:
         cache_dir: str | Path,
         seed: int = 0,
         teacher: Teacher | None = None,
+        train: TrainConfig | None = None,
     ) -> None:
         self.teacher = teacher  # train.distill.teacher, resolved (None: no distillation)
+        self.train_settings = train  # which clips training reads decides what is decoded
+        self.cache_dir = Path(cache_dir)
         self.settings = track
         self.data = data
         self.preprocess = video_preprocess(video)
@@ -93,15 +119,27 @@ class VideoTrack:
         self.seed = seed
         self.class_map = load_class_map(data.class_map)
 
-    def _decode(self, samples: list[VideoSample], pp: VideoPreprocess, desc: str, keep: bool):
+    def _decode(
+        self, samples: list[VideoSample], pp: VideoPreprocess, desc: str, kind: str = CLIPS
+    ) -> DecodeBatch:
+        """Fill the decode cache (nothing is kept in memory: stages read the cache)."""
         return decode_videos(
             [s.path for s in samples],
             pp,
             cache_dir=self.clip_cache,
             workers=int(self.data.workers),
-            return_tensors=keep,
+            return_tensors=False,
             desc=desc,
+            kind=kind,
         )
+
+    @property
+    def train_kind(self) -> str:
+        """What the training split is decoded into: frame sequences for random clips."""
+        t = self.train_settings
+        if isinstance(t, VideoFinetuneConfig) and t.clip_sampling == "random":
+            return FRAMES
+        return CLIPS
 
     def load_data(self, work_dir: Path, *, training: bool = False) -> TrackData:
         data = self.data
@@ -121,20 +159,26 @@ class VideoTrack:
         train_split = read_split(data.root, data.train_split, class_map) if training else None
 
         batches: dict[str, DecodeBatch] = {}
-        val = self._decode(val_split.samples, pp, f"decode {data.val_split}", keep=True)
+        val = self._decode(val_split.samples, pp, f"decode {data.val_split}")
         batches[data.val_split] = val
         kept = [(s, r) for s, r in zip(val_split.samples, val.results, strict=True) if r.ok]
         if not kept:
             raise DataError(f"{data.root}/{data.val_split}: no video could be decoded")
-        clips = np.concatenate([r.clips.numpy() for _, r in kept])  # (N*C, 3, T, H, W)
-        if self.settings.channel_last:
-            clips = np.ascontiguousarray(clips.transpose(0, 2, 3, 4, 1))
+        # (N*C, 3, T, H, W), or (N*C, T, H, W, 3): read from the cache on demand
+        clips = CachedClips(
+            [r.cache_path for _, r in kept],
+            pp.clips_per_video,
+            pp.clip_shape,
+            channel_last=bool(self.settings.channel_last),
+        )
 
         train, train_cache = [], []
+        kind = self.train_kind
         if train_split is not None:
             one_clip = VideoPreprocess(**{**pp.__dict__, "clips_per_video": 1})
+            what = "frames" if kind == FRAMES else "clips"
             tb = self._decode(
-                train_split.samples, one_clip, f"decode {data.train_split}", keep=False
+                train_split.samples, one_clip, f"decode {data.train_split} ({what})", kind
             )
             batches[data.train_split] = tb
             pairs = [
@@ -170,6 +214,7 @@ class VideoTrack:
             class_names=names,
             train=train,
             train_cache=train_cache,
+            train_kind=kind,
         )
         datasets = [self._dataset(data.val_split, "evaluation", payload.val, payload.val_cache)]
         if train:
@@ -208,8 +253,14 @@ class VideoTrack:
         from lpcvlab.precision.calibration import spread
 
         clips = []
+        top, left = centre_offsets(self.preprocess.resize, self.preprocess.crop)
+        t, c = self.preprocess.num_frames, self.preprocess.crop
         for i in spread(len(payload.train_cache), min(n, len(payload.train_cache))):
             arr = np.load(payload.train_cache[int(i)], mmap_mode="r")
+            if payload.train_kind == FRAMES:  # window 0, centre crop: the official clip
+                window = arr[:, :t, top : top + c, left : left + c]
+                clips.append(np.asarray(window, dtype=np.float32) / 255)
+                continue
             clips.append(np.asarray(arr[0] if arr.ndim == 5 else arr, dtype=np.float32))
         stacked = np.stack(clips)  # (n, 3, T, H, W)
         if self.settings.channel_last:
@@ -265,35 +316,54 @@ class VideoTrack:
         if not isinstance(settings, VideoFinetuneConfig):
             raise ConfigError(f"train={settings.name} is not available for track=video")
         payload: VideoPayload = data.payload
-        aug = settings.augment
-        train_set = ClipDataset(
-            payload.train_cache,
-            [s.label for s in payload.train],
-            flip=bool(aug.flip),
-            translate=int(aug.translate),
-            seed=self.seed,
-        )
+        if payload.train_kind != self.train_kind:
+            raise ConfigError(
+                f"train.clip_sampling={settings.clip_sampling} needs the training split decoded "
+                f"as {self.train_kind}, but it was decoded as {payload.train_kind}"
+            )
+        train_set = self._train_set(settings, payload)
+        teacher_desc = ""
+        if self.teacher is not None:
+            targets, teacher_desc = self._teacher_targets(train_set, payload, run)
+            train_set.set_targets(targets)
         # Validation during training: the first clip of each validation video, channel-first.
         val_set = ClipDataset(
             [p for p in payload.val_cache if p is not None],
             [s.label for s, p in zip(payload.val, payload.val_cache, strict=True) if p is not None],
         )
-        dm = ClipDataModule(train_set, val_set, int(settings.batch_size), int(settings.num_workers))
+        gpu = _uses_gpu(settings)
+        dm = ClipDataModule(
+            train_set,
+            val_set,
+            int(settings.batch_size),
+            int(settings.num_workers),
+            seed=self.seed,
+            pin_memory=gpu,
+        )
         model = copy.deepcopy(bundle.model)
         net = VideoClassifier(model, self.backbone.mean, self.backbone.std)
         prefixes = list(settings.trainable)
         trainable, total = set_trainable(model, prefixes)
         log.info("training %d of %d parameters (prefixes %s)", trainable, total, prefixes)
         run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
+        stage(
+            "train",
+            self._describe(settings, payload, bundle.weights, trainable, total, teacher_desc),
+        )
+        distill = settings.distill
+        channels_last = settings.channels_last if settings.channels_last is not None else gpu
         module = VideoClassifierModule(
             net,
             optimizer=instantiate(settings.optimizer),
             scheduler=instantiate(settings.scheduler) if settings.scheduler else None,
+            distill=(float(distill.weight), float(distill.temperature)) if self.teacher else None,
+            channels_last=bool(channels_last),
         )
         net.train()
         record = {"track": self.name, "backbone": dataclasses.asdict(self.backbone.settings)}
         result = fit(settings, module, dm, run, work_dir, record=record)
         net.eval()
+        net.to(memory_format=torch.contiguous_format)
         log.info(
             "fine-tuning done: best %s %.4f (%s)",
             result.monitor,
@@ -301,6 +371,128 @@ class VideoTrack:
             result.best_checkpoint,
         )
         return self._bundle(model, bundle.weights)
+
+    def _train_set(self, settings: VideoFinetuneConfig, payload: VideoPayload) -> Any:
+        """The training items: random windows and crops of each video's frame sequence, or the
+        official clip (``first``)."""
+        from lpcvlab.training.module import ClipDataset, FrameWindowDataset
+
+        aug = settings.augment
+        labels = [s.label for s in payload.train]
+        if payload.train_kind == FRAMES:
+            return FrameWindowDataset(
+                payload.train_cache,
+                labels,
+                num_frames=self.preprocess.num_frames,
+                crop=self.preprocess.crop,
+                clips_per_video=int(settings.clips_per_video),
+                clip_step=int(settings.clip_step),
+                flip=bool(aug.flip),
+                translate=int(aug.translate),
+                seed=self.seed,
+            )
+        return ClipDataset(
+            payload.train_cache,
+            labels,
+            flip=bool(aug.flip),
+            translate=int(aug.translate),
+            seed=self.seed,
+        )
+
+    def _teacher_targets(
+        self, train_set: Any, payload: VideoPayload, run: RunLog
+    ) -> tuple[Any, str]:
+        """The teacher's logits for every clip of every training video (see
+        :mod:`lpcvlab.training.distill`), from the cache where it has them."""
+        from lpcvlab.cache import state_dict_digest
+        from lpcvlab.training.distill import TeacherClips, build_teacher, teacher_logits
+        from lpcvlab.training.module import FrameWindowDataset
+
+        assert self.teacher is not None
+        net, weights = build_teacher(self.teacher, len(self.class_map))
+        digest = hashlib.sha256(f"{state_dict_digest(net)}|{net!r}".encode()).hexdigest()[:16]
+        pp = self.preprocess
+        videos = []
+        if isinstance(train_set, FrameWindowDataset):
+            top, left = centre_offsets(pp.resize, pp.crop)
+            what = f"{pp.sequence_key()};step={train_set.clip_step};crop={pp.crop};centre"
+            for v, path in enumerate(train_set.frames):
+                windows = len(train_set.windows(v))
+
+                def clips(a: int, b: int, v: int = v) -> torch.Tensor:
+                    return torch.stack([train_set.clip(v, w, top, left) for w in range(a, b)])
+
+                videos.append((path, windows, clips))
+            targets_of = list
+        else:
+            what = VideoPreprocess(**{**pp.__dict__, "clips_per_video": 1}).key()
+            for i, path in enumerate(train_set.clips):
+
+                def clips(a: int, b: int, i: int = i) -> torch.Tensor:
+                    return torch.from_numpy(train_set._load(i).copy())[None]
+
+                videos.append((path, 1, clips))
+
+            def targets_of(rows: list[np.ndarray]) -> np.ndarray:
+                return np.concatenate(rows)
+
+        key = hashlib.sha256(what.encode()).hexdigest()[:16]
+        items = [
+            TeacherClips(f"{cached_sha256(path)}-{key}", count, clips)
+            for path, count, clips in videos
+        ]
+        folder = self.cache_dir / "teacher_logits" / digest
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        got = teacher_logits(net, items, folder, device=device)
+        run.log_metrics(
+            {
+                "train/teacher_videos_cached": float(got.cached),
+                "train/teacher_videos_computed": float(got.computed),
+            }
+        )
+        description = self.teacher.description
+        run.set_tags({"distill/teacher": description, "distill/teacher_weights": weights})
+        run.set_tags({"distill/teacher_digest": digest})
+        if payload.train_kind != FRAMES:
+            assert all(len(r) == 1 for r in got.logits)
+        summary = f"{got.computed} videos' logits computed, {got.cached} cached"
+        return targets_of(got.logits), f"{description} ({summary})"
+
+    def _describe(
+        self,
+        settings: VideoFinetuneConfig,
+        payload: VideoPayload,
+        weights: str,
+        trainable: int,
+        total: int,
+        teacher: str,
+    ) -> str:
+        """One line on what trains: the console says it before the epochs start."""
+        pp = self.preprocess
+        layers = (
+            "all layers" if not settings.trainable else f"layers {', '.join(settings.trainable)}"
+        )
+        if payload.train_kind == FRAMES:
+            step = settings.clip_step
+            clips = (
+                f"{settings.clips_per_video} random {pp.num_frames}-frame window"
+                f"{'s' if settings.clips_per_video > 1 else ''} ({pp.frame_selection}, windows "
+                f"{step} frame{'s' if step > 1 else ''} apart) with a random {pp.crop} crop per "
+                "video per epoch"
+            )
+        else:
+            clips = f"the official clip ({pp.num_frames} frames, centre {pp.crop} crop)"
+        epochs = settings.trainer.get("max_epochs", "?")
+        epochs = f"{epochs} epoch{'' if epochs == 1 else 's'}"
+        classes = len({s.label for s in payload.train})
+        line = (
+            f"{self.backbone.name} ({weights} weights), {trainable:,} of {total:,} parameters "
+            f"({layers}), {epochs} of {clips}; {len(payload.train)} videos of {classes} "
+            f"classes, batch {settings.batch_size}"
+        )
+        if teacher:
+            line += f"; distilled from {teacher}"
+        return ("demo: " if self.data.demo is not None else "") + line
 
     def evaluate(
         self, data: TrackData, outputs: dict[str, np.ndarray], work_dir: Path
@@ -394,3 +586,9 @@ def _confusion_png(path: Path, labels: np.ndarray, preds: np.ndarray, names: lis
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _uses_gpu(settings: FinetuneConfig) -> bool:
+    """Whether the Trainer will run on a CUDA device (``accelerator`` auto/gpu/cuda, one there)."""
+    accelerator = str(settings.trainer.get("accelerator", "auto"))
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()

@@ -81,6 +81,24 @@ class RecordInCheckpoint(Callback):
         checkpoint[CHECKPOINT_KEY] = self.record
 
 
+AUTO_PRECISION = "auto"
+
+
+def resolve_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer config with ``precision: auto`` resolved: mixed precision on a GPU
+    (``bf16-mixed`` where the GPU has bfloat16, else ``16-mixed``), ``32-true`` on a CPU
+    (Lightning's CPU autocast is bfloat16, slower than float32 on most CPUs)."""
+    out = dict(trainer)
+    if out.get("precision") == AUTO_PRECISION:
+        accelerator = str(out.get("accelerator", "auto"))
+        gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        if gpu:
+            out["precision"] = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        else:
+            out["precision"] = "32-true"
+    return out
+
+
 @dataclass
 class FitResult:
     best_checkpoint: Path | None
@@ -141,11 +159,19 @@ def fit(
     callbacks += averaging.callbacks
     logger = SharedRunMLFlowLogger(tracking_uri=run.tracking_uri, run_id=run.run_id)
     trainer: pl.Trainer = instantiate(
-        train.trainer,
+        resolve_trainer(train.trainer),
         logger=logger,
         callbacks=callbacks,
         default_root_dir=str(work_dir),
         enable_model_summary=False,
+    )
+    run.set_tags(
+        {
+            "train/accelerator": type(trainer.accelerator).__name__.removesuffix("Accelerator"),
+            "train/strategy": type(trainer.strategy).__name__.removesuffix("Strategy"),
+            "train/precision": str(trainer.precision),
+            "train/world_size": str(trainer.world_size),
+        }
     )
     ckpt_path = resolve_resume(train.resume_from, run, work_dir)
     if ckpt_path is not None:
@@ -166,6 +192,8 @@ def fit(
     if trainer.interrupted:  # interrupted without the SystemExit path (e.g. in a test)
         _log_checkpoints(run, ckpt_dir)
         raise on_interrupt.interrupt()
+    if trainer.global_rank != 0:  # a DDP worker: rank 0 keeps the checkpoints and goes on
+        return FitResult(None, float("nan"), checkpoint.monitor, trainer.current_epoch)
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     best_score = (
         float(checkpoint.best_model_score)

@@ -576,6 +576,7 @@ class Stages:
         pending = []
         for ci, (a, b) in enumerate(bounds):
             label = f"{ci + 1}/{len(bounds)}" if len(bounds) > 1 else ""
+            # state.inputs may read from disk (Track 2's CachedClips): a chunk at a time
             digest = array_sha256(self._device_batch(handle, state.inputs[a:b]))
             inputs = {"compile_job": handle.compile_job_id, "dataset_sha256": digest}
 
