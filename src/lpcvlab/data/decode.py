@@ -406,6 +406,19 @@ def _count_frames(path: Path) -> int:
     return n
 
 
+def _stack_frames(
+    path: str | os.PathLike[str], frames: dict[int, np.ndarray]
+) -> tuple[list[int], np.ndarray]:
+    """The decoded frames in source order, stacked ``(U, H, W, 3)``."""
+    order = sorted(frames)
+    try:
+        return order, np.stack([frames[i] for i in order])
+    except ValueError:
+        raise VideoDecodeError(
+            path, CORRUPT, "the frame size changes inside the video; re-encode it"
+        ) from None
+
+
 def decode_video(
     path: str | os.PathLike[str], preprocess: VideoPreprocess, *, seek: bool | None = None
 ) -> torch.Tensor:
@@ -415,13 +428,7 @@ def decode_video(
     batches and the official ``(1, 3, 16, 112, 112)`` files possible.
     """
     clips, frames, _ = read_video_frames(path, preprocess, seek=seek)
-    order = sorted(frames)
-    try:
-        stacked = np.stack([frames[i] for i in order])
-    except ValueError:
-        raise VideoDecodeError(
-            path, CORRUPT, "the frame size changes inside the video; re-encode it"
-        ) from None
+    order, stacked = _stack_frames(path, frames)
     processed = preprocess_frames(stacked, preprocess.resize, preprocess.crop)  # (3, U, h, w)
     if len(clips) == 1 and clips[0] == order:  # one clip of distinct frames: nothing to gather
         return processed.unsqueeze(0)
@@ -438,13 +445,7 @@ def decode_frame_sequence(
     ``(3, L, h, w)`` with ``L >= num_frames`` (see :func:`frame_sequence_indices`). Window 0,
     centre-cropped, is ``round(255 * decode_video(path, preprocess)[0])``."""
     (indices,), frames, _ = read_video_frames(path, preprocess, seek=seek, sequence=True)
-    order = sorted(frames)
-    try:
-        stacked = np.stack([frames[i] for i in order])
-    except ValueError:
-        raise VideoDecodeError(
-            path, CORRUPT, "the frame size changes inside the video; re-encode it"
-        ) from None
+    order, stacked = _stack_frames(path, frames)
     resized = resize_frames_uint8(stacked, preprocess.resize)  # (3, U, h, w), U unique frames
     pos = {i: j for j, i in enumerate(order)}
     gather = torch.tensor([pos[i] for i in indices], dtype=torch.long)
