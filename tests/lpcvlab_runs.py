@@ -9,8 +9,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from lpcvlab.runstore import RunInfo, search
-from lpcvlab.tracking import PARENT_RUN_ENV
+from lpcvlab.tracking.recorder import PARENT_RUN_ENV
+from lpcvlab.tracking.runstore import RunInfo, search
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,9 +26,10 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from onnx import TensorProto, helper, numpy_helper
 
-from lpcvlab.cli_hub import add_hub_commands
+from lpcvlab.cli.hub import add_hub_commands
 from lpcvlab.config import composition_error, load_settings
 from lpcvlab.config.schema import AIHubConfig, DeviceConfig, RuntimeConfig
+from lpcvlab.deploy.precision import Calibration, ComponentPrecision
 from lpcvlab.errors import ConfigError, RuntimeStageError
 from lpcvlab.hubs import ComponentJob, Hub, build_hub
 from lpcvlab.hubs.aihub import AIHub, stages
@@ -38,7 +39,6 @@ from lpcvlab.hubs.aihub.settings import compile_options, samples_per_chunk
 from lpcvlab.hubs.aihub.stages import HubTarget
 from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.metrics import cosine_per_sample
-from lpcvlab.precision import Calibration, ComponentPrecision
 from lpcvlab.types import ExportResult, JobEvent, TensorSpec
 
 pytestmark = pytest.mark.hub

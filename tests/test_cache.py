@@ -10,7 +10,9 @@ import torch
 from conftest import compose_config
 from lpcvlab_runs import TINY, all_runs, explain, run_py, store_overrides
 
-from lpcvlab.cache import (
+from lpcvlab.config import load_settings
+from lpcvlab.config.schema import CacheConfig
+from lpcvlab.deploy.cache import (
     CachedHub,
     RecordStore,
     StageCache,
@@ -18,10 +20,7 @@ from lpcvlab.cache import (
     runtime_key,
     state_dict_digest,
 )
-from lpcvlab.config import load_settings
-from lpcvlab.config.schema import CacheConfig
 from lpcvlab.errors import ConfigError, ParityError
-from lpcvlab.hashing import array_sha256
 from lpcvlab.hubs import ComponentJob, SequentialHub
 from lpcvlab.types import (
     CompileResult,
@@ -31,6 +30,7 @@ from lpcvlab.types import (
     ProfileResult,
     TensorSpec,
 )
+from lpcvlab.util.hashing import array_sha256
 
 SPEC = TensorSpec("x", (1, 4), "float32")
 

@@ -10,8 +10,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from lpcvlab import cli
-from lpcvlab.compare import build_comparison, pareto_front, swept_params
-from lpcvlab.runstore import RunInfo, RunLookupError
+from lpcvlab.tracking.compare import build_comparison, pareto_front, swept_params
+from lpcvlab.tracking.runstore import RunInfo, RunLookupError
 
 
 def _run(run_id: str, params: dict, metrics: dict, tags: dict | None = None) -> RunInfo:
@@ -137,6 +137,6 @@ def test_compare_errors_say_what_to_pass(store, tmp_path, capsys):
     assert cli.main(["compare", "--experiment", "x", "--tracking-uri", missing]) == 1
     assert "no MLflow store" in capsys.readouterr().err
     with pytest.raises(RunLookupError):
-        from lpcvlab.compare import select_runs
+        from lpcvlab.tracking.compare import select_runs
 
         select_runs(missing, experiment="x")

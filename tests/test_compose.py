@@ -181,7 +181,7 @@ def test_run_py_stops_before_any_run_or_compute(tmp_path, args, words):
 
 def test_a_sweep_whose_swept_value_can_fix_the_mistake_runs_its_jobs():
     """Only a mistake no swept value names stops a sweep at once; otherwise each job decides."""
-    from lpcvlab.sweep import refuse_a_sweep_no_job_can_run
+    from lpcvlab.tracking.sweep import refuse_a_sweep_no_job_can_run
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         shared = compose("config", overrides=["hub.warmup_iterations=-1"], return_hydra_config=True)

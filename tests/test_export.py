@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 from lpcvlab.config.schema import LocalHubConfig
+from lpcvlab.deploy.export import export_component
 from lpcvlab.errors import ParityError
-from lpcvlab.export import export_component
 from lpcvlab.hubs.local import LocalHub
 from lpcvlab.metrics import cosine_per_sample
 

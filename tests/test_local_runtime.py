@@ -7,11 +7,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from lpcvlab.config.schema import LocalHubConfig
-from lpcvlab.hashing import file_sha256
 from lpcvlab.hubs import ComponentJob
 from lpcvlab.hubs.local import LocalHub
 from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.types import ExportResult, TensorSpec
+from lpcvlab.util.hashing import file_sha256
 
 
 def _scale_model(path):

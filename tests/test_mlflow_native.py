@@ -34,9 +34,9 @@ from lpcvlab.config import load_settings
 from lpcvlab.data.track1 import content_sha256, read_track1
 from lpcvlab.errors import DataError
 from lpcvlab.pipeline import system_metrics_on
-from lpcvlab.registry import RegisterError, register_run
-from lpcvlab.runstore import RunInfo
-from lpcvlab.tracking import NOTE_TAG, command_line, start_run, ui_link
+from lpcvlab.tracking.recorder import NOTE_TAG, command_line, start_run, ui_link
+from lpcvlab.tracking.registry import RegisterError, register_run
+from lpcvlab.tracking.runstore import RunInfo
 
 IMAGE, TEXT = "image_encoder", "text_encoder"
 SWEEP = [
@@ -136,7 +136,7 @@ def sweep(tmp_path_factory):
     try:
         proc = run_py(*SWEEP, *store_overrides(tmp))
         assert proc.returncode == 0, explain(proc)
-        from lpcvlab.runstore import search
+        from lpcvlab.tracking.runstore import search
 
         runs = search(client, [e.experiment_id for e in client.search_experiments()])
         (parent,) = [r for r in runs if r.tags.get("sweep") == "true"]

@@ -11,7 +11,7 @@ from test_aihub import TOKEN, fake  # noqa: F401  (the fixture)
 
 from lpcvlab import pipeline
 from lpcvlab.errors import ConfigError
-from lpcvlab.registry import register_run
+from lpcvlab.tracking.registry import register_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.hub]
 

@@ -15,22 +15,22 @@ from onnx import TensorProto, helper, numpy_helper
 from test_compose import _outcome
 
 from lpcvlab import pipeline
-from lpcvlab.cache import CachedHub, RecordStore, StageCache, quantize_key, runtime_key
 from lpcvlab.config import load_settings
 from lpcvlab.config.schema import BudgetConfig, FidelityConfig, LocalHubConfig
+from lpcvlab.deploy.cache import CachedHub, RecordStore, StageCache, quantize_key, runtime_key
+from lpcvlab.deploy.export import export_component, parity_message
+from lpcvlab.deploy.precision import FP32, Calibration, ComponentPrecision, PrecisionPlan
+from lpcvlab.deploy.precision import emulate as emulate_module
+from lpcvlab.deploy.precision.calibration import choose_calibration, spread
+from lpcvlab.deploy.precision.fidelity import component_fidelity, gate, metric_fidelity
+from lpcvlab.deploy.rewrites import MASK_VALUE, op_counts, rewritten
 from lpcvlab.errors import ConfigError, ParityError
-from lpcvlab.export import export_component, parity_message
-from lpcvlab.hashing import array_sha256
 from lpcvlab.hubs import INFERENCE, ComponentJob
 from lpcvlab.hubs.local import LocalHub
 from lpcvlab.metrics import cosine_per_sample
 from lpcvlab.objective import score
-from lpcvlab.precision import FP32, Calibration, ComponentPrecision, PrecisionPlan
-from lpcvlab.precision import emulate as emulate_module
-from lpcvlab.precision.calibration import choose_calibration, spread
-from lpcvlab.precision.fidelity import component_fidelity, gate, metric_fidelity
-from lpcvlab.rewrites import MASK_VALUE, op_counts, rewritten
 from lpcvlab.tracks import TrackData
+from lpcvlab.util.hashing import array_sha256
 
 ONLY_INFERENCE = frozenset({INFERENCE})
 
@@ -492,8 +492,8 @@ def test_fidelity_metrics_and_the_gate_around_the_measured_value():
 
 
 def test_compare_shows_precision_as_one_column_and_keeps_gate_failures_off_the_front(tmp_path):
-    from lpcvlab.compare import build_comparison, plot_pareto, precision_label
-    from lpcvlab.runstore import RunInfo
+    from lpcvlab.tracking.compare import build_comparison, plot_pareto, precision_label
+    from lpcvlab.tracking.runstore import RunInfo
 
     def run(run_id, params, tags, recall, latency, cos=None):
         metrics = {"recall_at_10": recall, "objective": recall, "latency_ms/total": latency}
@@ -530,7 +530,7 @@ def test_compare_shows_precision_as_one_column_and_keeps_gate_failures_off_the_f
     assert [r["fidelity_gate"] for r in table.rows] == ["", "passed", "failed"]
     text = table.render()
     assert "fidelity_gate" in text and "fidelity_cosine_min/image_encoder" in text
-    from lpcvlab.compare import accuracy_latency, pareto_front
+    from lpcvlab.tracking.compare import accuracy_latency, pareto_front
 
     # The failed run is the fastest and the most accurate, and still not on the front.
     assert [table.runs[i].run_id for i in pareto_front(accuracy_latency(runs))] == ["w8a8", "fp32"]

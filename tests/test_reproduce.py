@@ -11,7 +11,8 @@ from lpcvlab_runs import TINY, all_runs, explain, run_py, store_overrides
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from lpcvlab.reproduce import (
+from lpcvlab.tracking.recorder import PARENT_RUN_ENV
+from lpcvlab.tracking.reproduce import (
     CodeVersion,
     MetricDiff,
     ReproduceError,
@@ -21,8 +22,7 @@ from lpcvlab.reproduce import (
     prepare_config,
     reproduce,
 )
-from lpcvlab.runstore import RunInfo
-from lpcvlab.tracking import PARENT_RUN_ENV
+from lpcvlab.tracking.runstore import RunInfo
 
 HEAD = "a" * 40
 

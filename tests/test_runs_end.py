@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from lpcvlab import cli
 from lpcvlab.config.schema import TrackingConfig
 from lpcvlab.errors import TrackingStoreError
-from lpcvlab.tracking import (
+from lpcvlab.tracking.recorder import (
     FAILURE_TAG,
     VANISHED,
     check_store,
@@ -79,7 +79,7 @@ _VANISH = textwrap.dedent(
     """
     import os, signal, sys
     from lpcvlab.config.schema import TrackingConfig
-    from lpcvlab.tracking import start_run
+    from lpcvlab.tracking.recorder import start_run
     uri = sys.argv[1]
     with start_run(TrackingConfig(uri=uri, experiment="vanish"), "vanish", "doomed", {}) as rec:
         print(rec.run_id, flush=True)

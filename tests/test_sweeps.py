@@ -23,8 +23,8 @@ from lpcvlab.config import load_settings
 from lpcvlab.config.schema import BudgetConfig
 from lpcvlab.errors import ConfigError
 from lpcvlab.objective import score
-from lpcvlab.sweep import read_job_statuses, read_parent, sweep_overrides
-from lpcvlab.tracking import PARENT_RUN_ENV, RetryingClient, start_run
+from lpcvlab.tracking.recorder import PARENT_RUN_ENV, RetryingClient, start_run
+from lpcvlab.tracking.sweep import read_job_statuses, read_parent, sweep_overrides
 
 # ----------------------------------------------------------------------------- fast
 
@@ -105,7 +105,8 @@ def test_retrying_client_retries_locked_sqlite_and_nothing_else():
 
 
 def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys, tmp_path):
-    from lpcvlab import pipeline, sweep
+    from lpcvlab import pipeline
+    from lpcvlab.tracking import sweep
 
     def fail(*args, **kwargs):
         raise ConfigError("backbone.pretrained=/nope: no such checkpoint file")

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lpcvlab.cli_qevd import add_qevd_commands
+from lpcvlab.cli.qevd import add_qevd_commands
 from lpcvlab.data import batch, formats, frames, qevd, qevd_tools
 from lpcvlab.data.batch import decode_videos
 from lpcvlab.data.decode import decode_video

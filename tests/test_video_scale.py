@@ -16,7 +16,6 @@ from conftest import REPO, build_track_for, compose_config
 from test_aihub import fake, models  # noqa: F401  (fixtures of the faked AI Hub)
 from test_video_data import make_video
 
-from lpcvlab.cache import inference_key
 from lpcvlab.config import load_settings
 from lpcvlab.config.schema import LocalHubConfig, TinyVideoBackboneConfig
 from lpcvlab.config.teacher import CHECKPOINT_KEY
@@ -32,8 +31,8 @@ from lpcvlab.data.frames import (
     frame_sequence_indices,
     window_starts,
 )
+from lpcvlab.deploy.cache import inference_key
 from lpcvlab.errors import ConfigError
-from lpcvlab.hashing import array_sha256
 from lpcvlab.training.fit import resolve_trainer
 from lpcvlab.training.module import (
     ClipDataModule,
@@ -42,6 +41,7 @@ from lpcvlab.training.module import (
     VideoClassifierModule,
     distillation_loss,
 )
+from lpcvlab.util.hashing import array_sha256
 
 LPCVC = VideoPreprocess("lpcvc_sample")
 
@@ -218,7 +218,7 @@ def test_cached_clips_index_like_the_stacked_array(tmp_path: Path) -> None:
 def test_streaming_evaluation_scores_like_memory_and_holds_one_batch(tmp_path: Path) -> None:
     """Inference, the stage cache's key and the official results file from clips read off disk
     equal the in-memory path's, and what is held at once does not grow with the videos."""
-    from lpcvlab.export import export_component
+    from lpcvlab.deploy.export import export_component
     from lpcvlab.hubs.local import READ_BATCH, LocalHub
     from lpcvlab.tracks.video import VideoPayload
 

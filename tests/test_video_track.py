@@ -14,8 +14,8 @@ from lpcvlab import pipeline
 from lpcvlab.config.schema import LocalHubConfig
 from lpcvlab.data.formats import manifest_labels, read_manifest, read_results_h5
 from lpcvlab.data.qevd import load_class_map
+from lpcvlab.deploy.export import export_component
 from lpcvlab.errors import Interrupted
-from lpcvlab.export import export_component
 from lpcvlab.hubs.local import LocalHub
 from lpcvlab.metrics import cosine_per_sample
 from lpcvlab.training.module import VideoClassifierModule

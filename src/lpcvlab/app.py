@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lpcvlab.errors import Interrupted, LpcvlabError
-from lpcvlab.secrets import mask_secrets
+from lpcvlab.util.secrets import mask_secrets
 
 log = logging.getLogger("lpcvlab")
 
@@ -91,7 +91,7 @@ def run_job(cfg: DictConfig) -> float | None:
     multirun, tags = sweep_job()
     try:
         if cfg.get("reproduce"):
-            from lpcvlab.reproduce import reproduce_from_hydra
+            from lpcvlab.tracking.reproduce import reproduce_from_hydra
 
             return reproduce_from_hydra(cfg, out_dir)
         load_settings(cfg)  # fails in well under a second, before the imports below
@@ -100,7 +100,7 @@ def run_job(cfg: DictConfig) -> float | None:
         result = pipeline.run(cfg, work_dir=out_dir, hydra_dir=hydra_dir, extra_tags=tags)
     except LpcvlabError as exc:
         if multirun:
-            from lpcvlab.sweep import note_job_failure
+            from lpcvlab.tracking.sweep import note_job_failure
 
             log.error("%s", exc)
             note_job_failure(out_dir, f"{type(exc).__name__}: {exc}")

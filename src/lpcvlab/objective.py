@@ -9,7 +9,8 @@ accuracy in [0, 1], and among over-budget runs the faster one scores higher, whi
 sampler a direction to move in.
 
 A run deployed in another precision than fp32 must also stay close to fp32: with ``fidelity``
-thresholds set, a run that fails the fidelity gate (:func:`lpcvlab.precision.fidelity.gate`) is
+thresholds set, a run that fails the fidelity gate
+(:func:`lpcvlab.deploy.precision.fidelity.gate`) is
 tagged ``fidelity_gate=failed`` and returns ``objective - fidelity.penalty`` on top of any budget
 penalty: with the default penalty of 1, below every run that passes.
 """
@@ -20,8 +21,8 @@ import math
 from dataclasses import dataclass
 
 from lpcvlab.config.schema import BudgetConfig, FidelityConfig
+from lpcvlab.deploy.precision.fidelity import GateVerdict, gate
 from lpcvlab.errors import ConfigError
-from lpcvlab.precision.fidelity import GateVerdict, gate
 
 LATENCY_PREFIX = "latency_ms/"
 TOTAL_LATENCY = "latency_ms/total"

@@ -18,20 +18,18 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from lpcvlab import console
-from lpcvlab.cache import StageCache
 from lpcvlab.config import RunConfig, load_settings
 from lpcvlab.config.schema import LocalHubConfig
+from lpcvlab.deploy.cache import StageCache
+from lpcvlab.deploy.export import export_component
+from lpcvlab.deploy.precision import ComponentPrecision, PrecisionPlan
+from lpcvlab.deploy.precision.calibration import choose_calibration
+from lpcvlab.deploy.precision.fidelity import component_fidelity, metric_fidelity
+from lpcvlab.deploy.rewrites import op_counts
 from lpcvlab.errors import Interrupted
-from lpcvlab.export import export_component
 from lpcvlab.hubs import INFERENCE, ComponentJob, Hub, build_hub
 from lpcvlab.objective import Objective, score
-from lpcvlab.precision import ComponentPrecision, PrecisionPlan
-from lpcvlab.precision.calibration import choose_calibration
-from lpcvlab.precision.fidelity import component_fidelity, metric_fidelity
-from lpcvlab.rewrites import op_counts
-from lpcvlab.seeding import seed_everything
-from lpcvlab.tracking import (
+from lpcvlab.tracking.recorder import (
     ModelFacts,
     RunRecorder,
     check_store,
@@ -45,6 +43,8 @@ from lpcvlab.tracking import (
 from lpcvlab.tracks import Track, TrackData, build_track
 from lpcvlab.training.launch import worker_rank
 from lpcvlab.types import ComponentRun, EvalResult, ExportResult, ModelBundle
+from lpcvlab.util import console
+from lpcvlab.util.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

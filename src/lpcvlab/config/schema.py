@@ -34,7 +34,7 @@ PRECISIONS = ("fp32", "fp16", "w8a16", "w8a8")
 QUANTIZED = ("w8a16", "w8a8")  # the precisions that need calibration data
 # Fewer samples than this cannot calibrate activation ranges worth measuring.
 MIN_CALIBRATION_SAMPLES = 8
-# NPU-safe ONNX graph rewrites (``export.rewrites``; :mod:`lpcvlab.rewrites`).
+# NPU-safe ONNX graph rewrites (``export.rewrites``; :mod:`lpcvlab.deploy.rewrites`).
 REWRITES = ("gelu_sigmoid", "finite_mask")
 
 
@@ -260,7 +260,7 @@ class PrecisionConfig:
 
     ``calibration_samples`` is how many of the track's inputs calibrate the activation ranges of
     a quantized (``w8a*``) component: the training split's when there is one, else evaluation
-    inputs at evenly spaced positions (:mod:`lpcvlab.precision.calibration`).
+    inputs at evenly spaced positions (:mod:`lpcvlab.deploy.precision.calibration`).
     """
 
     what: ClassVar[str] = "precision=fp32, fp16, w8a16 or w8a8"
@@ -534,8 +534,8 @@ class TrackingConfig:
     experiment: str = MISSING
     run_name: str | None = None  # null = <backbone>/<preprocess>/<device>/<hub>
     log_onnx: bool = False
-    # MLflow-native records (lpcvlab.tracking): each export as an MLflow model (ONNX flavour),
-    # system metrics (null = on when training), and the registry's name for submission
+    # MLflow-native records (lpcvlab.tracking.recorder): each export as an MLflow model (ONNX
+    # flavour), system metrics (null = on when training), and the registry's name for submission
     # candidates (null = lpcvc-track1 / lpcvc-track2, by track).
     log_models: bool = True
     system_metrics: bool | None = None
@@ -588,7 +588,7 @@ class FidelityConfig:
 
 @dataclass
 class SweepConfig:
-    """``sweep``: what a multirun does when it ends (:mod:`lpcvlab.sweep`)."""
+    """``sweep``: what a multirun does when it ends (:mod:`lpcvlab.tracking.sweep`)."""
 
     register_best: bool = False  # register the best child's models (``lpcvlab register``)
 

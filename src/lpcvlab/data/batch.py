@@ -31,8 +31,8 @@ from tqdm import tqdm
 from lpcvlab.data.decode import decode_frame_sequence, decode_video
 from lpcvlab.data.frames import MISSING, WORKER_CRASHED, VideoDecodeError, VideoPreprocess
 from lpcvlab.errors import ConfigError
-from lpcvlab.hashing import file_sha256
-from lpcvlab.io import atomic_save_npy
+from lpcvlab.util.hashing import file_sha256
+from lpcvlab.util.io import atomic_save_npy
 
 _CACHE_SUBDIR = "video"
 CLIPS, FRAMES = "clips", "frames"  # what a cache entry holds (``kind``)

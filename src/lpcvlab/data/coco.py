@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from lpcvlab.data.track1 import CaptionImage, CaptionSplit, Skip
+from lpcvlab.data.captions import CaptionImage, CaptionSplit, Skip
 from lpcvlab.errors import DataError
 
 log = logging.getLogger(__name__)

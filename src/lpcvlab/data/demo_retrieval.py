@@ -24,7 +24,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from lpcvlab.io import atomic_write, atomic_write_bytes, atomic_write_text, file_lock
+from lpcvlab.util.io import atomic_write, atomic_write_bytes, atomic_write_text, file_lock
 
 COLOURS = {
     "red": (220, 30, 30),

@@ -40,7 +40,7 @@ import numpy as np
 
 from lpcvlab.data.qevd import SPLITS, VideoSample, load_class_map
 from lpcvlab.errors import ConfigError, DataError
-from lpcvlab.io import atomic_write, atomic_write_text, file_lock
+from lpcvlab.util.io import atomic_write, atomic_write_text, file_lock
 
 DEMO_CLASSES = ("coming_closer_to_the_webcam", "hook_left", "squats", "uppercut_right")
 # Motions in the order classes get them (by position in ``classes``).

@@ -24,7 +24,7 @@ import numpy as np
 
 from lpcvlab.data.qevd import load_class_map
 from lpcvlab.errors import DataError
-from lpcvlab.io import atomic_write
+from lpcvlab.util.io import atomic_write
 
 MANIFEST_KEYS = ("video_path", "label", "tensor_path", "shape", "dtype")
 MANIFEST_DTYPE = "torch.float32"

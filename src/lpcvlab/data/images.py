@@ -27,9 +27,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from lpcvlab.data.track1 import CaptionImage, CaptionSplit, ImageRow, Skip
-from lpcvlab.hashing import file_sha256, manifest_sha256
-from lpcvlab.io import atomic_write, atomic_write_text, file_lock
+from lpcvlab.data.captions import CaptionImage, CaptionSplit, Skip
+from lpcvlab.data.track1 import ImageRow
+from lpcvlab.util.hashing import file_sha256, manifest_sha256
+from lpcvlab.util.io import atomic_write, atomic_write_text, file_lock
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ official sample reads it — a JSON list of objects::
 every entry is re-split, stratified per class, reproducibly from ``seed``). Entries whose split
 is not ``train``/``val`` are counted and left out.
 
-Every file written here is written atomically (:mod:`lpcvlab.io`), and a full disk is a
+Every file written here is written atomically (:mod:`lpcvlab.util.io`), and a full disk is a
 :class:`~lpcvlab.errors.StorageError` naming the file.
 """
 
@@ -48,7 +48,7 @@ from lpcvlab.data.qevd import (
     load_class_map,
 )
 from lpcvlab.errors import ConfigError, DataError
-from lpcvlab.io import atomic_write, atomic_write_bytes, atomic_write_text, writing
+from lpcvlab.util.io import atomic_write, atomic_write_bytes, atomic_write_text, writing
 
 LINK_MODES = ("copy", "hardlink", "symlink")
 

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lpcvlab.config.schema import RetrievalTrainSplitConfig
+from lpcvlab.data.captions import CaptionImage, CaptionSplit, Skip
+from lpcvlab.data.coco import read_coco_captions
 from lpcvlab.errors import DataError
-from lpcvlab.hashing import file_sha256, manifest_sha256
+from lpcvlab.util.hashing import file_sha256, manifest_sha256
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +52,6 @@ class ImageRow:
     path: Path
     text_ids: tuple[int, ...]
     row: int  # 1-based line number in the CSV (header is line 1)
-
-
-@dataclass(frozen=True)
-class Skip:
-    file: str
-    row: int | None
-    reason: str
 
 
 @dataclass
@@ -230,37 +225,6 @@ def read_track1(
 # --------------------------------------------------------------------------- training split
 
 
-@dataclass(frozen=True)
-class CaptionImage:
-    """One training image and its captions (one or more)."""
-
-    name: str
-    path: Path
-    captions: tuple[str, ...]
-    row: int  # CSV line (official layout) or index in the JSON ``images`` list (COCO)
-    where: str  # the row or entry, for messages ("row 12 of img_list.csv", "images[3] of ...")
-
-
-@dataclass
-class CaptionSplit:
-    """A training split as read: its images in file order, what was skipped, and the metadata
-    files (relative to ``root``) that belong to its content hash."""
-
-    root: Path
-    images: list[CaptionImage]
-    skipped: list[Skip] = field(default_factory=list)
-    lists: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def stats(self) -> dict[str, float]:
-        return {
-            "images": len(self.images),
-            "captions": sum(len(i.captions) for i in self.images),
-            "skipped_images": len(self.skipped),
-            **self.counts,
-        }
-
-
 def read_official_captions(
     root: Path | str,
     images_dir: str = "images",
@@ -305,7 +269,5 @@ def read_caption_split(train: RetrievalTrainSplitConfig) -> CaptionSplit:
     """The training split ``data.train`` names, in its format."""
     assert train.root is not None  # checked when the config was loaded
     if train.format == "coco":
-        from lpcvlab.data.coco import read_coco_captions
-
         return read_coco_captions(train.root, train.annotations, train.images_dir)
     return read_official_captions(train.root, train.images_dir, train.img_list, train.txt_list)

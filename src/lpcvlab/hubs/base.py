@@ -1,13 +1,14 @@
 """The hub protocol: where an exported model is compiled, profiled and run (the ``hub`` group).
 
 ``hub=local`` (ONNX Runtime on this machine) and ``hub=aihub`` (Qualcomm AI Hub) implement it, and
-so does the stage cache (:class:`lpcvlab.cache.CachedHub`), which wraps either. The pipeline
+so does the stage cache (:class:`lpcvlab.deploy.cache.CachedHub`), which wraps either. The pipeline
 hands a hub one :class:`ComponentJob` per network and receives one
 :class:`~lpcvlab.types.ComponentRun` per network. A job names the stages it needs: the cache asks
 the hub it wraps only for what it does not hold, and the hub alone decides how its stages run
 (one after the other locally; every job submitted before any is waited on, remotely).
 
-A job also carries the component's precision (:class:`~lpcvlab.precision.ComponentPrecision`):
+A job also carries the component's precision
+(:class:`~lpcvlab.deploy.precision.ComponentPrecision`):
 a non-fp32 component is first *quantized* -- how is the hub's own (``hub=local`` emulates it with
 ONNX Runtime, ``hub=aihub`` submits a quantize job or compiles with fp16 options) -- and the
 model that comes out is what is compiled, profiled and run.
@@ -21,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from lpcvlab.precision import FP32, ComponentPrecision
+from lpcvlab.deploy.precision import FP32, ComponentPrecision
 from lpcvlab.types import (
     CompileResult,
     ComponentRun,

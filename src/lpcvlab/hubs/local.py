@@ -23,10 +23,10 @@ import psutil
 from tqdm.auto import tqdm
 
 from lpcvlab.config.schema import DeviceConfig, LocalHubConfig, RuntimeConfig
+from lpcvlab.deploy.precision import ComponentPrecision
 from lpcvlab.errors import RuntimeStageError
 from lpcvlab.hubs.base import SequentialHub
 from lpcvlab.hubs.profile import parse_profile
-from lpcvlab.precision import ComponentPrecision
 from lpcvlab.types import (
     CompileResult,
     ExportResult,
@@ -113,9 +113,10 @@ class LocalHub(SequentialHub):
         }
 
     def quantize(self, exported: ExportResult, precision: ComponentPrecision) -> QuantizeResult:
-        """The precision emulated with ONNX Runtime (:mod:`lpcvlab.precision.emulate`): a QDQ or
-        fp16 ONNX file next to the export, then compiled, profiled and run like any model."""
-        from lpcvlab.precision.emulate import emulate
+        """The precision emulated with ONNX Runtime (:mod:`lpcvlab.deploy.precision.emulate`):
+        a QDQ or fp16 ONNX file next to the export, then compiled, profiled and run like any
+        model."""
+        from lpcvlab.deploy.precision.emulate import emulate
 
         return emulate(exported, precision)
 

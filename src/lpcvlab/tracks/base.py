@@ -51,7 +51,7 @@ class Track(Protocol):
     """A track may also offer ``calibration_inputs(data, component, n) -> np.ndarray | None``:
     up to ``n`` inputs of its training split for ``component``, in the exported layout, to
     calibrate a quantized deployment (without it, or when it returns None, evaluation inputs
-    are used: :mod:`lpcvlab.precision.calibration`)."""
+    are used: :mod:`lpcvlab.deploy.precision.calibration`)."""
 
     name: str
 

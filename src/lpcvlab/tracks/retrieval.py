@@ -30,7 +30,6 @@ from lpcvlab.config.schema import (
     TrainConfig,
 )
 from lpcvlab.config.teacher import Teacher
-from lpcvlab.console import stage
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset, make_demo_training_split
 from lpcvlab.data.images import (
     DecodedImages,
@@ -45,6 +44,7 @@ from lpcvlab.metrics import retrieval_recall
 from lpcvlab.models.clip import CONTEXT_LENGTH, ClipBackbone, ImageEncoder, TextEncoder
 from lpcvlab.tracks.base import TrackData, data_source
 from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
+from lpcvlab.util.console import stage
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class RetrievalTrack:
         train = payload.train
         if train is None or component not in (IMAGE, TEXT):
             return None
-        from lpcvlab.precision.calibration import spread
+        from lpcvlab.deploy.precision.calibration import spread
 
         if component == IMAGE:
             idx = spread(len(train.decoded.pixels), min(n, len(train.decoded.pixels)))

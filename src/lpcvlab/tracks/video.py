@@ -36,7 +36,6 @@ from lpcvlab.config.schema import (
     VideoTrackConfig,
 )
 from lpcvlab.config.teacher import Teacher
-from lpcvlab.console import stage
 from lpcvlab.data.batch import (
     CLIPS,
     FRAMES,
@@ -50,11 +49,12 @@ from lpcvlab.data.formats import ManifestRecord, check_results_against_manifest,
 from lpcvlab.data.frames import VideoPreprocess, centre_offsets
 from lpcvlab.data.qevd import VideoSample, load_class_map, read_split
 from lpcvlab.errors import ConfigError, DataError
-from lpcvlab.hashing import file_sha256, manifest_sha256
 from lpcvlab.metrics import softmax, top_k_accuracy
 from lpcvlab.models.video import VideoBackbone
 from lpcvlab.tracks.base import TrackData, data_source
 from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
+from lpcvlab.util.console import stage
+from lpcvlab.util.hashing import file_sha256, manifest_sha256
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class VideoTrack:
         payload: VideoPayload = data.payload
         if component != VIDEO or not payload.train_cache:
             return None
-        from lpcvlab.precision.calibration import spread
+        from lpcvlab.deploy.precision.calibration import spread
 
         clips = []
         top, left = centre_offsets(self.preprocess.resize, self.preprocess.crop)
@@ -404,7 +404,7 @@ class VideoTrack:
     ) -> tuple[Any, str]:
         """The teacher's logits for every clip of every training video (see
         :mod:`lpcvlab.training.distill`), from the cache where it has them."""
-        from lpcvlab.cache import state_dict_digest
+        from lpcvlab.deploy.cache import state_dict_digest
         from lpcvlab.training.distill import TeacherClips, build_teacher, teacher_logits
         from lpcvlab.training.module import FrameWindowDataset
 

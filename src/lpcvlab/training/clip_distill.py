@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lpcvlab.data.images import ImagePreprocess
-from lpcvlab.io import atomic_save_npy, atomic_write_text, file_lock
 from lpcvlab.models.clip import ClipTeacher
+from lpcvlab.util.io import atomic_save_npy, atomic_write_text, file_lock
 
 log = logging.getLogger(__name__)
 

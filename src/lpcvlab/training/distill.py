@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from lpcvlab.config.teacher import CHECKPOINT_KEY, Teacher
 from lpcvlab.errors import ConfigError
-from lpcvlab.io import atomic_save_npy
 from lpcvlab.models.video import VideoClassifier, build_video_model
 from lpcvlab.models.weights import RANDOM
+from lpcvlab.util.io import atomic_save_npy
 
 log = logging.getLogger(__name__)
 

@@ -145,7 +145,7 @@ def fit(
     run, and load the best checkpoint's weights back into it (the track builds the module: its
     loss, freezing policy and optimizer; ``record`` goes into every checkpoint).
 
-    The run was seeded at its start (:func:`lpcvlab.seeding.seed_everything`, which also tells
+    The run was seeded at its start (:func:`lpcvlab.util.seeding.seed_everything`, which also tells
     Lightning to seed DataLoader workers).
     """
     ckpt_dir = work_dir / "checkpoints"

@@ -13,7 +13,7 @@ stages to it):
 - a ``FAILED`` job is not reused: the next run submits anew.
 
 JSON lines rather than SQLite: each line is appended whole under a file lock
-(:func:`lpcvlab.io.append_line`), so parallel sweep jobs can share one ledger, and a person can
+(:func:`lpcvlab.util.io.append_line`), so parallel sweep jobs can share one ledger, and a person can
 read (and ``grep``) it. A truncated or garbled line (a run killed mid-write) is skipped with a
 warning, never fatal. No secret is ever written here: entries hold job IDs, URLs, hashes, device
 names and options.
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from lpcvlab.errors import RuntimeStageError
 from lpcvlab.hubs.aihub.client import CreatedButUnfetched, describe, guard
-from lpcvlab.io import append_line
+from lpcvlab.util.io import append_line
 
 log = logging.getLogger(__name__)
 

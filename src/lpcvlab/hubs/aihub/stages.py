@@ -59,8 +59,8 @@ import onnx
 import qai_hub
 
 from lpcvlab.config.schema import AIHubConfig
+from lpcvlab.deploy.precision import FP32, ComponentPrecision
 from lpcvlab.errors import RuntimeStageError
-from lpcvlab.hashing import array_sha256, file_sha256
 from lpcvlab.hubs.aihub.client import guard, submit
 from lpcvlab.hubs.aihub.jobs import Emit, JobDriver, JobTrail, LedgerEntry, Pending
 from lpcvlab.hubs.aihub.settings import (
@@ -75,7 +75,6 @@ from lpcvlab.hubs.aihub.settings import (
 from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE
 from lpcvlab.hubs.parity import device_parity
 from lpcvlab.hubs.profile import parse_profile
-from lpcvlab.precision import FP32, ComponentPrecision
 from lpcvlab.types import (
     CompileResult,
     ExportResult,
@@ -83,6 +82,7 @@ from lpcvlab.types import (
     ProfileResult,
     QuantizeResult,
 )
+from lpcvlab.util.hashing import array_sha256, file_sha256
 
 log = logging.getLogger(__name__)
 

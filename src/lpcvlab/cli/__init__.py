@@ -12,12 +12,12 @@ from lpcvlab.errors import LpcvlabError
 
 # Each module exposes add_<name>_commands(subparsers) and sets `func` on its parsers.
 _COMMAND_MODULES: list[tuple[str, str]] = [
-    ("lpcvlab.cli_qevd", "add_qevd_commands"),
-    ("lpcvlab.cli_hub", "add_hub_commands"),
-    ("lpcvlab.compare", "add_compare_commands"),
-    ("lpcvlab.reproduce", "add_reproduce_commands"),
-    ("lpcvlab.cli_runs", "add_runs_commands"),
-    ("lpcvlab.registry", "add_register_commands"),
+    ("lpcvlab.cli.qevd", "add_qevd_commands"),
+    ("lpcvlab.cli.hub", "add_hub_commands"),
+    ("lpcvlab.tracking.compare", "add_compare_commands"),
+    ("lpcvlab.tracking.reproduce", "add_reproduce_commands"),
+    ("lpcvlab.cli.runs", "add_runs_commands"),
+    ("lpcvlab.tracking.registry", "add_register_commands"),
 ]
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from lpcvlab.deploy.precision.plan import Calibration
 from lpcvlab.errors import ConfigError
-from lpcvlab.hashing import array_sha256
-from lpcvlab.precision.plan import Calibration
 from lpcvlab.types import TensorSpec
+from lpcvlab.util.hashing import array_sha256
 
 SETTING = "precision.calibration_samples"
 

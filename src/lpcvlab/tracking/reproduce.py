@@ -24,9 +24,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lpcvlab import console
 from lpcvlab.errors import ConfigError, LpcvlabError
-from lpcvlab.runstore import RunInfo, download_artifact, get_run, open_store, tracking_uri
+from lpcvlab.tracking.runstore import RunInfo, download_artifact, get_run, open_store, tracking_uri
+from lpcvlab.util import console
 
 # Metrics that measure the machine rather than the model: shown, never required to match.
 MEASURED_PREFIXES = (

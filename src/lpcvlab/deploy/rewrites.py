@@ -4,7 +4,7 @@ Rewrites work on the ONNX graph rather than on the PyTorch modules: they catch e
 whatever code produced it (an ``nn.GELU`` module, a functional ``F.gelu`` inside a timm block,
 a mask buffer built by open_clip), for every backbone, and what they change is exactly what is
 deployed. Each is measured against the original PyTorch model by the exporter
-(:func:`lpcvlab.export.export_component`: ``rewrite_cosine_min/<component>/<rewrite>``).
+(:func:`lpcvlab.deploy.export.export_component`: ``rewrite_cosine_min/<component>/<rewrite>``).
 
 - ``gelu_sigmoid``: erf-GELU ``x * 0.5 * (1 + erf(x / sqrt(2)))`` (and the ``Gelu`` operator of
   opset 20) becomes ``x * sigmoid(1.702 x)``. ``Erf`` is not supported on the NPU in the

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lpcvlab import console
 from lpcvlab.errors import LpcvlabError
-from lpcvlab.runstore import (
+from lpcvlab.tracking.runstore import (
     RunInfo,
     child_runs,
     experiment_runs,
@@ -30,6 +29,7 @@ from lpcvlab.runstore import (
     open_store,
     tracking_uri,
 )
+from lpcvlab.util import console
 
 # Accuracy metrics of both tracks, in display order; only those some run has are shown.
 ACCURACY_METRICS = (

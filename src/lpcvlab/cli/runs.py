@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.runstore import open_store, tracking_uri
+from lpcvlab.tracking.runstore import open_store, tracking_uri
 
 
 def add_runs_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def add_runs_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def prune_command(args: argparse.Namespace) -> int:
-    from lpcvlab.tracking import check_store, prune_vanished
+    from lpcvlab.tracking.recorder import check_store, prune_vanished
 
     uri = tracking_uri(args.tracking_uri)
     client = open_store(uri)

@@ -6,13 +6,13 @@
   ``<sweep dir>/.lpcvlab/parent_run.json`` and to ``$LPCVLAB_PARENT_RUN_ID``;
 - ``on_job_start`` (in whichever process runs the job: the same one for the basic launcher, a
   worker for joblib, a cluster node for submitit) reads that file and sets the variable, which
-  :func:`lpcvlab.tracking.start_run` turns into the ``mlflow.parentRunId`` tag; the file works
-  where environment variables do not travel, as long as the sweep dir is on a shared disk;
+  :func:`lpcvlab.tracking.recorder.start_run` turns into the ``mlflow.parentRunId`` tag; the file
+  works where environment variables do not travel, as long as the sweep dir is on a shared disk;
 - ``on_job_end`` writes ``<sweep dir>/.lpcvlab/jobs/<num>.json``: status, objective, error;
 - ``on_multirun_end`` logs the summary on the parent (jobs, finished, failed, runs missing, the
   best run by ``objective``, ``sweep_runs.csv``, ``pareto.png``), writes it with the runs' table
   and a link to the best child as the parent's description, registers the best child's models
-  when ``sweep.register_best`` (:mod:`lpcvlab.registry`), and ends it.
+  when ``sweep.register_best`` (:mod:`lpcvlab.tracking.registry`), and ends it.
 
 A job that fails with a user error returns no objective (``lpcvlab.app.run_job``) and leaves its
 reason in ``<job output dir>/.lpcvlab/job_error.txt`` for ``on_job_end``: its run is FAILED (or
@@ -41,8 +41,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lpcvlab.errors import ConfigError, LpcvlabError
-from lpcvlab.io import atomic_write_text
-from lpcvlab.tracking import NOTE_TAG, PARENT_RUN_ENV, ui_link
+from lpcvlab.tracking.recorder import NOTE_TAG, PARENT_RUN_ENV, ui_link
+from lpcvlab.util.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
-        from lpcvlab.tracking import (
+        from lpcvlab.tracking.recorder import (
             RetryingClient,
             check_store,
             get_experiment_id,
@@ -307,7 +307,7 @@ class MlflowSweepCallback(Callback):
         self._done = True
         from mlflow.tracking import MlflowClient
 
-        from lpcvlab.tracking import RetryingClient
+        from lpcvlab.tracking.recorder import RetryingClient
 
         client = RetryingClient(MlflowClient(tracking_uri=self._parent.tracking_uri))
         run_id = self._parent.run_id
@@ -337,7 +337,7 @@ class MlflowSweepCallback(Callback):
         """Register the best child's models (``sweep.register_best``); a failure is reported
         and tagged on the parent, and the sweep still ends as its jobs decided."""
         from lpcvlab.errors import LpcvlabError
-        from lpcvlab.registry import register_run
+        from lpcvlab.tracking.registry import register_run
 
         assert self._parent is not None
         try:
@@ -365,8 +365,8 @@ def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
     """Log the sweep's outcome on its parent run and return it."""
     from mlflow.entities import Metric, RunTag
 
-    from lpcvlab.compare import build_comparison, objective_name, plot_pareto
-    from lpcvlab.runstore import child_runs
+    from lpcvlab.tracking.compare import build_comparison, objective_name, plot_pareto
+    from lpcvlab.tracking.runstore import child_runs
 
     children = child_runs(client, parent_id)
     jobs = read_job_statuses(sweep)

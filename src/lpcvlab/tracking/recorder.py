@@ -55,8 +55,8 @@ from mlflow.tracking import MlflowClient
 
 from lpcvlab.config.schema import TrackingConfig
 from lpcvlab.errors import Interrupted, TrackingStoreError
-from lpcvlab.secrets import is_secret_key, mask_secrets
 from lpcvlab.types import DatasetRecord, JobEvent
+from lpcvlab.util.secrets import is_secret_key, mask_secrets
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from lpcvlab.errors import LpcvlabError
-from lpcvlab.hashing import file_sha256
-from lpcvlab.runstore import RunInfo, get_run, open_store, tracking_uri
-from lpcvlab.tracking import (
+from lpcvlab.tracking.recorder import (
     COMPONENT_TAG,
     ONNX_SHA_TAG,
     ModelFacts,
@@ -34,6 +32,8 @@ from lpcvlab.tracking import (
     log_onnx_model,
     ui_link,
 )
+from lpcvlab.tracking.runstore import RunInfo, get_run, open_store, tracking_uri
+from lpcvlab.util.hashing import file_sha256
 
 DEFAULT_NAMES = {"retrieval": "lpcvc-track1", "video": "lpcvc-track2"}
 # Accuracy metrics of both tracks; those the run has become version tags.
@@ -260,7 +260,7 @@ def add_register_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_command(args: argparse.Namespace) -> int:
-    from lpcvlab.tracking import RetryingClient
+    from lpcvlab.tracking.recorder import RetryingClient
 
     client = RetryingClient(open_store(tracking_uri(args.tracking_uri)))
     versions = register_run(client, args.run_id, args.name)

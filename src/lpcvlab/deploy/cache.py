@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 
 from lpcvlab.config.schema import CacheConfig
+from lpcvlab.deploy.export import parity_message
+from lpcvlab.deploy.precision import ComponentPrecision
 from lpcvlab.errors import ParityError
-from lpcvlab.export import parity_message
-from lpcvlab.hashing import array_sha256
 from lpcvlab.hubs.base import (
     COMPILE,
     INFERENCE,
@@ -62,9 +62,6 @@ from lpcvlab.hubs.base import (
     Hub,
     JobListener,
 )
-from lpcvlab.io import atomic_save_npy, atomic_write_text
-from lpcvlab.precision import ComponentPrecision
-from lpcvlab.secrets import is_secret_key
 from lpcvlab.types import (
     CompileResult,
     Component,
@@ -75,6 +72,9 @@ from lpcvlab.types import (
     ProfileResult,
     QuantizeResult,
 )
+from lpcvlab.util.hashing import array_sha256
+from lpcvlab.util.io import atomic_save_npy, atomic_write_text
+from lpcvlab.util.secrets import is_secret_key
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,8 @@ def export_key(
             "weights": state_dict_digest(module),
             "structure": hashlib.sha256(repr(module).encode()).hexdigest(),
             "code": module_code_identity(module),
-            "exporter": source_digest("lpcvlab.export"),
-            "rewrites": [*rewrites, source_digest("lpcvlab.rewrites")] if rewrites else [],
+            "exporter": source_digest("lpcvlab.deploy.export"),
+            "rewrites": [*rewrites, source_digest("lpcvlab.deploy.rewrites")] if rewrites else [],
             "versions": {
                 p: package_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime")
             },
@@ -212,7 +212,7 @@ def runtime_key(
     return _sha256_json(key)
 
 
-EMULATION_MODULE = "lpcvlab.precision.emulate"
+EMULATION_MODULE = "lpcvlab.deploy.precision.emulate"
 
 
 def quantize_key(onnx_sha256: str, precision: ComponentPrecision, hub_module: str) -> str:

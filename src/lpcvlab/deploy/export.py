@@ -2,7 +2,7 @@
 
 The hash names the file so that two runs that exported the same graph and weights share one
 file (and, later, one compile job), and so that a logged hash identifies exactly what was
-deployed. NPU-safe rewrites (``export.rewrites``, :mod:`lpcvlab.rewrites`) are applied to the
+deployed. NPU-safe rewrites (``export.rewrites``, :mod:`lpcvlab.deploy.rewrites`) are applied to the
 exported graph before it is checked and hashed; each one's cost is its parity, alone, against
 the PyTorch model, and the parity that gates the export is the deployed (rewritten) graph's.
 """
@@ -24,12 +24,12 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from lpcvlab.deploy.rewrites import op_counts, rewritten
 from lpcvlab.errors import ParityError
-from lpcvlab.hashing import file_sha256
-from lpcvlab.io import writing
 from lpcvlab.metrics import cosine_per_sample
-from lpcvlab.rewrites import op_counts, rewritten
 from lpcvlab.types import Component, ExportResult
+from lpcvlab.util.hashing import file_sha256
+from lpcvlab.util.io import writing
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from lpcvlab.deploy.precision.plan import ComponentPrecision
+from lpcvlab.deploy.rewrites import op_counts
 from lpcvlab.errors import RuntimeStageError
-from lpcvlab.hashing import file_sha256
-from lpcvlab.io import writing
-from lpcvlab.precision.plan import ComponentPrecision
-from lpcvlab.rewrites import op_counts
 from lpcvlab.types import ExportResult, QuantizeResult
+from lpcvlab.util.hashing import file_sha256
+from lpcvlab.util.io import writing
 
 log = logging.getLogger(__name__)
 
