@@ -308,6 +308,25 @@ def retrieval_recall(
     return recall_at_k(cosine_similarity(image_emb, text_emb), text_ids, ground_truth, ks)
 
 
+def scorer_environment() -> dict[str, str]:
+    """What the Track 1 score's tie order depends on, for the run's tags: numpy's default sort
+    orders tied values by its implementation (SIMD-dispatched on the CPU), and sklearn computes
+    the similarity's bits."""
+    import sklearn
+
+    env = {"scorer/numpy": np.__version__, "scorer/sklearn": sklearn.__version__}
+    try:  # numpy >= 2
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:  # numpy 1.x
+        try:
+            from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+        except ImportError:
+            return env
+    enabled = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    env["scorer/numpy_cpu_dispatch"] = ",".join(enabled) or "baseline"
+    return env
+
+
 def top_k_accuracy(scores: np.ndarray, labels: Sequence[int], k: int) -> float:
     """Share of rows whose true label is among the ``k`` highest scores."""
     scores = np.asarray(scores)
