@@ -144,25 +144,33 @@ class OfficialRanking:
     """The top-k columns of each row in the official order, and where ties were met."""
 
     indices: np.ndarray  # (n_rows, k): np.argsort(-row)[:k] of every row
-    sorted_rows: np.ndarray  # (n_rows,) bool: rows ranked by np.argsort (a tie in the top k+1)
+    sorted_rows: np.ndarray  # (n_rows,) bool: rows ranked by np.argsort (a tie across a cut)
     values: np.ndarray  # (n_rows, min(k + 1, n_cols)) the best values of each row, best first
 
 
-def official_top_k(similarity: np.ndarray, k: int) -> OfficialRanking:
+def official_top_k(
+    similarity: np.ndarray, k: int, cuts: Sequence[int] | None = None
+) -> OfficialRanking:
     """``np.argsort(-similarity[i])[:k]`` for every row ``i``, as ``evaluate_track1`` ranks.
 
     numpy's default sort is not stable: where values tie, its order is whatever the sort
     implementation gives (it can differ with the CPU's SIMD support and the numpy version). A
-    row whose best ``k + 1`` values are all distinct has one top-k whatever the sort, so the
-    fast partial selection (:func:`top_k_indices`) ranks it; a row with a tie among them (at a
-    cut-off or inside) is ranked by ``np.argsort(-row)`` itself, exactly as the official code.
+    row whose top ``c`` is one set whatever the sort (the ``c``-th and ``c + 1``-th best values
+    differ) for every cut ``c`` in ``cuts`` is ranked by the fast partial selection
+    (:func:`top_k_indices`); a row with a tie across a cut is ranked by ``np.argsort(-row)``
+    itself, exactly as the official code. ``cuts=None``: every position, so that even the order
+    inside the top ``k`` is numpy's; with ``cuts``, tied values between two cuts keep column
+    order (no top-``c`` set depends on it).
     """
     s = np.asarray(similarity)
     n_rows, n_cols = s.shape
     k = min(int(k), n_cols)
     probe = top_k_indices(s, min(k + 1, n_cols))
     values = np.take_along_axis(s, probe, axis=1)
-    tied = _equal_neighbours(values).any(axis=1)
+    same = _equal_neighbours(values)  # same[:, j]: the (j+1)-th and (j+2)-th best are equal
+    at = range(1, k + 1) if cuts is None else cuts
+    cols = sorted({int(c) - 1 for c in at if 0 < int(c) < values.shape[1]})
+    tied = same[:, cols].any(axis=1) if cols else np.zeros(n_rows, dtype=bool)
     out = probe[:, :k].copy()
     for i in np.flatnonzero(tied):
         out[i] = np.argsort(-s[i])[:k]
@@ -199,7 +207,9 @@ class RecallResult:
     hit_at_10: float
     per_image_recall: dict[int, np.ndarray]  # K -> (n_images,)
     per_image_hits: np.ndarray  # (n_images,) count of ground-truth IDs in the top 10
-    top10: np.ndarray  # (n_images, <=10) predicted text IDs
+    # (n_images, <=10) predicted text IDs: the official top-K sets at every K; texts tied with
+    # each other strictly between two cut-offs are listed in column order
+    top10: np.ndarray
     # Rows whose 10th and 11th best similarities are equal: their score depends on tie order.
     tied_at_10: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     # Recall@10 per image at the worst and the best order of each row's tie at the cut-off.
@@ -245,9 +255,10 @@ def recall_at_k(
     """Fractional recall@K per image and averaged, plus hit@10 (any ground truth in the top 10).
 
     The ranking is the official one, ``np.argsort(-similarity[i])[:K]`` per image, ties
-    included (:func:`official_top_k`: partial top-k where the top is unambiguous, numpy's own
-    sort where a tie is met); each image's recall is ``matched / len(ground_truth[i])`` and the
-    mean is ``np.mean`` of them, as ``evaluate_track1`` computes it. Also: which rows tie at the
+    included (:func:`official_top_k`: partial top-k where every top-K set is unambiguous,
+    numpy's own sort where a tie crosses a cut-off K); each image's recall is
+    ``matched / len(ground_truth[i])`` and the mean is ``np.mean`` of them, as
+    ``evaluate_track1`` computes it. Also: which rows tie at the
     10th place and the range of Recall@10 over every order of those ties.
     """
     if similarity.shape != (len(ground_truth), len(text_ids)):
@@ -258,7 +269,7 @@ def recall_at_k(
         if len(gt) == 0:
             raise ValueError(f"image row {i} has no ground-truth text IDs")
     ids = np.asarray(text_ids)
-    ranking = official_top_k(similarity, max(max(ks), 10))
+    ranking = official_top_k(similarity, max(max(ks), 10), cuts=sorted({*ks, 10}))
     ranked = ids[ranking.indices]
     gt_sets = [{int(t) for t in gt} for gt in ground_truth]
     sizes = [len(gt) for gt in ground_truth]  # the official denominator: the list as given
