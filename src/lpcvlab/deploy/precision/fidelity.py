@@ -101,6 +101,12 @@ def gate(settings: FidelityConfig, objective: str, metrics: dict[str, float]) ->
         for name, value in sorted(cosines.items()):
             if not value >= limit:  # NaN fails
                 reasons.append(f"{name} cosine min {value:.4f} < {limit:g}")
+    if settings.metric_drop_max is not None and drop is not None:
+        limit = float(settings.metric_drop_max)
+        checks.append(f"{objective} drop <= {limit:g}")
+        if not drop <= limit or math.isnan(drop):
+            fp32 = metrics.get(f"{objective}_fp32", math.nan)
+            reasons.append(f"{objective} {fp32 - drop:.4f} vs fp32 {fp32:.4f} (drop {drop:.4f})")
     ratios = {
         k[len(DISTINCT_RATIO) :]: v for k, v in metrics.items() if k.startswith(DISTINCT_RATIO)
     }
@@ -115,10 +121,4 @@ def gate(settings: FidelityConfig, objective: str, metrics: dict[str, float]) ->
                     f"{name} collapsed: {outs:.0f} distinct outputs for {ins:.0f} distinct "
                     f"inputs (ratio {value:.3f} < {limit:g})"
                 )
-    if settings.metric_drop_max is not None and drop is not None:
-        limit = float(settings.metric_drop_max)
-        checks.append(f"{objective} drop <= {limit:g}")
-        if not drop <= limit or math.isnan(drop):
-            fp32 = metrics.get(f"{objective}_fp32", math.nan)
-            reasons.append(f"{objective} {fp32 - drop:.4f} vs fp32 {fp32:.4f} (drop {drop:.4f})")
     return GateVerdict(not reasons, reasons, checks)
