@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from lpcvlab.tracking.recorder import (
     ModelFacts,
     RunRecorder,
     check_store,
+    compose_run_name,
     flatten,
     git_info,
     prune_vanished,
@@ -79,11 +81,23 @@ class StageClock:
         return {f"stage_seconds/{k}": v for k, v in (self.seconds | total).items()}
 
 
-def run_name(s: RunConfig) -> str:
+def run_name(s: RunConfig, shown: Sequence[str] = ()) -> str:
+    """``tracking.run_name``, else the backbone and what distinguishes the run: ``shown`` (the
+    command line's or sweep's overrides, :func:`lpcvlab.app.name_overrides`), then training,
+    precision, hub and seed where they are not the defaults."""
     if s.tracking.run_name:
         return str(s.tracking.run_name)
-    name = f"{s.backbone.name}/{s.preprocess.name}/{s.device.name}/{s.hub.name}"
-    return name if s.precision.name == "fp32" else f"{name}/{s.precision.name}"
+    implied = [
+        f"{key}={value}"
+        for key, value, default in (
+            ("train", s.train.name, "none"),
+            ("precision", s.precision.name, "fp32"),
+            ("hub", s.hub.name, "local"),
+            ("seed", str(s.seed), "0"),
+        )
+        if value != default
+    ]
+    return compose_run_name(s.backbone.name, shown, implied)
 
 
 def run_tags(s: RunConfig) -> dict[str, str]:
@@ -183,11 +197,13 @@ def run(
     work_dir: Path | None = None,
     hydra_dir: Path | None = None,
     extra_tags: dict[str, str] | None = None,
+    name_overrides: Sequence[str] = (),
 ) -> PipelineResult:
     """Run one configured job in its own MLflow run and return what it measured.
 
     ``extra_tags`` are added to the run's tags (e.g. ``reproduced_from``) without changing the
-    config, so that a reproduction logs the same params as the run it reproduces.
+    config, so that a reproduction logs the same params as the run it reproduces;
+    ``name_overrides`` are the overrides the run's name shows (:func:`run_name`).
     """
     settings = load_settings(cfg)  # every value and combination, before anything else
     rank = worker_rank()
@@ -215,7 +231,7 @@ def run(
         with start_run(
             settings.tracking,
             experiment,
-            run_name(settings),
+            run_name(settings, name_overrides),
             tags,
             system_metrics=system_metrics_on(settings),
         ) as rec:

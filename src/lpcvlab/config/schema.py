@@ -330,6 +330,7 @@ class RetrievalDemoConfig:
     num_images: int = setting(40, ge=1)
     # Images of the generated training split (root/train/), made only when the run trains.
     num_train_images: int = setting(400, ge=1)
+    seed: int = setting(0, ge=0)  # the generated data's own seed, apart from the run's ``seed``
 
 
 TRAIN_FORMATS = ("official", "coco")  # data.train.format
@@ -370,6 +371,7 @@ class RetrievalDataConfig(DataConfig):
 class VideoDemoConfig:
     videos_per_class_train: int = setting(12, ge=1)
     videos_per_class_val: int = setting(4, ge=1)
+    seed: int = setting(0, ge=0)  # the generated videos' own seed, apart from the run's ``seed``
 
 
 @dataclass

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +199,61 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
                 f"MLflow store {uri}: cannot create {folder} ({exc.strerror or exc}); set "
                 "tracking.uri to a writable place"
             ) from None
+
+
+# ----------------------------------------------------------------------------- run names
+
+# Overrides that say where a run writes or how long it measures, not what it is: never in a name.
+_PLUMBING = ("tracking.", "paths.", "hydra.", "cache.", "sweep.", "reproduce")
+_PLUMBING_KEYS = frozenset(
+    {
+        "hub.profile_iterations",
+        "hub.warmup_iterations",
+        "hub.poll_interval_s",
+        "hub.connect_timeout_s",
+        "hub.ledger_path",
+        "hub.chunk_bytes",
+        "export.parity_samples",
+        "data.workers",
+    }
+)
+NAME_MAX = 100  # characters: what the runs table shows without widening the column
+_VALUE_MAX = 32
+
+
+def override_key(override: str) -> str:
+    """``+a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def shown_overrides(overrides: Sequence[str], swept: Collection[str] | None = None) -> list[str]:
+    """The overrides a run's name shows: in a sweep (``swept`` = the swept keys, when known) the
+    swept ones, else every one; never where the run writes, how long it measures, or a secret."""
+    out = []
+    for text in overrides:
+        key = override_key(text)
+        if "=" not in text or text.startswith("~") or is_secret_key(key):
+            continue
+        if key.startswith(_PLUMBING) or key in _PLUMBING_KEYS:
+            continue
+        if swept is not None and key not in swept:
+            continue
+        value = text.split("=", 1)[1]
+        if len(value) > _VALUE_MAX:
+            value = value[: _VALUE_MAX - 3] + "..."
+        out.append(f"{key}={value}")
+    return out
+
+
+def compose_run_name(backbone: str, shown: Sequence[str], implied: Sequence[str] = ()) -> str:
+    """``clip_tiny train=finetune seed=1``: the backbone, then what distinguishes the run (the
+    ``shown`` overrides, then the ``implied`` ``key=value`` facts whose key no override named),
+    cut to :data:`NAME_MAX` characters. ``backbone=`` itself is the first word."""
+    parts = [o for o in shown if override_key(o) != "backbone"]
+    keys = {override_key(o) for o in parts}
+    parts += [f for f in implied if override_key(f) not in keys]
+    name = " ".join([backbone, *parts])
+    return name if len(name) <= NAME_MAX else name[: NAME_MAX - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- processes

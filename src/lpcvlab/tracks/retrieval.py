@@ -122,7 +122,9 @@ class RetrievalTrack:
         data = self.data
         assert data.root is not None  # checked when the config was loaded
         if data.demo is not None:
-            make_demo_retrieval_dataset(data.root, num_images=data.demo.num_images, seed=self.seed)
+            make_demo_retrieval_dataset(
+                data.root, num_images=data.demo.num_images, seed=data.demo.seed
+            )
         ds = read_track1(data.root, data.images_dir, data.img_list, data.txt_list)
         images, kept, unreadable = load_images(ds.images, host_preprocess(self.image))
         ds.skipped.extend(unreadable)
@@ -180,7 +182,7 @@ class RetrievalTrack:
         assert data.root is not None and cfg.root is not None  # checked at load
         if data.demo is not None:
             make_demo_training_split(
-                data.root, data.demo.num_train_images, data.demo.num_images, seed=self.seed
+                data.root, data.demo.num_train_images, data.demo.num_images, seed=data.demo.seed
             )
         split = read_caption_split(cfg)
         decoded = decode_training_images(split, host_preprocess(self.image), self.cache_dir)

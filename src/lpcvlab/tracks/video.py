@@ -149,7 +149,7 @@ class VideoTrack:
 
             make_demo_video_dataset(
                 data.root,
-                seed=self.seed,
+                seed=data.demo.seed,
                 videos_per_class_train=data.demo.videos_per_class_train,
                 videos_per_class_val=data.demo.videos_per_class_val,
             )
