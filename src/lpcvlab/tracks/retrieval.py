@@ -297,7 +297,7 @@ class RetrievalTrack:
         model = copy.deepcopy(bundle.model)
         trainable, total = set_unfreeze(model, settings.unfreeze, int(settings.unfreeze_blocks))
         log.info("training %d of %d parameters (unfreeze=%s)", trainable, total, settings.unfreeze)
-        run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
+        run.set_tags({"train/trainable_params": str(trainable), "train/total_params": str(total)})
 
         hard = None
         if settings.hard_negatives.enabled:
@@ -308,7 +308,7 @@ class RetrievalTrack:
                 able,
                 len(train.captions),
             )
-            run.log_metrics({"train/hard_negative_captions": float(able)})
+            run.set_tags({"train/hard_negative_captions": str(able)})
         distill = self._distill_targets(settings, train, run)
 
         image = self.image

@@ -345,7 +345,7 @@ class VideoTrack:
         prefixes = list(settings.trainable)
         trainable, total = set_trainable(model, prefixes)
         log.info("training %d of %d parameters (prefixes %s)", trainable, total, prefixes)
-        run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
+        run.set_tags({"train/trainable_params": str(trainable), "train/total_params": str(total)})
         stage(
             "train",
             self._describe(settings, payload, bundle.weights, trainable, total, teacher_desc),
