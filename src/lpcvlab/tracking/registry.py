@@ -221,7 +221,8 @@ def register_run(client: Any, run_id: str, name: str | None = None) -> list[Regi
 def link_version(client: Any, model_id: str, name: str, version: str) -> None:
     """Link the logged model to its registered version, as ``mlflow.register_model`` does: the
     model's ``mlflow.modelVersions`` tag (a JSON list of name and version) is what its page and
-    the run's "Registered" column read. (The version itself links the model by ``model_id``.)
+    the run's "Registered" column read. (The version links the model by its source,
+    ``models:/<model ID>``.)
 
     ``mlflow.register_model("models:/<id>")`` would take the version's run from the model's
     source run: a file shared by several runs (one text encoder, two sweep children) would then
