@@ -20,7 +20,15 @@ LAYERS = [
     {"tracks"},
     {"tracking", "objective"},
     {"pipeline"},
-    {"app", "tracking.sweep", "tracking.compare", "tracking.reproduce", "tracking.registry", "cli"},
+    {
+        "app",
+        "tracking.sweep",
+        "tracking.compare",
+        "tracking.reproduce",
+        "tracking.registry",
+        "tracking.submit",
+        "cli",
+    },
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

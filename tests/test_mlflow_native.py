@@ -232,6 +232,9 @@ def test_children_read_well_description_source_and_system_metrics(sweep):
 @pytest.mark.slow
 def test_parent_links_its_best_child_which_is_registered(sweep):
     parent, best, client = sweep.parent, sweep.best, sweep.client
+    # Each child is named by what it sweeps: the link to the best one says which it is.
+    names = {p: c.name for p, c in sweep.children.items()}
+    assert names == {p: f"clip_tiny preprocess={p}" for p in ("lpcvc_sample", "clip_mean_std")}
     note = parent.tags[NOTE_TAG]
     assert note.startswith(f"Best run: [{best.name}]({ui_link(best.experiment_id, best.run_id)})")
     assert best.run_id in note and "2 job(s), 2 finished, 0 failed" in note
@@ -246,6 +249,9 @@ def test_parent_links_its_best_child_which_is_registered(sweep):
         (version,) = client.search_model_versions(f"name = 'lpcvc-track1-{comp}'")
         assert version.run_id == best.run_id
         assert version.source == f"models:/{models[comp].model_id}"
+        # The version's source is its logged model; the model's tag lists the version.
+        linked = json.loads(models[comp].tags["mlflow.modelVersions"])
+        assert {"name": f"lpcvc-track1-{comp}", "version": "1"} in linked
         tags = version.tags
         assert tags["precision"] == "fp32" and tags["device"] == "XR2 Gen 2 (Proxy)"
         assert tags["runtime"] == "qnn_dlc" and tags["hub"] == "local"
@@ -269,6 +275,9 @@ def test_register_verb_adds_a_version_once_and_refuses_a_failed_run(sweep, capsy
     found = sweep.client.search_model_versions("name = 'lpcvc-track1-text_encoder'")
     text = {str(v.version): v for v in found}
     assert set(text) == {"1", "2"} and text["1"].source == text["2"].source  # one shared file
+    shared = sweep.client.get_logged_model(text["2"].source.removeprefix("models:/"))
+    linked = json.loads(shared.tags["mlflow.modelVersions"])
+    assert linked == [{"name": "lpcvc-track1-text_encoder", "version": v} for v in ("1", "2")]
 
     tracking = OmegaConf.create({"uri": sweep.uri, "artifact_root": str(sweep.tmp / "artifacts")})
     with pytest.raises(DataError):
@@ -316,6 +325,26 @@ def test_without_logged_models_register_logs_the_cached_export(sweep, tmp_path):
 # ----------------------------------------------------------------------------- the browser
 
 
+def _finetune_run(sweep: Sweep, epochs: int = 2) -> str:
+    """A short fine-tuning run in the sweep's store: its validation metrics, one per epoch."""
+    cfg = compose_config(
+        *TINY,
+        "train=finetune",
+        "data.demo.num_train_images=32",
+        "train.batch_size=16",
+        f"train.trainer.max_epochs={epochs}",
+        "train.trainer.enable_progress_bar=false",
+        "tracking.log_models=false",
+        f"tracking.uri={sweep.uri}",
+        f"tracking.artifact_root={sweep.tmp / 'artifacts'}",
+        f"paths.cache_dir={sweep.tmp / 'cache'}",
+    )
+    run_id = pipeline.run(cfg, work_dir=sweep.tmp / "trained").run_id
+    points = sweep.client.get_metric_history(run_id, "val/recall_at_10")
+    assert sorted(p.step for p in points) == list(range(epochs))  # the epoch is the step
+    return run_id
+
+
 @pytest.mark.slow
 @pytest.mark.ui
 @pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
@@ -351,10 +380,13 @@ def test_run_pages_in_headless_chromium(sweep):
     child = sweep.children["clip_mean_std"]
     exp = parent.experiment_id
     digest = sweep.client.get_run(child.run_id).inputs.dataset_inputs[0].dataset.digest
+    trained = _finetune_run(sweep)  # a training run in the same store, for its charts
     try:
-        # The README's link: the experiment's runs, not MLflow 3's GenAI (traces) page.
+        # The README's link: the experiment's runs, not MLflow 3's GenAI (traces) page, in the
+        # saved view whose columns are the objective, total latency, precision and backbone.
         driver.get(f"{sweep.url}/{ui_link(exp)}")
         shows(parent.name, "Run Name", "Dataset", "Models")
+        shows("recall_at_10", "latency_ms/total", "precision", "backbone")
         row = f"//div[@role='row'][.//a[contains(@href, '/runs/{parent.run_id}')]]//button"
         driver.find_element(By.XPATH, row).click()  # unfold the sweep's children
         text = shows(*(c.name for c in sweep.children.values()), f"demo_retrieval ({digest})")
@@ -372,6 +404,15 @@ def test_run_pages_in_headless_chromium(sweep):
         assert f"/runs/{best.run_id}?" in urllib.parse.unquote(href)
         driver.get(href)  # (the description's links open in a new tab)
         shows("Logged models (2)", "Registered models", "lpcvc-track1-image_encoder")
+
+        # The registered version is linked from its logged model's page.
+        image = _models(sweep.client, best.run_id)[IMAGE]
+        driver.get(f"{sweep.url}/#/experiments/{exp}/models/{image.model_id}")
+        shows(IMAGE, "lpcvc-track1-image_encoder")
+
+        # A per-epoch validation metric, charted on the training run's model metrics tab.
+        driver.get(f"{sweep.url}/#/experiments/{exp}/runs/{trained}/model-metrics")
+        shows("val/recall_at_10", "train/loss")
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)

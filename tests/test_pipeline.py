@@ -34,7 +34,10 @@ def test_track1_pipeline_logs_one_complete_run(cfg_factory, tmp_path, capsys):
         assert m[f"latency_ms/{comp}"] > 0
         assert m[f"peak_memory_mb/{comp}"] >= 0
         assert m[f"parity_cosine_min/{comp}"] >= 0.999
-    assert m["data/images"] == 12
+    # Counts that never change during a run are params, so the charts open on measurements.
+    assert run.data.params["data/images"] == "12" and "data/images" not in m
+    assert any(k.startswith("compute_units/image_encoder/") for k in run.data.params)
+    assert not any(k.startswith(("compute_units/", "onnx_ops/")) for k in m), sorted(m)
     t = run.data.tags
     assert t["track"] == "retrieval" and t["backbone"] == "clip_tiny"
     assert t["device"] == "xr2_gen2_proxy" and t["runtime"] == "qnn_dlc" and t["hub"] == "local"

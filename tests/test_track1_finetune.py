@@ -98,13 +98,19 @@ def runs(tmp_path_factory) -> Runs:
 def test_training_logs_falling_loss_and_validates_every_epoch(runs):
     run = runs.client.get_run(runs.ids["trained"])
     assert run.info.status == "FINISHED" and run.data.tags["train"] == "finetune"
+    assert run.data.tags["weights"] == "finetuned:random"  # the tag and the header agree
+    assert "weights=finetuned:random" in run.data.tags["mlflow.note.content"]
     loss = runs.history("trained", "train/loss")
     assert len(loss) == EPOCHS and loss[-1] < loss[0], loss
     for k in (1, 5, 10):
         assert len(runs.history("trained", f"val/recall_at_{k}")) == EPOCHS
+    # Validation is charted per epoch (its step is the epoch); the loss per optimizer step.
+    val = runs.client.get_metric_history(runs.ids["trained"], "val/recall_at_10")
+    assert sorted(point.step for point in val) == list(range(EPOCHS))
     m = runs.metrics("trained")
     assert m["train/best_val_recall_at_10"] == max(runs.history("trained", "val/recall_at_10"))
-    assert m["data/train_images"] == 48 and m["data/train_captions"] == 144
+    p = run.data.params
+    assert p["data/train_images"] == "48" and p["data/train_captions"] == "144"
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert {"demo_retrieval", "demo_retrieval/train"} <= set(inputs)
     ckpts = {a.path for a in runs.client.list_artifacts(runs.ids["trained"], "checkpoints")}
@@ -151,9 +157,8 @@ def test_wise_alpha_zero_scores_exactly_as_no_training(runs):
 
 
 def test_hard_negatives_are_made_and_counted(runs):
-    m = runs.metrics("alpha0")
     # Every demo caption names a colour: each one can be perturbed, each pair got a negative.
-    assert m["train/hard_negative_captions"] == 144
+    assert runs.tags("alpha0")["train/hard_negative_captions"] == "144"  # a count: a tag
     made = runs.history("alpha0", "train/hard_negatives")
     assert made == [48.0, 48.0]  # 3 batches of 16 per epoch
 

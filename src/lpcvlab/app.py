@@ -72,6 +72,32 @@ def sweep_job() -> tuple[bool, dict[str, str]]:
     }
 
 
+def name_overrides() -> list[str]:
+    """The overrides this job's MLflow run name shows: in a sweep the swept ones (the sweep's
+    ``multirun.yaml`` and ``hydra.sweeper.params`` name them), else those of the command line."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lpcvlab.tracking.recorder import override_key, shown_overrides
+
+    if not HydraConfig.initialized():
+        return []
+    hc = HydraConfig.get()
+    overrides = [str(o) for o in hc.overrides.task]
+    if hc.mode != RunMode.MULTIRUN:
+        return shown_overrides(overrides)
+    from omegaconf import OmegaConf
+
+    from lpcvlab.tracking.sweep import sweep_overrides
+
+    swept = {str(k) for k in (OmegaConf.select(hc, "sweeper.params") or {})}
+    sweep_file = Path(str(hc.sweep.dir)) / "multirun.yaml"  # the basic sweeper writes it
+    if sweep_file.is_file():
+        sweep_cfg = OmegaConf.load(sweep_file)
+        swept |= {override_key(o) for o in sweep_overrides(sweep_cfg, swept_only=True)}
+    return shown_overrides(overrides, swept or None)
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """Run one job; returns the objective for sweepers (``track.objective``, budget applied).
 
@@ -97,7 +123,13 @@ def run_job(cfg: DictConfig) -> float | None:
         load_settings(cfg)  # fails in well under a second, before the imports below
         from lpcvlab import pipeline
 
-        result = pipeline.run(cfg, work_dir=out_dir, hydra_dir=hydra_dir, extra_tags=tags)
+        result = pipeline.run(
+            cfg,
+            work_dir=out_dir,
+            hydra_dir=hydra_dir,
+            extra_tags=tags,
+            name_overrides=name_overrides(),
+        )
     except LpcvlabError as exc:
         if multirun:
             from lpcvlab.tracking.sweep import note_job_failure

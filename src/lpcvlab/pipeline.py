@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from lpcvlab.tracking.recorder import (
     ModelFacts,
     RunRecorder,
     check_store,
+    compose_run_name,
+    ensure_table_view,
     flatten,
     git_info,
     prune_vanished,
@@ -79,11 +82,23 @@ class StageClock:
         return {f"stage_seconds/{k}": v for k, v in (self.seconds | total).items()}
 
 
-def run_name(s: RunConfig) -> str:
+def run_name(s: RunConfig, shown: Sequence[str] = ()) -> str:
+    """``tracking.run_name``, else the backbone and what distinguishes the run: ``shown`` (the
+    command line's or sweep's overrides, :func:`lpcvlab.app.name_overrides`), then training,
+    precision, hub and seed where they are not the defaults."""
     if s.tracking.run_name:
         return str(s.tracking.run_name)
-    name = f"{s.backbone.name}/{s.preprocess.name}/{s.device.name}/{s.hub.name}"
-    return name if s.precision.name == "fp32" else f"{name}/{s.precision.name}"
+    implied = [
+        f"{key}={value}"
+        for key, value, default in (
+            ("train", s.train.name, "none"),
+            ("precision", s.precision.name, "fp32"),
+            ("hub", s.hub.name, "local"),
+            ("seed", str(s.seed), "0"),
+        )
+        if value != default
+    ]
+    return compose_run_name(s.backbone.name, shown, implied)
 
 
 def run_tags(s: RunConfig) -> dict[str, str]:
@@ -142,11 +157,21 @@ def component_metrics(name: str, run: ComponentRun) -> dict[str, float]:
         f"peak_memory_mb_low/{name}": prof.peak_memory_mb[0],
         f"inference_seconds/{name}": inf.seconds,
     }
-    metrics |= {
-        f"compute_units/{name}/{u.lower()}": float(n) for u, n in prof.compute_units.items()
-    }
     metrics |= {f"{k}/{name}": v for k, v in inf.metrics.items()}
     return metrics
+
+
+def counts(values: dict[str, float]) -> dict[str, str]:
+    """Values that never change during a run (data sizes, layers per compute unit, operator
+    counts), as params: the run's charts then open on what it measured, not on one-point bars."""
+    return {k: str(int(v)) if float(v).is_integer() else f"{v:g}" for k, v in values.items()}
+
+
+def component_params(name: str, run: ComponentRun) -> dict[str, str]:
+    """A component's layers per compute unit on the device (``compute_units/<name>/<unit>``)."""
+    assert run.profile is not None
+    units = run.profile.compute_units
+    return counts({f"compute_units/{name}/{u.lower()}": float(n) for u, n in units.items()})
 
 
 def _work_dir(work_dir: Path | None) -> Path:
@@ -183,11 +208,13 @@ def run(
     work_dir: Path | None = None,
     hydra_dir: Path | None = None,
     extra_tags: dict[str, str] | None = None,
+    name_overrides: Sequence[str] = (),
 ) -> PipelineResult:
     """Run one configured job in its own MLflow run and return what it measured.
 
     ``extra_tags`` are added to the run's tags (e.g. ``reproduced_from``) without changing the
-    config, so that a reproduction logs the same params as the run it reproduces.
+    config, so that a reproduction logs the same params as the run it reproduces;
+    ``name_overrides`` are the overrides the run's name shows (:func:`run_name`).
     """
     settings = load_settings(cfg)  # every value and combination, before anything else
     rank = worker_rank()
@@ -215,11 +242,12 @@ def run(
         with start_run(
             settings.tracking,
             experiment,
-            run_name(settings),
+            run_name(settings, name_overrides),
             tags,
             system_metrics=system_metrics_on(settings),
         ) as rec:
             run_id = rec.run_id
+            ensure_table_view(rec.client, rec.experiment_id, settings.track.objective)
             try:
                 rec.log_params(flatten(OmegaConf.to_container(resolved, resolve=True)))
                 rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
@@ -321,7 +349,7 @@ def _stages(
     console.stage("data", f"{s.data.name} (track={s.track.name})")
     data = track.load_data(work_dir, training=training)
     clock.lap("data")
-    rec.log_metrics({f"data/{k}": v for k, v in data.stats.items()})
+    rec.log_params(counts({f"data/{k}": v for k, v in data.stats.items()}))
     rec.log_datasets(data.datasets)
     for report in data.reports:
         rec.log_artifact(report, "data")
@@ -335,6 +363,9 @@ def _stages(
     if training:
         console.stage("train", s.train.name)
         bundle = track.train(bundle, data, s.train, rec, work_dir)
+        # Where the deployed weights came from: tag, description and logged models agree.
+        bundle = dataclasses.replace(bundle, weights=f"finetuned:{bundle.weights}")
+        rec.set_tags({"weights": bundle.weights})
         clock.lap("train")
 
     # Calibration data is chosen and checked before anything is exported or paid for.
@@ -374,6 +405,7 @@ def _stages(
             | export_metrics(comp.name, exp),
             models=[comp.name],
         )
+        rec.log_params(export_params(comp.name, exp))
         if s.tracking.log_onnx:
             rec.log_artifact(exp.path, "onnx")
     rec.set_tags(cache.tags())
@@ -401,12 +433,14 @@ def _stages(
     for name, crun in runs.items():
         measured = component_metrics(name, crun)
         rec.log_metrics(measured, models=[name])
+        rec.log_params(component_params(name, crun))
         metrics |= measured
         assert crun.profile is not None
         rec.log_dict(crun.profile.raw, f"profiles/{name}.json")
         if crun.quantized is not None:
             quantized = quantized_metrics(name, crun)
             rec.log_metrics(quantized, models=[name])
+            rec.log_params(quantized_params(name, crun))
             rec.set_tags(quantized_tags(name, crun))
             metrics |= quantized
 
@@ -442,25 +476,35 @@ def _stages(
 
 
 def export_metrics(name: str, exp: ExportResult) -> dict[str, float]:
-    """The exported graph's operator histogram and each rewrite's sites and cost."""
-    counts = exp.op_counts or op_counts(exp.path)
-    metrics = {f"onnx_ops/{name}/{op}": float(n) for op, n in counts.items()}
-    metrics |= {f"rewrite_sites/{name}/{r}": float(n) for r, n in exp.rewrite_sites.items()}
-    metrics |= {f"rewrite_cosine_min/{name}/{r}": c for r, c in exp.rewrite_cosine_min.items()}
-    return metrics
+    """What each rewrite of the exported graph cost (cosine against PyTorch)."""
+    return {f"rewrite_cosine_min/{name}/{r}": c for r, c in exp.rewrite_cosine_min.items()}
+
+
+def export_params(name: str, exp: ExportResult) -> dict[str, str]:
+    """The exported graph's operator histogram and each rewrite's sites (counts: params)."""
+    ops = exp.op_counts or op_counts(exp.path)
+    values = {f"onnx_ops/{name}/{op}": float(n) for op, n in ops.items()}
+    values |= {f"rewrite_sites/{name}/{r}": float(n) for r, n in exp.rewrite_sites.items()}
+    return counts(values)
 
 
 def quantized_metrics(name: str, run: ComponentRun) -> dict[str, float]:
-    """How a non-fp32 component was made: time, calibration size, the graph's operators."""
+    """How long making a non-fp32 component took."""
     q = run.quantized
     assert q is not None
-    metrics = {f"quantize_seconds/{name}": q.seconds}
-    if q.calibration_samples:
-        metrics[f"calibration_samples/{name}"] = float(q.calibration_samples)
+    return {f"quantize_seconds/{name}": q.seconds}
+
+
+def quantized_params(name: str, run: ComponentRun) -> dict[str, str]:
+    """The operators of a non-fp32 component's graph (counts; its calibration size is logged
+    with its calibration data, :func:`_precisions`)."""
+    q = run.quantized
+    assert q is not None
+    values: dict[str, float] = {}
     if q.model is not None:
-        counts = q.model.op_counts or op_counts(q.model.path)
-        metrics |= {f"onnx_ops_{q.precision}/{name}/{op}": float(n) for op, n in counts.items()}
-    return metrics
+        ops = q.model.op_counts or op_counts(q.model.path)
+        values |= {f"onnx_ops_{q.precision}/{name}/{op}": float(n) for op, n in ops.items()}
+    return counts(values)
 
 
 def quantized_tags(name: str, run: ComponentRun) -> dict[str, str]:
@@ -494,7 +538,7 @@ def _precisions(
                     f"calibration/{comp.name}/sha256": calibration.sha256,
                 }
             )
-            rec.log_metrics({f"calibration_samples/{comp.name}": float(len(calibration))})
+            rec.log_params(counts({f"calibration_samples/{comp.name}": len(calibration)}))
         out[comp.name] = ComponentPrecision(plan.of(comp.name), calibration)
     return out
 
@@ -626,5 +670,6 @@ def _print_summary(summary: str, res: PipelineResult, uri: str, experiment: str)
     if uri.startswith("sqlite:"):
         print(
             f"Open the UI: mlflow ui --backend-store-uri {uri}, then "
-            f"http://127.0.0.1:5000/{ui_link(res.experiment_id, res.run_id)}"
+            f"http://127.0.0.1:5000/{ui_link(res.experiment_id, res.run_id)}; all runs: "
+            f"http://127.0.0.1:5000/{ui_link(res.experiment_id)}"
         )

@@ -1,5 +1,5 @@
 """The ``lpcvlab`` console script: verbs that are not one Hydra job (data tools, hub, reproduce,
-register)."""
+register, submit)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ _COMMAND_MODULES: list[tuple[str, str]] = [
     ("lpcvlab.tracking.reproduce", "add_reproduce_commands"),
     ("lpcvlab.cli.runs", "add_runs_commands"),
     ("lpcvlab.tracking.registry", "add_register_commands"),
+    ("lpcvlab.tracking.submit", "add_submit_commands"),
 ]
 
 

@@ -65,6 +65,9 @@ class TrackConfig:
     what: ClassVar[str] = "a track"
     name: str = MISSING
     objective: str = MISSING
+    # The competition's latency limit (sum of the components' device latencies) that
+    # ``lpcvlab submit`` checks; null = unchecked.
+    budget_ms: float | None = setting(None, gt=0)
 
     def metrics(self) -> tuple[str, ...]:
         """Scalar metrics this track reports (what ``objective`` may name)."""
@@ -330,6 +333,7 @@ class RetrievalDemoConfig:
     num_images: int = setting(40, ge=1)
     # Images of the generated training split (root/train/), made only when the run trains.
     num_train_images: int = setting(400, ge=1)
+    seed: int = setting(0, ge=0)  # the generated data's own seed, apart from the run's ``seed``
 
 
 TRAIN_FORMATS = ("official", "coco")  # data.train.format
@@ -370,6 +374,7 @@ class RetrievalDataConfig(DataConfig):
 class VideoDemoConfig:
     videos_per_class_train: int = setting(12, ge=1)
     videos_per_class_val: int = setting(4, ge=1)
+    seed: int = setting(0, ge=0)  # the generated videos' own seed, apart from the run's ``seed``
 
 
 @dataclass
@@ -596,6 +601,14 @@ class SweepConfig:
 
 
 @dataclass
+class SubmissionConfig:
+    """``submission``: what ``lpcvlab submit`` does (:mod:`lpcvlab.tracking.submit`)."""
+
+    # Whom the compile jobs are shared with: the organisers' evaluation account by default.
+    share_with: list[str] = field(default_factory=lambda: ["lowpowervision@gmail.com"])
+
+
+@dataclass
 class RunConfig:
     """The whole composed config of one run (``conf/config.yaml``)."""
 
@@ -619,6 +632,7 @@ class RunConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
 
 
 # (group, name) -> schema; each YAML option's defaults list names one of these.

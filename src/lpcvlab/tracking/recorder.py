@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +201,61 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
             ) from None
 
 
+# ----------------------------------------------------------------------------- run names
+
+# Overrides that say where a run writes or how long it measures, not what it is: never in a name.
+_PLUMBING = ("tracking.", "paths.", "hydra.", "cache.", "sweep.", "reproduce")
+_PLUMBING_KEYS = frozenset(
+    {
+        "hub.profile_iterations",
+        "hub.warmup_iterations",
+        "hub.poll_interval_s",
+        "hub.connect_timeout_s",
+        "hub.ledger_path",
+        "hub.chunk_bytes",
+        "export.parity_samples",
+        "data.workers",
+    }
+)
+NAME_MAX = 100  # characters: what the runs table shows without widening the column
+_VALUE_MAX = 32
+
+
+def override_key(override: str) -> str:
+    """``+a.b=1`` -> ``a.b``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def shown_overrides(overrides: Sequence[str], swept: Collection[str] | None = None) -> list[str]:
+    """The overrides a run's name shows: in a sweep (``swept`` = the swept keys, when known) the
+    swept ones, else every one; never where the run writes, how long it measures, or a secret."""
+    out = []
+    for text in overrides:
+        key = override_key(text)
+        if "=" not in text or text.startswith("~") or is_secret_key(key):
+            continue
+        if key.startswith(_PLUMBING) or key in _PLUMBING_KEYS:
+            continue
+        if swept is not None and key not in swept:
+            continue
+        value = text.split("=", 1)[1]
+        if len(value) > _VALUE_MAX:
+            value = value[: _VALUE_MAX - 3] + "..."
+        out.append(f"{key}={value}")
+    return out
+
+
+def compose_run_name(backbone: str, shown: Sequence[str], implied: Sequence[str] = ()) -> str:
+    """``clip_tiny train=finetune seed=1``: the backbone, then what distinguishes the run (the
+    ``shown`` overrides, then the ``implied`` ``key=value`` facts whose key no override named),
+    cut to :data:`NAME_MAX` characters. ``backbone=`` itself is the first word."""
+    parts = [o for o in shown if override_key(o) != "backbone"]
+    keys = {override_key(o) for o in parts}
+    parts += [f for f in implied if override_key(f) not in keys]
+    name = " ".join([backbone, *parts])
+    return name if len(name) <= NAME_MAX else name[: NAME_MAX - 3] + "..."
+
+
 # ----------------------------------------------------------------------------- processes
 
 HOST_TAG, PID_TAG, STARTED_TAG = "host", "pid", "process_started"
@@ -329,11 +384,72 @@ def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None
         return exp.experiment_id
 
 
+# The runs table's view: MLflow 3.17's UI keeps saved views as experiment tags
+# ``mlflow.sharedViewState.<key>`` (an envelope: name, createdAt, updatedAt, and the view's state
+# as JSON: its columns among others) and opens one from ``?viewStateShareKey=<key>``.
+VIEW_KEY = "lpcvlab"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_NAME = "lpcvlab: objective, latency, precision, backbone"
+
+
+def _column(kind: str, name: str) -> str:
+    """A runs-table column as the UI names it (``metrics.`recall_at_10```)."""
+    return f"{kind}.`{name}`"
+
+
+def view_columns(objective: str) -> list[str]:
+    """The columns the linked runs table opens with: the track's objective, total latency,
+    precision, backbone, then MLflow's own Dataset and Models."""
+    return [
+        _column("metrics", objective),
+        _column("metrics", "latency_ms/total"),
+        _column("tags", "precision"),
+        _column("tags", "backbone"),
+        _column("attributes", "Dataset"),
+        _column("attributes", "Models"),
+    ]
+
+
+def table_view(objective: str, existing: str | None = None) -> str | None:
+    """The view's tag value for an experiment whose runs score ``objective``, the columns of an
+    ``existing`` view kept (an experiment shared by both tracks shows both objectives); None when
+    ``existing`` already shows them."""
+    columns: list[str] = []
+    created = int(time.time() * 1000)
+    if existing:
+        try:
+            envelope = json.loads(existing)
+            columns = list(json.loads(envelope["state"]).get("selectedColumns", []))
+            created = int(envelope.get("createdAt", created))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            columns = []
+    wanted = view_columns(objective)
+    if columns and all(c in columns for c in wanted):
+        return None
+    merged = list(dict.fromkeys([wanted[0], *columns, *wanted]))  # this objective first
+    state = json.dumps({"selectedColumns": merged})
+    now = int(time.time() * 1000)
+    return json.dumps({"name": VIEW_NAME, "createdAt": created, "updatedAt": now, "state": state})
+
+
+def ensure_table_view(client: Any, experiment_id: str, objective: str) -> None:
+    """Save the runs-table view :func:`ui_link` opens on the experiment (once per objective)."""
+    exp = client.get_experiment(experiment_id)
+    value = table_view(objective, (exp.tags or {}).get(VIEW_TAG))
+    if value is not None:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, value)
+
+
 def ui_link(experiment_id: str, run_id: str | None = None) -> str:
     """The MLflow UI's address (after the server's ``/``) of an experiment's runs, or of one run,
-    in its machine-learning view: without ``workflowType`` MLflow 3.17 opens its GenAI pages."""
-    run = f"/{run_id}" if run_id else ""
-    return f"#/experiments/{experiment_id}/runs{run}?workflowType=machine_learning"
+    in its machine-learning view: without ``workflowType`` MLflow 3.17 opens its GenAI pages.
+    The experiment's runs open in the view of :func:`ensure_table_view`."""
+    if run_id:
+        return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return (
+        f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={VIEW_KEY}"
+    )
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

@@ -16,6 +16,7 @@ now from the export cache when they are still there (same sha256), else the comm
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,7 @@ def register_run(client: Any, run_id: str, name: str | None = None) -> list[Regi
         done = client.search_model_versions(f"name = '{reg}' and run_id = '{run.run_id}'")
         if done:
             version = max(done, key=lambda v: int(v.version))
+            link_version(client, model_id, reg, str(version.version))  # one registered before
             out.append(RegisteredVersion(reg, str(version.version), component, model_id, True))
             continue
         tags = version_tags(run, component)
@@ -210,9 +212,30 @@ def register_run(client: Any, run_id: str, name: str | None = None) -> list[Regi
             description=_description(run, component, tags),
             model_id=model_id,
         )
+        link_version(client, model_id, reg, str(version.version))
         out.append(RegisteredVersion(reg, str(version.version), component, model_id, False))
     client.log_batch(run.run_id, tags=_run_tags(out))
     return out
+
+
+def link_version(client: Any, model_id: str, name: str, version: str) -> None:
+    """Link the logged model to its registered version, as ``mlflow.register_model`` does: the
+    model's ``mlflow.modelVersions`` tag (a JSON list of name and version) is what its page and
+    the run's "Registered" column read. (The version links the model by its source,
+    ``models:/<model ID>``.)
+
+    ``mlflow.register_model("models:/<id>")`` would take the version's run from the model's
+    source run: a file shared by several runs (one text encoder, two sweep children) would then
+    give every run's version the first run's ID, so the version is made by ``create_model_version``
+    with this run's ID, and the link added here."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    model = client.get_logged_model(model_id)
+    linked = json.loads((model.tags or {}).get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": name, "version": version}
+    if entry in linked:
+        return
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
 
 
 def _run_tags(versions: list[RegisteredVersion]) -> list[Any]:

@@ -122,7 +122,9 @@ class RetrievalTrack:
         data = self.data
         assert data.root is not None  # checked when the config was loaded
         if data.demo is not None:
-            make_demo_retrieval_dataset(data.root, num_images=data.demo.num_images, seed=self.seed)
+            make_demo_retrieval_dataset(
+                data.root, num_images=data.demo.num_images, seed=data.demo.seed
+            )
         ds = read_track1(data.root, data.images_dir, data.img_list, data.txt_list)
         images, kept, unreadable = load_images(ds.images, host_preprocess(self.image))
         ds.skipped.extend(unreadable)
@@ -180,7 +182,7 @@ class RetrievalTrack:
         assert data.root is not None and cfg.root is not None  # checked at load
         if data.demo is not None:
             make_demo_training_split(
-                data.root, data.demo.num_train_images, data.demo.num_images, seed=self.seed
+                data.root, data.demo.num_train_images, data.demo.num_images, seed=data.demo.seed
             )
         split = read_caption_split(cfg)
         decoded = decode_training_images(split, host_preprocess(self.image), self.cache_dir)
@@ -295,7 +297,7 @@ class RetrievalTrack:
         model = copy.deepcopy(bundle.model)
         trainable, total = set_unfreeze(model, settings.unfreeze, int(settings.unfreeze_blocks))
         log.info("training %d of %d parameters (unfreeze=%s)", trainable, total, settings.unfreeze)
-        run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
+        run.set_tags({"train/trainable_params": str(trainable), "train/total_params": str(total)})
 
         hard = None
         if settings.hard_negatives.enabled:
@@ -306,7 +308,7 @@ class RetrievalTrack:
                 able,
                 len(train.captions),
             )
-            run.log_metrics({"train/hard_negative_captions": float(able)})
+            run.set_tags({"train/hard_negative_captions": str(able)})
         distill = self._distill_targets(settings, train, run)
 
         image = self.image

@@ -156,7 +156,7 @@ class VideoTrack:
 
             make_demo_video_dataset(
                 data.root,
-                seed=self.seed,
+                seed=data.demo.seed,
                 videos_per_class_train=data.demo.videos_per_class_train,
                 videos_per_class_val=data.demo.videos_per_class_val,
             )
@@ -352,7 +352,7 @@ class VideoTrack:
         prefixes = list(settings.trainable)
         trainable, total = set_trainable(model, prefixes)
         log.info("training %d of %d parameters (prefixes %s)", trainable, total, prefixes)
-        run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
+        run.set_tags({"train/trainable_params": str(trainable), "train/total_params": str(total)})
         stage(
             "train",
             self._describe(settings, payload, bundle.weights, trainable, total, teacher_desc),

@@ -33,8 +33,26 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _RESUMABLE = ("interrupted.ckpt", "last.ckpt")  # newest state first
 
 
+EPOCH_STEPPED = ("val/",)  # metrics logged with the epoch as their step
+
+
 class SharedRunMLFlowLogger(MLFlowLogger):
-    """Logs metrics into an existing run and leaves its params and status to the pipeline."""
+    """Logs metrics into an existing run and leaves its params and status to the pipeline.
+
+    Validation metrics (``val/*``, once per epoch) take the epoch as their step, so that their
+    charts read per epoch; the rest keep Lightning's step (optimizer steps), per-step loss
+    included. Lightning adds ``epoch`` to what it logs at an epoch's end.
+    """
+
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        epoch = metrics.get("epoch")
+        stepped = {k: v for k, v in metrics.items() if k.startswith(EPOCH_STEPPED)}
+        if epoch is None or not stepped:
+            return super().log_metrics(metrics, step)
+        super().log_metrics(stepped, int(epoch))
+        rest = {k: v for k, v in metrics.items() if k not in stepped}
+        if rest:
+            super().log_metrics(rest, step)
 
     def log_hyperparams(self, params: Any) -> None:  # the resolved config is already logged
         return None
