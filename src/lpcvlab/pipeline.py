@@ -22,6 +22,7 @@ from lpcvlab.config import RunConfig, load_settings
 from lpcvlab.config.schema import LocalHubConfig
 from lpcvlab.deploy.cache import StageCache
 from lpcvlab.deploy.export import export_component
+from lpcvlab.deploy.hazards import DeviceLint
 from lpcvlab.deploy.precision import ComponentPrecision, PrecisionPlan
 from lpcvlab.deploy.precision.calibration import choose_calibration
 from lpcvlab.deploy.precision.fidelity import component_fidelity, metric_fidelity
@@ -377,6 +378,10 @@ def _stages(
         if s.tracking.log_onnx:
             rec.log_artifact(exp.path, "onnx")
     rec.set_tags(cache.tags())
+    # Device hazards of every graph to compile, before any hub stage (export.lint).
+    lint = DeviceLint.from_settings(s, work_dir)
+    specs = {n: e.input for n, e in exports.items()}
+    lint.check(rec, {n: ("export", e.path) for n, e in exports.items()}, specs)
     clock.lap("export")
 
     console.stage("compile, profile, infer", f"hub={s.hub.name}")
@@ -387,6 +392,7 @@ def _stages(
         ]
     )
     rec.set_tags(cache.tags())
+    lint.check(rec, deployed_graphs(runs), specs)  # hub=local: the fp16 / quantized graphs
     reused = ""
     if cache.hits:
         stages: dict[str, list[str]] = {}
@@ -438,6 +444,15 @@ def _stages(
     return PipelineResult(
         rec.run_id, metrics, exports, runs, evaluation, bundle.weights, cache_reused=reused
     )
+
+
+def deployed_graphs(runs: dict[str, ComponentRun]) -> dict[str, tuple[str, Path]]:
+    """The non-fp32 graphs made on this machine (``hub=local``), by component."""
+    return {
+        name: (run.quantized.precision, Path(run.quantized.model.path))
+        for name, run in runs.items()
+        if run.quantized is not None and run.quantized.model is not None
+    }
 
 
 def export_metrics(name: str, exp: ExportResult) -> dict[str, float]:

@@ -36,6 +36,7 @@ QUANTIZED = ("w8a16", "w8a8")  # the precisions that need calibration data
 MIN_CALIBRATION_SAMPLES = 8
 # NPU-safe ONNX graph rewrites (``export.rewrites``; :mod:`lpcvlab.deploy.rewrites`).
 REWRITES = ("gelu_sigmoid", "finite_mask")
+LINT_MODES = ("error", "warn", "off")  # ``export.lint``
 
 
 def setting(
@@ -558,6 +559,10 @@ class ExportConfig:
     parity_samples: int = setting(8, ge=1)
     # NPU-safe graph rewrites applied to the exported graph, in this order.
     rewrites: list[str] = setting(factory=list, choices=REWRITES, each=True)
+    # The device-hazard check of every graph before any hub stage (lpcvlab.deploy.hazards):
+    # error stops the run, warn prints and logs, off skips; null = error on hub=aihub, warn
+    # on hub=local.
+    lint: str | None = setting(None, choices=LINT_MODES)
 
     def check(self, prefix: str) -> None:
         if len(set(self.rewrites)) != len(self.rewrites):
