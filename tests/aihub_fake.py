@@ -40,7 +40,7 @@ import socket
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -190,15 +190,56 @@ class FakeJob:
     calibration_samples: int = 0  # quantize jobs: samples the calibration dataset held
 
 
+class _Blobs(MutableMapping[str, bytes]):
+    """The service's dataset storage: in memory, or files under ``folder`` (the remote side's
+    disk), so that a test measuring this process's memory measures the client's alone."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._memory: dict[str, bytes] = {}
+        self._names: list[str] = []
+
+    def __getitem__(self, key: str) -> bytes:
+        if self.folder is None:
+            return self._memory[key]
+        if key not in self._names:
+            raise KeyError(key)
+        return (self.folder / key).read_bytes()
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        if self.folder is None:
+            self._memory[key] = value
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / key).write_bytes(value)
+        if key not in self._names:
+            self._names.append(key)
+
+    def __delitem__(self, key: str) -> None:
+        if self.folder is None:
+            del self._memory[key]
+            return
+        self._names.remove(key)
+        (self.folder / key).unlink()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._memory) if self.folder is None else list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._memory) if self.folder is None else len(self._names)
+
+
 class FakeAIHub:
     """State and routes of the fake service; see the module docstring."""
 
-    def __init__(self, token: str, steps: int = 3, noise: float = 1e-4) -> None:
+    def __init__(
+        self, token: str, steps: int = 3, noise: float = 1e-4, storage: Path | None = None
+    ) -> None:
         self.token = token
         self.steps = steps  # status polls (GET jobs/<id>) a job takes before it finishes
         self.noise = noise  # relative error added to device outputs
         self.models: dict[str, FakeModel] = {}
-        self.datasets: dict[str, bytes] = {}
+        self.datasets: MutableMapping[str, bytes] = _Blobs(storage)
         self.dataset_names: dict[str, str] = {}
         self.jobs: dict[str, FakeJob] = {}
         self.shared: dict[str, list[str]] = {}

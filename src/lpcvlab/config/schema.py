@@ -251,6 +251,8 @@ class AIHubConfig(HubConfig):
     # Seconds to wait for AI Hub to answer the first request of a run.
     connect_timeout_s: float = setting(10.0, gt=0)
     chunk_bytes: int = setting(1_296_000_000, gt=0, le=AIHUB_DATASET_LIMIT_BYTES)
+    # Inference jobs of one component in flight at once; the next chunk goes up as one ends.
+    inference_window: int = setting(4, ge=1)
     parity_samples: int = setting(32, ge=0)
     ledger_path: str | None = None  # null = <paths.cache_dir>/aihub_ledger.jsonl
 

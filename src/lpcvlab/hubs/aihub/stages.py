@@ -11,9 +11,13 @@
    inputs, ``--max_profiler_iterations <hub.profile_iterations>``; ``download_profile()`` is
    parsed by :func:`lpcvlab.hubs.profile.parse_profile`.
 3. **inference** (:meth:`Stages.start_inference`) -- the inputs go up as datasets of at most
-   ``hub.chunk_bytes`` each (AI Hub refuses datasets over 2 GB), one job per chunk; outputs come
-   back in input order, a reused job whose outputs AI Hub has deleted (after 30 days) runs again,
-   and the first ``hub.parity_samples`` are compared with ONNX Runtime on this machine
+   ``hub.chunk_bytes`` each (AI Hub refuses datasets over 2 GB), one job per chunk, at most
+   ``hub.inference_window`` in flight (each finished chunk starts the next); every chunk goes
+   up from an h5 file in a temporary folder of lpcvlab's and its outputs come down into one, so
+   neither the client's Dataset nor its job keeps the arrays and no file is left behind: memory
+   stays flat in the number of chunks. Outputs come back in input order, a reused job whose
+   outputs AI Hub has deleted (after 30 days) runs again, and the first
+   ``hub.parity_samples`` are compared with ONNX Runtime on this machine
    (:func:`lpcvlab.hubs.parity.device_parity`).
 
 When compile finishes, :meth:`Stages.after_compile` starts the stages the component asked for
@@ -41,8 +45,10 @@ quantized model lives on AI Hub, so that number includes the quantization error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import io
 import logging
 import os
 import shlex
@@ -54,9 +60,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import onnx
 import qai_hub
+from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
 
 from lpcvlab.config.schema import AIHubConfig
 from lpcvlab.deploy.precision import FP32, ComponentPrecision
@@ -554,7 +562,9 @@ class Stages:
         return np.ascontiguousarray(x, dtype=handle.device_dtype)
 
     def start_inference(self, state: ComponentState) -> list[Pending]:
-        """One inference job per chunk of ``state.inputs``; :meth:`finish_inference` joins them."""
+        """One inference job per chunk of ``state.inputs``, at most ``hub.inference_window`` of
+        them in flight: each finished chunk starts the next, so memory stays flat in the number
+        of chunks. :meth:`finish_inference` joins the outputs."""
         assert state.inputs is not None
         check_inputs(state.exported, state.inputs)
         handle = self._handle(state)
@@ -564,17 +574,21 @@ class Stages:
         state.chunk_outputs = [None] * len(bounds)
         state.infer_started = time.perf_counter()
         options = inference_options(self.settings)
+        window = max(1, int(self.settings.inference_window))
         if len(bounds) > 1:
             log.info(
-                "AI Hub: %s: %d samples in %d chunks of <= %d (hub.chunk_bytes=%d)",
+                "AI Hub: %s: %d samples in %d chunks of <= %d (hub.chunk_bytes=%d), at most %d "
+                "in flight (hub.inference_window)",
                 state.component,
                 n,
                 len(bounds),
                 per,
                 self.settings.chunk_bytes,
+                window,
             )
-        pending = []
-        for ci, (a, b) in enumerate(bounds):
+
+        def start_chunk(ci: int) -> Pending:
+            a, b = bounds[ci]
             label = f"{ci + 1}/{len(bounds)}" if len(bounds) > 1 else ""
             # state.inputs may read from disk (Track 2's CachedClips): a chunk at a time
             digest = array_sha256(self._device_batch(handle, state.inputs[a:b]))
@@ -582,14 +596,15 @@ class Stages:
 
             # The device batch is rebuilt at submission rather than kept: a reused chunk needs
             # none, and holding every chunk until the end would double the inputs' memory.
-            def submit_job(a: int = a, b: int = b, label: str = label) -> Any:
+            def submit_job() -> Any:
                 assert state.inputs is not None
                 batch = self._device_batch(handle, state.inputs[a:b])
                 return self._submit_inference(state, handle, batch, label, options)
 
-            def on_success(p: Pending, ci: int = ci, expected: int = b - a) -> list[Pending]:
+            def on_success(p: Pending) -> list[Pending]:
+                follow = [start_chunk(ci + window)] if ci + window < len(bounds) else []
                 try:
-                    state.chunk_outputs[ci] = self._download_outputs(state, p, expected)
+                    state.chunk_outputs[ci] = self._download_outputs(state, p, b - a)
                 except RuntimeStageError as exc:
                     if p.restart is None:
                         raise
@@ -602,15 +617,14 @@ class Stages:
                         exc,
                     )
                     state.trail.drop("inference", p.job.job_id, p.job.url)
-                    return [p.restart()]
-                return []
+                    return [p.restart(), *follow]
+                return follow
 
-            pending.append(
-                self.driver.start(
-                    "inference", state.trail, inputs, options, submit_job, on_success, label
-                )
+            return self.driver.start(
+                "inference", state.trail, inputs, options, submit_job, on_success, label
             )
-        return pending
+
+        return [start_chunk(ci) for ci in range(min(window, len(bounds)))]
 
     def _submit_inference(
         self,
@@ -621,11 +635,19 @@ class Stages:
         options: str,
     ) -> Any:
         name = self._job_name(state.component, f"inference {label}".strip())
-        entries = {handle.input_name: [batch[i : i + 1] for i in range(len(batch))]}
-        dataset = self._call(
-            lambda: self.client.upload_dataset(entries, name=name),
-            f"uploading the inputs of {name}",
-        )
+        # The h5 file is written here and uploaded by path: the client then keeps no copy of
+        # the arrays in its Dataset (and so in the job), and the file goes whatever happens
+        # (the client's own temporary file stays behind when an upload fails).
+        with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
+            path = Path(tmp) / "inputs.h5"
+            with h5py.File(path, "w") as h5:
+                entries = {handle.input_name: [batch[i : i + 1] for i in range(len(batch))]}
+                dataset_entries_to_h5(entries, h5)
+            del entries
+            dataset = self._call(
+                lambda: self.client.upload_dataset(str(path), name=name),
+                f"uploading the inputs of {name}",
+            )
         log.info(
             "AI Hub: uploaded %d %s samples of %s as dataset %s",
             len(batch),
@@ -637,7 +659,18 @@ class Stages:
         return self._submit_inference_job(model, dataset, name, options, f"submitting {name}")
 
     def _download_outputs(self, state: ComponentState, p: Pending, expected: int) -> np.ndarray:
-        out = self._call(p.job.download_output_data, f"downloading outputs of {p.job.job_id}")
+        # Into a folder of lpcvlab's, read, and gone: downloaded to memory, the client leaves an
+        # empty temporary file behind per download and keeps the outputs in its Dataset.
+        with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
+            with contextlib.redirect_stdout(io.StringIO()):  # "Downloaded dataset to <tmp>"
+                path = self._call(
+                    lambda: p.job.download_output_data(tmp),
+                    f"downloading outputs of {p.job.job_id}",
+                )
+            out = None
+            if path:
+                with h5py.File(path, "r") as h5:
+                    out = h5_to_dataset_entries(h5)
         if not out:
             raise RuntimeStageError(
                 f"{state.component}: inference job {p.job.job_id} produced no output data "
