@@ -489,13 +489,20 @@ def test_quantized_component_quantize_compile_profile_infer_then_reused(
     (quantize,) = fake.jobs_of("quantize")
     assert quantize.request.weights_dtype == pb.QUANTIZE_DTYPE_INT8
     assert quantize.request.activations_dtype == pb.QUANTIZE_DTYPE_INT16
+    assert quantize.request.options == "--range_scheme min_max"  # AIHM's w8a16 option
     assert quantize.calibration_samples == 8  # the dataset held the calibration samples
     name = fake.dataset_names[quantize.request.calibration_dataset.dataset_id]
     assert name == "video-video_classifier quantize w8a16 calibration"
-    # Compile took the quantize job's model: nothing but the export was uploaded as a model.
-    (compile_job,) = fake.jobs_of("compile")
+    # AIHM's order: the export compiled to an ONNX target, that model quantized, the quantized
+    # model compiled for the device with --quantize_io; only the export was uploaded.
+    onnx_job, compile_job = sorted(fake.jobs_of("compile"), key=lambda j: j.created_seq)
+    assert onnx_job.request.options == "--target_runtime onnx --output_names class_probs"
+    assert quantize.request.model.model_id == onnx_job.target_model_id
+    assert quantize.created_seq > onnx_job.done_seq
     assert compile_job.request.model.model_id == quantize.target_model_id
-    assert compile_job.request.options == TRACK2_OPTIONS
+    assert compile_job.request.options == TRACK2_OPTIONS.replace(
+        "--truncate_64bit_io", "--truncate_64bit_io --quantize_io"
+    )
     assert fake.count("POST", r"/models/$") == 1
     assert compile_job.created_seq > quantize.done_seq
     # ... then profiled and run like any model; its outputs are the quantized model's.
@@ -519,7 +526,9 @@ def test_quantized_component_quantize_compile_profile_infer_then_reused(
         "INT8",
         "INT16",
     )
-    assert entry["inputs"]["model_sha256"] == exported.sha256
+    assert entry["inputs"]["onnx_compile_job"] == onnx_job.job_id
+    onnx_entry = next(e for e in ledger if e["kind"] == "onnx_compile")
+    assert onnx_entry["inputs"]["model_sha256"] == exported.sha256
     compiled = next(e for e in ledger if e["kind"] == "compile")
     assert compiled["inputs"]["quantize_job"] == quantize.job_id
 
@@ -530,7 +539,7 @@ def test_quantized_component_quantize_compile_profile_infer_then_reused(
     )
     run2 = again.run_components([job])["video_classifier"]
     assert len(fake.jobs) == before
-    for kind in ("quantize", "compile", "profile", "inference"):
+    for kind in ("onnx_compile", "quantize", "compile", "profile", "inference"):
         assert statuses(events, "video_classifier", kind) == ["REUSED"], kind
     np.testing.assert_array_equal(run2.inference.outputs, run.inference.outputs)
     assert run2.quantized.job_id == quantize.job_id
@@ -588,7 +597,9 @@ def test_a_failed_quantize_job_says_why(fake: FakeAIHub, models, tmp_path: Path)
         hub.run_components(
             [ComponentJob(models["image_encoder"], image_inputs(2), precision=wrong)]
         )
-    assert fake.jobs_of("compile") == []
+    # Only the ONNX compile that quantize starts from ran: no device compile followed.
+    (onnx_job,) = fake.jobs_of("compile")
+    assert onnx_job.request.options.startswith("--target_runtime onnx ")
 
 
 # --------------------------------------------------------------------------- ledger

@@ -251,6 +251,8 @@ class AIHubConfig(HubConfig):
     # Seconds to wait for AI Hub to answer the first request of a run.
     connect_timeout_s: float = setting(10.0, gt=0)
     chunk_bytes: int = setting(1_296_000_000, gt=0, le=AIHUB_DATASET_LIMIT_BYTES)
+    # A quantized (w8a*) component's compile adds --quantize_io, as AIHM does.
+    quantize_io: bool = True
     # Inference jobs of one component in flight at once; the next chunk goes up as one ends.
     inference_window: int = setting(4, ge=1)
     parity_samples: int = setting(32, ge=0)

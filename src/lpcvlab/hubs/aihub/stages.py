@@ -51,6 +51,7 @@ import inspect
 import io
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import tempfile
@@ -69,7 +70,7 @@ from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to
 from lpcvlab.config.schema import AIHubConfig
 from lpcvlab.deploy.precision import FP32, ComponentPrecision
 from lpcvlab.errors import RuntimeStageError
-from lpcvlab.hubs.aihub.client import guard, submit
+from lpcvlab.hubs.aihub.client import find_job_by_name, guard, submit
 from lpcvlab.hubs.aihub.jobs import Emit, JobDriver, JobTrail, LedgerEntry, Pending
 from lpcvlab.hubs.aihub.settings import (
     QUANTIZE_DTYPES,
@@ -78,6 +79,7 @@ from lpcvlab.hubs.aihub.settings import (
     forced_channel_last,
     inference_options,
     profile_options,
+    quantize_options,
     samples_per_chunk,
 )
 from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE
@@ -122,6 +124,7 @@ class ComponentState:
     precision: ComponentPrecision = FP32
     quantized: QuantizeResult | None = None  # how a non-fp32 component was made
     quantized_model: Any = None  # the quantize job's target model, compiled instead of the export
+    onnx_input: tuple[str, tuple[int, ...], str] | None = None  # the ONNX compile's input
     compiled: CompileResult | None = None
     profile: ProfileResult | None = None
     chunk_outputs: list[np.ndarray | None] = field(default_factory=list)
@@ -227,6 +230,7 @@ class Stages:
         self._redact = redact
         self._emit = emit
         self._hub_device = qai_hub.Device(name=device)
+        self.sleep: Callable[[float], None] = time.sleep  # waits out 429s (tests: no wait)
         self._models: dict[str, Any] = {}
         self._digests: dict[Path, str] = {}
         self._external: dict[Path, list[Path]] = {}
@@ -280,27 +284,82 @@ class Stages:
     # ------------------------------------------------------------------ compile
 
     def start_quantize(self, state: ComponentState) -> Pending:
-        """A quantize job of the export with its calibration data; compile follows its model."""
+        """AIHM's flow for a quantized component: the export is first compiled to an ONNX target
+        (``--target_runtime onnx --output_names <out>``, plus ``--truncate_64bit_io`` for a
+        64-bit input); :meth:`_start_quantize_job` quantizes that model when it is done."""
         exported = state.exported
         spec = exported.input
-        cal = state.precision.calibration
-        if cal is None:
+        if state.precision.calibration is None:
             raise RuntimeStageError(f"{state.component}: {state.precision.name} needs calibration")
-        weights, activations = QUANTIZE_DTYPES[state.precision.name]
+        parts = ["--target_runtime", "onnx", "--output_names", exported.output_name]
+        if spec.dtype in ("int64", "uint64") and "--truncate_64bit_io" in shlex.split(
+            self.runtime_options
+        ):
+            parts.append("--truncate_64bit_io")
+        options = shlex.join(parts)
         inputs = {
             "model_sha256": self._model_digest(exported),
+            "input_specs": {spec.name: [list(spec.shape), spec.dtype]},
+        }
+
+        def submit_job() -> Any:
+            model = self._source_model(state)
+            return self._submit(
+                lambda: self.client.submit_compile_job(
+                    model,
+                    device=self._hub_device,
+                    name=self._job_name(state.component, "onnx"),
+                    input_specs={spec.name: (tuple(spec.shape), spec.dtype)},
+                    options=options,
+                ),
+                f"submitting the ONNX compile job of {state.component}",
+            )
+
+        def on_success(p: Pending) -> list[Pending]:
+            target = self._call(p.job.get_target_model, f"reading the model of {p.job.job_id}")
+            if target is None:
+                raise RuntimeStageError(
+                    f"{state.component}: ONNX compile job {p.job.job_id} finished without a "
+                    f"model ({p.job.url})"
+                )
+            if hasattr(p.job, "get_target_shapes"):
+                what = f"reading the shapes of {p.job.job_id}"
+                shapes = self._call(p.job.get_target_shapes, what)
+            else:  # clients before get_target_shapes()
+                shapes = self._call(lambda: p.job.target_shapes, f"reading {p.job.job_id}")
+            name, shape, dtype, _ = self._device_input(exported, shapes, p.entry)
+            state.onnx_input = (name, shape, dtype)
+            return [self._start_quantize_job(state, target, p.job.job_id)]
+
+        return self.driver.start(
+            "onnx_compile", state.trail, inputs, options, submit_job, on_success
+        )
+
+    def _start_quantize_job(self, state: ComponentState, onnx_model: Any, onnx_job: str) -> Pending:
+        """``submit_quantize_job`` of the ONNX model with the calibration data (cast to the ONNX
+        model's input dtype: int32 for token IDs under ``--truncate_64bit_io``), options as AIHM
+        sets them (``--range_scheme min_max`` for w8a16); compile follows its model."""
+        cal = state.precision.calibration
+        assert cal is not None and state.onnx_input is not None
+        input_name, _, input_dtype = state.onnx_input
+        weights, activations = QUANTIZE_DTYPES[state.precision.name]
+        options = quantize_options(state.precision.name)
+        inputs = {
+            "onnx_compile_job": onnx_job,
             "calibration_sha256": cal.sha256,
             "weights_dtype": weights,
             "activations_dtype": activations,
         }
-        options = ""  # AI Hub's defaults; the dtypes are arguments of their own
+        base = self._job_name(state.component, f"quantize {state.precision.name}")
 
         def submit_job() -> Any:
-            model = self._source_model(state)
-            name = self._job_name(state.component, f"quantize {state.precision.name}")
-            entries = {spec.name: [cal.samples[i : i + 1] for i in range(len(cal))]}
+            # A name of its own per submission: a job whose creation answer was lost is found
+            # again by it (client.find_job_by_name) instead of being paid for twice.
+            name = f"{base} [{secrets.token_hex(4)}]"
+            samples = np.asarray(cal.samples).astype(input_dtype, copy=False)
+            entries = {input_name: [samples[i : i + 1] for i in range(len(cal))]}
             dataset = self._call(
-                lambda: self.client.upload_dataset(entries, name=f"{name} calibration"),
+                lambda: self.client.upload_dataset(entries, name=f"{base} calibration"),
                 f"uploading the calibration data of {state.component}",
             )
             log.info(
@@ -310,9 +369,10 @@ class Stages:
                 cal.source,
                 dataset.dataset_id,
             )
-            return self._submit(
+            return submit(
+                self.client,
                 lambda: self.client.submit_quantize_job(
-                    model,
+                    onnx_model,
                     dataset,
                     weights_dtype=qai_hub.QuantizeDtype[weights],
                     activations_dtype=qai_hub.QuantizeDtype[activations],
@@ -320,6 +380,10 @@ class Stages:
                     options=options,
                 ),
                 f"submitting the quantize job of {state.component}",
+                self._redact,
+                find=lambda: find_job_by_name(self.client, qai_hub.JobType.QUANTIZE, name),
+                retry_rate_limits=True,  # the client retries 429s for compile, not quantize
+                sleep=self.sleep,
             )
 
         def on_success(p: Pending) -> list[Pending]:
@@ -333,7 +397,11 @@ class Stages:
             state.quantized = QuantizeResult(
                 component=state.component,
                 precision=state.precision.name,
-                method=f"AI Hub quantize job (weights {weights}, activations {activations})",
+                method=(
+                    f"AI Hub quantize job (weights {weights}, activations {activations}"
+                    + (f", {options}" if options else "")
+                    + ") of the ONNX-compiled export"
+                ),
                 seconds=time.monotonic() - p.started,
                 calibration_samples=len(cal),
                 calibration_sha256=cal.sha256,
@@ -351,14 +419,21 @@ class Stages:
         exported = state.exported
         spec = exported.input
         fp16 = state.precision.name == "fp16"
+        quantized = state.quantized_model is not None
+        # AIHM compiles a quantized model with --quantize_io (hub.quantize_io).
+        precision_options = self.fp16_options if fp16 else ""
+        if self.settings.quantize_io and quantized:
+            precision_options = "--quantize_io"
         options = compile_options(
             exported,
             self.target_runtime,
             self.runtime_options,
             self.channel_last_inputs,
             self.settings.extra_compile_options,
-            precision_options=self.fp16_options if fp16 else "",
+            precision_options=precision_options,
         )
+        # The quantized ONNX model takes what the ONNX compile made of the input (int32 text).
+        dtype = state.onnx_input[2] if quantized and state.onnx_input else spec.dtype
         if fp16:
             state.quantized = QuantizeResult(
                 state.component, "fp16", f"AI Hub compile options {self.fp16_options}", 0.0
@@ -368,7 +443,7 @@ class Stages:
             if state.quantized_model is not None and state.quantized is not None
             else {"model_sha256": self._model_digest(exported)}
         )
-        inputs = {**source, "input_specs": {spec.name: [list(spec.shape), spec.dtype]}}
+        inputs = {**source, "input_specs": {spec.name: [list(spec.shape), dtype]}}
 
         def submit_job() -> Any:
             model = self._source_model(state)
@@ -377,7 +452,7 @@ class Stages:
                     model,
                     device=self._hub_device,
                     name=self._job_name(state.component),
-                    input_specs={spec.name: (tuple(spec.shape), spec.dtype)},
+                    input_specs={spec.name: (tuple(spec.shape), dtype)},
                     options=options,
                 ),
                 f"submitting the compile job of {state.component}",
