@@ -575,12 +575,12 @@ def test_fp16_compiles_with_the_runtimes_fp16_options(fake: FakeAIHub, models, t
     }
     assert options == {
         "retrieval-image_encoder": TRACK1_OPTIONS
-        + " --qnn_options default_graph_htp_precision=FLOAT16 --qairt_version 2.31",
+        + " --quantize_full_type float16 --quantize_io --qairt_version 2.31",
         "retrieval-text_encoder": TRACK1_OPTIONS + " --qairt_version 2.31",
     }
     assert fake.jobs_of("quantize") == []
     assert runs["image_encoder"].quantized.precision == "fp16"
-    assert "default_graph_htp_precision=FLOAT16" in runs["image_encoder"].quantized.method
+    assert "--quantize_full_type float16" in runs["image_encoder"].quantized.method
     assert runs["text_encoder"].quantized is None
     # fp16 and fp32 of the same export are different compile jobs in the ledger.
     again, events = hub_with_events(tmp_path, extra_compile_options="--qairt_version 2.31")

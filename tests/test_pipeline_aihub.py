@@ -117,11 +117,11 @@ def test_mixed_precision_on_aihub_records_the_quantize_job_and_its_fidelity(fake
     assert tags["aihub/text_encoder/quantize_job_status"] == "SUCCESS"
     assert "aihub/image_encoder/quantize_job" not in tags
     assert "AI Hub quantize job" in tags["precision_method/text_encoder"]
-    assert "FLOAT16" in tags["precision_method/image_encoder"]
+    assert "--quantize_full_type float16" in tags["precision_method/image_encoder"]
     assert tags["calibration/text_encoder/source"] == "eval_spread"
     assert quantize.calibration_samples == 8
     image_compile = fake.jobs[tags["aihub/image_encoder/compile_job"]]
-    assert "default_graph_htp_precision=FLOAT16" in image_compile.request.options
+    assert "--quantize_full_type float16 --quantize_io" in image_compile.request.options
     for comp in ("image_encoder", "text_encoder"):
         assert 0.9 < metrics[f"fidelity_cosine_min/{comp}"] < 1.0
     assert "recall_at_10_fp32" in metrics and tags["fidelity_gate"] in ("passed", "failed")

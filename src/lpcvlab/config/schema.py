@@ -216,6 +216,13 @@ class RuntimeConfig:
     precisions: list[str] = setting(factory=lambda: list(PRECISIONS), choices=PRECISIONS, each=True)
     fp16_options: str = ""
 
+    def check(self, prefix: str) -> None:
+        if "fp16" in self.precisions and not self.fp16_options.strip():
+            raise ConfigError(
+                f"{prefix}.precisions={self.precisions} lists fp16 but {prefix}.fp16_options is "
+                "empty: give the compile option that selects fp16, or drop fp16 from the list"
+            )
+
 
 @dataclass
 class HubConfig:
