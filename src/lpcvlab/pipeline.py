@@ -392,7 +392,10 @@ def _stages(
         ]
     )
     rec.set_tags(cache.tags())
-    lint.check(rec, deployed_graphs(runs), specs)  # hub=local: the fp16 / quantized graphs
+    deployed = deployed_graphs(runs)  # hub=local: the fp16 / quantized graphs
+    lint.check(rec, deployed, specs)
+    if s.tracking.log_models:
+        log_deployed_models(s, rec, runs, bundle.weights)
     reused = ""
     if cache.hits:
         stages: dict[str, list[str]] = {}
@@ -453,6 +456,29 @@ def deployed_graphs(runs: dict[str, ComponentRun]) -> dict[str, tuple[str, Path]
         for name, run in runs.items()
         if run.quantized is not None and run.quantized.model is not None
     }
+
+
+def log_deployed_models(
+    s: RunConfig, rec: RunRecorder, runs: dict[str, ComponentRun], weights: str
+) -> None:
+    """Each graph deployed in place of the fp32 export (hub=local's fp16 / quantized ONNX) as
+    the component's logged model, the fp32 export's model its parent; tags name both."""
+    for name, crun in runs.items():
+        q = crun.quantized
+        if q is None or q.model is None:
+            continue
+        parent = rec.models.get(name, "")
+        facts = model_facts(s, name, weights)
+        extra = {"deployed_graph": q.precision, "parent_model_id": parent}
+        facts = dataclasses.replace(facts, tags=facts.tags | extra)
+        model_id = rec.log_model(name, Path(q.model.path), q.model.sha256, facts)
+        rec.set_tags(
+            {
+                f"deployed_model/{name}": model_id,
+                f"deployed_sha256/{name}": q.model.sha256,
+                f"parent_model/{name}": parent,
+            }
+        )
 
 
 def export_metrics(name: str, exp: ExportResult) -> dict[str, float]:
