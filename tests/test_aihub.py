@@ -834,12 +834,27 @@ def test_unreachable_ai_hub_is_one_line_at_once(
     message = one_line(err.value)
     assert reason in message
     assert f"https://{API_HOST}" in message
-    assert "proxy" in message and "api_url" in message and "absent-client.ini" in message
+    assert "proxy" in message and "API URL" in message
+    assert "absent-client.ini" not in message  # only files that exist are named
     assert elapsed < 5.0  # "within 60 s": at most the connect timeout, plus a little
     if failure == "connect_timeout":
         assert elapsed >= 0.5  # the timeout given was the one waited
     # One probe, no retries, and nothing uploaded or submitted.
     assert fake.requests == [("GET", f"https://{API_HOST}/")]
+
+
+def test_unreachable_names_the_client_config_only_when_it_exists(
+    fake: FakeAIHub, tmp_path: Path, monkeypatch
+) -> None:
+    ini = tmp_path / "client.ini"
+    ini.write_text(
+        f"[api]\napi_token = {TOKEN}\napi_url = https://{API_HOST}\nweb_url = https://{API_HOST}\n"
+    )
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(ini))
+    fake.fail_requests(lambda m, p: True, times=100, failure="refused")
+    with pytest.raises(ConfigError) as err:
+        make_hub(tmp_path, connect_timeout_s=0.5).preflight()
+    assert f"the api_url in {ini}" in one_line(err.value)
 
 
 def test_rejected_token_stops_preflight(fake: FakeAIHub, tmp_path: Path, monkeypatch) -> None:

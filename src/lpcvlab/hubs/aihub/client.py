@@ -308,8 +308,19 @@ def probe(api_url: str, timeout_s: float) -> None:
         return
     raise ConfigError(
         f"AI Hub cannot be reached at {api_url}: {reason}. Check this machine's network "
-        "connection, its proxy settings (HTTPS_PROXY, NO_PROXY) and the api_url in "
-        f"{api_utils.get_config_path()}; hub=local runs without AI Hub."
+        f"connection, its proxy settings (HTTPS_PROXY, NO_PROXY) and {_url_source()}; "
+        "hub=local runs without AI Hub."
+    )
+
+
+def _url_source() -> str:
+    """Where the API URL came from, naming the client's config file only when it exists."""
+    path = api_utils.get_config_path()
+    if os.path.isfile(path):
+        return f"the api_url in {path}"
+    return (
+        "the API URL (the client's default: no client config file; `qai-hub configure "
+        "--api_token <token> --api_url <url>` writes one)"
     )
 
 
