@@ -537,7 +537,7 @@ class DeviceLint:
     ) -> list[LintReport]:
         """Add one graph per component (``{component: (label, path)}``), check every graph of
         those components and record the reports; raise a ConfigError under ``error``."""
-        if self.mode == "off":
+        if self.mode == "off" or not graphs:
             return []
         reports = []
         for name, (label, path) in graphs.items():
