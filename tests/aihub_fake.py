@@ -877,6 +877,10 @@ class FakeAIHub:
         for fragment, reason in self.inference_failures.items():
             if fragment in request.name:
                 raise _JobFailure(reason)
+        if self._w8a16_on_qnn_dlc(request.model.model_id):
+            # As a public Track 1 entry saw: compiled, then failed on the device at run time.
+            self.refused.append("MODEL_GRAPH_ERROR")
+            raise _JobFailure("MODEL_GRAPH_ERROR: the graph failed to execute on the device")
         if job.profiling:
             return
         model = self.models[request.model.model_id]
@@ -908,6 +912,22 @@ class FakeAIHub:
         dataset_id = self._new_id("d")
         self.datasets[dataset_id] = buffer.getvalue()
         job.output_dataset_id = dataset_id
+
+    def _w8a16_on_qnn_dlc(self, model_id: str) -> bool:
+        """A qnn_dlc model compiled from a quantize job with INT16 activations."""
+        compiled = self.models[model_id]
+        compile_job = self.jobs.get(compiled.producer_id)
+        if compile_job is None or compile_job.kind != "compile":
+            return False
+        if _options(compile_job.request.options).get("--target_runtime") != "qnn_dlc":
+            return False
+        source = self.models[compile_job.request.model.model_id]
+        quantize = self.jobs.get(source.producer_id)
+        return (
+            quantize is not None
+            and quantize.kind == "quantize"
+            and quantize.request.activations_dtype == pb.QUANTIZE_DTYPE_INT16
+        )
 
     @staticmethod
     def _profile_detail(job: FakeJob) -> pb.ProfileDetail:

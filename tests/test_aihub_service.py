@@ -15,6 +15,7 @@ from test_aihub import (  # noqa: F401  (fixtures)
     calibrated,
     composed,
     fake,
+    image_inputs,
     make_hub,
     models,
     text_inputs,
@@ -142,6 +143,24 @@ def test_devices_as_aihm_lists_them(fake: FakeAIHub, tmp_path: Path) -> None:  #
     assert "os:linux" in iq.attributes and "chipset:qualcomm-qcs9075" in iq.attributes
     assert iq.os == "1.5"
     assert "os:android" in devices["Samsung Galaxy S25"].attributes
+
+
+def test_w8a16_on_qnn_dlc_fails_on_the_device_and_the_lint_flags_it(
+    fake: FakeAIHub,  # noqa: F811
+    models,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    exported = models["image_encoder"]
+    w8a16 = Target("XR2 Gen 2 (Proxy)", "qnn_dlc", "qnn_dlc", "--truncate_64bit_io", "w8a16")
+    assert {h.rule for h in check_graph(exported.path, "image_encoder", w8a16)} == {"w8a16_runtime"}
+    precision = calibrated("w8a16", image_inputs(8, seed=2))
+    job = ComponentJob(exported, image_inputs(2), precision=precision)
+    with pytest.raises(RuntimeStageError, match="MODEL_GRAPH_ERROR"):
+        make_hub(tmp_path).run_components([job])
+    assert fake.jobs_of("compile")  # it compiled: the failure comes only on the device
+    # w8a8 on the same runtime runs.
+    w8a8 = ComponentJob(exported, image_inputs(2), precision=calibrated("w8a8", image_inputs(8)))
+    assert len(make_hub(tmp_path).run_components([w8a8])["image_encoder"].inference.outputs) == 2
 
 
 def _text_w8a8(models):  # noqa: F811
