@@ -26,7 +26,18 @@ The fake behaves like the service where the hub relies on it:
 - profile jobs return a ``ProfileDetail`` (µs, bytes, per-layer compute units);
 - quantize jobs check the calibration dataset against the model's input (name, shape, dtype) and
   the dtypes (INT8 weights; INT8 or INT16 activations), then make an ONNX model whose float
-  weights are rounded to an 8-bit grid, so its outputs differ a little from the source's.
+  weights are rounded to an 8-bit grid, so its outputs differ a little from the source's; an
+  ONNX-target compile makes an ONNX model (int32 inputs under ``--truncate_64bit_io``) that a
+  quantize job can take, as AIHM's flow needs.
+
+It refuses what the service refuses: options a job type does not take (:data:`COMPILE_OPTIONS`,
+:data:`INFERENCE_OPTIONS`, :data:`QUANTIZE_OPTIONS`, 400), uploads over the size limits
+(``dataset_limit_bytes`` 2 GB, ``model_limit_bytes``), and on the QNN targets the graphs the
+compiler cannot take (ops outside the QNN HTP set, ``Erf`` among them; 64-bit I/O without
+``--truncate_64bit_io``; dynamic dimensions); a w8a16 model on ``qnn_dlc`` compiles and then fails
+on the device (``MODEL_GRAPH_ERROR``). ``rate_limited[kind]`` answers that many creations of a job
+kind with 429, ``lost_answers[kind]`` drops that many creation answers after creating the job,
+and the device list is AIHM's (the IQ-9075 runs Qualcomm Linux 1.5, the phones Android).
 """
 
 from __future__ import annotations
