@@ -473,8 +473,10 @@ def test_fidelity_metrics_and_the_gate_around_the_measured_value():
     metrics |= metric_fidelity("recall_at_10", 0.70, 0.73) | {"recall_at_10": 0.70}
     assert metrics["recall_at_10_drop"] == pytest.approx(0.03)
 
-    def verdict(cosine_min, drop_max):
-        return gate(FidelityConfig(cosine_min, drop_max), "recall_at_10", metrics)
+    def verdict(cosine_min, drop_max):  # the collapse check: tests/test_fidelity_collapse.py
+        return gate(
+            FidelityConfig(cosine_min, drop_max, distinct_min=None), "recall_at_10", metrics
+        )
 
     assert verdict(cos - 1e-3, 0.031).passed
     failed = verdict(cos + 1e-3, 0.031)
@@ -592,7 +594,10 @@ def test_mixed_precision_run_logs_fidelity_against_the_cached_fp32_run(
     assert t["fidelity_gate"] == "passed" and m["objective"] == m["recall_at_10"]
     assert "fidelity_gate" not in _store_run(client, fp32.run_id).tags
     out = capsys.readouterr().out
-    assert "Fidelity gate (cosine >= 0.95, recall_at_10 drop <= 0.02): passed" in out
+    assert (
+        "Fidelity gate (cosine >= 0.95, recall_at_10 drop <= 0.02, "
+        "distinct outputs >= 0.9 x distinct inputs): passed"
+    ) in out
     assert "w8a8" in out and "vs fp32 cos min" in out
 
     # A threshold just above the measured cosine fails the gate; the sweeper gets a penalty.

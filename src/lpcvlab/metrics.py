@@ -8,8 +8,9 @@ denominator, as the organisers' script keeps them. Track 2: top-k accuracy.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,16 +36,33 @@ def psnr(reference: np.ndarray, other: np.ndarray) -> float:
     return 10.0 * math.log10(max(peak * peak, np.finfo(np.float64).tiny) / mse)
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Rows scaled to unit L2 norm, in float32 (as the official PyTorch code computes them)."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, np.finfo(np.float32).tiny)
+def _official_normalised(emb: np.ndarray, what: str) -> np.ndarray:
+    """``np.vstack`` of the rows divided by their ``np.linalg.norm``, in the rows' own dtype:
+    the first two steps of the official ``evaluate_track1``. A zero or non-finite row would make
+    the official scorer fail (sklearn rejects the NaN it becomes), so it is named here instead."""
+    x = np.vstack([row for row in emb])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"{what}: {bad.size} row(s) are all zeros or not finite (rows {bad[:5].tolist()}); "
+            "the official evaluate_track1 cannot score them (their normalised embedding is NaN). "
+            "Check the encoder's outputs (a collapsed or overflowing quantized model?)"
+        )
+    return x
 
 
 def cosine_similarity(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-    """``(n_images, n_texts)`` float32 cosine similarity of L2-normalised embeddings."""
-    return l2_normalize(image_emb) @ l2_normalize(text_emb).T
+    """``(n_images, n_texts)`` cosine similarity computed exactly as the official
+    ``evaluate_track1`` computes it, so that ties (and their bits) are the organisers': rows
+    L2-normalised with numpy in their own dtype, then ``sklearn.metrics.pairwise.
+    cosine_similarity`` (which normalises again and multiplies; float32 stays float32)."""
+    from sklearn.metrics.pairwise import cosine_similarity as sk_cosine
+
+    img = _official_normalised(image_emb, "image embeddings")
+    txt = _official_normalised(text_emb, "text embeddings")
+    return sk_cosine(img, txt)
 
 
 # Elements of one row block of the similarity matrix handled at a time by :func:`top_k_indices`:
@@ -115,13 +133,117 @@ def top_k_ids(similarity: np.ndarray, text_ids: Sequence[int], k: int) -> np.nda
     return np.asarray(text_ids)[top_k_indices(similarity, k)]
 
 
+def _equal_neighbours(values: np.ndarray) -> np.ndarray:
+    """``values[:, j] == values[:, j + 1]``, NaN equal to NaN (as a sort sees them)."""
+    nan = np.isnan(values)
+    return (values[:, 1:] == values[:, :-1]) | (nan[:, 1:] & nan[:, :-1])
+
+
+@dataclass
+class OfficialRanking:
+    """The top-k columns of each row in the official order, and where ties were met."""
+
+    indices: np.ndarray  # (n_rows, k): np.argsort(-row)[:k] of every row
+    sorted_rows: np.ndarray  # (n_rows,) bool: rows ranked by np.argsort (a tie across a cut)
+    values: np.ndarray  # (n_rows, min(k + 1, n_cols)) the best values of each row, best first
+
+
+def official_top_k(
+    similarity: np.ndarray, k: int, cuts: Sequence[int] | None = None
+) -> OfficialRanking:
+    """``np.argsort(-similarity[i])[:k]`` for every row ``i``, as ``evaluate_track1`` ranks.
+
+    numpy's default sort is not stable: where values tie, its order is whatever the sort
+    implementation gives (it can differ with the CPU's SIMD support and the numpy version). A
+    row whose top ``c`` is one set whatever the sort (the ``c``-th and ``c + 1``-th best values
+    differ) for every cut ``c`` in ``cuts`` is ranked by the fast partial selection
+    (:func:`top_k_indices`); a row with a tie across a cut is ranked by ``np.argsort(-row)``
+    itself, exactly as the official code. ``cuts=None``: every position, so that even the order
+    inside the top ``k`` is numpy's; with ``cuts``, tied values between two cuts keep column
+    order (no top-``c`` set depends on it).
+    """
+    s = np.asarray(similarity)
+    n_rows, n_cols = s.shape
+    k = min(int(k), n_cols)
+    probe = top_k_indices(s, min(k + 1, n_cols))
+    values = np.take_along_axis(s, probe, axis=1)
+    same = _equal_neighbours(values)  # same[:, j]: the (j+1)-th and (j+2)-th best are equal
+    at = range(1, k + 1) if cuts is None else cuts
+    cols = sorted({int(c) - 1 for c in at if 0 < int(c) < values.shape[1]})
+    tied = same[:, cols].any(axis=1) if cols else np.zeros(n_rows, dtype=bool)
+    out = probe[:, :k].copy()
+    for i in np.flatnonzero(tied):
+        out[i] = np.argsort(-s[i])[:k]
+    return OfficialRanking(out, tied, values)
+
+
+def _tie_hit_range(row: np.ndarray, ids: np.ndarray, truth: set[int], k: int) -> tuple[int, int]:
+    """Fewest and most ground-truth IDs a top ``k`` can hold over every order of the tie
+    group that straddles the cut: the better columns are always in, ``need`` places are
+    filled from the tied ones (by the best and by the worst choice)."""
+    if np.isnan(row).any():
+        row = _ordering_keys(row[None])[0]
+    kth = np.partition(row, len(row) - k)[len(row) - k]
+    better, tied = row > kth, row == kth
+    need = k - int(better.sum())
+    inside = {int(t) for t in ids[better]}
+    base = len(inside & truth)
+    # Tied columns whose ID would add a new hit, grouped by ID (a repeated ID counts once).
+    new_hits = Counter(int(t) for t in ids[tied] if int(t) in truth and int(t) not in inside)
+    most = base + min(need, len(new_hits))
+    free = int(tied.sum()) - sum(new_hits.values())  # tied columns that add no hit
+    forced, fewest = need - free, 0
+    for count in sorted(new_hits.values(), reverse=True):  # fewest distinct IDs that fill
+        if forced <= 0:
+            break
+        forced -= count
+        fewest += 1
+    return base + fewest, most
+
+
 @dataclass
 class RecallResult:
     recall: dict[int, float]  # K -> fractional recall@K (official at K=10)
     hit_at_10: float
     per_image_recall: dict[int, np.ndarray]  # K -> (n_images,)
     per_image_hits: np.ndarray  # (n_images,) count of ground-truth IDs in the top 10
-    top10: np.ndarray  # (n_images, <=10) predicted text IDs
+    # (n_images, <=10) predicted text IDs: the official top-K sets at every K; texts tied with
+    # each other strictly between two cut-offs are listed in column order
+    top10: np.ndarray
+    # Rows whose 10th and 11th best similarities are equal: their score depends on tie order.
+    tied_at_10: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    # Recall@10 per image at the worst and the best order of each row's tie at the cut-off.
+    per_image_tie_min: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    per_image_tie_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def tied_rows_at_10(self) -> int:
+        return int(self.tied_at_10.sum())
+
+    @property
+    def tie_range(self) -> tuple[float, float]:
+        """Recall@10 over all tie orders: (worst, best); equal when ties decide nothing."""
+        return float(self.per_image_tie_min.mean()), float(self.per_image_tie_max.mean())
+
+    def tie_metrics(self) -> dict[str, float]:
+        low, high = self.tie_range
+        return {
+            "tied_rows_at_10": float(self.tied_rows_at_10),
+            "recall_at_10_tie_min": low,
+            "recall_at_10_tie_max": high,
+        }
+
+    def tie_note(self) -> str | None:
+        """A line for the results table when the order of tied similarities moves Recall@10."""
+        low, high = self.tie_range
+        if low == high:
+            return None
+        return (
+            f"Ties decide the score: {self.tied_rows_at_10} of {len(self.tied_at_10)} images "
+            f"have equal similarities at the 10th/11th place; Recall@10 is {low:.6f} to "
+            f"{high:.6f} over tie orders, {self.recall[10]:.6f} in numpy's np.argsort order "
+            "(the official evaluate_track1's)"
+        )
 
 
 def recall_at_k(
@@ -132,9 +254,12 @@ def recall_at_k(
 ) -> RecallResult:
     """Fractional recall@K per image and averaged, plus hit@10 (any ground truth in the top 10).
 
-    The ranking is the official per-row one (each image's texts sorted by similarity, ties in
-    column order) computed by :func:`top_k_indices`: partial top-k, in the similarity's own
-    dtype (float32 from :func:`cosine_similarity`), memory bounded by a row block.
+    The ranking is the official one, ``np.argsort(-similarity[i])[:K]`` per image, ties
+    included (:func:`official_top_k`: partial top-k where every top-K set is unambiguous,
+    numpy's own sort where a tie crosses a cut-off K); each image's recall is
+    ``matched / len(ground_truth[i])`` and the mean is ``np.mean`` of them, as
+    ``evaluate_track1`` computes it. Also: which rows tie at the
+    10th place and the range of Recall@10 over every order of those ties.
     """
     if similarity.shape != (len(ground_truth), len(text_ids)):
         raise ValueError(
@@ -143,23 +268,43 @@ def recall_at_k(
     for i, gt in enumerate(ground_truth):
         if len(gt) == 0:
             raise ValueError(f"image row {i} has no ground-truth text IDs")
-    ranked = top_k_ids(similarity, text_ids, max(max(ks), 10))
-    gt_sets = [set(gt) for gt in ground_truth]
+    ids = np.asarray(text_ids)
+    ranking = official_top_k(similarity, max(max(ks), 10), cuts=sorted({*ks, 10}))
+    ranked = ids[ranking.indices]
+    gt_sets = [{int(t) for t in gt} for gt in ground_truth]
+    sizes = [len(gt) for gt in ground_truth]  # the official denominator: the list as given
     per_image: dict[int, np.ndarray] = {}
     for k in ks:
         per_image[k] = np.array(
-            [len(set(ranked[i, :k].tolist()) & gt) / len(gt) for i, gt in enumerate(gt_sets)],
+            [
+                len(set(ranked[i, :k].tolist()) & gt) / n
+                for i, (gt, n) in enumerate(zip(gt_sets, sizes, strict=True))
+            ],
             dtype=np.float64,
         )
     hits10 = np.array(
         [len(set(ranked[i, :10].tolist()) & gt) for i, gt in enumerate(gt_sets)], dtype=np.int64
     )
+    values = ranking.values
+    if values.shape[1] > 10:  # more than 10 texts: is the 10th value equal to the 11th?
+        tied = _equal_neighbours(values[:, 9:11])[:, 0]
+    else:
+        tied = np.zeros(len(values), dtype=bool)
+    tie_min = hits10 / np.asarray(sizes, dtype=np.float64)  # recall@10 where no tie decides
+    tie_max = tie_min.copy()
+    s = np.asarray(similarity)
+    for i in np.flatnonzero(tied):
+        low, high = _tie_hit_range(s[i], ids, gt_sets[i], 10)
+        tie_min[i], tie_max[i] = low / sizes[i], high / sizes[i]
     return RecallResult(
-        recall={k: float(v.mean()) for k, v in per_image.items()},
+        recall={k: float(np.mean(v)) for k, v in per_image.items()},
         hit_at_10=float((hits10 > 0).mean()),
         per_image_recall=per_image,
         per_image_hits=hits10,
         top10=ranked[:, :10],
+        tied_at_10=tied,
+        per_image_tie_min=tie_min,
+        per_image_tie_max=tie_max,
     )
 
 
@@ -172,6 +317,25 @@ def retrieval_recall(
 ) -> RecallResult:
     """Recall@K of embeddings: what the final score and validation during training both use."""
     return recall_at_k(cosine_similarity(image_emb, text_emb), text_ids, ground_truth, ks)
+
+
+def scorer_environment() -> dict[str, str]:
+    """What the Track 1 score's tie order depends on, for the run's tags: numpy's default sort
+    orders tied values by its implementation (SIMD-dispatched on the CPU), and sklearn computes
+    the similarity's bits."""
+    import sklearn
+
+    env = {"scorer/numpy": np.__version__, "scorer/sklearn": sklearn.__version__}
+    try:  # numpy >= 2
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:  # numpy 1.x
+        try:
+            from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+        except ImportError:
+            return env
+    enabled = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    env["scorer/numpy_cpu_dispatch"] = ",".join(enabled) or "baseline"
+    return env
 
 
 def top_k_accuracy(scores: np.ndarray, labels: Sequence[int], k: int) -> float:

@@ -426,6 +426,7 @@ def _stages(
         outputs[name] = crun.inference.outputs
     evaluation = track.evaluate(data, outputs, work_dir)
     rec.log_metrics(evaluation.metrics, models=list(exports), dataset="evaluation")
+    rec.set_tags(evaluation.tags)
     for path in evaluation.artifacts:
         rec.log_artifact(path, "results")
     if evaluation.summary:
@@ -578,7 +579,7 @@ def _fidelity(
         reference[n] = inference.outputs
     metrics: dict[str, float] = {}
     for n in lowered:
-        metrics |= component_fidelity(n, reference[n], outputs[n])
+        metrics |= component_fidelity(n, reference[n], outputs[n], data.inputs[n])
     fp32_dir = work_dir / "fp32"
     fp32_dir.mkdir(parents=True, exist_ok=True)
     fp32 = track.evaluate(data, outputs | reference, fp32_dir)
@@ -634,6 +635,8 @@ def results_text(s: RunConfig, res: PipelineResult) -> str:
             comp_rows,
         ),
     ]
+    if res.eval.notes:
+        lines += ["", *res.eval.notes]
     if res.cache_reused:
         lines += ["", f"Stage cache: reused {res.cache_reused}"]
     obj = res.objective

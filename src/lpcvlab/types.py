@@ -340,3 +340,5 @@ class EvalResult:
     metrics: dict[str, float]
     artifacts: list[Path] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # set on the run (e.g. scorer versions)
+    notes: list[str] = field(default_factory=list)  # lines the results table adds

@@ -600,6 +600,8 @@ class FidelityConfig:
     cosine_min: float | None = setting(0.95, ge=-1.0, le=1.0)  # per component, every sample
     metric_drop_max: float | None = setting(0.02, ge=0)  # track.objective, fp32 minus this run
     penalty: float = setting(1.0, ge=0)
+    # distinct outputs / distinct inputs per component: below it the outputs collapsed (ties)
+    distinct_min: float | None = setting(0.9, ge=0, le=1)
 
 
 @dataclass

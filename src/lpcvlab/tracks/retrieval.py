@@ -40,7 +40,7 @@ from lpcvlab.data.images import (
 )
 from lpcvlab.data.track1 import ImageRow, content_sha256, read_caption_split, read_track1
 from lpcvlab.errors import ConfigError, DataError
-from lpcvlab.metrics import retrieval_recall
+from lpcvlab.metrics import retrieval_recall, scorer_environment
 from lpcvlab.models.clip import CONTEXT_LENGTH, ClipBackbone, ImageEncoder, TextEncoder
 from lpcvlab.tracks.base import TrackData, data_source
 from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
@@ -416,6 +416,7 @@ class RetrievalTrack:
         best = float(np.mean([len(set(g) & known) / len(g) for g in gt]))
         metrics = {f"recall_at_{k}": v for k, v in res.recall.items()}
         metrics |= {"hit_at_10": res.hit_at_10, "best_achievable_recall_at_10": best}
+        metrics |= res.tie_metrics()  # ties at the 10th place: how much their order moves
 
         per_image = work_dir / "per_image_results.csv"
         with open(per_image, "w", newline="") as f:
@@ -423,6 +424,7 @@ class RetrievalTrack:
             w.writerow(
                 ["image", "csv_row", "ground_truth_ids", "top10_ids", "hits_at_10"]
                 + [f"recall_at_{k}" for k in ks]
+                + ["tied_at_10", "recall_at_10_tie_min", "recall_at_10_tie_max"]
             )
             for i, row in enumerate(payload.images):
                 w.writerow(
@@ -434,6 +436,11 @@ class RetrievalTrack:
                         int(res.per_image_hits[i]),
                     ]
                     + [f"{res.per_image_recall[k][i]:.6f}" for k in ks]
+                    + [
+                        int(res.tied_at_10[i]),
+                        f"{res.per_image_tie_min[i]:.6f}",
+                        f"{res.per_image_tie_max[i]:.6f}",
+                    ]
                 )
         emb = work_dir / "embeddings.h5"
         with h5py.File(emb, "w") as f:
@@ -445,4 +452,6 @@ class RetrievalTrack:
             metrics=metrics,
             artifacts=[per_image, emb],
             summary={"missing_text_ids": payload.missing_text_ids},
+            tags=scorer_environment(),
+            notes=[note] if (note := res.tie_note()) else [],
         )

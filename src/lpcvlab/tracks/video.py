@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,12 @@ class VideoTrack:
         self.clip_cache = Path(cache_dir) / "video_clips"
         self.seed = seed
         self.class_map = load_class_map(data.class_map)
+        # The file as read (validated above), kept with the results: evaluate.py --class_map.
+        self.class_map_json = (
+            Path(data.class_map).read_bytes()
+            if data.class_map is not None
+            else resources.files("lpcvlab").joinpath("resources/track2_class_map.json").read_bytes()
+        )
 
     def _decode(
         self, samples: list[VideoSample], pp: VideoPreprocess, desc: str, kind: str = CLIPS
@@ -528,6 +535,8 @@ class VideoTrack:
                 )
                 f.write(record.to_json() + "\n")
         check_results_against_manifest(manifest, results)
+        class_map = work_dir / "class_map.json"  # the one this run used, as read
+        class_map.write_bytes(self.class_map_json)
         per_video = work_dir / "per_video_predictions.csv"
         top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
         with open(per_video, "w", newline="") as f:
@@ -553,7 +562,7 @@ class VideoTrack:
         )
         return EvalResult(
             metrics=metrics,
-            artifacts=[results, manifest, per_video, confusion],
+            artifacts=[results, manifest, class_map, per_video, confusion],
             summary={"videos": n, "clips_per_video": c},
         )
 
