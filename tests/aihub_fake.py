@@ -26,7 +26,18 @@ The fake behaves like the service where the hub relies on it:
 - profile jobs return a ``ProfileDetail`` (µs, bytes, per-layer compute units);
 - quantize jobs check the calibration dataset against the model's input (name, shape, dtype) and
   the dtypes (INT8 weights; INT8 or INT16 activations), then make an ONNX model whose float
-  weights are rounded to an 8-bit grid, so its outputs differ a little from the source's.
+  weights are rounded to an 8-bit grid, so its outputs differ a little from the source's; an
+  ONNX-target compile makes an ONNX model (int32 inputs under ``--truncate_64bit_io``) that a
+  quantize job can take, as AIHM's flow needs.
+
+It refuses what the service refuses: options a job type does not take (:data:`COMPILE_OPTIONS`,
+:data:`INFERENCE_OPTIONS`, :data:`QUANTIZE_OPTIONS`, 400), uploads over the size limits
+(``dataset_limit_bytes`` 2 GB, ``model_limit_bytes``), and on the QNN targets the graphs the
+compiler cannot take (ops outside the QNN HTP set, ``Erf`` among them; 64-bit I/O without
+``--truncate_64bit_io``; dynamic dimensions); a w8a16 model on ``qnn_dlc`` compiles and then fails
+on the device (``MODEL_GRAPH_ERROR``). ``rate_limited[kind]`` answers that many creations of a job
+kind with 429, ``lost_answers[kind]`` drops that many creation answers after creating the job,
+and the device list is AIHM's (the IQ-9075 runs Qualcomm Linux 1.5, the phones Android).
 """
 
 from __future__ import annotations
@@ -36,11 +47,12 @@ import http.client
 import io
 import json
 import re
+import shlex
 import socket
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -63,9 +75,44 @@ from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.response import HTTPResponse
 from urllib3.util.timeout import Timeout
 
+from lpcvlab.deploy.hazards import QNN_HTP_OPS, QNN_RUNTIMES
+
 API_HOST = urlsplit(DEFAULT_HUB_API_URL).hostname
 STORAGE = "fake-storage.invalid"
-DEVICES = ("XR2 Gen 2 (Proxy)", "Dragonwing IQ-9075 EVK", "Samsung Galaxy S25")
+# As AI Hub Models' devices_and_chipsets.yaml describes them: (name, OS type, OS version, chipset).
+DEVICE_FACTS = (
+    ("XR2 Gen 2 (Proxy)", "Android", "13", "qualcomm-qcs8450-proxy"),
+    ("Dragonwing IQ-9075 EVK", "Qualcomm Linux", "1.5", "qualcomm-qcs9075"),
+    ("Samsung Galaxy S25", "Android", "15", "qualcomm-snapdragon-8-elite-for-galaxy"),
+)
+DEVICES = tuple(d[0] for d in DEVICE_FACTS)
+# The options each job type accepts, as the AI Hub documentation lists them (compile, profile /
+# inference, quantize); the service answers 400 to any other. Recalled from the documentation's
+# option tables and AIHM's use of them: complete for what lpcvlab and AIHM send, uncertain beyond.
+COMPILE_OPTIONS = frozenset(
+    {
+        "--target_runtime", "--output_names", "--truncate_64bit_tensors", "--truncate_64bit_io",
+        "--force_channel_last_input", "--force_channel_last_output", "--compute_unit",
+        "--qairt_version", "--quantize_full_type", "--quantize_io", "--quantize_io_type",
+        "--qnn_graph_name", "--qnn_context_binary_vtcm", "--qnn_options",
+    }
+)  # fmt: skip
+INFERENCE_OPTIONS = frozenset(
+    {
+        "--compute_unit", "--qairt_version", "--dequantize_outputs", "--tflite_delegates",
+        "--tflite_options", "--qnn_options", "--onnx_options", "--onnx_execution_providers",
+        "--max_profiler_iterations", "--max_profiler_time",
+    }
+)  # fmt: skip
+QUANTIZE_OPTIONS = frozenset({"--range_scheme", "--lite_mp"})
+TARGET_RUNTIMES = frozenset(
+    {"tflite", "qnn_lib_aarch64_android", "qnn_context_binary", "qnn_dlc", "onnx",
+     "precompiled_qnn_onnx"}
+)  # fmt: skip
+QUANTIZE_FULL_TYPES = frozenset({"int8", "int16", "w8a16", "w4a8", "w4a16", "float16"})
+RANGE_SCHEMES = frozenset({"auto", "mse_minimizer", "min_max"})
+DATASET_LIMIT_BYTES = 2 * 1024**3  # AI Hub refuses datasets over 2 GB
+MODEL_LIMIT_BYTES = 10 * 1024**3  # model uploads (an ONNX directory with its .data)
 NETWORK_FAILURES = ("refused", "dns", "connect_timeout", "read_timeout", "dropped")
 # A simulated connect timeout waits the caller's connect timeout, but never longer than this.
 MAX_HANG_S = 5.0
@@ -119,6 +166,27 @@ def _options(options: str) -> dict[str, str]:
             nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
             out[tok] = "" if nxt.startswith("--") else nxt
     return out
+
+
+def _option_problem(kind: str, options: str) -> str:
+    """Why the service refuses ``options`` for a job of ``kind``, or ''."""
+    allowed = {"compile": COMPILE_OPTIONS, "quantize": QUANTIZE_OPTIONS}.get(
+        kind, INFERENCE_OPTIONS
+    )
+    tokens = shlex.split(options)
+    for i, tok in enumerate(tokens):
+        if not tok.startswith("--"):
+            continue
+        if tok not in allowed:
+            return f"Unknown option {tok} for a {kind} job"
+        value = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else ""
+        if tok == "--target_runtime" and value not in TARGET_RUNTIMES:
+            return f"Invalid value for --target_runtime: {value!r}"
+        if tok == "--quantize_full_type" and value not in QUANTIZE_FULL_TYPES:
+            return f"Invalid value for --quantize_full_type: {value!r}"
+        if tok == "--range_scheme" and value not in RANGE_SCHEMES:
+            return f"Invalid value for --range_scheme: {value!r}"
+    return ""
 
 
 def _body_bytes(body: Any) -> bytes:
@@ -190,15 +258,56 @@ class FakeJob:
     calibration_samples: int = 0  # quantize jobs: samples the calibration dataset held
 
 
+class _Blobs(MutableMapping[str, bytes]):
+    """The service's dataset storage: in memory, or files under ``folder`` (the remote side's
+    disk), so that a test measuring this process's memory measures the client's alone."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._memory: dict[str, bytes] = {}
+        self._names: list[str] = []
+
+    def __getitem__(self, key: str) -> bytes:
+        if self.folder is None:
+            return self._memory[key]
+        if key not in self._names:
+            raise KeyError(key)
+        return (self.folder / key).read_bytes()
+
+    def __setitem__(self, key: str, value: bytes) -> None:
+        if self.folder is None:
+            self._memory[key] = value
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / key).write_bytes(value)
+        if key not in self._names:
+            self._names.append(key)
+
+    def __delitem__(self, key: str) -> None:
+        if self.folder is None:
+            del self._memory[key]
+            return
+        self._names.remove(key)
+        (self.folder / key).unlink()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._memory) if self.folder is None else list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._memory) if self.folder is None else len(self._names)
+
+
 class FakeAIHub:
     """State and routes of the fake service; see the module docstring."""
 
-    def __init__(self, token: str, steps: int = 3, noise: float = 1e-4) -> None:
+    def __init__(
+        self, token: str, steps: int = 3, noise: float = 1e-4, storage: Path | None = None
+    ) -> None:
         self.token = token
         self.steps = steps  # status polls (GET jobs/<id>) a job takes before it finishes
         self.noise = noise  # relative error added to device outputs
         self.models: dict[str, FakeModel] = {}
-        self.datasets: dict[str, bytes] = {}
+        self.datasets: MutableMapping[str, bytes] = _Blobs(storage)
         self.dataset_names: dict[str, str] = {}
         self.jobs: dict[str, FakeJob] = {}
         self.shared: dict[str, list[str]] = {}
@@ -210,6 +319,11 @@ class FakeAIHub:
         self.inference_failures: dict[str, str] = {}  # job name fragment -> failure reason
         self.profile_detail: Callable[[FakeJob], pb.ProfileDetail] = self._profile_detail
         self._errors: list[list[Any]] = []  # [match, times left, failure]
+        self.rate_limited: dict[str, int] = {}  # job kind -> creations still answered 429
+        self.lost_answers: dict[str, int] = {}  # job kind -> creations whose answer is dropped
+        self.refused: list[str] = []  # why the service answered 400 / failed a compile
+        self.dataset_limit_bytes = DATASET_LIMIT_BYTES
+        self.model_limit_bytes = MODEL_LIMIT_BYTES
         self._uploads: dict[str, bytes] = {}
         self._seq = 0
         self._ids = 0
@@ -361,11 +475,15 @@ class FakeAIHub:
         if handler is None:
             raise AssertionError(f"unexpected request {method} {full}")
         result = handler(route[1:], params, data)
+        if isinstance(result, _Answer):
+            return result
         status, message = result if isinstance(result, tuple) else (200, result)
         return _Answer(status, message.SerializeToString())
 
     def _storage(self, headers: Any, method: str, path: str, body: bytes) -> _Answer:
         if method == "PUT":  # a part of a multipart model upload
+            if len(body) > self.model_limit_bytes:
+                return self._refuse(f"model upload of {len(body)} bytes is over the limit", 413)
             self._uploads[path] = body
             return _Answer(200, b"", "text/plain", {"ETag": f'"etag-{len(body)}"'})
         if method == "POST":  # a form upload of a dataset
@@ -373,6 +491,10 @@ class FakeAIHub:
             for part in decoder.parts:
                 disposition = part.headers.get(b"Content-Disposition", b"").decode()
                 if 'name="file"' in disposition:
+                    if len(part.content) > self.dataset_limit_bytes:
+                        return self._refuse(
+                            f"dataset of {len(part.content)} bytes is over the 2 GB limit", 400
+                        )
                     self.datasets[path.rsplit("/", 1)[-1]] = part.content
             return _Answer(204, b"", "text/plain")
         if method == "GET":
@@ -380,22 +502,28 @@ class FakeAIHub:
             return _Answer(200, self.datasets[dataset_id], "application/x-hdf5")
         raise AssertionError(f"unexpected storage request {method} {path}")
 
+    def _refuse(self, reason: str, status: int) -> _Answer:
+        self.refused.append(reason)
+        body = json.dumps({"detail": reason}).encode()
+        return _Answer(status, body, "application/json")
+
     # ------------------------------------------------------------------ devices
 
     def _get_devices(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
         name = params.get("name", "")
         devices = pb.DeviceList()
-        for device in DEVICES:
+        for device, os_type, os_version, chipset in DEVICE_FACTS:
             if not name or name == device:
                 devices.devices.append(
                     pb.Device(
                         name=device,
-                        os="14",
+                        os=os_version,
                         attributes=[
+                            f"chipset:{chipset}",
                             "framework:qnn",
                             "framework:onnx",
                             "framework:tflite",
-                            "os:android",
+                            "os:android" if os_type == "Android" else "os:linux",
                         ],
                     )
                 )
@@ -481,6 +609,13 @@ class FakeAIHub:
         request.ParseFromString(body)
         self._seq += 1
         which = request.WhichOneof("job")
+        kind = {"compile_job": "compile", "quantize_job": "quantize"}.get(which, "inference")
+        if self.rate_limited.get(kind, 0) > 0:
+            self.rate_limited[kind] -= 1
+            return _Answer(429, b'{"detail": "Too many requests"}', "application/json")
+        problem = _option_problem(kind, getattr(request, which).options)
+        if problem:
+            return self._refuse(problem, 400)
         job_id = self._new_id("j")
         if which == "compile_job":
             job = FakeJob(
@@ -523,7 +658,39 @@ class FakeAIHub:
             raise AssertionError(f"unexpected job type {which}")
         job.created_seq = self._seq
         self.jobs[job_id] = job
+        if self.lost_answers.get(kind, 0) > 0:  # created, but the answer never arrives
+            self.lost_answers[kind] -= 1
+            raise u3.ProtocolError(
+                "Connection aborted.",
+                http.client.RemoteDisconnected("Remote end closed connection without response"),
+            )
         return pb.CreateUpdateResponse(id=job_id, creation_time=_now())
+
+    def _get_job_summaries(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        """The account's jobs, newest first (``Client.get_job_summaries``)."""
+        kind = params.get("type")
+        summaries = pb.JobSummaryList()
+        for job in sorted(self.jobs.values(), key=lambda j: -j.created_seq):
+            job_kind = "profile" if job.profiling else job.kind
+            if kind and kind != job_kind:
+                continue
+            fields = dict(
+                job_id=job.job_id,
+                name=job.request.name,
+                job_state=job.state,
+                creation_time=_now(),
+            )
+            if job.kind == "quantize":
+                summary = pb.JobSummary(quantize_job_summary=pb.QuantizeJobSummary(**fields))
+            elif job.kind == "compile":
+                summary = pb.JobSummary(compile_job_summary=pb.CompileJobSummary(**fields))
+            else:
+                summary = pb.JobSummary(inference_job_summary=pb.InferenceJobSummary(**fields))
+            summaries.job_summaries.append(summary)
+        limit = int(params.get("limit", 50))
+        del summaries.job_summaries[limit:]
+        summaries.total_query_count = len(summaries.job_summaries)
+        return summaries
 
     def _patch_jobs(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
         job_id, action = route[0], route[1]
@@ -633,6 +800,7 @@ class FakeAIHub:
         out_names = [n for n in options.get("--output_names", "").split(",") if n]
 
         specs = {t.name: t for t in request.tensor_type_list.types}
+        self._compiler_refusals(graph, options.get("--target_runtime", "tflite"), truncate, specs)
         inputs, source_input, channel_last = [], None, False
         for value in graph.graph.input:
             dims = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
@@ -657,6 +825,31 @@ class FakeAIHub:
         target.outputs = outputs
         target.source_input = source_input
         target.channel_last = channel_last
+        if options.get("--target_runtime") == "onnx":  # the target is itself an ONNX model
+            target.data = _onnx_target(graph, truncate, out_names).SerializeToString()
+
+    def _compiler_refusals(
+        self, graph: onnx.ModelProto, runtime: str, truncate: bool, specs: dict[str, Any]
+    ) -> None:
+        """What the QAIRT compiler refuses on the HTP (the QNN targets): Erf and other ops
+        outside the QNN HTP op set, 64-bit I/O without --truncate_64bit_io, unfixed dims."""
+
+        def fail(reason: str) -> None:
+            self.refused.append(reason)
+            raise _JobFailure(reason)
+
+        if runtime not in QNN_RUNTIMES:
+            return
+        for node in graph.graph.node:
+            if node.op_type not in QNN_HTP_OPS:
+                fail(f"Failed to compile: op {node.op_type} ({node.name}) is not supported on HTP")
+        for value in [*graph.graph.input, *graph.graph.output]:
+            elem = value.type.tensor_type.elem_type
+            if elem == onnx.TensorProto.INT64 and not truncate:
+                fail(f"64-bit tensor {value.name} needs --truncate_64bit_io")
+            fixed = value.name in specs
+            if not fixed and any(d.dim_value <= 0 for d in value.type.tensor_type.shape.dim):
+                fail(f"tensor {value.name} has a dynamic dimension; give input_specs")
 
     def _finish_quantize(self, job: FakeJob) -> None:
         request: pb.QuantizeJob = job.request
@@ -695,6 +888,10 @@ class FakeAIHub:
         for fragment, reason in self.inference_failures.items():
             if fragment in request.name:
                 raise _JobFailure(reason)
+        if self._w8a16_on_qnn_dlc(request.model.model_id):
+            # As a public Track 1 entry saw: compiled, then failed on the device at run time.
+            self.refused.append("MODEL_GRAPH_ERROR")
+            raise _JobFailure("MODEL_GRAPH_ERROR: the graph failed to execute on the device")
         if job.profiling:
             return
         model = self.models[request.model.model_id]
@@ -727,6 +924,22 @@ class FakeAIHub:
         self.datasets[dataset_id] = buffer.getvalue()
         job.output_dataset_id = dataset_id
 
+    def _w8a16_on_qnn_dlc(self, model_id: str) -> bool:
+        """A qnn_dlc model compiled from a quantize job with INT16 activations."""
+        compiled = self.models[model_id]
+        compile_job = self.jobs.get(compiled.producer_id)
+        if compile_job is None or compile_job.kind != "compile":
+            return False
+        if _options(compile_job.request.options).get("--target_runtime") != "qnn_dlc":
+            return False
+        source = self.models[compile_job.request.model.model_id]
+        quantize = self.jobs.get(source.producer_id)
+        return (
+            quantize is not None
+            and quantize.kind == "quantize"
+            and quantize.request.activations_dtype == pb.QUANTIZE_DTYPE_INT16
+        )
+
     @staticmethod
     def _profile_detail(job: FakeJob) -> pb.ProfileDetail:
         detail = pb.ProfileDetail(
@@ -756,6 +969,34 @@ class FakeAIHub:
 
 class _JobFailure(Exception):
     pass
+
+
+def _onnx_target(graph: onnx.ModelProto, truncate: bool, out_names: list[str]) -> onnx.ModelProto:
+    """What an ONNX-target compile makes of a graph: 64-bit inputs become int32 (cast back
+    inside) under --truncate_64bit_io, outputs renamed by --output_names."""
+    model = onnx.ModelProto()
+    model.CopyFrom(graph)
+    g = model.graph
+    casts = []
+    for value in g.input:
+        if truncate and value.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+            inner = f"{value.name}__int64"
+            for node in g.node:
+                node.input[:] = [inner if i == value.name else i for i in node.input]
+            casts.append(
+                onnx.helper.make_node("Cast", [value.name], [inner], to=onnx.TensorProto.INT64)
+            )
+            value.type.tensor_type.elem_type = onnx.TensorProto.INT32
+    if casts:
+        nodes = [*casts, *g.node]
+        del g.node[:]
+        g.node.extend(nodes)
+    for value, name in zip(g.output, out_names, strict=False):
+        old = value.name
+        for node in g.node:
+            node.output[:] = [name if o == old else o for o in node.output]
+        value.name = name
+    return model
 
 
 def _load_onnx(model: FakeModel) -> onnx.ModelProto:

@@ -489,13 +489,20 @@ def test_quantized_component_quantize_compile_profile_infer_then_reused(
     (quantize,) = fake.jobs_of("quantize")
     assert quantize.request.weights_dtype == pb.QUANTIZE_DTYPE_INT8
     assert quantize.request.activations_dtype == pb.QUANTIZE_DTYPE_INT16
+    assert quantize.request.options == "--range_scheme min_max"  # AIHM's w8a16 option
     assert quantize.calibration_samples == 8  # the dataset held the calibration samples
     name = fake.dataset_names[quantize.request.calibration_dataset.dataset_id]
     assert name == "video-video_classifier quantize w8a16 calibration"
-    # Compile took the quantize job's model: nothing but the export was uploaded as a model.
-    (compile_job,) = fake.jobs_of("compile")
+    # AIHM's order: the export compiled to an ONNX target, that model quantized, the quantized
+    # model compiled for the device with --quantize_io; only the export was uploaded.
+    onnx_job, compile_job = sorted(fake.jobs_of("compile"), key=lambda j: j.created_seq)
+    assert onnx_job.request.options == "--target_runtime onnx --output_names class_probs"
+    assert quantize.request.model.model_id == onnx_job.target_model_id
+    assert quantize.created_seq > onnx_job.done_seq
     assert compile_job.request.model.model_id == quantize.target_model_id
-    assert compile_job.request.options == TRACK2_OPTIONS
+    assert compile_job.request.options == TRACK2_OPTIONS.replace(
+        "--truncate_64bit_io", "--truncate_64bit_io --quantize_io"
+    )
     assert fake.count("POST", r"/models/$") == 1
     assert compile_job.created_seq > quantize.done_seq
     # ... then profiled and run like any model; its outputs are the quantized model's.
@@ -519,7 +526,9 @@ def test_quantized_component_quantize_compile_profile_infer_then_reused(
         "INT8",
         "INT16",
     )
-    assert entry["inputs"]["model_sha256"] == exported.sha256
+    assert entry["inputs"]["onnx_compile_job"] == onnx_job.job_id
+    onnx_entry = next(e for e in ledger if e["kind"] == "onnx_compile")
+    assert onnx_entry["inputs"]["model_sha256"] == exported.sha256
     compiled = next(e for e in ledger if e["kind"] == "compile")
     assert compiled["inputs"]["quantize_job"] == quantize.job_id
 
@@ -530,7 +539,7 @@ def test_quantized_component_quantize_compile_profile_infer_then_reused(
     )
     run2 = again.run_components([job])["video_classifier"]
     assert len(fake.jobs) == before
-    for kind in ("quantize", "compile", "profile", "inference"):
+    for kind in ("onnx_compile", "quantize", "compile", "profile", "inference"):
         assert statuses(events, "video_classifier", kind) == ["REUSED"], kind
     np.testing.assert_array_equal(run2.inference.outputs, run.inference.outputs)
     assert run2.quantized.job_id == quantize.job_id
@@ -566,12 +575,12 @@ def test_fp16_compiles_with_the_runtimes_fp16_options(fake: FakeAIHub, models, t
     }
     assert options == {
         "retrieval-image_encoder": TRACK1_OPTIONS
-        + " --qnn_options default_graph_htp_precision=FLOAT16 --qairt_version 2.31",
+        + " --quantize_full_type float16 --quantize_io --qairt_version 2.31",
         "retrieval-text_encoder": TRACK1_OPTIONS + " --qairt_version 2.31",
     }
     assert fake.jobs_of("quantize") == []
     assert runs["image_encoder"].quantized.precision == "fp16"
-    assert "default_graph_htp_precision=FLOAT16" in runs["image_encoder"].quantized.method
+    assert "--quantize_full_type float16" in runs["image_encoder"].quantized.method
     assert runs["text_encoder"].quantized is None
     # fp16 and fp32 of the same export are different compile jobs in the ledger.
     again, events = hub_with_events(tmp_path, extra_compile_options="--qairt_version 2.31")
@@ -588,7 +597,9 @@ def test_a_failed_quantize_job_says_why(fake: FakeAIHub, models, tmp_path: Path)
         hub.run_components(
             [ComponentJob(models["image_encoder"], image_inputs(2), precision=wrong)]
         )
-    assert fake.jobs_of("compile") == []
+    # Only the ONNX compile that quantize starts from ran: no device compile followed.
+    (onnx_job,) = fake.jobs_of("compile")
+    assert onnx_job.request.options.startswith("--target_runtime onnx ")
 
 
 # --------------------------------------------------------------------------- ledger
@@ -823,12 +834,27 @@ def test_unreachable_ai_hub_is_one_line_at_once(
     message = one_line(err.value)
     assert reason in message
     assert f"https://{API_HOST}" in message
-    assert "proxy" in message and "api_url" in message and "absent-client.ini" in message
+    assert "proxy" in message and "API URL" in message
+    assert "absent-client.ini" not in message  # only files that exist are named
     assert elapsed < 5.0  # "within 60 s": at most the connect timeout, plus a little
     if failure == "connect_timeout":
         assert elapsed >= 0.5  # the timeout given was the one waited
     # One probe, no retries, and nothing uploaded or submitted.
     assert fake.requests == [("GET", f"https://{API_HOST}/")]
+
+
+def test_unreachable_names_the_client_config_only_when_it_exists(
+    fake: FakeAIHub, tmp_path: Path, monkeypatch
+) -> None:
+    ini = tmp_path / "client.ini"
+    ini.write_text(
+        f"[api]\napi_token = {TOKEN}\napi_url = https://{API_HOST}\nweb_url = https://{API_HOST}\n"
+    )
+    monkeypatch.setenv("QAIHUB_CLIENT_INI", str(ini))
+    fake.fail_requests(lambda m, p: True, times=100, failure="refused")
+    with pytest.raises(ConfigError) as err:
+        make_hub(tmp_path, connect_timeout_s=0.5).preflight()
+    assert f"the api_url in {ini}" in one_line(err.value)
 
 
 def test_rejected_token_stops_preflight(fake: FakeAIHub, tmp_path: Path, monkeypatch) -> None:

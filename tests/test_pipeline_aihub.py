@@ -44,6 +44,7 @@ def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path): 
         "hub.poll_interval_s=0",
         "hub.share_with=[lpcv@example.com]",
         "cache.enabled=false",
+        "export.rewrites=[gelu_sigmoid]",  # Erf is a device hazard: export.lint stops the run
     )
     res = pipeline.run(cfg, work_dir=tmp_path / "work")
     client = MlflowClient(cfg.tracking.uri)
@@ -107,7 +108,7 @@ def test_mixed_precision_on_aihub_records_the_quantize_job_and_its_fidelity(fake
         "precision.per_component.image_encoder=fp16",
         "precision.per_component.text_encoder=w8a8",
         "precision.calibration_samples=8",
-        "export.rewrites=[finite_mask]",
+        "export.rewrites=[gelu_sigmoid,finite_mask]",
     )
     first, run = _logged(cfg, tmp_path / "work")
     tags, metrics = run.tags, run.metrics
@@ -116,17 +117,19 @@ def test_mixed_precision_on_aihub_records_the_quantize_job_and_its_fidelity(fake
     assert tags["aihub/text_encoder/quantize_job_status"] == "SUCCESS"
     assert "aihub/image_encoder/quantize_job" not in tags
     assert "AI Hub quantize job" in tags["precision_method/text_encoder"]
-    assert "FLOAT16" in tags["precision_method/image_encoder"]
+    assert "--quantize_full_type float16" in tags["precision_method/image_encoder"]
     assert tags["calibration/text_encoder/source"] == "eval_spread"
     assert quantize.calibration_samples == 8
     image_compile = fake.jobs[tags["aihub/image_encoder/compile_job"]]
-    assert "default_graph_htp_precision=FLOAT16" in image_compile.request.options
+    assert "--quantize_full_type float16 --quantize_io" in image_compile.request.options
     for comp in ("image_encoder", "text_encoder"):
         assert 0.9 < metrics[f"fidelity_cosine_min/{comp}"] < 1.0
     assert "recall_at_10_fp32" in metrics and tags["fidelity_gate"] in ("passed", "failed")
     # The fp32 reference was computed on this machine, not paid for on AI Hub.
     assert tags["fidelity/reference"].endswith("computed on this machine")
-    assert len(fake.jobs_of("compile")) == 2
+    # Two device compiles, and the ONNX compile the w8a8 text encoder is quantized from (AIHM).
+    targets = sorted(j.request.options.split()[1] for j in fake.jobs_of("compile"))
+    assert targets == ["onnx", "qnn_dlc", "qnn_dlc"]
 
     # Again: every AI Hub job is reused from the ledger, the reference from the stage cache.
     jobs = len(fake.jobs)
@@ -144,3 +147,25 @@ def _logged(cfg, work_dir):
     """(run ID, what the run logged) of one pipeline run."""
     run_id = pipeline.run(cfg, work_dir=work_dir).run_id
     return run_id, MlflowClient(cfg.tracking.uri).get_run(run_id).data
+
+
+def test_a_device_hazard_stops_the_run_before_any_ai_hub_job(fake, tmp_path):  # noqa: F811
+    """clip_tiny's exact GELU (Erf) is a hazard: export.lint=error (hub=aihub's default) stops
+    the run after export with one line per hazard, before anything is uploaded or paid for."""
+    cfg = _aihub_cfg(tmp_path, "hub.poll_interval_s=0", "cache.enabled=false")
+    with pytest.raises(ConfigError) as exc:
+        pipeline.run(cfg, work_dir=tmp_path / "work")
+    lines = str(exc.value).splitlines()
+    assert lines[0].startswith("export.lint=error: 2 device hazard(s)")
+    assert sorted(line.split(":")[0].strip() for line in lines[1:]) == [
+        "image_encoder",
+        "text_encoder",
+    ]
+    assert all(": erf: " in line and "export.rewrites=[gelu_sigmoid]" in line for line in lines[1:])
+    assert fake.jobs == {} and fake.models == {} and fake.datasets == {}
+    assert fake.count("POST", r"/api/v1/(jobs|models|datasets)") == 0
+    client = MlflowClient(cfg.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("lpcvc-retrieval").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["lint/image_encoder"] == "erf"
+    assert run.data.metrics["lint_hazards/text_encoder"] == 1.0

@@ -61,7 +61,7 @@ def test_precision_settings_resolve_per_component():
     assert not plan.needs_calibration("image_encoder") and plan.needs_calibration("text_encoder")
     video = load_settings(compose_config("track=video", "precision=fp16", "hub=aihub"))
     assert video.precision.of("video_classifier") == "fp16"
-    assert video.runtime.fp16_options == "--qnn_options default_graph_htp_precision=FLOAT16"
+    assert video.runtime.fp16_options == "--quantize_full_type float16 --quantize_io"
     assert load_settings(compose_config()).precision.name == "fp32"
 
 
@@ -76,6 +76,14 @@ def test_precision_settings_resolve_per_component():
             ["precision=mixed", "precision.per_component.text_encoder=w8a16", "runtime=tflite"]
             + ["hub=aihub"],
             ["text_encoder", "precision.per_component.text_encoder=w8a16", "runtime=tflite"],
+        ),
+        (
+            ["precision=fp16", "runtime=tflite", "hub=aihub"],
+            ["precision=fp16", "runtime=tflite", "runtime=qnn_dlc", "runtime=qnn_context_binary"],
+        ),
+        (
+            ["precision=fp16", "runtime=onnx", "hub=aihub"],
+            ["precision=fp16", "runtime=onnx", "runtime=precompiled_qnn_onnx"],
         ),
         (
             ["precision=mixed", "precision.per_component.video_classifier=w8a8"],

@@ -23,6 +23,7 @@ from lpcvlab.config import RunConfig, load_settings
 from lpcvlab.config.schema import LocalHubConfig
 from lpcvlab.deploy.cache import StageCache
 from lpcvlab.deploy.export import export_component
+from lpcvlab.deploy.hazards import DeviceLint
 from lpcvlab.deploy.precision import ComponentPrecision, PrecisionPlan
 from lpcvlab.deploy.precision.calibration import choose_calibration
 from lpcvlab.deploy.precision.fidelity import component_fidelity, metric_fidelity
@@ -409,6 +410,10 @@ def _stages(
         if s.tracking.log_onnx:
             rec.log_artifact(exp.path, "onnx")
     rec.set_tags(cache.tags())
+    # Device hazards of every graph to compile, before any hub stage (export.lint).
+    lint = DeviceLint.from_settings(s, work_dir)
+    specs = {n: e.input for n, e in exports.items()}
+    lint.check(rec, {n: ("export", e.path) for n, e in exports.items()}, specs)
     clock.lap("export")
 
     console.stage("compile, profile, infer", f"hub={s.hub.name}")
@@ -419,6 +424,10 @@ def _stages(
         ]
     )
     rec.set_tags(cache.tags())
+    deployed = deployed_graphs(runs)  # hub=local: the fp16 / quantized graphs
+    lint.check(rec, deployed, specs)
+    if s.tracking.log_models:
+        log_deployed_models(s, rec, runs, bundle.weights)
     reused = ""
     if cache.hits:
         stages: dict[str, list[str]] = {}
@@ -473,6 +482,38 @@ def _stages(
     return PipelineResult(
         rec.run_id, metrics, exports, runs, evaluation, bundle.weights, cache_reused=reused
     )
+
+
+def deployed_graphs(runs: dict[str, ComponentRun]) -> dict[str, tuple[str, Path]]:
+    """The non-fp32 graphs made on this machine (``hub=local``), by component."""
+    return {
+        name: (run.quantized.precision, Path(run.quantized.model.path))
+        for name, run in runs.items()
+        if run.quantized is not None and run.quantized.model is not None
+    }
+
+
+def log_deployed_models(
+    s: RunConfig, rec: RunRecorder, runs: dict[str, ComponentRun], weights: str
+) -> None:
+    """Each graph deployed in place of the fp32 export (hub=local's fp16 / quantized ONNX) as
+    the component's logged model, the fp32 export's model its parent; tags name both."""
+    for name, crun in runs.items():
+        q = crun.quantized
+        if q is None or q.model is None:
+            continue
+        parent = rec.models.get(name, "")
+        facts = model_facts(s, name, weights)
+        extra = {"deployed_graph": q.precision, "parent_model_id": parent}
+        facts = dataclasses.replace(facts, tags=facts.tags | extra)
+        model_id = rec.log_model(name, Path(q.model.path), q.model.sha256, facts)
+        rec.set_tags(
+            {
+                f"deployed_model/{name}": model_id,
+                f"deployed_sha256/{name}": q.model.sha256,
+                f"parent_model/{name}": parent,
+            }
+        )
 
 
 def export_metrics(name: str, exp: ExportResult) -> dict[str, float]:

@@ -31,6 +31,8 @@ TRACK2_BACKBONES = "r2plus1d_18, r3d_18, mc3_18, video_tiny"
 TRACK1_PREPROCESS = "lpcvc_sample, clip_mean_std"
 TRACK2_PREPROCESS = "lpcvc_sample, dynamic_fps, uniform_span"
 AIHUB_DEVICES = "xr2_gen2_proxy, dragonwing_iq9075_evk, galaxy_s25"
+# The runtimes with a documented fp16 compile option (conf/runtime/*.yaml: fp16_options).
+FP16_RUNTIMES = "runtime=qnn_dlc, runtime=qnn_context_binary or runtime=precompiled_qnn_onnx"
 
 
 def check_combinations(s: RunConfig) -> None:
@@ -78,10 +80,11 @@ def _check_precision(s: RunConfig) -> None:
                 if isinstance(s.precision, MixedPrecisionConfig)
                 else "precision"
             )
+            working = FP16_RUNTIMES if precision == "fp16" else "runtime=qnn_dlc"
             raise ConfigError(
                 f"{name} in {precision} ({key}={precision}) cannot go with runtime="
                 f"{s.runtime.name} on hub=aihub, which deploys {', '.join(s.runtime.precisions)}; "
-                "choose one of those, or runtime=qnn_dlc"
+                f"choose one of those, or {working}"
             )
 
 

@@ -36,6 +36,7 @@ QUANTIZED = ("w8a16", "w8a8")  # the precisions that need calibration data
 MIN_CALIBRATION_SAMPLES = 8
 # NPU-safe ONNX graph rewrites (``export.rewrites``; :mod:`lpcvlab.deploy.rewrites`).
 REWRITES = ("gelu_sigmoid", "finite_mask")
+LINT_MODES = ("error", "warn", "off")  # ``export.lint``
 
 
 def setting(
@@ -218,6 +219,13 @@ class RuntimeConfig:
     precisions: list[str] = setting(factory=lambda: list(PRECISIONS), choices=PRECISIONS, each=True)
     fp16_options: str = ""
 
+    def check(self, prefix: str) -> None:
+        if "fp16" in self.precisions and not self.fp16_options.strip():
+            raise ConfigError(
+                f"{prefix}.precisions={self.precisions} lists fp16 but {prefix}.fp16_options is "
+                "empty: give the compile option that selects fp16, or drop fp16 from the list"
+            )
+
 
 @dataclass
 class HubConfig:
@@ -253,6 +261,10 @@ class AIHubConfig(HubConfig):
     # Seconds to wait for AI Hub to answer the first request of a run.
     connect_timeout_s: float = setting(10.0, gt=0)
     chunk_bytes: int = setting(1_296_000_000, gt=0, le=AIHUB_DATASET_LIMIT_BYTES)
+    # A quantized (w8a*) component's compile adds --quantize_io, as AIHM does.
+    quantize_io: bool = True
+    # Inference jobs of one component in flight at once; the next chunk goes up as one ends.
+    inference_window: int = setting(4, ge=1)
     parity_samples: int = setting(32, ge=0)
     ledger_path: str | None = None  # null = <paths.cache_dir>/aihub_ledger.jsonl
 
@@ -563,6 +575,10 @@ class ExportConfig:
     parity_samples: int = setting(8, ge=1)
     # NPU-safe graph rewrites applied to the exported graph, in this order.
     rewrites: list[str] = setting(factory=list, choices=REWRITES, each=True)
+    # The device-hazard check of every graph before any hub stage (lpcvlab.deploy.hazards):
+    # error stops the run, warn prints and logs, off skips; null = error on hub=aihub, warn
+    # on hub=local.
+    lint: str | None = setting(None, choices=LINT_MODES)
 
     def check(self, prefix: str) -> None:
         if len(set(self.rewrites)) != len(self.rewrites):

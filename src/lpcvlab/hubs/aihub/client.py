@@ -21,9 +21,11 @@ The token comes from ``QAI_HUB_API_TOKEN`` or the client's own config file
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -39,6 +41,7 @@ from requests.adapters import HTTPAdapter
 from lpcvlab.errors import ConfigError, RuntimeStageError
 
 TOKEN_ENV = "QAI_HUB_API_TOKEN"
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # What the client and its transport raise; anything else is a bug and keeps its traceback.
@@ -190,19 +193,70 @@ class CreatedButUnfetched(Exception):
         self.reason = reason
 
 
-def submit(client: Any, fn: Callable[[], T], what: str, redact: Callable[[object], str]) -> T:
+# How the client waits between job creations refused with 429 (Client._api_call_with_retry):
+# 20 s, doubled up to 60 s, for at most RATE_LIMIT_RETRY_TIMEOUT minutes.
+RATE_LIMIT_FIRST_WAIT_S = 20.0
+RATE_LIMIT_MAX_WAIT_S = 60.0
+
+
+def submit(
+    client: Any,
+    fn: Callable[[], T],
+    what: str,
+    redact: Callable[[object], str],
+    *,
+    find: Callable[[], T | None] | None = None,
+    retry_rate_limits: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """Submit a job through ``fn`` as :func:`guard` does, but raise :class:`CreatedButUnfetched`
-    when the job was created and only fetching it failed (needs a :class:`HubClient`)."""
+    when the job was created and only fetching it failed (needs a :class:`HubClient`).
+
+    ``retry_rate_limits``: a 429 is waited out as the client does for compile and inference
+    creation (it does not for quantize jobs). ``find``: when the submission failed with no job ID
+    seen (the creation response itself was lost), look the job up (by its unique name) before
+    giving up, so that a job AI Hub created is used rather than paid for twice.
+    """
     fetched: list[str] | None = getattr(client, "fetched_job_ids", None)
     seen = len(fetched) if fetched is not None else 0
-    try:
-        return fn()
-    except CLIENT_ERRORS as exc:
-        created = fetched[seen:] if fetched is not None else []
-        message = describe(exc, redact)
+    waited, pause = 0.0, RATE_LIMIT_FIRST_WAIT_S
+    while True:
+        try:
+            return fn()
+        except hub_client.RateLimitedError as exc:
+            limit_s = hub_client.RATE_LIMIT_RETRY_TIMEOUT * 60
+            if not retry_rate_limits or waited >= limit_s:
+                message = describe(exc, redact)
+                break
+            log.warning("AI Hub: %s: rate-limited (429); retrying in %.0f s", what, pause)
+            sleep(pause)
+            waited += pause
+            pause = min(pause * 2, RATE_LIMIT_MAX_WAIT_S)
+        except CLIENT_ERRORS as exc:
+            message = describe(exc, redact)
+            break
+    created = fetched[seen:] if fetched is not None else []
     if created:
         raise CreatedButUnfetched(created[-1], message)
+    if find is not None:
+        found = guard(find, f"looking for the job of {what}", redact)
+        if found is not None:
+            log.warning(
+                "AI Hub: %s failed (%s), but AI Hub had created the job: found it by name",
+                what,
+                message,
+            )
+            return found
     raise stage_error(what, message)
+
+
+def find_job_by_name(client: Any, job_type: qai_hub.JobType, name: str, limit: int = 50) -> Any:
+    """The most recent job of ``job_type`` named ``name`` among the account's last ``limit``
+    jobs (the client's job summaries), fetched; None when there is none."""
+    for summary in client.get_job_summaries(limit=limit, type=job_type):
+        if summary.name == name:
+            return client.get_job(summary.job_id)
+    return None
 
 
 # --------------------------------------------------------------------------- devices, preflight
@@ -254,8 +308,19 @@ def probe(api_url: str, timeout_s: float) -> None:
         return
     raise ConfigError(
         f"AI Hub cannot be reached at {api_url}: {reason}. Check this machine's network "
-        "connection, its proxy settings (HTTPS_PROXY, NO_PROXY) and the api_url in "
-        f"{api_utils.get_config_path()}; hub=local runs without AI Hub."
+        f"connection, its proxy settings (HTTPS_PROXY, NO_PROXY) and {_url_source()}; "
+        "hub=local runs without AI Hub."
+    )
+
+
+def _url_source() -> str:
+    """Where the API URL came from, naming the client's config file only when it exists."""
+    path = api_utils.get_config_path()
+    if os.path.isfile(path):
+        return f"the api_url in {path}"
+    return (
+        "the API URL (the client's default: no client config file; `qai-hub configure "
+        "--api_token <token> --api_url <url>` writes one)"
     )
 
 

@@ -86,6 +86,12 @@ def compile_options(
     return shlex.join(parts)
 
 
+def quantize_options(precision: str) -> str:
+    """Options of a quantize job as AIHM sets them (``Precision.get_hub_quantize_options``):
+    ``--range_scheme min_max`` for w8a16, AI Hub's defaults otherwise."""
+    return "--range_scheme min_max" if precision == "w8a16" else ""
+
+
 def profile_options(settings: AIHubConfig) -> str:
     """Options of a profile job: ``--max_profiler_iterations <hub.profile_iterations>``, then
     ``hub.extra_profile_options``."""

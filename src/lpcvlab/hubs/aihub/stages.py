@@ -11,9 +11,13 @@
    inputs, ``--max_profiler_iterations <hub.profile_iterations>``; ``download_profile()`` is
    parsed by :func:`lpcvlab.hubs.profile.parse_profile`.
 3. **inference** (:meth:`Stages.start_inference`) -- the inputs go up as datasets of at most
-   ``hub.chunk_bytes`` each (AI Hub refuses datasets over 2 GB), one job per chunk; outputs come
-   back in input order, a reused job whose outputs AI Hub has deleted (after 30 days) runs again,
-   and the first ``hub.parity_samples`` are compared with ONNX Runtime on this machine
+   ``hub.chunk_bytes`` each (AI Hub refuses datasets over 2 GB), one job per chunk, at most
+   ``hub.inference_window`` in flight (each finished chunk starts the next); every chunk goes
+   up from an h5 file in a temporary folder of lpcvlab's and its outputs come down into one, so
+   neither the client's Dataset nor its job keeps the arrays and no file is left behind: memory
+   stays flat in the number of chunks. Outputs come back in input order, a reused job whose
+   outputs AI Hub has deleted (after 30 days) runs again, and the first
+   ``hub.parity_samples`` are compared with ONNX Runtime on this machine
    (:func:`lpcvlab.hubs.parity.device_parity`).
 
 When compile finishes, :meth:`Stages.after_compile` starts the stages the component asked for
@@ -41,10 +45,13 @@ quantized model lives on AI Hub, so that number includes the quantization error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import io
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import tempfile
@@ -54,14 +61,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import onnx
 import qai_hub
+from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
 
 from lpcvlab.config.schema import AIHubConfig
 from lpcvlab.deploy.precision import FP32, ComponentPrecision
 from lpcvlab.errors import RuntimeStageError
-from lpcvlab.hubs.aihub.client import guard, submit
+from lpcvlab.hubs.aihub.client import find_job_by_name, guard, submit
 from lpcvlab.hubs.aihub.jobs import Emit, JobDriver, JobTrail, LedgerEntry, Pending
 from lpcvlab.hubs.aihub.settings import (
     QUANTIZE_DTYPES,
@@ -70,6 +79,7 @@ from lpcvlab.hubs.aihub.settings import (
     forced_channel_last,
     inference_options,
     profile_options,
+    quantize_options,
     samples_per_chunk,
 )
 from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE
@@ -114,6 +124,7 @@ class ComponentState:
     precision: ComponentPrecision = FP32
     quantized: QuantizeResult | None = None  # how a non-fp32 component was made
     quantized_model: Any = None  # the quantize job's target model, compiled instead of the export
+    onnx_input: tuple[str, tuple[int, ...], str] | None = None  # the ONNX compile's input
     compiled: CompileResult | None = None
     profile: ProfileResult | None = None
     chunk_outputs: list[np.ndarray | None] = field(default_factory=list)
@@ -219,6 +230,7 @@ class Stages:
         self._redact = redact
         self._emit = emit
         self._hub_device = qai_hub.Device(name=device)
+        self.sleep: Callable[[float], None] = time.sleep  # waits out 429s (tests: no wait)
         self._models: dict[str, Any] = {}
         self._digests: dict[Path, str] = {}
         self._external: dict[Path, list[Path]] = {}
@@ -272,27 +284,82 @@ class Stages:
     # ------------------------------------------------------------------ compile
 
     def start_quantize(self, state: ComponentState) -> Pending:
-        """A quantize job of the export with its calibration data; compile follows its model."""
+        """AIHM's flow for a quantized component: the export is first compiled to an ONNX target
+        (``--target_runtime onnx --output_names <out>``, plus ``--truncate_64bit_io`` for a
+        64-bit input); :meth:`_start_quantize_job` quantizes that model when it is done."""
         exported = state.exported
         spec = exported.input
-        cal = state.precision.calibration
-        if cal is None:
+        if state.precision.calibration is None:
             raise RuntimeStageError(f"{state.component}: {state.precision.name} needs calibration")
-        weights, activations = QUANTIZE_DTYPES[state.precision.name]
+        parts = ["--target_runtime", "onnx", "--output_names", exported.output_name]
+        if spec.dtype in ("int64", "uint64") and "--truncate_64bit_io" in shlex.split(
+            self.runtime_options
+        ):
+            parts.append("--truncate_64bit_io")
+        options = shlex.join(parts)
         inputs = {
             "model_sha256": self._model_digest(exported),
+            "input_specs": {spec.name: [list(spec.shape), spec.dtype]},
+        }
+
+        def submit_job() -> Any:
+            model = self._source_model(state)
+            return self._submit(
+                lambda: self.client.submit_compile_job(
+                    model,
+                    device=self._hub_device,
+                    name=self._job_name(state.component, "onnx"),
+                    input_specs={spec.name: (tuple(spec.shape), spec.dtype)},
+                    options=options,
+                ),
+                f"submitting the ONNX compile job of {state.component}",
+            )
+
+        def on_success(p: Pending) -> list[Pending]:
+            target = self._call(p.job.get_target_model, f"reading the model of {p.job.job_id}")
+            if target is None:
+                raise RuntimeStageError(
+                    f"{state.component}: ONNX compile job {p.job.job_id} finished without a "
+                    f"model ({p.job.url})"
+                )
+            if hasattr(p.job, "get_target_shapes"):
+                what = f"reading the shapes of {p.job.job_id}"
+                shapes = self._call(p.job.get_target_shapes, what)
+            else:  # clients before get_target_shapes()
+                shapes = self._call(lambda: p.job.target_shapes, f"reading {p.job.job_id}")
+            name, shape, dtype, _ = self._device_input(exported, shapes, p.entry)
+            state.onnx_input = (name, shape, dtype)
+            return [self._start_quantize_job(state, target, p.job.job_id)]
+
+        return self.driver.start(
+            "onnx_compile", state.trail, inputs, options, submit_job, on_success
+        )
+
+    def _start_quantize_job(self, state: ComponentState, onnx_model: Any, onnx_job: str) -> Pending:
+        """``submit_quantize_job`` of the ONNX model with the calibration data (cast to the ONNX
+        model's input dtype: int32 for token IDs under ``--truncate_64bit_io``), options as AIHM
+        sets them (``--range_scheme min_max`` for w8a16); compile follows its model."""
+        cal = state.precision.calibration
+        assert cal is not None and state.onnx_input is not None
+        input_name, _, input_dtype = state.onnx_input
+        weights, activations = QUANTIZE_DTYPES[state.precision.name]
+        options = quantize_options(state.precision.name)
+        inputs = {
+            "onnx_compile_job": onnx_job,
             "calibration_sha256": cal.sha256,
             "weights_dtype": weights,
             "activations_dtype": activations,
         }
-        options = ""  # AI Hub's defaults; the dtypes are arguments of their own
+        base = self._job_name(state.component, f"quantize {state.precision.name}")
 
         def submit_job() -> Any:
-            model = self._source_model(state)
-            name = self._job_name(state.component, f"quantize {state.precision.name}")
-            entries = {spec.name: [cal.samples[i : i + 1] for i in range(len(cal))]}
+            # A name of its own per submission: a job whose creation answer was lost is found
+            # again by it (client.find_job_by_name) instead of being paid for twice.
+            name = f"{base} [{secrets.token_hex(4)}]"
+            samples = np.asarray(cal.samples).astype(input_dtype, copy=False)
+            entries = {input_name: [samples[i : i + 1] for i in range(len(cal))]}
             dataset = self._call(
-                lambda: self.client.upload_dataset(entries, name=f"{name} calibration"),
+                lambda: self.client.upload_dataset(entries, name=f"{base} calibration"),
                 f"uploading the calibration data of {state.component}",
             )
             log.info(
@@ -302,9 +369,10 @@ class Stages:
                 cal.source,
                 dataset.dataset_id,
             )
-            return self._submit(
+            return submit(
+                self.client,
                 lambda: self.client.submit_quantize_job(
-                    model,
+                    onnx_model,
                     dataset,
                     weights_dtype=qai_hub.QuantizeDtype[weights],
                     activations_dtype=qai_hub.QuantizeDtype[activations],
@@ -312,6 +380,10 @@ class Stages:
                     options=options,
                 ),
                 f"submitting the quantize job of {state.component}",
+                self._redact,
+                find=lambda: find_job_by_name(self.client, qai_hub.JobType.QUANTIZE, name),
+                retry_rate_limits=True,  # the client retries 429s for compile, not quantize
+                sleep=self.sleep,
             )
 
         def on_success(p: Pending) -> list[Pending]:
@@ -325,7 +397,11 @@ class Stages:
             state.quantized = QuantizeResult(
                 component=state.component,
                 precision=state.precision.name,
-                method=f"AI Hub quantize job (weights {weights}, activations {activations})",
+                method=(
+                    f"AI Hub quantize job (weights {weights}, activations {activations}"
+                    + (f", {options}" if options else "")
+                    + ") of the ONNX-compiled export"
+                ),
                 seconds=time.monotonic() - p.started,
                 calibration_samples=len(cal),
                 calibration_sha256=cal.sha256,
@@ -343,14 +419,21 @@ class Stages:
         exported = state.exported
         spec = exported.input
         fp16 = state.precision.name == "fp16"
+        quantized = state.quantized_model is not None
+        # AIHM compiles a quantized model with --quantize_io (hub.quantize_io).
+        precision_options = self.fp16_options if fp16 else ""
+        if self.settings.quantize_io and quantized:
+            precision_options = "--quantize_io"
         options = compile_options(
             exported,
             self.target_runtime,
             self.runtime_options,
             self.channel_last_inputs,
             self.settings.extra_compile_options,
-            precision_options=self.fp16_options if fp16 else "",
+            precision_options=precision_options,
         )
+        # The quantized ONNX model takes what the ONNX compile made of the input (int32 text).
+        dtype = state.onnx_input[2] if quantized and state.onnx_input else spec.dtype
         if fp16:
             state.quantized = QuantizeResult(
                 state.component, "fp16", f"AI Hub compile options {self.fp16_options}", 0.0
@@ -360,7 +443,7 @@ class Stages:
             if state.quantized_model is not None and state.quantized is not None
             else {"model_sha256": self._model_digest(exported)}
         )
-        inputs = {**source, "input_specs": {spec.name: [list(spec.shape), spec.dtype]}}
+        inputs = {**source, "input_specs": {spec.name: [list(spec.shape), dtype]}}
 
         def submit_job() -> Any:
             model = self._source_model(state)
@@ -369,7 +452,7 @@ class Stages:
                     model,
                     device=self._hub_device,
                     name=self._job_name(state.component),
-                    input_specs={spec.name: (tuple(spec.shape), spec.dtype)},
+                    input_specs={spec.name: (tuple(spec.shape), dtype)},
                     options=options,
                 ),
                 f"submitting the compile job of {state.component}",
@@ -554,7 +637,9 @@ class Stages:
         return np.ascontiguousarray(x, dtype=handle.device_dtype)
 
     def start_inference(self, state: ComponentState) -> list[Pending]:
-        """One inference job per chunk of ``state.inputs``; :meth:`finish_inference` joins them."""
+        """One inference job per chunk of ``state.inputs``, at most ``hub.inference_window`` of
+        them in flight: each finished chunk starts the next, so memory stays flat in the number
+        of chunks. :meth:`finish_inference` joins the outputs."""
         assert state.inputs is not None
         check_inputs(state.exported, state.inputs)
         handle = self._handle(state)
@@ -564,17 +649,21 @@ class Stages:
         state.chunk_outputs = [None] * len(bounds)
         state.infer_started = time.perf_counter()
         options = inference_options(self.settings)
+        window = max(1, int(self.settings.inference_window))
         if len(bounds) > 1:
             log.info(
-                "AI Hub: %s: %d samples in %d chunks of <= %d (hub.chunk_bytes=%d)",
+                "AI Hub: %s: %d samples in %d chunks of <= %d (hub.chunk_bytes=%d), at most %d "
+                "in flight (hub.inference_window)",
                 state.component,
                 n,
                 len(bounds),
                 per,
                 self.settings.chunk_bytes,
+                window,
             )
-        pending = []
-        for ci, (a, b) in enumerate(bounds):
+
+        def start_chunk(ci: int) -> Pending:
+            a, b = bounds[ci]
             label = f"{ci + 1}/{len(bounds)}" if len(bounds) > 1 else ""
             # state.inputs may read from disk (Track 2's CachedClips): a chunk at a time
             digest = array_sha256(self._device_batch(handle, state.inputs[a:b]))
@@ -582,14 +671,15 @@ class Stages:
 
             # The device batch is rebuilt at submission rather than kept: a reused chunk needs
             # none, and holding every chunk until the end would double the inputs' memory.
-            def submit_job(a: int = a, b: int = b, label: str = label) -> Any:
+            def submit_job() -> Any:
                 assert state.inputs is not None
                 batch = self._device_batch(handle, state.inputs[a:b])
                 return self._submit_inference(state, handle, batch, label, options)
 
-            def on_success(p: Pending, ci: int = ci, expected: int = b - a) -> list[Pending]:
+            def on_success(p: Pending) -> list[Pending]:
+                follow = [start_chunk(ci + window)] if ci + window < len(bounds) else []
                 try:
-                    state.chunk_outputs[ci] = self._download_outputs(state, p, expected)
+                    state.chunk_outputs[ci] = self._download_outputs(state, p, b - a)
                 except RuntimeStageError as exc:
                     if p.restart is None:
                         raise
@@ -602,15 +692,14 @@ class Stages:
                         exc,
                     )
                     state.trail.drop("inference", p.job.job_id, p.job.url)
-                    return [p.restart()]
-                return []
+                    return [p.restart(), *follow]
+                return follow
 
-            pending.append(
-                self.driver.start(
-                    "inference", state.trail, inputs, options, submit_job, on_success, label
-                )
+            return self.driver.start(
+                "inference", state.trail, inputs, options, submit_job, on_success, label
             )
-        return pending
+
+        return [start_chunk(ci) for ci in range(min(window, len(bounds)))]
 
     def _submit_inference(
         self,
@@ -621,11 +710,19 @@ class Stages:
         options: str,
     ) -> Any:
         name = self._job_name(state.component, f"inference {label}".strip())
-        entries = {handle.input_name: [batch[i : i + 1] for i in range(len(batch))]}
-        dataset = self._call(
-            lambda: self.client.upload_dataset(entries, name=name),
-            f"uploading the inputs of {name}",
-        )
+        # The h5 file is written here and uploaded by path: the client then keeps no copy of
+        # the arrays in its Dataset (and so in the job), and the file goes whatever happens
+        # (the client's own temporary file stays behind when an upload fails).
+        with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
+            path = Path(tmp) / "inputs.h5"
+            with h5py.File(path, "w") as h5:
+                entries = {handle.input_name: [batch[i : i + 1] for i in range(len(batch))]}
+                dataset_entries_to_h5(entries, h5)
+            del entries
+            dataset = self._call(
+                lambda: self.client.upload_dataset(str(path), name=name),
+                f"uploading the inputs of {name}",
+            )
         log.info(
             "AI Hub: uploaded %d %s samples of %s as dataset %s",
             len(batch),
@@ -637,7 +734,18 @@ class Stages:
         return self._submit_inference_job(model, dataset, name, options, f"submitting {name}")
 
     def _download_outputs(self, state: ComponentState, p: Pending, expected: int) -> np.ndarray:
-        out = self._call(p.job.download_output_data, f"downloading outputs of {p.job.job_id}")
+        # Into a folder of lpcvlab's, read, and gone: downloaded to memory, the client leaves an
+        # empty temporary file behind per download and keeps the outputs in its Dataset.
+        with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
+            with contextlib.redirect_stdout(io.StringIO()):  # "Downloaded dataset to <tmp>"
+                path = self._call(
+                    lambda: p.job.download_output_data(tmp),
+                    f"downloading outputs of {p.job.job_id}",
+                )
+            out = None
+            if path:
+                with h5py.File(path, "r") as h5:
+                    out = h5_to_dataset_entries(h5)
         if not out:
             raise RuntimeStageError(
                 f"{state.component}: inference job {p.job.job_id} produced no output data "
