@@ -17,6 +17,7 @@ from test_pipeline_aihub import _aihub_cfg
 
 from lpcvlab import pipeline
 from lpcvlab.hubs.aihub.stages import find_onnx
+from lpcvlab.tracking.registry import register_run
 from lpcvlab.util.hashing import file_sha256
 
 pytestmark = pytest.mark.slow
@@ -92,6 +93,15 @@ def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(fake, tmp_path):
     lint = Path(client.download_artifacts(res.run_id, "lint/text_encoder.json", str(tmp_path)))
     assert [g["graph"] for g in json.loads(lint.read_text())["graphs"]] == ["export", "w8a8"]
     assert 0.9 < run.data.metrics["fidelity_cosine_min/text_encoder"] < 1.0
+
+    # lpcvlab register makes the deployed graph the submission candidate, not the fp32 export.
+    versions = {v.component: v for v in register_run(client, res.run_id)}
+    assert versions["text_encoder"].model_id == deployed.model_id
+    image = client.get_logged_model(versions["image_encoder"].model_id)  # fp32: its export
+    assert image.tags["onnx_sha256"] == tags["onnx_sha256/image_encoder"]
+    version = client.get_model_version(versions["text_encoder"].name, "1")
+    assert version.tags["deployed_sha256"] == file_sha256(downloaded)
+    assert version.tags["parent_model"] == parent.model_id
 
     # Again: the quantize job is reused from the ledger, and so is its downloaded file.
     again = pipeline.run(cfg, work_dir=tmp_path / "again")
