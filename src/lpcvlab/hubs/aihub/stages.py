@@ -36,8 +36,10 @@ the exported layout) go to ``submit_quantize_job`` with ``weights_dtype=INT8`` a
 ``activations_dtype=INT16`` or ``INT8``; the ledger keys it by the model's hash, the calibration
 data's hash and both dtypes. When it succeeds, its quantized ONNX model (QDQ) is what
 :meth:`Stages.start_compile` compiles -- no upload, and the compile key names the quantize job
-instead of the export's hash. A component in fp16 is compiled from the export with the runtime's
-fp16 options (``runtime.fp16_options``, e.g. ``--qnn_options
+instead of the export's hash -- and it is downloaded (``Model.download``, into
+``<models_dir>/<quantize job ID>/``, once per job) as ``QuantizeResult.model``: the graph that is
+deployed, which the run logs as the component's model. A component in fp16 is compiled from
+the export with the runtime's fp16 options (``runtime.fp16_options``, e.g. ``--qnn_options
 default_graph_htp_precision=FLOAT16``) before ``hub.extra_compile_options``. In both cases the
 device outputs are compared with the fp32 export on this machine (``device_parity_*``): the
 quantized model lives on AI Hub, so that number includes the quantization error.
