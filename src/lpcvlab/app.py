@@ -117,6 +117,17 @@ def run_job(cfg: DictConfig) -> float | None:
     return result.objective.value
 
 
+def _exit_if_the_sweep_failed() -> None:
+    """A multirun whose jobs failed (``sweep.fail_on``) exits 1 once its parent run is
+    summarised, so that scripts and CI notice."""
+    from lpcvlab.tracking.sweep import sweep_failure
+
+    verdict = sweep_failure()
+    if verdict is not None:
+        print(f"error: {verdict}", file=sys.stderr)
+        sys.exit(1)
+
+
 def hydra_entry(main: Callable[[], Any]) -> None:
     """Call a ``@hydra.main`` function, reporting config mistakes in one line.
 
@@ -131,6 +142,7 @@ def hydra_entry(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let the exception reach us instead of a printout
     try:
         main()
+        _exit_if_the_sweep_failed()
     except Exception as exc:
         message = composition_error(exc)
         if message is None and isinstance(exc, LpcvlabError):
