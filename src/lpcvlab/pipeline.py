@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +152,10 @@ def component_metrics(name: str, run: ComponentRun) -> dict[str, float]:
 
 def _work_dir(work_dir: Path | None) -> Path:
     if work_dir is None:
-        work_dir = Path("outputs") / time.strftime("adhoc/%Y-%m-%d_%H-%M-%S")
+        # Outside Hydra (an API call): a folder of its own, even for two runs in one second.
+        adhoc = Path("outputs") / "adhoc"
+        adhoc.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S_"), dir=adhoc))
     work_dir.mkdir(parents=True, exist_ok=True)
     return work_dir
 

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+import lpcvlab.config.resolvers  # noqa: F401  (${lpcvlab_uid:} in hydra.run.dir)
 from lpcvlab.config.checks import check_combinations
 from lpcvlab.config.schema import SCHEMAS, RunConfig, validate
 from lpcvlab.errors import ConfigError
