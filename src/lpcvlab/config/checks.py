@@ -52,7 +52,7 @@ def check_combinations(s: RunConfig) -> None:
             "or use hub=local"
         )
     _check_precision(s)
-    check_weights(s.backbone)  # a tag a tiny backbone lacks, a missing file; a cache miss reported
+    check_weights(s.backbone)  # a tag a tiny backbone lacks, a missing checkpoint file
     if isinstance(s.train, FinetuneConfig):
         kind = ClipBackboneConfig if isinstance(s.track, RetrievalTrackConfig) else None
         kind = VideoBackboneConfig if isinstance(s.track, VideoTrackConfig) else kind

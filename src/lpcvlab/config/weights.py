@@ -103,12 +103,13 @@ def kinetics_lookup(arch: str) -> CacheLookup:
     return CacheLookup(KINETICS, found, (f"{folder} (file {path.name})",))
 
 
-def check_weights(backbone: BackboneConfig) -> CacheLookup | None:
-    """Refuse a ``backbone.pretrained`` that can never load; report a cached tag that is not
-    there. Returns the lookup of a tag (None for null or a checkpoint path)."""
+def check_weights(backbone: BackboneConfig) -> None:
+    """Refuse a ``backbone.pretrained`` that can never load: a tag for a backbone that has no
+    published weights, another track's tag, a checkpoint file that is not there. Cheap (no
+    imports), so it runs with the other combination checks."""
     value = backbone.pretrained
     if value is None:
-        return None
+        return
     value = str(value)
     name = backbone.name
     if looks_like_path(value):
@@ -119,7 +120,7 @@ def check_weights(backbone: BackboneConfig) -> CacheLookup | None:
                 f"{path.resolve()}); put the file there, or use backbone.pretrained=null "
                 "(random weights)"
             )
-        return None
+        return
     tiny = isinstance(backbone, TinyVideoBackboneConfig) or (
         isinstance(backbone, ClipBackboneConfig) and backbone.model_cfg is not None
     )
@@ -128,17 +129,29 @@ def check_weights(backbone: BackboneConfig) -> CacheLookup | None:
             f"backbone={name} has no published weights, so backbone.pretrained={value} cannot be "
             f"found for it; use backbone.pretrained=null (random weights) or a checkpoint path"
         )
-    if isinstance(backbone, ClipBackboneConfig):
+    if isinstance(backbone, VideoBackboneConfig) and value != KINETICS:
+        raise ConfigError(
+            f"backbone.pretrained={value!r} is not a weights tag of backbone={name}; use "
+            f"backbone.pretrained={KINETICS}, a checkpoint path, or backbone.pretrained=null"
+        )
+
+
+def report_weights(backbone: BackboneConfig) -> CacheLookup | None:
+    """Look a ``backbone.pretrained`` tag up in its cache once the config has passed every
+    other check (it imports open_clip or torch, so a mistake elsewhere is reported first): an
+    unknown open_clip tag is a ConfigError; a file not in the cache is reported, once per
+    process, with where it was looked for and the file expected. None for null or a path."""
+    value = backbone.pretrained
+    if value is None or looks_like_path(str(value)):
+        return None
+    value = str(value)
+    if isinstance(backbone, ClipBackboneConfig) and backbone.model_cfg is None:
         lookup = clip_cache_lookup(backbone.model_name, value, backbone.cache_dir)
-    elif isinstance(backbone, VideoBackboneConfig):
-        if value != KINETICS:
-            raise ConfigError(
-                f"backbone.pretrained={value!r} is not a weights tag of backbone={name}; use "
-                f"backbone.pretrained={KINETICS}, a checkpoint path, or backbone.pretrained=null"
-            )
+    elif isinstance(backbone, VideoBackboneConfig) and backbone.arch in _KINETICS_ENUMS:
         lookup = kinetics_lookup(backbone.arch)
     else:
         return None
+    name = backbone.name
     if lookup.found is None and (name, value) not in _reported:
         _reported.add((name, value))
         log.warning(
