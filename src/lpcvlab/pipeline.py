@@ -45,7 +45,7 @@ from lpcvlab.tracks import Track, TrackData, build_track
 from lpcvlab.training.launch import worker_rank
 from lpcvlab.types import ComponentRun, EvalResult, ExportResult, ModelBundle
 from lpcvlab.util import console
-from lpcvlab.util.seeding import seed_everything
+from lpcvlab.util.seeding import seed_everything, thread_params
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,8 @@ def run(
         ) as rec:
             run_id = rec.run_id
             try:
-                rec.log_params(flatten(OmegaConf.to_container(resolved, resolve=True)))
+                params = flatten(OmegaConf.to_container(resolved, resolve=True))
+                rec.log_params(params | thread_params())  # threads: results can depend on them
                 rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
                 result = _stages(settings, track, precision, rec, work_dir)
                 result.objective = score(
