@@ -136,6 +136,9 @@ def test_a_baseline_preset_runs_end_to_end_with_the_tiny_backbone(tmp_path: Path
         *store_overrides(tmp_path),
     )
     assert proc.returncode == 0, explain(proc)
+    # Quiet output off a terminal: progress as lines (export before and after), no bars.
+    assert "exported image_encoder in" in proc.stderr and "exported text_encoder in" in proc.stderr
+    assert "\r" not in proc.stderr and "Creating initial MLflow database" not in proc.stderr
     (run,) = all_runs(tmp_path)
     assert run.status == "FINISHED"
     assert run.tags["backbone"] == "clip_tiny" and run.tags["weights"] == "random"

@@ -25,8 +25,14 @@ _CHATTY = ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.export
 
 
 def quiet_third_party() -> None:
+    """Third-party INFO narration and noise off (their real warnings still show); progress bars
+    become periodic lines when the output is a log file (:mod:`lpcvlab.util.console`)."""
+    from lpcvlab.util import console
+
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    console.filter_noise()
+    console.plain_progress()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
