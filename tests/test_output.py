@@ -94,7 +94,15 @@ def test_training_progress_is_lines_off_a_terminal(monkeypatch, capsys):
 def test_bars_are_off_in_a_log_file(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     monkeypatch.setattr(console, "is_terminal", lambda: False)
-    console.plain_progress()
-    import os
+    from tqdm import std
 
-    assert os.environ["TQDM_DISABLE"] == "1"
+    original = std.tqdm.__init__
+    try:
+        console.plain_progress()
+        import os
+
+        assert os.environ["TQDM_DISABLE"] == "1"
+        assert std.tqdm(range(3)).disable  # imported before: the class default changed too
+        assert not std.tqdm(range(3), disable=False).disable  # an explicit choice still wins
+    finally:
+        std.tqdm.__init__ = original

@@ -137,8 +137,9 @@ def test_a_baseline_preset_runs_end_to_end_with_the_tiny_backbone(tmp_path: Path
     )
     assert proc.returncode == 0, explain(proc)
     # Quiet output off a terminal: progress as lines (export before and after), no bars.
-    assert "exported image_encoder in" in proc.stderr and "exported text_encoder in" in proc.stderr
-    assert "\r" not in proc.stderr and "Creating initial MLflow database" not in proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "exported image_encoder in" in out and "exported text_encoder in" in out
+    assert "\r" not in out and "Creating initial MLflow database" not in out
     (run,) = all_runs(tmp_path)
     assert run.status == "FINISHED"
     assert run.tags["backbone"] == "clip_tiny" and run.tags["weights"] == "random"

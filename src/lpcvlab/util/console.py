@@ -90,8 +90,24 @@ def plain_progress() -> None:
     stage still prints its ``==>`` line, and training prints :func:`training_progress` lines."""
     import os
 
-    if not is_terminal():
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    if is_terminal():
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is imported
+    if "tqdm.std" not in sys.modules or os.environ["TQDM_DISABLE"] != "1":
+        return
+    # Imported already (MLflow imports it): make disable=True the default of the class itself.
+    from tqdm import std
+
+    if getattr(std.tqdm.__init__, "_lpcvlab_plain", False):
+        return
+    original = std.tqdm.__init__
+
+    def __init__(self: object, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("disable", True)
+        original(self, *args, **kwargs)
+
+    __init__._lpcvlab_plain = True  # type: ignore[attr-defined]
+    std.tqdm.__init__ = __init__  # type: ignore[method-assign]
 
 
 def training_progress(every_s: float = 30.0) -> list[object]:
