@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from lpcvlab.tracks import Track, TrackData, build_track
 from lpcvlab.training.launch import worker_rank
 from lpcvlab.types import ComponentRun, EvalResult, ExportResult, ModelBundle
 from lpcvlab.util import console
-from lpcvlab.util.seeding import seed_everything
+from lpcvlab.util.seeding import seed_everything, thread_params
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,10 @@ def component_params(name: str, run: ComponentRun) -> dict[str, str]:
 
 def _work_dir(work_dir: Path | None) -> Path:
     if work_dir is None:
-        work_dir = Path("outputs") / time.strftime("adhoc/%Y-%m-%d_%H-%M-%S")
+        # Outside Hydra (an API call): a folder of its own, even for two runs in one second.
+        adhoc = Path("outputs") / "adhoc"
+        adhoc.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S_"), dir=adhoc))
     work_dir.mkdir(parents=True, exist_ok=True)
     return work_dir
 
@@ -250,7 +254,8 @@ def run(
             run_id = rec.run_id
             ensure_table_view(rec.client, rec.experiment_id, settings.track.objective)
             try:
-                rec.log_params(flatten(OmegaConf.to_container(resolved, resolve=True)))
+                params = flatten(OmegaConf.to_container(resolved, resolve=True))
+                rec.log_params(params | thread_params())  # threads: results can depend on them
                 rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
                 result = _stages(settings, track, precision, rec, work_dir)
                 result.objective = score(

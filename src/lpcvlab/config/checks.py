@@ -22,6 +22,7 @@ from lpcvlab.config.schema import (
     VideoTrackConfig,
 )
 from lpcvlab.config.teacher import resolve_teacher
+from lpcvlab.config.weights import check_weights
 from lpcvlab.errors import ConfigError
 
 TRACK1_BACKBONES = (
@@ -53,6 +54,7 @@ def check_combinations(s: RunConfig) -> None:
             "or use hub=local"
         )
     _check_precision(s)
+    check_weights(s.backbone)  # a tag a tiny backbone lacks, a missing checkpoint file
     if isinstance(s.train, FinetuneConfig):
         kind = ClipBackboneConfig if isinstance(s.track, RetrievalTrackConfig) else None
         kind = VideoBackboneConfig if isinstance(s.track, VideoTrackConfig) else kind
@@ -97,7 +99,7 @@ def _check_retrieval(s: RunConfig) -> None:
     if not isinstance(s.backbone, ClipBackboneConfig):
         raise ConfigError(
             f"backbone={s.backbone.name} is {s.backbone.what}, which track=retrieval cannot use; "
-            f"choose one of: {TRACK1_BACKBONES}"
+            f"use backbone={TRACK1_BACKBONES.replace(', ', ' or backbone=')}"
         )
     if not isinstance(s.data, RetrievalDataConfig):
         raise ConfigError(
@@ -146,7 +148,7 @@ def _check_video(s: RunConfig) -> None:
     if not isinstance(s.backbone, VideoBackboneConfig):
         raise ConfigError(
             f"backbone={s.backbone.name} is {s.backbone.what}, which track=video cannot use; "
-            f"choose one of: {TRACK2_BACKBONES}"
+            f"use backbone={TRACK2_BACKBONES.replace(', ', ' or backbone=')}"
         )
     if not isinstance(s.data, VideoDataConfig):
         raise ConfigError(

@@ -614,6 +614,8 @@ class SweepConfig:
     """``sweep``: what a multirun does when it ends (:mod:`lpcvlab.tracking.sweep`)."""
 
     register_best: bool = False  # register the best child's models (``lpcvlab register``)
+    # When the multirun exits 1 (after its parent is summarised): any job failed, all did, never.
+    fail_on: str = setting("any", choices=("any", "all", "never"))
 
 
 @dataclass

@@ -153,7 +153,7 @@ def export_component(
     """Export, rewrite, check, hash and verify one component; fails loudly below
     ``parity_threshold`` (the deployed graph, rewrites included, against PyTorch)."""
     t0 = time.perf_counter()
-    log.info("exporting %s to ONNX (opset %d)", component.name, opset)
+    log.info("exporting %s to ONNX (opset %d) ...", component.name, opset)
     rewriter = _Rewriter(component, samples, rewrites) if rewrites else None
     path, digest = export_onnx(component, out_dir, opset=opset, rewrite=rewriter)
     cos_min = parity(component, path, samples)
@@ -169,6 +169,13 @@ def export_component(
         rewrite_sites=rewriter.sites if rewriter else {},
         rewrite_cosine_min=rewriter.cosine_min if rewriter else {},
         op_counts=op_counts(path),
+    )
+    log.info(
+        "exported %s in %.1f s (parity cosine min %.6f over %d samples)",
+        component.name,
+        result.seconds,
+        cos_min,
+        len(samples),
     )
     if not cos_min >= parity_threshold:
         raise ParityError(parity_message(result, parity_threshold))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 
 from lpcvlab.config.schema import ClipBackboneConfig
 from lpcvlab.config.teacher import CHECKPOINT_KEY, Teacher
+from lpcvlab.config.weights import clip_cache_lookup
 from lpcvlab.errors import ConfigError
 from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
 
@@ -30,32 +30,8 @@ CONTEXT_LENGTH = 77
 
 def _cached_checkpoint(model_name: str, tag: str, cache_dir: str | None) -> str | None:
     """Path of the tag's checkpoint if it is already on disk; no network access."""
-    pcfg = open_clip.get_pretrained_cfg(model_name, tag)
-    if not pcfg:
-        raise ConfigError(
-            f"backbone.pretrained={tag!r} is not an open_clip tag for {model_name}; known tags: "
-            f"{open_clip.list_pretrained_tags_by_model(model_name)} (or give a file path, or null)"
-        )
-    hf = pcfg.get("hf_hub", "")
-    if hf:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(hf)
-        names = (
-            [filename]
-            if filename
-            else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        )
-        for name in names:
-            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
-            if isinstance(found, str) and os.path.isfile(found):
-                return found
-    url = pcfg.get("url", "")
-    if url:
-        candidate = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-        if candidate.is_file():
-            return str(candidate)
-    return None
+    found = clip_cache_lookup(model_name, tag, cache_dir).found
+    return str(found) if found is not None else None
 
 
 @contextlib.contextmanager
