@@ -446,6 +446,7 @@ def export_metrics(name: str, exp: ExportResult) -> dict[str, float]:
     metrics = {f"onnx_ops/{name}/{op}": float(n) for op, n in counts.items()}
     metrics |= {f"rewrite_sites/{name}/{r}": float(n) for r, n in exp.rewrite_sites.items()}
     metrics |= {f"rewrite_cosine_min/{name}/{r}": c for r, c in exp.rewrite_cosine_min.items()}
+    metrics |= {f"onnx_ops_plain/{name}/{op}": float(n) for op, n in exp.op_counts_plain.items()}
     return metrics
 
 

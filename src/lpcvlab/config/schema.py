@@ -35,7 +35,13 @@ QUANTIZED = ("w8a16", "w8a8")  # the precisions that need calibration data
 # Fewer samples than this cannot calibrate activation ranges worth measuring.
 MIN_CALIBRATION_SAMPLES = 8
 # NPU-safe ONNX graph rewrites (``export.rewrites``; :mod:`lpcvlab.deploy.rewrites`).
-REWRITES = ("gelu_sigmoid", "finite_mask")
+REWRITES = (
+    "gelu_sigmoid",
+    "finite_mask",
+    "matmul_conv1x1",
+    "fold_attention_scale",
+    "drop_transposes",
+)
 
 
 def setting(
