@@ -330,6 +330,8 @@ def _stages(
     seed_everything(s.seed)  # the starting weights depend on the seed alone, not on the data
     bundle = track.build_model()
     rec.set_tags({"weights": bundle.weights})
+    if hasattr(track, "lever_metrics"):  # what a model lever (an activation swap) costs
+        rec.log_metrics(track.lever_metrics(bundle, data))
     clock.lap("model")
 
     if training:
@@ -361,7 +363,13 @@ def _stages(
             rewrites=s.export.rewrites,
         )
         exports[comp.name] = exp
-        rec.set_tags({f"onnx_sha256/{comp.name}": exp.sha256})
+        shape = "x".join(map(str, exp.input.shape))
+        rec.set_tags(
+            {
+                f"onnx_sha256/{comp.name}": exp.sha256,
+                f"onnx_input/{comp.name}": f"{exp.input.name} {shape} {exp.input.dtype}",
+            }
+        )
         if s.tracking.log_models:
             rec.log_model(
                 comp.name, exp.path, exp.sha256, model_facts(s, comp.name, bundle.weights)

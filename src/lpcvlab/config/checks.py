@@ -96,6 +96,7 @@ def _check_retrieval(s: RunConfig) -> None:
             f"backbone={s.backbone.name} is {s.backbone.what}, which track=retrieval cannot use; "
             f"choose one of: {TRACK1_BACKBONES}"
         )
+    check_clip_levers(s.backbone)
     if not isinstance(s.data, RetrievalDataConfig):
         raise ConfigError(
             f"data={s.data.name} is {s.data.what}, which track=retrieval cannot read; "
@@ -132,6 +133,44 @@ def _check_retrieval(s: RunConfig) -> None:
                 "device (its contrastive loss and the validation's Recall@10 are not gathered "
                 "across processes); use train.trainer.devices=1 (several devices: track=video)"
             )
+
+
+def vision_cfg(backbone: ClipBackboneConfig) -> dict:
+    """The vision tower's config: ``model_cfg``'s, or open_clip's JSON for a named model (read
+    from the installed package's files: no torch import at compose time)."""
+    if backbone.model_cfg is not None:
+        return dict(backbone.model_cfg.get("vision_cfg", {}))
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("open_clip")
+    roots = spec.submodule_search_locations if spec is not None else None
+    path = Path(list(roots)[0]) / "model_configs" / f"{backbone.model_name}.json" if roots else None
+    if path is None or not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("vision_cfg", {}))
+
+
+def check_clip_levers(backbone: ClipBackboneConfig) -> None:
+    """``backbone.image_size`` needs an open_clip ViT tower and a multiple of its patch size."""
+    size = backbone.image_size
+    if size is None:
+        return
+    vision = vision_cfg(backbone)
+    patch = vision.get("patch_size")
+    if not patch or "timm_model_name" in vision:
+        raise ConfigError(
+            f"backbone.image_size={size}: backbone={backbone.name}'s image tower is not an "
+            "open_clip ViT with a positional embedding to interpolate; leave "
+            "backbone.image_size=null (set preprocess.image.size to resize its input)"
+        )
+    if size % int(patch):
+        lower, upper = size // patch * patch, (size // patch + 1) * patch
+        raise ConfigError(
+            f"backbone.image_size={size} is not a multiple of backbone={backbone.name}'s patch "
+            f"size {patch}; use backbone.image_size={lower or upper} or {upper}"
+        )
 
 
 def _check_video(s: RunConfig) -> None:

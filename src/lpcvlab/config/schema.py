@@ -34,6 +34,9 @@ PRECISIONS = ("fp32", "fp16", "w8a16", "w8a8")
 QUANTIZED = ("w8a16", "w8a8")  # the precisions that need calibration data
 # Fewer samples than this cannot calibrate activation ranges worth measuring.
 MIN_CALIBRATION_SAMPLES = 8
+# CLIP's text positions, and the MLP activations backbone.activation swaps in.
+MAX_CONTEXT_LENGTH = 77
+ACTIVATIONS = ("gelu", "gelu_sigmoid", "relu")
 # NPU-safe ONNX graph rewrites (``export.rewrites``; :mod:`lpcvlab.deploy.rewrites`).
 REWRITES = (
     "gelu_sigmoid",
@@ -131,6 +134,21 @@ class ClipBackboneConfig(BackboneConfig):
     # With a checkpoint path: build the model with QuickGELU (OpenAI's CLIP weights need it);
     # with an open_clip tag the tag decides.
     quick_gelu: bool = False
+    # Levers of the device (lpcvlab.models.clip.adapt_clip): the image side N (the ViT's
+    # positional embedding interpolated; exported input (1,3,N,N), images resized to N; null =
+    # preprocess.image.size), the text length L (positional embedding and causal mask cut;
+    # exported input (1,L); null = 77), and the MLP activation (null = the model's own).
+    image_size: int | None = setting(None, ge=1)
+    context_length: int | None = setting(None, ge=1)
+    activation: str | None = setting(None, choices=ACTIVATIONS)
+
+    def check(self, prefix: str) -> None:
+        if self.context_length is not None and self.context_length > MAX_CONTEXT_LENGTH:
+            raise ConfigError(
+                f"{prefix}.context_length={self.context_length}: CLIP's text encoder has "
+                f"{MAX_CONTEXT_LENGTH} positions; use {prefix}.context_length="
+                f"{MAX_CONTEXT_LENGTH} or less (or null)"
+            )
 
 
 @dataclass

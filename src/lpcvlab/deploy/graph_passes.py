@@ -603,4 +603,3 @@ def drop_transposes(model: onnx.ModelProto) -> int:
             break
         total += changed
     return total
-
