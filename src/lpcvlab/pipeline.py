@@ -386,6 +386,12 @@ def _stages(
             rec.log_artifact(exp.path, "onnx")
     rec.set_tags(cache.tags())
     clock.lap("export")
+    if s.precision.sensitivity or s.precision.exclude == "auto":
+        from lpcvlab.deploy.precision.selective import selective_quantization
+
+        console.stage("precision", "sensitivity sweep / exclude=auto")
+        precisions = selective_quantization(s, track, data, exports, precisions, rec, work_dir)
+        clock.lap("sensitivity")
 
     console.stage("compile, profile, infer", f"hub={s.hub.name}")
     runs = hub.run_components(
@@ -503,7 +509,9 @@ def _precisions(
                 }
             )
             rec.log_metrics({f"calibration_samples/{comp.name}": float(len(calibration))})
-        out[comp.name] = ComponentPrecision(plan.of(comp.name), calibration)
+        out[comp.name] = ComponentPrecision(
+            plan.of(comp.name), calibration, *plan.excluded(comp.name)
+        )
     return out
 
 

@@ -68,6 +68,23 @@ def _check_precision(s: RunConfig) -> None:
                     f"precision.per_component.{name}={precision}: track={s.track.name} has no "
                     f"{name}; its components are {', '.join(components)}"
                 )
+    p = s.precision
+    for op in p.exclude_op_types:
+        import onnx.defs
+
+        if not onnx.defs.has(op):
+            raise ConfigError(
+                f"precision.exclude_op_types: {op!r} is not an ONNX operator type; use ONNX "
+                "names such as MatMul, Conv, Gemm, Softmax, LayerNormalization, Add, Mul"
+            )
+    if isinstance(s.hub, AIHubConfig) and (
+        p.exclude_op_types or p.exclude_nodes or p.sensitivity or p.exclude
+    ):
+        raise ConfigError(
+            "precision.exclude_op_types/exclude_nodes/sensitivity/exclude with hub=aihub: AI "
+            "Hub's quantize job takes only the weight and activation types, no op or node to "
+            "keep float; run the selective quantization with hub=local"
+        )
     if not isinstance(s.hub, AIHubConfig):
         return  # hub=local emulates every precision
     for name in components:

@@ -290,6 +290,13 @@ class PrecisionConfig:
     what: ClassVar[str] = "precision=fp32, fp16, w8a16 or w8a8"
     name: str = setting(MISSING, choices=PRECISIONS)
     calibration_samples: int = setting(32, ge=1)
+    # Selective quantization of the w8a* components (lpcvlab.deploy.precision.selective): op
+    # types and node names kept float; a sensitivity sweep (one group quantized at a time); and
+    # exclude=auto, which keeps the costliest groups float until the fidelity gate passes.
+    exclude_op_types: list[str] = field(default_factory=list)
+    exclude_nodes: list[str] = field(default_factory=list)
+    sensitivity: bool = False
+    exclude: str | None = setting(None, choices=("auto",))
 
     def of(self, component: str) -> str:
         """The precision ``component`` is deployed in."""
@@ -301,6 +308,13 @@ class PrecisionConfig:
             raise ConfigError(
                 f"{prefix}.calibration_samples={n} is too few to calibrate activation ranges; "
                 f"use at least {MIN_CALIBRATION_SAMPLES}"
+            )
+        selective = self.exclude_op_types or self.exclude_nodes or self.sensitivity or self.exclude
+        if selective and not any(p in QUANTIZED for p in self.used()):
+            raise ConfigError(
+                f"{prefix}.exclude_op_types/exclude_nodes/sensitivity/exclude choose what stays "
+                f"float in a quantized component, and precision={self.name} quantizes none; use "
+                "precision=w8a8 (or w8a16)"
             )
 
     def used(self) -> set[str]:
