@@ -538,9 +538,13 @@ class HardNegativesConfig:
 
     enabled: bool = False
     word_groups: list[list[str]] = field(default_factory=list)
+    # words: the swapped captions above; mined: before each epoch, the per_image captions of
+    # other images the current model finds most similar to each image
+    kind: str = setting("words", choices=("words", "mined"))
+    per_image: int = setting(3, ge=1)
 
     def check(self, prefix: str) -> None:
-        if self.enabled and not any(len(g) >= 2 for g in self.word_groups):
+        if self.enabled and self.kind == "words" and not any(len(g) >= 2 for g in self.word_groups):
             raise ConfigError(
                 f"{prefix}.enabled=true needs {prefix}.word_groups with at least one group of "
                 "two or more words (e.g. [[left, right]])"

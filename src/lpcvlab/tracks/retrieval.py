@@ -330,7 +330,8 @@ class RetrievalTrack:
         run.log_metrics({"train/trainable_params": trainable, "train/total_params": total})
 
         hard = None
-        if settings.hard_negatives.enabled:
+        mining = settings.hard_negatives.enabled and settings.hard_negatives.kind == "mined"
+        if settings.hard_negatives.enabled and not mining:
             hard = HardNegatives(settings.hard_negatives.word_groups)
             able = sum(hard.can_perturb(c) for c in train.captions)
             log.info(
@@ -372,10 +373,27 @@ class RetrievalTrack:
             int(settings.batch_size),
             int(settings.num_workers),
         )
+        miner = None
+        if mining:
+            from lpcvlab.training.hard_negatives import CaptionMiner
+
+            miner = CaptionMiner(settings.hard_negatives.per_image, int(settings.batch_size))
+            module.miner = lambda m: dataset.mine(m, miner)
         model.train()
         record = {"track": self.name, "backbone": dataclasses.asdict(self.backbone.settings)}
         result = fit(settings, module, dm, run, work_dir, record=record)
         model.eval()
+        if miner is not None and miner.history:  # one more pass: what training changed
+            first = miner.history[0]
+            last = dataset.mine(module, miner)
+            run.log_metrics(
+                {
+                    "train/mined_hit_at_10_first": first.hit_at_10,
+                    "train/mined_hit_at_10_last": last.hit_at_10,
+                    "train/mined_hit_at_10_gain": last.hit_at_10 - first.hit_at_10,
+                    "train/mined_negatives_total": float(sum(h.mined for h in miner.history[:-1])),
+                }
+            )
         log.info(
             "fine-tuning done: best %s %.4f (%s)",
             result.monitor,
