@@ -47,7 +47,7 @@ def text(tmp_path_factory):
     [
         (["precision=w8a8", "precision.exclude_op_types=[MatMull]"], "'MatMull' is not an ONNX"),
         (
-            ["precision=w8a8", "precision.sensitivity=true", "hub=aihub"],
+            ["precision=w8a8", "precision.exclude=auto", "hub=aihub"],
             "run the selective quantization with hub=local",
         ),
         (["precision=fp16", "precision.exclude=auto"], "use precision=w8a8"),
@@ -57,6 +57,13 @@ def text(tmp_path_factory):
 def test_selective_settings_that_cannot_run_fail_at_compose(overrides, expected):
     message = _outcome("backbone=clip_tiny", *overrides)
     assert message is not None and expected in message and "\n" not in message
+
+
+def test_the_sensitivity_sweep_alone_goes_with_aihub():
+    assert (
+        _outcome("backbone=clip_tiny", "precision=w8a8", "precision.sensitivity=true", "hub=aihub")
+        is None
+    )
 
 
 def test_excluded_op_types_and_nodes_stay_float(text):

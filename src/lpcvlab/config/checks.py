@@ -77,13 +77,13 @@ def _check_precision(s: RunConfig) -> None:
                 f"precision.exclude_op_types: {op!r} is not an ONNX operator type; use ONNX "
                 "names such as MatMul, Conv, Gemm, Softmax, LayerNormalization, Add, Mul"
             )
-    if isinstance(s.hub, AIHubConfig) and (
-        p.exclude_op_types or p.exclude_nodes or p.sensitivity or p.exclude
-    ):
+    # precision.sensitivity only measures (on this machine, with ONNX Runtime's emulation), so
+    # it goes with either hub; keeping ops float changes the deployment, which AI Hub cannot.
+    if isinstance(s.hub, AIHubConfig) and (p.exclude_op_types or p.exclude_nodes or p.exclude):
         raise ConfigError(
-            "precision.exclude_op_types/exclude_nodes/sensitivity/exclude with hub=aihub: AI "
-            "Hub's quantize job takes only the weight and activation types, no op or node to "
-            "keep float; run the selective quantization with hub=local"
+            "precision.exclude_op_types/exclude_nodes/exclude with hub=aihub: AI Hub's quantize "
+            "job takes only the weight and activation types, no op or node to keep float; run "
+            "the selective quantization with hub=local"
         )
     if not isinstance(s.hub, AIHubConfig):
         return  # hub=local emulates every precision
