@@ -364,6 +364,8 @@ def _stages(
     seed_everything(s.seed)  # the starting weights depend on the seed alone, not on the data
     bundle = track.build_model()
     rec.set_tags({"weights": bundle.weights})
+    if hasattr(track, "lever_metrics"):  # what a model lever (an activation swap) costs
+        rec.log_metrics(track.lever_metrics(bundle, data))
     clock.lap("model")
 
     if training:
@@ -398,7 +400,13 @@ def _stages(
             rewrites=s.export.rewrites,
         )
         exports[comp.name] = exp
-        rec.set_tags({f"onnx_sha256/{comp.name}": exp.sha256})
+        shape = "x".join(map(str, exp.input.shape))
+        rec.set_tags(
+            {
+                f"onnx_sha256/{comp.name}": exp.sha256,
+                f"onnx_input/{comp.name}": f"{exp.input.name} {shape} {exp.input.dtype}",
+            }
+        )
         if s.tracking.log_models:
             rec.log_model(
                 comp.name, exp.path, exp.sha256, model_facts(s, comp.name, bundle.weights)
@@ -420,6 +428,12 @@ def _stages(
     specs = {n: e.input for n, e in exports.items()}
     lint.check(rec, {n: ("export", e.path) for n, e in exports.items()}, specs)
     clock.lap("export")
+    if s.precision.sensitivity or s.precision.exclude == "auto":
+        from lpcvlab.deploy.precision.selective import selective_quantization
+
+        console.stage("precision", "sensitivity sweep / exclude=auto")
+        precisions = selective_quantization(s, track, data, exports, precisions, rec, work_dir)
+        clock.lap("sensitivity")
 
     console.stage("compile, profile, infer", f"hub={s.hub.name}")
     runs = hub.run_components(
@@ -531,6 +545,7 @@ def export_params(name: str, exp: ExportResult) -> dict[str, str]:
     ops = exp.op_counts or op_counts(exp.path)
     values = {f"onnx_ops/{name}/{op}": float(n) for op, n in ops.items()}
     values |= {f"rewrite_sites/{name}/{r}": float(n) for r, n in exp.rewrite_sites.items()}
+    values |= {f"onnx_ops_plain/{name}/{op}": float(n) for op, n in exp.op_counts_plain.items()}
     return counts(values)
 
 
@@ -585,7 +600,9 @@ def _precisions(
                 }
             )
             rec.log_params(counts({f"calibration_samples/{comp.name}": len(calibration)}))
-        out[comp.name] = ComponentPrecision(plan.of(comp.name), calibration)
+        out[comp.name] = ComponentPrecision(
+            plan.of(comp.name), calibration, *plan.excluded(comp.name)
+        )
     return out
 
 

@@ -72,6 +72,23 @@ def _check_precision(s: RunConfig) -> None:
                     f"precision.per_component.{name}={precision}: track={s.track.name} has no "
                     f"{name}; its components are {', '.join(components)}"
                 )
+    p = s.precision
+    for op in p.exclude_op_types:
+        import onnx.defs
+
+        if not onnx.defs.has(op):
+            raise ConfigError(
+                f"precision.exclude_op_types: {op!r} is not an ONNX operator type; use ONNX "
+                "names such as MatMul, Conv, Gemm, Softmax, LayerNormalization, Add, Mul"
+            )
+    # precision.sensitivity only measures (on this machine, with ONNX Runtime's emulation), so
+    # it goes with either hub; keeping ops float changes the deployment, which AI Hub cannot.
+    if isinstance(s.hub, AIHubConfig) and (p.exclude_op_types or p.exclude_nodes or p.exclude):
+        raise ConfigError(
+            "precision.exclude_op_types/exclude_nodes/exclude with hub=aihub: AI Hub's quantize "
+            "job takes only the weight and activation types, no op or node to keep float; run "
+            "the selective quantization with hub=local"
+        )
     if not isinstance(s.hub, AIHubConfig):
         return  # hub=local emulates every precision
     for name in components:
@@ -101,6 +118,7 @@ def _check_retrieval(s: RunConfig) -> None:
             f"backbone={s.backbone.name} is {s.backbone.what}, which track=retrieval cannot use; "
             f"use backbone={TRACK1_BACKBONES.replace(', ', ' or backbone=')}"
         )
+    check_clip_levers(s.backbone)
     if not isinstance(s.data, RetrievalDataConfig):
         raise ConfigError(
             f"data={s.data.name} is {s.data.what}, which track=retrieval cannot read; "
@@ -137,6 +155,44 @@ def _check_retrieval(s: RunConfig) -> None:
                 "device (its contrastive loss and the validation's Recall@10 are not gathered "
                 "across processes); use train.trainer.devices=1 (several devices: track=video)"
             )
+
+
+def vision_cfg(backbone: ClipBackboneConfig) -> dict:
+    """The vision tower's config: ``model_cfg``'s, or open_clip's JSON for a named model (read
+    from the installed package's files: no torch import at compose time)."""
+    if backbone.model_cfg is not None:
+        return dict(backbone.model_cfg.get("vision_cfg", {}))
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("open_clip")
+    roots = spec.submodule_search_locations if spec is not None else None
+    path = Path(list(roots)[0]) / "model_configs" / f"{backbone.model_name}.json" if roots else None
+    if path is None or not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("vision_cfg", {}))
+
+
+def check_clip_levers(backbone: ClipBackboneConfig) -> None:
+    """``backbone.image_size`` needs an open_clip ViT tower and a multiple of its patch size."""
+    size = backbone.image_size
+    if size is None:
+        return
+    vision = vision_cfg(backbone)
+    patch = vision.get("patch_size")
+    if not patch or "timm_model_name" in vision:
+        raise ConfigError(
+            f"backbone.image_size={size}: backbone={backbone.name}'s image tower is not an "
+            "open_clip ViT with a positional embedding to interpolate; leave "
+            "backbone.image_size=null (set preprocess.image.size to resize its input)"
+        )
+    if size % int(patch):
+        lower, upper = size // patch * patch, (size // patch + 1) * patch
+        raise ConfigError(
+            f"backbone.image_size={size} is not a multiple of backbone={backbone.name}'s patch "
+            f"size {patch}; use backbone.image_size={lower or upper} or {upper}"
+        )
 
 
 def _check_video(s: RunConfig) -> None:

@@ -124,9 +124,11 @@ class _Rewriter:
         self.names = list(names)
         self.sites: dict[str, int] = {}
         self.cosine_min: dict[str, float] = {}
+        self.plain_counts: dict[str, int] = {}
 
     def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
         reference = torch_outputs(self.component, self.samples)
+        self.plain_counts = op_counts(model)
         for name in self.names:
             alone, sites = rewritten(model, [name])
             self.sites[name] = sites[name]
@@ -169,6 +171,7 @@ def export_component(
         rewrite_sites=rewriter.sites if rewriter else {},
         rewrite_cosine_min=rewriter.cosine_min if rewriter else {},
         op_counts=op_counts(path),
+        op_counts_plain=rewriter.plain_counts if rewriter else {},
     )
     log.info(
         "exported %s in %.1f s (parity cosine min %.6f over %d samples)",
