@@ -105,6 +105,21 @@ EXPECTED = {
         "train.checkpoint.monitor": "val/recall_at_10",
         "train.hard_negatives.enabled": True,
     },
+    "track1_npu_recipe": {
+        "backbone.name": "clip_tiny",
+        "backbone.image_size": 192,
+        "backbone.activation": "relu",
+        "train.name": "finetune",
+        "precision.name": "w8a8",
+        "precision.exclude": None,  # on the command line: hub=aihub refuses it
+        "precision.sensitivity": True,
+        "export.rewrites": [
+            "finite_mask",
+            "matmul_conv1x1",
+            "fold_attention_scale",
+            "drop_transposes",
+        ],
+    },
 }
 
 

@@ -85,7 +85,7 @@ def test_erf(tmp_path):
 @pytest.mark.parametrize(
     ("length", "rule"),
     [(257, "seq_len"), (17, "seq_len"), (1031, "seq_len"), (1600, "seq_len")]
-    + [(196, "seq_len_risky"), (50, None), (77, None), (7, None)],
+    + [(196, "seq_len_risky"), (50, None), (77, None), (7, None), (197, None)],
 )
 def test_seq_len(tmp_path, length, rule):
     found = check_graph(_attention(tmp_path, length), "image_encoder", QNN)

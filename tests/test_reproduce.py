@@ -81,13 +81,19 @@ def test_the_rerun_writes_here_without_the_stage_cache():
 
 @pytest.mark.slow
 def test_reproduce_round_trip_and_refusal_on_another_commit(tmp_path):
-    proc = run_py(*TINY, *store_overrides(tmp_path))
+    # One torch thread for the original; the reproduction starts with the machine's default and
+    # must set it back from the run's threads.* params.
+    proc = run_py(*TINY, *store_overrides(tmp_path), env_extra={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, explain(proc)
     (original,) = all_runs(tmp_path)
+    assert original.params["threads.torch_intra_op"] == "1"
+    assert original.params["threads.omp_num_threads"] == "1"
+    assert original.params["threads.torch_inter_op"].isdigit()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
     # --force: this shared checkout may be dirty or have moved on; the check is tested below.
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", PARENT_RUN_ENV)}
+    drop = ("MLFLOW_TRACKING_URI", PARENT_RUN_ENV, "OMP_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     cli = subprocess.run(
         [sys.executable, "-m", "lpcvlab.cli", "reproduce", original.run_id, "--force"]
         + ["--tracking-uri", uri],
@@ -99,6 +105,8 @@ def test_reproduce_round_trip_and_refusal_on_another_commit(tmp_path):
     )
     assert cli.returncode == 0, explain(cli)
     assert "REPRODUCED" in cli.stdout and "NOT REPRODUCED" not in cli.stdout
+    if (os.cpu_count() or 1) > 1:
+        assert "OMP_NUM_THREADS=1" in cli.stdout + cli.stderr
     new = next(r for r in all_runs(tmp_path) if r.run_id != original.run_id)
     assert new.tags["reproduced_from"] == original.run_id
     assert new.params["cache.enabled"] == "False"
@@ -119,3 +127,54 @@ def test_reproduce_round_trip_and_refusal_on_another_commit(tmp_path):
     assert hydra.returncode == 1, explain(hydra)
     assert "refusing to reproduce" in hydra.stderr and "0000000000" in hydra.stderr
     assert len(all_runs(tmp_path)) == 2  # the refusals made no run
+
+
+def test_a_run_that_did_not_finish_is_refused_unless_forced(monkeypatch):
+    from lpcvlab.tracking import reproduce as rp
+
+    failed = RunInfo(
+        "f" * 32,
+        "name",
+        "FAILED",
+        "1",
+        0,
+        {},
+        {},
+        {"git_commit": HEAD, "error": "ParityError: cosine 0.2 < 0.999\nmore"},
+    )
+    monkeypatch.setattr(rp, "open_store", lambda uri: object())
+    monkeypatch.setattr(rp, "get_run", lambda client, run_id: failed)
+
+    class Reached(Exception):
+        pass
+
+    def reached(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(rp, "load_run_config", reached)
+    with pytest.raises(ReproduceError) as exc:
+        reproduce(failed.run_id, "sqlite:///nowhere.db", current=CodeVersion(HEAD))
+    message = str(exc.value)
+    assert f"run {failed.run_id}: it ended FAILED (ParityError: cosine 0.2 < 0.999)" in message
+    assert "--force" in message and "\n" not in message
+    with pytest.raises(Reached):  # --force goes on to re-run it
+        reproduce(failed.run_id, "sqlite:///nowhere.db", force=True, current=CodeVersion(HEAD))
+
+
+def test_thread_settings_are_restored(monkeypatch):
+    import torch
+
+    from lpcvlab.util.seeding import restore_threads, thread_params
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    try:
+        recorded = thread_params() | {"threads.torch_intra_op": "1"}
+        recorded["threads.omp_num_threads"] = "unset"
+        changed = restore_threads(recorded)
+        assert torch.get_num_threads() == 1 and "OMP_NUM_THREADS" not in os.environ
+        assert "OMP_NUM_THREADS=unset" in changed and "torch intra-op threads=1" in changed
+        assert restore_threads(thread_params()) == []  # nothing to change
+        assert restore_threads({}) == []  # a run from before threads were recorded
+    finally:
+        torch.set_num_threads(before)

@@ -90,10 +90,9 @@ def test_a_failed_gate_or_a_hazard_or_no_hazard_check_is_refused():
     lowered = _run({f"precision/{TEXT}": "w8a8"})
     (line,) = _failures(lowered)
     assert line.startswith("fidelity gate: not recorded for text_encoder")
-    hazard = _run({f"lint/{TEXT}": "erf_gelu,prime_tokens"}, {f"lint_hazards/{TEXT}": 2})
+    hazard = _run({f"lint/{TEXT}": "erf,seq_len"}, {f"lint_hazards/{TEXT}": 2})
     assert _failures(hazard) == [
-        "device hazards: text_encoder has 2 hazard(s): erf_gelu,prime_tokens; fix them before "
-        "submitting"
+        "device hazards: text_encoder has 2 hazard(s): erf,seq_len; fix them before submitting"
     ]
     (line,) = _failures(_run({f"lint/{IMAGE}": None}))
     assert "image_encoder was not checked" in line and "export.lint" in line
@@ -110,6 +109,8 @@ def test_submit_shares_once_and_records_what_was_submitted(fake, tmp_path, capsy
         *[o for o in tiny_overrides(tmp_path) if not o.startswith("hub.")],
         "hub=aihub",
         "hub.poll_interval_s=0",
+        # clip_tiny's exact GELU (Erf) is a device hazard: the hazard check stops an aihub run
+        "export.rewrites=[gelu_sigmoid]",
     )
     run_id = pipeline.run(cfg, work_dir=tmp_path / "work").run_id
     uri = str(cfg.tracking.uri)
@@ -127,13 +128,17 @@ def test_submit_shares_once_and_records_what_was_submitted(fake, tmp_path, capsy
         assert err[start] == f"error: run {run_id} cannot be submitted:"
         return [line.strip() for line in err[start + 1 :] if line.strip()]
 
-    # Not hazard-checked yet (no lint/<component> tags): refused, one line each, nothing shared.
+    # The run's own hazard check tagged both components (with the rewrite: no hazard).
+    assert all(tags[f"lint/{c}"] == "ok" for c in (IMAGE, TEXT))
+    # Without those tags (a run from before the check): refused, one line each, nothing shared.
+    for comp in (IMAGE, TEXT):
+        client.delete_tag(run_id, f"lint/{comp}")
     lines = refused()
     assert len(lines) == 2 and all("was not checked" in line for line in lines)
     for comp in (IMAGE, TEXT):
         client.set_tag(run_id, f"lint/{comp}", "ok")
-    client.set_tag(run_id, f"lint/{TEXT}", "erf_gelu")
-    assert refused() == ["device hazards: text_encoder has erf_gelu; fix them before submitting"]
+    client.set_tag(run_id, f"lint/{TEXT}", "erf")
+    assert refused() == ["device hazards: text_encoder has erf; fix them before submitting"]
     client.set_tag(run_id, f"lint/{TEXT}", "ok")
     client.set_tag(run_id, "fidelity_gate", "failed")
     (line,) = refused()

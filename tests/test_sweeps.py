@@ -201,7 +201,9 @@ def test_a_failing_job_is_failed_and_counted_while_the_sweep_goes_on(tmp_path, s
         "export.parity_threshold=0.999,1.5",
         *store_overrides(tmp_path, shared_cache),
     )
-    assert proc.returncode == 0, explain(proc)
+    # sweep.fail_on=any (the default): summarised first, then exit 1 so that scripts notice.
+    assert proc.returncode == 1, explain(proc)
+    assert "error: 1 of 2 sweep job(s) failed (sweep.fail_on=any)" in proc.stderr
     parent, children, _ = _sweep_runs(tmp_path)
     assert parent.status == "FINISHED"
     assert parent.metrics["sweep/jobs"] == 2 and parent.metrics["sweep/failed"] == 1

@@ -25,8 +25,14 @@ _CHATTY = ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.export
 
 
 def quiet_third_party() -> None:
+    """Third-party INFO narration and noise off (their real warnings still show); progress bars
+    become periodic lines when the output is a log file (:mod:`lpcvlab.util.console`)."""
+    from lpcvlab.util import console
+
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.WARNING)
+    console.filter_noise()
+    console.plain_progress()
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -149,6 +155,17 @@ def run_job(cfg: DictConfig) -> float | None:
     return result.objective.value
 
 
+def _exit_if_the_sweep_failed() -> None:
+    """A multirun whose jobs failed (``sweep.fail_on``) exits 1 once its parent run is
+    summarised, so that scripts and CI notice."""
+    from lpcvlab.tracking.sweep import sweep_failure
+
+    verdict = sweep_failure()
+    if verdict is not None:
+        print(f"error: {verdict}", file=sys.stderr)
+        sys.exit(1)
+
+
 def hydra_entry(main: Callable[[], Any]) -> None:
     """Call a ``@hydra.main`` function, reporting config mistakes in one line.
 
@@ -163,6 +180,7 @@ def hydra_entry(main: Callable[[], Any]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let the exception reach us instead of a printout
     try:
         main()
+        _exit_if_the_sweep_failed()
     except Exception as exc:
         message = composition_error(exc)
         if message is None and isinstance(exc, LpcvlabError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from lpcvlab.tracks import Track, TrackData, build_track
 from lpcvlab.training.launch import worker_rank
 from lpcvlab.types import ComponentRun, EvalResult, ExportResult, ModelBundle
 from lpcvlab.util import console
-from lpcvlab.util.seeding import seed_everything
+from lpcvlab.util.seeding import seed_everything, thread_params
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,10 @@ def component_params(name: str, run: ComponentRun) -> dict[str, str]:
 
 def _work_dir(work_dir: Path | None) -> Path:
     if work_dir is None:
-        work_dir = Path("outputs") / time.strftime("adhoc/%Y-%m-%d_%H-%M-%S")
+        # Outside Hydra (an API call): a folder of its own, even for two runs in one second.
+        adhoc = Path("outputs") / "adhoc"
+        adhoc.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S_"), dir=adhoc))
     work_dir.mkdir(parents=True, exist_ok=True)
     return work_dir
 
@@ -250,7 +254,8 @@ def run(
             run_id = rec.run_id
             ensure_table_view(rec.client, rec.experiment_id, settings.track.objective)
             try:
-                rec.log_params(flatten(OmegaConf.to_container(resolved, resolve=True)))
+                params = flatten(OmegaConf.to_container(resolved, resolve=True))
+                rec.log_params(params | thread_params())  # threads: results can depend on them
                 rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
                 result = _stages(settings, track, precision, rec, work_dir)
                 result.objective = score(
@@ -359,6 +364,8 @@ def _stages(
     seed_everything(s.seed)  # the starting weights depend on the seed alone, not on the data
     bundle = track.build_model()
     rec.set_tags({"weights": bundle.weights})
+    if hasattr(track, "lever_metrics"):  # what a model lever (an activation swap) costs
+        rec.log_metrics(track.lever_metrics(bundle, data))
     clock.lap("model")
 
     if training:
@@ -393,7 +400,13 @@ def _stages(
             rewrites=s.export.rewrites,
         )
         exports[comp.name] = exp
-        rec.set_tags({f"onnx_sha256/{comp.name}": exp.sha256})
+        shape = "x".join(map(str, exp.input.shape))
+        rec.set_tags(
+            {
+                f"onnx_sha256/{comp.name}": exp.sha256,
+                f"onnx_input/{comp.name}": f"{exp.input.name} {shape} {exp.input.dtype}",
+            }
+        )
         if s.tracking.log_models:
             rec.log_model(
                 comp.name, exp.path, exp.sha256, model_facts(s, comp.name, bundle.weights)
@@ -415,6 +428,12 @@ def _stages(
     specs = {n: e.input for n, e in exports.items()}
     lint.check(rec, {n: ("export", e.path) for n, e in exports.items()}, specs)
     clock.lap("export")
+    if s.precision.sensitivity or s.precision.exclude == "auto":
+        from lpcvlab.deploy.precision.selective import selective_quantization
+
+        console.stage("precision", "sensitivity sweep / exclude=auto")
+        precisions = selective_quantization(s, track, data, exports, precisions, rec, work_dir)
+        clock.lap("sensitivity")
 
     console.stage("compile, profile, infer", f"hub={s.hub.name}")
     runs = hub.run_components(
@@ -526,6 +545,7 @@ def export_params(name: str, exp: ExportResult) -> dict[str, str]:
     ops = exp.op_counts or op_counts(exp.path)
     values = {f"onnx_ops/{name}/{op}": float(n) for op, n in ops.items()}
     values |= {f"rewrite_sites/{name}/{r}": float(n) for r, n in exp.rewrite_sites.items()}
+    values |= {f"onnx_ops_plain/{name}/{op}": float(n) for op, n in exp.op_counts_plain.items()}
     return counts(values)
 
 
@@ -580,7 +600,9 @@ def _precisions(
                 }
             )
             rec.log_params(counts({f"calibration_samples/{comp.name}": len(calibration)}))
-        out[comp.name] = ComponentPrecision(plan.of(comp.name), calibration)
+        out[comp.name] = ComponentPrecision(
+            plan.of(comp.name), calibration, *plan.excluded(comp.name)
+        )
     return out
 
 

@@ -100,6 +100,7 @@ class ExportResult:
     rewrite_sites: dict[str, int] = field(default_factory=dict)
     rewrite_cosine_min: dict[str, float] = field(default_factory=dict)
     op_counts: dict[str, int] = field(default_factory=dict)  # nodes per operator type
+    op_counts_plain: dict[str, int] = field(default_factory=dict)  # before export.rewrites
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready; the file's size lets a reader notice a replaced file."""
@@ -116,6 +117,7 @@ class ExportResult:
             "rewrite_sites": self.rewrite_sites,
             "rewrite_cosine_min": self.rewrite_cosine_min,
             "op_counts": self.op_counts,
+            "op_counts_plain": self.op_counts_plain,
         }
 
     @classmethod
@@ -138,6 +140,7 @@ class ExportResult:
                 str(k): float(v) for k, v in d.get("rewrite_cosine_min", {}).items()
             },
             op_counts={str(k): int(v) for k, v in d.get("op_counts", {}).items()},
+            op_counts_plain={str(k): int(v) for k, v in d.get("op_counts_plain", {}).items()},
         )
 
 

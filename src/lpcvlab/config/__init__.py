@@ -18,8 +18,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+import lpcvlab.config.resolvers  # noqa: F401  (${lpcvlab_uid:} in hydra.run.dir)
 from lpcvlab.config.checks import check_combinations
 from lpcvlab.config.schema import SCHEMAS, RunConfig, validate
+from lpcvlab.config.weights import report_weights
 from lpcvlab.errors import ConfigError
 
 __all__ = ["RunConfig", "composition_error", "load_settings", "register"]
@@ -64,6 +66,7 @@ def load_settings(cfg: DictConfig | RunConfig) -> RunConfig:
         _no_added_keys(body, settings)
     check_combinations(settings)  # first: a group that cannot go with the track says so
     validate(settings)
+    report_weights(settings.backbone)  # last: it imports open_clip / torch to look in a cache
     return settings
 
 

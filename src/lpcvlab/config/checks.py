@@ -22,6 +22,7 @@ from lpcvlab.config.schema import (
     VideoTrackConfig,
 )
 from lpcvlab.config.teacher import resolve_teacher
+from lpcvlab.config.weights import check_weights
 from lpcvlab.errors import ConfigError
 
 TRACK1_BACKBONES = (
@@ -53,6 +54,7 @@ def check_combinations(s: RunConfig) -> None:
             "or use hub=local"
         )
     _check_precision(s)
+    check_weights(s.backbone)  # a tag a tiny backbone lacks, a missing checkpoint file
     if isinstance(s.train, FinetuneConfig):
         kind = ClipBackboneConfig if isinstance(s.track, RetrievalTrackConfig) else None
         kind = VideoBackboneConfig if isinstance(s.track, VideoTrackConfig) else kind
@@ -70,6 +72,23 @@ def _check_precision(s: RunConfig) -> None:
                     f"precision.per_component.{name}={precision}: track={s.track.name} has no "
                     f"{name}; its components are {', '.join(components)}"
                 )
+    p = s.precision
+    for op in p.exclude_op_types:
+        import onnx.defs
+
+        if not onnx.defs.has(op):
+            raise ConfigError(
+                f"precision.exclude_op_types: {op!r} is not an ONNX operator type; use ONNX "
+                "names such as MatMul, Conv, Gemm, Softmax, LayerNormalization, Add, Mul"
+            )
+    # precision.sensitivity only measures (on this machine, with ONNX Runtime's emulation), so
+    # it goes with either hub; keeping ops float changes the deployment, which AI Hub cannot.
+    if isinstance(s.hub, AIHubConfig) and (p.exclude_op_types or p.exclude_nodes or p.exclude):
+        raise ConfigError(
+            "precision.exclude_op_types/exclude_nodes/exclude with hub=aihub: AI Hub's quantize "
+            "job takes only the weight and activation types, no op or node to keep float; run "
+            "the selective quantization with hub=local"
+        )
     if not isinstance(s.hub, AIHubConfig):
         return  # hub=local emulates every precision
     for name in components:
@@ -97,8 +116,9 @@ def _check_retrieval(s: RunConfig) -> None:
     if not isinstance(s.backbone, ClipBackboneConfig):
         raise ConfigError(
             f"backbone={s.backbone.name} is {s.backbone.what}, which track=retrieval cannot use; "
-            f"choose one of: {TRACK1_BACKBONES}"
+            f"use backbone={TRACK1_BACKBONES.replace(', ', ' or backbone=')}"
         )
+    check_clip_levers(s.backbone)
     if not isinstance(s.data, RetrievalDataConfig):
         raise ConfigError(
             f"data={s.data.name} is {s.data.what}, which track=retrieval cannot read; "
@@ -137,6 +157,44 @@ def _check_retrieval(s: RunConfig) -> None:
             )
 
 
+def vision_cfg(backbone: ClipBackboneConfig) -> dict:
+    """The vision tower's config: ``model_cfg``'s, or open_clip's JSON for a named model (read
+    from the installed package's files: no torch import at compose time)."""
+    if backbone.model_cfg is not None:
+        return dict(backbone.model_cfg.get("vision_cfg", {}))
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("open_clip")
+    roots = spec.submodule_search_locations if spec is not None else None
+    path = Path(list(roots)[0]) / "model_configs" / f"{backbone.model_name}.json" if roots else None
+    if path is None or not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text()).get("vision_cfg", {}))
+
+
+def check_clip_levers(backbone: ClipBackboneConfig) -> None:
+    """``backbone.image_size`` needs an open_clip ViT tower and a multiple of its patch size."""
+    size = backbone.image_size
+    if size is None:
+        return
+    vision = vision_cfg(backbone)
+    patch = vision.get("patch_size")
+    if not patch or "timm_model_name" in vision:
+        raise ConfigError(
+            f"backbone.image_size={size}: backbone={backbone.name}'s image tower is not an "
+            "open_clip ViT with a positional embedding to interpolate; leave "
+            "backbone.image_size=null (set preprocess.image.size to resize its input)"
+        )
+    if size % int(patch):
+        lower, upper = size // patch * patch, (size // patch + 1) * patch
+        raise ConfigError(
+            f"backbone.image_size={size} is not a multiple of backbone={backbone.name}'s patch "
+            f"size {patch}; use backbone.image_size={lower or upper} or {upper}"
+        )
+
+
 def _check_video(s: RunConfig) -> None:
     if s.preprocess.video is None:
         raise ConfigError(
@@ -146,7 +204,7 @@ def _check_video(s: RunConfig) -> None:
     if not isinstance(s.backbone, VideoBackboneConfig):
         raise ConfigError(
             f"backbone={s.backbone.name} is {s.backbone.what}, which track=video cannot use; "
-            f"choose one of: {TRACK2_BACKBONES}"
+            f"use backbone={TRACK2_BACKBONES.replace(', ', ' or backbone=')}"
         )
     if not isinstance(s.data, VideoDataConfig):
         raise ConfigError(

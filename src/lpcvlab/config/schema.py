@@ -34,8 +34,17 @@ PRECISIONS = ("fp32", "fp16", "w8a16", "w8a8")
 QUANTIZED = ("w8a16", "w8a8")  # the precisions that need calibration data
 # Fewer samples than this cannot calibrate activation ranges worth measuring.
 MIN_CALIBRATION_SAMPLES = 8
+# CLIP's text positions, and the MLP activations backbone.activation swaps in.
+MAX_CONTEXT_LENGTH = 77
+ACTIVATIONS = ("gelu", "gelu_sigmoid", "relu")
 # NPU-safe ONNX graph rewrites (``export.rewrites``; :mod:`lpcvlab.deploy.rewrites`).
-REWRITES = ("gelu_sigmoid", "finite_mask")
+REWRITES = (
+    "gelu_sigmoid",
+    "finite_mask",
+    "matmul_conv1x1",
+    "fold_attention_scale",
+    "drop_transposes",
+)
 LINT_MODES = ("error", "warn", "off")  # ``export.lint``
 
 
@@ -129,6 +138,21 @@ class ClipBackboneConfig(BackboneConfig):
     # With a checkpoint path: build the model with QuickGELU (OpenAI's CLIP weights need it);
     # with an open_clip tag the tag decides.
     quick_gelu: bool = False
+    # Levers of the device (lpcvlab.models.clip.adapt_clip): the image side N (the ViT's
+    # positional embedding interpolated; exported input (1,3,N,N), images resized to N; null =
+    # preprocess.image.size), the text length L (positional embedding and causal mask cut;
+    # exported input (1,L); null = 77), and the MLP activation (null = the model's own).
+    image_size: int | None = setting(None, ge=1)
+    context_length: int | None = setting(None, ge=1)
+    activation: str | None = setting(None, choices=ACTIVATIONS)
+
+    def check(self, prefix: str) -> None:
+        if self.context_length is not None and self.context_length > MAX_CONTEXT_LENGTH:
+            raise ConfigError(
+                f"{prefix}.context_length={self.context_length}: CLIP's text encoder has "
+                f"{MAX_CONTEXT_LENGTH} positions; use {prefix}.context_length="
+                f"{MAX_CONTEXT_LENGTH} or less (or null)"
+            )
 
 
 @dataclass
@@ -281,6 +305,13 @@ class PrecisionConfig:
     what: ClassVar[str] = "precision=fp32, fp16, w8a16 or w8a8"
     name: str = setting(MISSING, choices=PRECISIONS)
     calibration_samples: int = setting(32, ge=1)
+    # Selective quantization of the w8a* components (lpcvlab.deploy.precision.selective): op
+    # types and node names kept float; a sensitivity sweep (one group quantized at a time); and
+    # exclude=auto, which keeps the costliest groups float until the fidelity gate passes.
+    exclude_op_types: list[str] = field(default_factory=list)
+    exclude_nodes: list[str] = field(default_factory=list)
+    sensitivity: bool = False
+    exclude: str | None = setting(None, choices=("auto",))
 
     def of(self, component: str) -> str:
         """The precision ``component`` is deployed in."""
@@ -292,6 +323,13 @@ class PrecisionConfig:
             raise ConfigError(
                 f"{prefix}.calibration_samples={n} is too few to calibrate activation ranges; "
                 f"use at least {MIN_CALIBRATION_SAMPLES}"
+            )
+        selective = self.exclude_op_types or self.exclude_nodes or self.sensitivity or self.exclude
+        if selective and not any(p in QUANTIZED for p in self.used()):
+            raise ConfigError(
+                f"{prefix}.exclude_op_types/exclude_nodes/sensitivity/exclude choose what stays "
+                f"float in a quantized component, and precision={self.name} quantizes none; use "
+                "precision=w8a8 (or w8a16)"
             )
 
     def used(self) -> set[str]:
@@ -517,9 +555,13 @@ class HardNegativesConfig:
 
     enabled: bool = False
     word_groups: list[list[str]] = field(default_factory=list)
+    # words: the swapped captions above; mined: before each epoch, the per_image captions of
+    # other images the current model finds most similar to each image
+    kind: str = setting("words", choices=("words", "mined"))
+    per_image: int = setting(3, ge=1)
 
     def check(self, prefix: str) -> None:
-        if self.enabled and not any(len(g) >= 2 for g in self.word_groups):
+        if self.enabled and self.kind == "words" and not any(len(g) >= 2 for g in self.word_groups):
             raise ConfigError(
                 f"{prefix}.enabled=true needs {prefix}.word_groups with at least one group of "
                 "two or more words (e.g. [[left, right]])"
@@ -614,6 +656,8 @@ class SweepConfig:
     """``sweep``: what a multirun does when it ends (:mod:`lpcvlab.tracking.sweep`)."""
 
     register_best: bool = False  # register the best child's models (``lpcvlab register``)
+    # When the multirun exits 1 (after its parent is summarised): any job failed, all did, never.
+    fail_on: str = setting("any", choices=("any", "all", "never"))
 
 
 @dataclass

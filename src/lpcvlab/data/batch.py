@@ -278,7 +278,8 @@ def parallel_map(
     if workers < 0:
         raise ConfigError(f"workers={workers} must be >= 0 (0 runs in this process)")
     out: list[Any] = [None] * len(jobs)
-    bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress, leave=False)
+    # None: tqdm turns itself off when stderr is not a terminal (a log file).
+    bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=(not progress) or None, leave=False)
     try:
         if workers == 0 or len(jobs) <= 1:
             for i, job in enumerate(jobs):

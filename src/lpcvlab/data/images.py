@@ -147,9 +147,12 @@ def load_images(
 
 
 def tokenize(
-    captions: Sequence[str], tokenizer, context_length: int = 77
+    captions: Sequence[str], tokenizer, context_length: int | None = None
 ) -> tuple[np.ndarray, list[int]]:
-    """CLIP BPE tokens ``(N, 77)`` int64, and the indices of captions that were truncated."""
+    """CLIP BPE tokens ``(N, L)`` int64, and the indices of captions that were truncated
+    (``L``: ``context_length``, else the tokenizer's own, 77 for CLIP's)."""
+    if context_length is None:
+        context_length = int(getattr(tokenizer, "context_length", 77) or 77)
     encoder = getattr(tokenizer, "encode", None)
     truncated = []
     if encoder is not None:

@@ -124,9 +124,11 @@ class _Rewriter:
         self.names = list(names)
         self.sites: dict[str, int] = {}
         self.cosine_min: dict[str, float] = {}
+        self.plain_counts: dict[str, int] = {}
 
     def __call__(self, model: onnx.ModelProto) -> onnx.ModelProto:
         reference = torch_outputs(self.component, self.samples)
+        self.plain_counts = op_counts(model)
         for name in self.names:
             alone, sites = rewritten(model, [name])
             self.sites[name] = sites[name]
@@ -153,7 +155,7 @@ def export_component(
     """Export, rewrite, check, hash and verify one component; fails loudly below
     ``parity_threshold`` (the deployed graph, rewrites included, against PyTorch)."""
     t0 = time.perf_counter()
-    log.info("exporting %s to ONNX (opset %d)", component.name, opset)
+    log.info("exporting %s to ONNX (opset %d) ...", component.name, opset)
     rewriter = _Rewriter(component, samples, rewrites) if rewrites else None
     path, digest = export_onnx(component, out_dir, opset=opset, rewrite=rewriter)
     cos_min = parity(component, path, samples)
@@ -169,6 +171,14 @@ def export_component(
         rewrite_sites=rewriter.sites if rewriter else {},
         rewrite_cosine_min=rewriter.cosine_min if rewriter else {},
         op_counts=op_counts(path),
+        op_counts_plain=rewriter.plain_counts if rewriter else {},
+    )
+    log.info(
+        "exported %s in %.1f s (parity cosine min %.6f over %d samples)",
+        component.name,
+        result.seconds,
+        cos_min,
+        len(samples),
     )
     if not cos_min >= parity_threshold:
         raise ParityError(parity_message(result, parity_threshold))

@@ -46,6 +46,11 @@ ERROR, NOTE = "error", "note"
 SEQ_LEN_MAX = 1024  # see the seq_len rule: a guard, not a published limit
 SEQ_LEN_MIN_PRIME = 11  # primes below this are too short to tile at all (never seen failing)
 SEQ_LEN_RISKY = frozenset({196})
+# Prime lengths known to compile and run on the NPU, so not flagged: 197 is ViT-B/16 at 224 (14x14
+# patches + class token), the organisers' LPCVC 2026 Track 1 baseline, profiled on XR2 Gen 2
+# (Proxy) at 29.3 ms for its image encoder. Only 257 is a documented crash; other primes stay
+# flagged as untested.
+SEQ_LEN_ON_DEVICE = frozenset({197})
 SIZE_LIMIT_BYTES = 2 * 1024**3
 
 
@@ -79,8 +84,8 @@ RULES: dict[str, Rule] = {
         # guard chosen above every LPCVC graph (uncertain).
         Rule(
             "seq_len",
-            "an attention sequence length that is prime (257 crashed the NPU's tiling) or over "
-            f"{SEQ_LEN_MAX} tokens",
+            "an attention sequence length that is prime (257 crashed the NPU's tiling; 197, the "
+            f"organisers' ViT-B/16, runs) or over {SEQ_LEN_MAX} tokens",
             "change the token count (image size / patch size, or drop/add a token) to a "
             "composite length",
             "ching00001/lpcvc2026-track1 (257 crashed); the length limit is a guess (uncertain)",
@@ -372,7 +377,7 @@ def _check_seq_len(model: onnx.ModelProto, add: Any) -> None:
     for length, names in sorted(lengths.items()):
         if length > SEQ_LEN_MAX:
             add("seq_len", f"attention over {length} tokens, more than {SEQ_LEN_MAX}", names)
-        elif length >= SEQ_LEN_MIN_PRIME and _is_prime(length):
+        elif length >= SEQ_LEN_MIN_PRIME and _is_prime(length) and length not in SEQ_LEN_ON_DEVICE:
             add("seq_len", f"attention over {length} tokens, a prime", names)
         elif length in SEQ_LEN_RISKY:
             add("seq_len_risky", f"attention over {length} tokens (reported risky)", names)

@@ -14,6 +14,17 @@ deployed. Each is measured against the original PyTorch model by the exporter
   range useless: measured on ``clip_tiny``, the w8a8 text encoder falls to cosine 0.14 against
   fp32 with the ``-inf`` mask and stays at 0.99 with it finite. ``e^-100`` is still zero next
   to any attention weight whose logits differ by less than ~80.
+- ``matmul_conv1x1``: a MatMul (or Gemm) of a token sequence ``(..., T, K)`` by a constant
+  ``(K, N)`` weight becomes a 1x1 ``Conv`` on ``(1, K, 1, T)`` (channels first, the tokens along
+  the width), its bias folded in: the layout the Hexagon NPU runs convolutions in, and the form
+  the strongest 2026 Track 1 entry deployed. Exact up to float rounding.
+- ``fold_attention_scale``: the ``1/sqrt(d)`` of scaled dot-product attention (exported as two
+  scalar Muls, on Q and on K^T, or one on the scores) folded into the query projection's weights
+  and bias, when the query traces back through layout-only ops to a constant projection; else
+  merged into one Mul on Q. Exact up to rounding.
+- ``drop_transposes``: transpose pairs that cancel (or compose into one), transposes that only
+  move axes of size 1 (a free Reshape), transposes of constants (folded into the weights), and
+  Reshape chains merged. Exact.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from lpcvlab.deploy.graph_passes import drop_transposes, fold_attention_scale, matmul_conv1x1
 
 MASK_VALUE = -100.0
 GELU_SIGMOID_SCALE = 1.702
@@ -193,6 +206,9 @@ def finite_mask(model: onnx.ModelProto) -> int:
 REWRITES: dict[str, Callable[[onnx.ModelProto], int]] = {
     "gelu_sigmoid": gelu_sigmoid,
     "finite_mask": finite_mask,
+    "matmul_conv1x1": matmul_conv1x1,
+    "fold_attention_scale": fold_attention_scale,
+    "drop_transposes": drop_transposes,
 }
 
 

@@ -7,8 +7,9 @@ cache or open_clip's URL cache), a checkpoint file path, or null (random init).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
-import os
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lpcvlab.config.schema import ClipBackboneConfig
 from lpcvlab.config.teacher import CHECKPOINT_KEY, Teacher
+from lpcvlab.config.weights import clip_cache_lookup
 from lpcvlab.errors import ConfigError
 from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
 
@@ -30,32 +33,8 @@ CONTEXT_LENGTH = 77
 
 def _cached_checkpoint(model_name: str, tag: str, cache_dir: str | None) -> str | None:
     """Path of the tag's checkpoint if it is already on disk; no network access."""
-    pcfg = open_clip.get_pretrained_cfg(model_name, tag)
-    if not pcfg:
-        raise ConfigError(
-            f"backbone.pretrained={tag!r} is not an open_clip tag for {model_name}; known tags: "
-            f"{open_clip.list_pretrained_tags_by_model(model_name)} (or give a file path, or null)"
-        )
-    hf = pcfg.get("hf_hub", "")
-    if hf:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(hf)
-        names = (
-            [filename]
-            if filename
-            else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        )
-        for name in names:
-            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
-            if isinstance(found, str) and os.path.isfile(found):
-                return found
-    url = pcfg.get("url", "")
-    if url:
-        candidate = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-        if candidate.is_file():
-            return str(candidate)
-    return None
+    found = clip_cache_lookup(model_name, tag, cache_dir).found
+    return str(found) if found is not None else None
 
 
 @contextlib.contextmanager
@@ -78,10 +57,26 @@ class ClipBackbone:
         self.settings = settings
         self.name = settings.name
 
+    @property
+    def context_length(self) -> int:
+        """The text encoder's input length (``backbone.context_length``, else 77)."""
+        return int(self.settings.context_length or CONTEXT_LENGTH)
+
     def build(self) -> tuple[nn.Module, str]:
         """(model in eval mode, weights description: tag, path or ``random``)."""
         model, _, weights = build_clip(self.settings)
         return model, weights
+
+    def build_with_original(self) -> tuple[nn.Module, str, nn.Module | None]:
+        """:meth:`build`, and the model before ``backbone.activation`` swapped its MLP
+        activation (None when nothing was swapped): what the swap costs is measured on it."""
+        with _quiet_root():
+            model, _, weights = _build_clip(_typed(self.settings), swap=False)
+        if self.settings.activation is None:
+            return model, weights, None
+        original = copy.deepcopy(model)
+        swap_activation(model, self.settings.activation)
+        return model, weights, original
 
     def tokenizer(self) -> Any:
         return tokenizer_for(self.settings)
@@ -103,7 +98,14 @@ def _typed(backbone: Any) -> ClipBackboneConfig:
     return OmegaConf.to_object(node)  # type: ignore[return-value]
 
 
-def _build_clip(backbone: ClipBackboneConfig) -> tuple[nn.Module, Any, str]:
+def _build_clip(backbone: ClipBackboneConfig, swap: bool = True) -> tuple[nn.Module, Any, str]:
+    """The model with its weights, then :func:`adapt_clip`'s levers (``swap``: the activation
+    too)."""
+    model, tokenizer, weights = _build_weights(backbone)
+    return adapt_clip(model, backbone, swap=swap), tokenizer, weights
+
+
+def _build_weights(backbone: ClipBackboneConfig) -> tuple[nn.Module, Any, str]:
     name = backbone.model_name
     tokenizer = tokenizer_for(backbone)
     model_cfg = backbone.model_cfg
@@ -193,7 +195,100 @@ def tokenizer_for(backbone: Any) -> Any:
     else:
         name = backbone.get("tokenizer") or backbone["model_name"]
     with _quiet_root():
-        return open_clip.get_tokenizer(name)
+        tokenizer = open_clip.get_tokenizer(name)
+    length = (
+        backbone.context_length
+        if isinstance(backbone, ClipBackboneConfig)
+        else backbone.get("context_length")
+    )
+    if length:  # the tokenizer pads / truncates to it when called without a length
+        tokenizer.context_length = int(length)
+    return tokenizer
+
+
+class GeluSigmoid(nn.Module):
+    """``x * sigmoid(1.702 x)``: GELU without ``Erf`` (what ``export.rewrites=[gelu_sigmoid]``
+    makes of an exported graph), here in the model, so fine-tuning adapts to it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "gelu_sigmoid": GeluSigmoid}
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return isinstance(module, (nn.GELU, nn.ReLU, GeluSigmoid, open_clip.transformer.QuickGELU))
+
+
+def swap_activation(model: nn.Module, activation: str) -> int:
+    """Replace every GELU-like activation module (GELU, QuickGELU, ReLU, GeluSigmoid) by
+    ``activation``; returns how many were replaced."""
+    make = _ACTIVATIONS[activation]
+    swapped = 0
+    for parent in list(model.modules()):
+        for key, child in list(parent.named_children()):
+            if _is_activation(child):
+                setattr(parent, key, make())
+                swapped += 1
+    return swapped
+
+
+def _resize_image_tower(model: nn.Module, size: int) -> None:
+    """The ViT's positional embedding interpolated to the grid of ``size`` (bicubic with
+    antialiasing, the class token kept, as open_clip's ``resize_pos_embed`` does)."""
+    visual = getattr(model, "visual", None)
+    pos = getattr(visual, "positional_embedding", None)
+    conv = getattr(visual, "conv1", None)
+    if pos is None or conv is None:
+        raise ConfigError(
+            f"backbone.image_size={size}: this image tower has no ViT positional embedding; "
+            "leave backbone.image_size=null"
+        )
+    patch = int(conv.kernel_size[0])
+    grid = size // patch
+    old = int(round(math.sqrt(pos.shape[0] - 1)))
+    if grid != old:
+        token, cells = pos.data[:1], pos.data[1:]
+        cells = cells.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        cells = F.interpolate(
+            cells, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False
+        )
+        cells = cells.permute(0, 2, 3, 1).reshape(grid * grid, -1)
+        visual.positional_embedding = nn.Parameter(torch.cat([token, cells]))
+    visual.grid_size = (grid, grid)
+    visual.image_size = (size, size)
+
+
+def _cut_text_tower(model: nn.Module, length: int) -> None:
+    """The text positional embedding and causal mask cut to the first ``length`` positions."""
+    tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower apart
+    pos = getattr(tower, "positional_embedding", None)
+    if pos is None or pos.shape[0] < length:
+        raise ConfigError(
+            f"backbone.context_length={length}: the text tower has "
+            f"{None if pos is None else pos.shape[0]} positions; use a smaller length or null"
+        )
+    tower.positional_embedding = nn.Parameter(pos.data[:length].clone())
+    mask = getattr(tower, "attn_mask", None)
+    if mask is not None:
+        tower.register_buffer("attn_mask", mask[:length, :length].clone(), persistent=False)
+    tower.context_length = length
+    if hasattr(tower, "num_pos"):
+        tower.num_pos = length
+
+
+def adapt_clip(model: nn.Module, backbone: ClipBackboneConfig, swap: bool = True) -> nn.Module:
+    """Apply the backbone's device levers to a built model (weights already in): the image
+    side, the text length and (``swap``) the MLP activation."""
+    if backbone.image_size is not None:
+        _resize_image_tower(model, int(backbone.image_size))
+    if backbone.context_length is not None:
+        _cut_text_tower(model, int(backbone.context_length))
+    if swap and backbone.activation is not None:
+        n = swap_activation(model, backbone.activation)
+        log.info("backbone.activation=%s: %d activation module(s) swapped", backbone.activation, n)
+    return model.eval()
 
 
 # The attribute under which Track 1's LightningModule holds the open_clip model: its checkpoint
@@ -205,17 +300,21 @@ def build_architecture(backbone: ClipBackboneConfig) -> nn.Module:
     """The backbone's architecture with fresh weights, nothing loaded and no banner: the weights
     of a checkpoint go in next."""
     with _quiet_root():
-        if backbone.model_cfg is not None:
-            return open_clip.CLIP(**backbone.model_cfg).eval()
-        tag = backbone.pretrained
-        quick_gelu = bool(backbone.quick_gelu)
-        if tag and not looks_like_path(str(tag)):
-            quick_gelu = bool(
-                open_clip.get_pretrained_cfg(backbone.model_name, str(tag)).get("quick_gelu")
-            )
-        return open_clip.create_model(
-            backbone.model_name, pretrained=None, force_quick_gelu=quick_gelu
-        ).eval()
+        return adapt_clip(_architecture(backbone), backbone)
+
+
+def _architecture(backbone: ClipBackboneConfig) -> nn.Module:
+    if backbone.model_cfg is not None:
+        return open_clip.CLIP(**backbone.model_cfg).eval()
+    tag = backbone.pretrained
+    quick_gelu = bool(backbone.quick_gelu)
+    if tag and not looks_like_path(str(tag)):
+        quick_gelu = bool(
+            open_clip.get_pretrained_cfg(backbone.model_name, str(tag)).get("quick_gelu")
+        )
+    return open_clip.create_model(
+        backbone.model_name, pretrained=None, force_quick_gelu=quick_gelu
+    ).eval()
 
 
 @dataclass

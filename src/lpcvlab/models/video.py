@@ -169,7 +169,9 @@ def build_video_model(backbone: VideoBackboneConfig, num_classes: int) -> tuple[
         return model, pretrained
     if pretrained != "kinetics400" or builder_weights is None:
         raise ConfigError(
-            f"backbone.pretrained={pretrained!r}: use kinetics400, a checkpoint path, or null"
+            f"backbone={backbone.name} has no weights tagged {pretrained!r}; use "
+            + ("backbone.pretrained=kinetics400, " if builder_weights is not None else "")
+            + "a checkpoint path, or backbone.pretrained=null"
         )
     cached = _cached_kinetics(builder_weights)
     _replace_head(model, num_classes)

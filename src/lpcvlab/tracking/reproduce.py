@@ -3,7 +3,9 @@
 The run's resolved ``config.yaml`` artifact is the recipe (its ``.hydra/`` overrides are shown
 and attached to the new run); the code is the recipe's other half, so the run's ``git_commit``
 must be this checkout's HEAD and neither tree may have uncommitted changes, or the command
-refuses and says which (``--force`` runs anyway and tags the run ``reproduce_forced``).
+refuses and says which (``--force`` runs anyway and tags the run ``reproduce_forced``). A run
+that did not finish (FAILED, KILLED, RUNNING) is refused too, saying why (``--force`` re-runs it).
+The thread counts the run recorded (``threads.*`` params) are set back before it re-runs.
 
 The stage cache is off for the re-run unless ``--use-cache``: reusing the original's stages
 would "reproduce" by copying. Accuracy and parity metrics must match exactly; latency, memory
@@ -27,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lpcvlab.errors import ConfigError, LpcvlabError
 from lpcvlab.tracking.runstore import RunInfo, download_artifact, get_run, open_store, tracking_uri
 from lpcvlab.util import console
+from lpcvlab.util.seeding import restore_threads
 
 # Metrics that measure the machine rather than the model: shown, never required to match.
 MEASURED_PREFIXES = (
@@ -143,6 +146,18 @@ def code_problems(run: RunInfo, current: CodeVersion) -> list[str]:
     return problems
 
 
+def refusal_of_unfinished(run: RunInfo) -> str:
+    """Why a FAILED, KILLED or RUNNING run is not re-run by default: reproducing a failure runs
+    it again, which is rarely what was meant."""
+    error = run.tags.get("error")
+    why = f" ({error.splitlines()[0][:300]})" if error else ""
+    return (
+        f"refusing to reproduce run {run.run_id}: it ended {run.status}{why}, so there are no "
+        "results to reproduce; fix the cause and start a new run, or pass --force (python "
+        f"run.py: +reproduce={{run_id:{run.run_id},force:true}}) to re-run it anyway"
+    )
+
+
 def is_measured(name: str, run: RunInfo) -> bool:
     if name.startswith(MEASURED_PREFIXES) or name == "latency_ms/total":
         return True
@@ -195,6 +210,8 @@ def reproduce(
 
     client = open_store(uri)
     original = get_run(client, run_id)
+    if original.status != "FINISHED" and not force:
+        raise ReproduceError(refusal_of_unfinished(original))
     problems = code_problems(original, current or current_code_version())
     if problems and not force:
         raise ReproduceError(
@@ -206,6 +223,9 @@ def reproduce(
         )
     if original.status != "FINISHED":
         console.stage("reproduce", f"note: run {run_id} ended {original.status}; metrics partial")
+    restored = restore_threads(original.params)
+    if restored:
+        console.stage("reproduce", "thread settings as the run recorded: " + ", ".join(restored))
     work_dir = (
         work_dir or Path("outputs") / "reproduce" / f"{run_id[:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -314,7 +334,9 @@ def add_reproduce_commands(subparsers: Any) -> None:
     )
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument(
-        "--force", action="store_true", help="run even if the code version differs or is dirty"
+        "--force",
+        action="store_true",
+        help="run even if the code version differs or is dirty, or the run did not finish",
     )
     p.add_argument(
         "--use-cache", action="store_true", help="let the re-run reuse cached stages (faster)"

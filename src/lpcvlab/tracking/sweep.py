@@ -19,6 +19,12 @@ reason in ``<job output dir>/.lpcvlab/job_error.txt`` for ``on_job_end``: its ru
 never started, for a config that cannot run), the sweep goes on and the parent counts it. If the
 sweep itself dies (an unexpected exception re-raised by Hydra's sweeper, Ctrl-C), an exit hook
 still summarises what finished and ends the parent FAILED. Single runs are left alone.
+
+A job that failed before its run existed (a config value of its own, ``seed=-1``) gets a FAILED
+child run from ``on_job_end`` carrying the message, so every job is one row in the UI. After the
+parent is summarised, ``sweep.fail_on`` decides whether the sweep fails as a whole
+(:func:`sweep_failure`, read by ``lpcvlab.app.hydra_entry``, which then exits 1): ``any`` (the
+default) when a job failed, ``all`` when every job did, ``never``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,33 @@ STATE_DIR = ".lpcvlab"
 PARENT_FILE = "parent_run.json"
 JOBS_DIR = "jobs"
 JOB_ERROR_FILE = "job_error.txt"
+
+
+FAIL_ON = ("any", "all", "never")
+_verdict: list[str] = []  # why the last sweep of this process fails (see sweep_failure)
+
+
+def sweep_failure() -> str | None:
+    """Why the multirun this process launched fails under ``sweep.fail_on``, or None."""
+    return _verdict[-1] if _verdict else None
+
+
+def failure_verdict(fail_on: str, summary: SweepSummary, parent_id: str) -> str | None:
+    """The one line a failing sweep ends with, or None when ``fail_on`` lets it pass."""
+    failed = summary.failed
+    if summary.jobs == 0 or failed == 0 or fail_on == "never":
+        return None
+    if fail_on == "all" and failed < summary.jobs:
+        return None
+    return (
+        f"{failed} of {summary.jobs} sweep job(s) failed (sweep.fail_on={fail_on}); parent run "
+        f"{parent_id} has each job's error (lpcvlab compare {parent_id}); "
+        + (
+            "sweep.fail_on=never exits 0 anyway"
+            if fail_on == "all"
+            else "sweep.fail_on=all fails only when every job fails, sweep.fail_on=never never"
+        )
+    )
 
 
 def _job_error_path(output_dir: str | Path) -> Path:
@@ -185,6 +218,7 @@ class MlflowSweepCallback(Callback):
         self._done = False
         self._register_best = False
         self._registry_name: str | None = None
+        self._fail_on = "any"
 
     # -- the launching process ---------------------------------------------------------
 
@@ -230,6 +264,8 @@ class MlflowSweepCallback(Callback):
             | source_tags()  # entry point and the sweep's own command line
         )
         self._register_best = bool(OmegaConf.select(config, "sweep.register_best", default=False))
+        self._fail_on = str(OmegaConf.select(config, "sweep.fail_on", default="any"))
+        _verdict.clear()
         self._registry_name = OmegaConf.select(config, "tracking.registry_name", default=None)
         outer = os.environ.get(PARENT_RUN_ENV)  # a sweep may itself nest under a run
         if outer:
@@ -293,6 +329,8 @@ class MlflowSweepCallback(Callback):
         _write_json(
             sweep_dir(config) / STATE_DIR / JOBS_DIR / f"{status.num:05d}.json", asdict(status)
         )
+        if status.failed:
+            record_failed_job(config, status)
 
     # -- summary -------------------------------------------------------------------------
 
@@ -329,6 +367,9 @@ class MlflowSweepCallback(Callback):
             text = summary_text(summary, run_id, registered)
             client.set_tag(run_id, NOTE_TAG, _note(text, summary, self._parent.experiment_id))
             print("\n" + text)
+            verdict = failure_verdict(self._fail_on, summary, run_id)
+            if verdict is not None:
+                _verdict.append(verdict)
         finally:
             client.set_terminated(run_id, status=status or "FAILED")
             os.environ.pop(PARENT_RUN_ENV, None)
@@ -349,6 +390,64 @@ class MlflowSweepCallback(Callback):
         lines = [v.line() for v in versions]
         client.set_tag(self._parent.run_id, "registered", "; ".join(lines)[:5000])
         return lines
+
+
+def record_failed_job(config: DictConfig, status: JobStatus) -> str | None:
+    """Give a failed job that has no MLflow run (its config stopped it before the run began) a
+    FAILED child run under the sweep's parent carrying the message; returns its ID, or None when
+    the job has a run already or there is no parent to nest under."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from lpcvlab.tracking.recorder import (
+        COMMAND_TAG,
+        RetryingClient,
+        git_info,
+        process_tags,
+        resolve_uri,
+    )
+    from lpcvlab.util.secrets import mask_secrets
+
+    parent = read_parent(sweep_dir(config))
+    if parent is None:
+        return None
+    client = RetryingClient(MlflowClient(tracking_uri=resolve_uri(parent.tracking_uri)))
+    existing = client.search_runs(
+        [parent.experiment_id],
+        filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent.run_id}' and tags.sweep_job = '{status.num}'"
+        ),
+        max_results=1,
+    )
+    if existing:
+        return None
+    overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
+    message = (status.error or "the job failed; see its log")[:5000]
+    tags = (
+        {
+            "mlflow.parentRunId": parent.run_id,
+            "sweep_job": str(status.num),
+            "sweep_overrides": " ".join(overrides)[:5000],
+            COMMAND_TAG: " ".join(["python", "run.py", *mask_secrets(overrides)])[:5000],
+            "error": message,
+            "mlflow.source.name": "run.py",
+            "failure": "before-run",
+        }
+        | git_info()
+        | process_tags()
+    )
+    run = client.create_run(parent.experiment_id, run_name=f"job {status.num} (failed)", tags=tags)
+    run_id = run.info.run_id
+    params = {}
+    for text in mask_secrets(overrides):
+        key, _, value = text.lstrip("+~").partition("=")
+        if key and not key.startswith("hydra"):
+            params[key] = value[:6000]
+    if params:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    client.log_text(run_id, message + "\n", "error.txt")
+    client.set_terminated(run_id, status="FAILED")
+    return run_id
 
 
 def _plain_start_method() -> None:

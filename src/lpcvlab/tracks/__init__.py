@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from lpcvlab.config.schema import (
     ClipBackboneConfig,
     FinetuneConfig,
@@ -36,10 +38,13 @@ def build_track(s: RunConfig) -> Track:
             s.backbone, ClipBackboneConfig
         )
         assert s.preprocess.image is not None
+        image = s.preprocess.image
+        if s.backbone.image_size is not None:  # the images are resized to the model's side
+            image = dataclasses.replace(image, size=int(s.backbone.image_size))
         return RetrievalTrack(
             s.track,
             s.data,
-            s.preprocess.image,
+            image,
             ClipBackbone(s.backbone),
             seed=s.seed,
             teacher=teacher,

@@ -41,7 +41,7 @@ from lpcvlab.data.images import (
 from lpcvlab.data.track1 import ImageRow, content_sha256, read_caption_split, read_track1
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import retrieval_recall, scorer_environment
-from lpcvlab.models.clip import CONTEXT_LENGTH, ClipBackbone, ImageEncoder, TextEncoder
+from lpcvlab.models.clip import ClipBackbone, ImageEncoder, TextEncoder
 from lpcvlab.tracks.base import TrackData, data_source
 from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
 from lpcvlab.util.console import stage
@@ -137,7 +137,7 @@ class RetrievalTrack:
             log.warning(
                 "%d caption(s) longer than %d tokens were truncated: text IDs %s",
                 len(truncated),
-                CONTEXT_LENGTH,
+                self.backbone.context_length,
                 [text_ids[i] for i in truncated],
             )
         referenced = {t for r in kept for t in r.text_ids}
@@ -194,17 +194,14 @@ class RetrievalTrack:
             captions.extend(image.captions)
             offsets.append(len(captions))
         tokenizer = self.backbone.tokenizer()
+        limit = self.backbone.context_length
         # A BPE token covers at least one character: only long strings can be too long.
-        long = [
-            c
-            for c in captions
-            if len(c) + 2 > CONTEXT_LENGTH and len(tokenizer.encode(c)) + 2 > CONTEXT_LENGTH
-        ]
+        long = [c for c in captions if len(c) + 2 > limit and len(tokenizer.encode(c)) + 2 > limit]
         if long:
             log.warning(
                 "%d training caption(s) are longer than %d tokens and are truncated",
                 len(long),
-                CONTEXT_LENGTH,
+                limit,
             )
         stats = split.stats() | {
             "images": len(decoded.images),
@@ -246,8 +243,41 @@ class RetrievalTrack:
         return tokens
 
     def build_model(self) -> ModelBundle:
-        model, weights = self.backbone.build()
+        model, weights, self._unswapped = self.backbone.build_with_original()
         return self._bundle(model, weights)
+
+    def lever_metrics(self, bundle: ModelBundle, data: TrackData) -> dict[str, float]:
+        """``backbone.activation``'s cost before any training: Recall@10 of the PyTorch model
+        on the evaluation set with its own activation and with the swapped one (the score after
+        training is the run's ``recall_at_10``). Empty when nothing was swapped."""
+        original = getattr(self, "_unswapped", None)
+        if original is None:
+            return {}
+        before = self._torch_recall(self._bundle(original, bundle.weights), data)
+        after = self._torch_recall(bundle, data)
+        self._unswapped = None  # measured; the copy is not needed any more
+        return {
+            "activation/recall_at_10_before_swap": before,
+            "activation/recall_at_10_after_swap": after,
+        }
+
+    def _torch_recall(self, bundle: ModelBundle, data: TrackData, batch: int = 32) -> float:
+        import torch
+
+        payload: RetrievalPayload = data.payload
+        outputs = {}
+        with torch.no_grad():
+            for comp in bundle.components:
+                x = data.inputs[comp.name]
+                outputs[comp.name] = np.concatenate(
+                    [
+                        comp.module(torch.from_numpy(x[i : i + batch])).numpy()
+                        for i in range(0, len(x), batch)
+                    ]
+                )
+        gt = [r.text_ids for r in payload.images]
+        res = retrieval_recall(outputs[IMAGE], outputs[TEXT], payload.text_ids, gt, ks=[10])
+        return float(res.recall[10])
 
     def _bundle(self, model: object, weights: str) -> ModelBundle:
         image = self.image
@@ -261,7 +291,9 @@ class RetrievalTrack:
                     TensorSpec("image", (1, 3, size, size), "float32"),
                 ),
                 Component(
-                    TEXT, TextEncoder(model), TensorSpec("text", (1, CONTEXT_LENGTH), "int64")
+                    TEXT,
+                    TextEncoder(model),
+                    TensorSpec("text", (1, self.backbone.context_length), "int64"),
                 ),
             ],
             weights=weights,
@@ -300,7 +332,8 @@ class RetrievalTrack:
         run.set_tags({"train/trainable_params": str(trainable), "train/total_params": str(total)})
 
         hard = None
-        if settings.hard_negatives.enabled:
+        mining = settings.hard_negatives.enabled and settings.hard_negatives.kind == "mined"
+        if settings.hard_negatives.enabled and not mining:
             hard = HardNegatives(settings.hard_negatives.word_groups)
             able = sum(hard.can_perturb(c) for c in train.captions)
             log.info(
@@ -342,10 +375,27 @@ class RetrievalTrack:
             int(settings.batch_size),
             int(settings.num_workers),
         )
+        miner = None
+        if mining:
+            from lpcvlab.training.hard_negatives import CaptionMiner
+
+            miner = CaptionMiner(settings.hard_negatives.per_image, int(settings.batch_size))
+            module.miner = lambda m: dataset.mine(m, miner)
         model.train()
         record = {"track": self.name, "backbone": dataclasses.asdict(self.backbone.settings)}
         result = fit(settings, module, dm, run, work_dir, record=record)
         model.eval()
+        if miner is not None and miner.history:  # one more pass: what training changed
+            first = miner.history[0]
+            last = dataset.mine(module, miner)
+            run.log_metrics(
+                {
+                    "train/mined_hit_at_10_first": first.hit_at_10,
+                    "train/mined_hit_at_10_last": last.hit_at_10,
+                    "train/mined_hit_at_10_gain": last.hit_at_10 - first.hit_at_10,
+                    "train/mined_negatives_total": float(sum(h.mined for h in miner.history[:-1])),
+                }
+            )
         log.info(
             "fine-tuning done: best %s %.4f (%s)",
             result.monitor,

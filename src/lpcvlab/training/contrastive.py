@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lpcvlab.data.images import ImagePreprocess
 from lpcvlab.metrics import retrieval_recall
-from lpcvlab.training.hard_negatives import HardNegatives
+from lpcvlab.training.hard_negatives import CaptionMiner, HardNegatives, MiningStats
 
 _BLOCK = re.compile(r"^(.*?(?:resblocks|blocks)\.\d+)\.")
 _PROJECTION = re.compile(r"(^|\.)(proj|text_projection|head)(\.|$)")
@@ -146,6 +146,27 @@ class CaptionDataset(Dataset):
         self.seed = seed
         self.hard_negatives = hard_negatives
         self.epoch = 0
+        self.mined: list[list[int]] | None = None  # per image, from CaptionMiner
+        self._all_tokens: torch.Tensor | None = None
+
+    def mine(self, module: ContrastiveModule, miner: CaptionMiner) -> MiningStats:
+        """Replace each image's mined negatives with what ``module`` confuses now."""
+        if self._all_tokens is None:
+            self._all_tokens = torch.as_tensor(
+                np.asarray(self.tokenizer(self.captions)), dtype=torch.long
+            )
+        device = module.device
+        similarity = miner.embed(
+            lambda x: module.encode_image(x.to(device)),
+            lambda t: module.encode_text(t.to(device)),
+            lambda a, b: self.preprocess.scale(np.asarray(self.pixels[a:b])),
+            len(self.pixels),
+            self._all_tokens,
+        )
+        mined, stats = miner.mine(similarity, self.offsets, self.captions)
+        # a tensor that is no list of lists pickles poorly into workers: plain lists
+        self.mined = mined
+        return stats
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -179,7 +200,12 @@ class CaptionDataset(Dataset):
             "image_index": i,
             "caption_index": c,
         }
-        if self.hard_negatives is not None:
+        if self.mined is not None:  # train.hard_negatives.kind=mined
+            options = self.mined[i]
+            negative = self.captions[options[rng.randrange(len(options))]] if options else None
+            item["has_negative"] = negative is not None
+            item["negative"] = self._tokens(negative) if negative else torch.zeros_like(tokens)
+        elif self.hard_negatives is not None:
             negative = self.hard_negatives.perturb(caption, rng)
             item["has_negative"] = negative is not None
             item["negative"] = self._tokens(negative) if negative else torch.zeros_like(tokens)
@@ -288,6 +314,25 @@ class ContrastiveModule(pl.LightningModule):
             self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._val: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+        # train.hard_negatives.kind=mined: called before each epoch (CaptionDataset.mine)
+        self.miner: Callable[[ContrastiveModule], MiningStats] | None = None
+
+    def on_train_epoch_start(self) -> None:
+        if self.miner is None:
+            return
+        was = self.training
+        self.eval()
+        stats = self.miner(self)
+        self.train(was)
+        self.log_dict(
+            {
+                "train/mined_negatives": float(stats.mined),
+                "train/mined_confused_images": float(stats.confused),
+                "train/mined_train_hit_at_10": stats.hit_at_10,
+            },
+            on_step=False,
+            on_epoch=True,
+        )
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         if self.normalize:

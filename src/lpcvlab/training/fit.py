@@ -26,6 +26,7 @@ from lpcvlab.config.teacher import CHECKPOINT_KEY
 from lpcvlab.errors import ConfigError
 from lpcvlab.training.averaging import WeightAveraging
 from lpcvlab.types import RunLog
+from lpcvlab.util import console
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ def fit(
     # train.average / train.wise_alpha: starting weights and checkpoints kept for after training
     averaging = WeightAveraging(train, module, ckpt_dir / "average", checkpoint)
     callbacks += averaging.callbacks
+    callbacks += console.training_progress()  # lines instead of the bar in a log file
     logger = SharedRunMLFlowLogger(tracking_uri=run.tracking_uri, run_id=run.run_id)
     trainer: pl.Trainer = instantiate(
         resolve_trainer(train.trainer),
@@ -182,6 +184,7 @@ def fit(
         callbacks=callbacks,
         default_root_dir=str(work_dir),
         enable_model_summary=False,
+        **console.trainer_progress_kwargs(),
     )
     run.set_tags(
         {

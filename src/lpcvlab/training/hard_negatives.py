@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 class HardNegatives:
@@ -66,3 +71,84 @@ class HardNegatives:
 
         out = self.pattern.sub(swap, caption)
         return out if out != caption else None
+
+
+@dataclass
+class MiningStats:
+    """One mining pass over the training split."""
+
+    mined: int  # negatives stored (images x per image)
+    confused: int  # images whose most similar caption of another image beats their own best
+    hit_at_10: float  # images with one of their own captions among their 10 most similar
+
+
+class CaptionMiner:
+    """``train.hard_negatives.kind=mined``: before each epoch, embed the training split with the
+    current model and keep, for each image, the ``per_image`` captions of other images it finds
+    most similar (captions equal to one of its own excluded); the dataset draws its negative
+    from them. The pass also measures how often the model confuses them (``hit_at_10`` on the
+    training split), so the gain over the epochs is logged with the count."""
+
+    def __init__(self, per_image: int = 3, batch_size: int = 64) -> None:
+        self.per_image = int(per_image)
+        self.batch_size = int(batch_size)
+        self.history: list[MiningStats] = []
+
+    def embed(
+        self,
+        encode_image: Callable[[torch.Tensor], torch.Tensor],
+        encode_text: Callable[[torch.Tensor], torch.Tensor],
+        images: Callable[[int, int], np.ndarray],
+        n_images: int,
+        tokens: torch.Tensor,
+    ) -> torch.Tensor:
+        """The (images x captions) cosine similarity under the current model."""
+        b = self.batch_size
+        with torch.no_grad():
+            img = torch.cat(
+                [
+                    F.normalize(
+                        encode_image(torch.from_numpy(images(i, min(i + b, n_images)))), dim=-1
+                    )
+                    for i in range(0, n_images, b)
+                ]
+            )
+            txt = torch.cat(
+                [
+                    F.normalize(encode_text(tokens[i : i + b]), dim=-1)
+                    for i in range(0, len(tokens), b)
+                ]
+            )
+        return (img.float() @ txt.float().T).cpu()
+
+    def mine(
+        self, similarity: torch.Tensor, offsets: np.ndarray, captions: Sequence[str]
+    ) -> tuple[list[list[int]], MiningStats]:
+        """The confusing captions of each image (indices into ``captions``) and the pass's
+        statistics."""
+        sim = similarity.clone()
+        n_img, n_cap = sim.shape
+        text_index: dict[str, list[int]] = {}
+        for c, text in enumerate(captions):
+            text_index.setdefault(text, []).append(c)
+        own = torch.zeros_like(sim, dtype=torch.bool)
+        for i in range(n_img):
+            for c in range(int(offsets[i]), int(offsets[i + 1])):
+                own[i, text_index[captions[c]]] = True  # an equal caption is no negative
+        best_own = sim.masked_fill(~own, -2.0).max(dim=1).values
+        top10 = sim.topk(min(10, n_cap), dim=1).indices
+        hit = own.gather(1, top10).any(dim=1).float().mean().item()
+        others = sim.masked_fill(own, -2.0)
+        k = min(self.per_image, max(n_cap - 1, 1))
+        values, indices = others.topk(k, dim=1)
+        mined = [
+            [int(c) for c, v in zip(row, vals, strict=True) if v > -2.0]
+            for row, vals in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+        stats = MiningStats(
+            mined=sum(len(m) for m in mined),
+            confused=int((values[:, 0] > best_own).sum()),
+            hit_at_10=float(hit),
+        )
+        self.history.append(stats)
+        return mined, stats

@@ -181,12 +181,19 @@ def _quantize(exported: ExportResult, precision: ComponentPrecision, target: Pat
     reader = _Reader(
         exported.input.name, cal.samples, f"calibrate {exported.component} {precision.name}"
     )
+    keep_types = set(precision.exclude_op_types)
+    op_types = None
+    if keep_types:  # quantize every op type of the graph but the excluded ones
+        graph = onnx.load(str(exported.path), load_external_data=False).graph
+        op_types = sorted({n.op_type for n in graph.node} - keep_types)
     config = get_qnn_qdq_config(
         str(exported.path),
         reader,
         activation_type=activations,
         weight_type=QuantType.QInt8,
         weight_symmetric=True,
+        op_types_to_quantize=op_types,
+        nodes_to_exclude=list(precision.exclude_nodes) or None,
     )
     config.extra_options["CalibStridedMinMax"] = reader.stride
     try:

@@ -32,6 +32,9 @@ class ComponentPrecision:
 
     name: str = "fp32"
     calibration: Calibration | None = None
+    # kept float inside a quantized component (precision.exclude_op_types / exclude_nodes)
+    exclude_op_types: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -41,10 +44,14 @@ class ComponentPrecision:
     def key(self) -> dict[str, Any]:
         """What a result computed at this precision depends on (cache and job keys)."""
         cal = self.calibration
-        return {
+        key: dict[str, Any] = {
             "precision": self.name,
             "calibration_sha256": cal.sha256 if cal is not None else None,
         }
+        if self.exclude_op_types or self.exclude_nodes:  # older keys stay as they were
+            key["exclude_op_types"] = sorted(self.exclude_op_types)
+            key["exclude_nodes"] = sorted(self.exclude_nodes)
+        return key
 
 
 FP32 = ComponentPrecision()
@@ -61,6 +68,12 @@ class PrecisionPlan:
 
     def of(self, component: str) -> str:
         return self.settings.of(component)
+
+    def excluded(self, component: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(op types, node names) kept float in ``component`` when it is quantized."""
+        if not self.needs_calibration(component):
+            return (), ()
+        return tuple(self.settings.exclude_op_types), tuple(self.settings.exclude_nodes)
 
     def needs_calibration(self, component: str) -> bool:
         return self.of(component) in QUANTIZED
