@@ -25,8 +25,10 @@ The fake behaves like the service where the hub relies on it:
   small deterministic error, as a device would;
 - profile jobs return a ``ProfileDetail`` (µs, bytes, per-layer compute units);
 - quantize jobs check the calibration dataset against the model's input (name, shape, dtype) and
-  the dtypes (INT8 weights; INT8 or INT16 activations), then make an ONNX model whose float
-  weights are rounded to an 8-bit grid, so its outputs differ a little from the source's; an
+  the dtypes (INT8 weights; INT8 or INT16 activations), then make a QDQ ONNX model of it with
+  ONNX Runtime's static quantization on that calibration data (QuantizeLinear / DequantizeLinear
+  nodes, so its outputs differ a little from the source's), which ``Model.download`` fetches (a
+  ``.onnx`` file; a directory model as a ``.onnx.zip``); an
   ONNX-target compile makes an ONNX model (int32 inputs under ``--truncate_64bit_io``) that a
   quantize job can take, as AIHM's flow needs.
 
@@ -66,7 +68,6 @@ import qai_hub.public_api_pb2 as pb
 import urllib3.connection
 import urllib3.exceptions as u3
 from google.protobuf.timestamp_pb2 import Timestamp
-from onnx import numpy_helper
 from qai_hub.public_rest_api import DEFAULT_HUB_API_URL
 from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
 from requests_toolbelt.multipart.decoder import MultipartDecoder
@@ -322,6 +323,7 @@ class FakeAIHub:
         self.rate_limited: dict[str, int] = {}  # job kind -> creations still answered 429
         self.lost_answers: dict[str, int] = {}  # job kind -> creations whose answer is dropped
         self.refused: list[str] = []  # why the service answered 400 / failed a compile
+        self.model_downloads: list[str] = []  # model IDs whose file was downloaded
         self.dataset_limit_bytes = DATASET_LIMIT_BYTES
         self.model_limit_bytes = MODEL_LIMIT_BYTES
         self._uploads: dict[str, bytes] = {}
@@ -497,6 +499,9 @@ class FakeAIHub:
                         )
                     self.datasets[path.rsplit("/", 1)[-1]] = part.content
             return _Answer(204, b"", "text/plain")
+        if method == "GET" and path.startswith("/models/"):
+            self.model_downloads.append(path.strip("/").split("/")[1])
+            return _Answer(200, self.models[path.strip("/").split("/")[1]].data, "application/zip")
         if method == "GET":
             dataset_id = path.strip("/").split("/")[1]
             return _Answer(200, self.datasets[dataset_id], "application/x-hdf5")
@@ -553,6 +558,13 @@ class FakeAIHub:
         model_id = route[0]
         if len(route) == 1:
             return self.models[model_id].pb()
+        if route[1] == "download":  # Model.download: a URL to GET the model's file from
+            model = self.models[model_id]
+            assert model.data, f"model {model_id} has no file yet"
+            suffix = ".onnx.zip" if model.is_directory else ".onnx"
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name) + suffix
+            url = f"https://{STORAGE}/models/{model_id}/data"
+            return pb.FileDownloadResponse(url=pb.FileDownloadURL(url=url, filename=name))
         assert route[1] == "multipart_upload"
         size = int(params["file_size"])
         return pb.FileUploadResponse(
@@ -875,13 +887,8 @@ class FakeAIHub:
                         f"model takes {dims} {dtype}"
                     )
             job.calibration_samples = len(samples)
-        for init in graph.graph.initializer:
-            w = numpy_helper.to_array(init)
-            if w.dtype == np.float32 and w.size >= 16:
-                scale = float(np.abs(w).max()) / 127 or 1.0
-                rounded = (np.round(w / scale) * scale).astype(np.float32)
-                init.CopyFrom(numpy_helper.from_array(rounded, init.name))
-        self.models[job.target_model_id].data = graph.SerializeToString()
+        int16 = request.activations_dtype == pb.QUANTIZE_DTYPE_INT16
+        self.models[job.target_model_id].data = _quantized_qdq(graph, entries, int16)
 
     def _finish_inference(self, job: FakeJob) -> None:
         request: pb.InferenceJob = job.request
@@ -997,6 +1004,44 @@ def _onnx_target(graph: onnx.ModelProto, truncate: bool, out_names: list[str]) -
             node.output[:] = [name if o == old else o for o in node.output]
         value.name = name
     return model
+
+
+def _quantized_qdq(
+    graph: onnx.ModelProto, entries: dict[str, list[np.ndarray]], int16: bool
+) -> bytes:
+    """What a quantize job makes: a QDQ ONNX model (QuantizeLinear / DequantizeLinear around
+    int8 weights and int8 or int16 activations), calibrated with min-max on ``entries`` by
+    ONNX Runtime's static quantization; its outputs differ a little from the source's."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            names = list(entries)
+            self._rows = iter(
+                [{n: entries[n][i] for n in names} for i in range(len(entries[names[0]]))]
+            )
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._rows, None)
+
+    with tempfile.TemporaryDirectory(prefix="fake-aihub-quantize-") as tmp:
+        src, dst = Path(tmp) / "source.onnx", Path(tmp) / "quantized.onnx"
+        onnx.save_model(graph, str(src))
+        quantize_static(
+            str(src),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QInt16 if int16 else QuantType.QUInt8,
+            extra_options={"ActivationSymmetric": int16},
+        )
+        return dst.read_bytes()
 
 
 def _load_onnx(model: FakeModel) -> onnx.ModelProto:

@@ -40,6 +40,7 @@ from lpcvlab.hubs.aihub.stages import HubTarget
 from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.metrics import cosine_per_sample
 from lpcvlab.types import ExportResult, JobEvent, TensorSpec
+from lpcvlab.util.hashing import file_sha256
 
 pytestmark = pytest.mark.hub
 
@@ -516,7 +517,16 @@ def test_quantized_component_quantize_compile_profile_infer_then_reused(
         quantize.job_id,
         precision.calibration.sha256,
     )
-    assert "AI Hub quantize job" in q.method and q.model is None and q.job_url
+    assert "AI Hub quantize job" in q.method and q.job_url
+    # The deployed graph came down: the quantize job's QDQ model, int16 activations.
+    assert q.model is not None and fake.model_downloads == [quantize.target_model_id]
+    assert q.model.path.parent.parent == tmp_path / "cache" / "aihub_models"
+    assert q.model.sha256 == file_sha256(q.model.path) != exported.sha256
+    graph = onnx.load(str(q.model.path)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    types = {i.name: i.data_type for i in graph.initializer}
+    zero_points = [n.input[2] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert onnx.TensorProto.INT16 in {types.get(z) for z in zero_points}
     seen = statuses(events, "video_classifier", "quantize")
     assert seen[0] == "SUBMITTED" and seen[-1] == "SUCCESS" and "QUANTIZING_MODEL" in seen
     ledger = ledger_lines(tmp_path / "cache" / "aihub_ledger.jsonl")

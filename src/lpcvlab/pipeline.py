@@ -443,7 +443,7 @@ def _stages(
         ]
     )
     rec.set_tags(cache.tags())
-    deployed = deployed_graphs(runs)  # hub=local: the fp16 / quantized graphs
+    deployed = deployed_graphs(runs)  # the fp16 / quantized graphs deployed
     lint.check(rec, deployed, specs)
     if s.tracking.log_models:
         log_deployed_models(s, rec, runs, bundle.weights)
@@ -504,7 +504,7 @@ def _stages(
 
 
 def deployed_graphs(runs: dict[str, ComponentRun]) -> dict[str, tuple[str, Path]]:
-    """The non-fp32 graphs made on this machine (``hub=local``), by component."""
+    """The non-fp32 graphs deployed (``hub=local``'s, or AI Hub quantize jobs' downloaded)."""
     return {
         name: (run.quantized.precision, Path(run.quantized.model.path))
         for name, run in runs.items()
@@ -515,7 +515,7 @@ def deployed_graphs(runs: dict[str, ComponentRun]) -> dict[str, tuple[str, Path]
 def log_deployed_models(
     s: RunConfig, rec: RunRecorder, runs: dict[str, ComponentRun], weights: str
 ) -> None:
-    """Each graph deployed in place of the fp32 export (hub=local's fp16 / quantized ONNX) as
+    """Each graph deployed in place of the fp32 export (fp16 / quantized ONNX, either hub) as
     the component's logged model, the fp32 export's model its parent; tags name both."""
     for name, crun in runs.items():
         q = crun.quantized

@@ -9,6 +9,11 @@ latency and peak memory, precision, device, runtime, the AI Hub compile job and 
 whom the compile job was shared with (``hub.share_with``). The run is tagged
 ``registered/<component>``. Registering a run again returns its existing versions.
 
+A component deployed in another precision than fp32 registers its deployed graph (the run's
+``deployed_model/<component>``: the fp16 / quantized ONNX of hub=local, the AI Hub quantize job's
+model on hub=aihub), not the fp32 export; the version's ``deployed_sha256`` and ``parent_model``
+tags name it and its fp32 parent.
+
 A run logged with ``tracking.log_models=false`` has no logged models: its ONNX files are logged
 now from the export cache when they are still there (same sha256), else the command says so.
 """
@@ -69,9 +74,14 @@ def registry_name(run: RunInfo, name: str | None = None) -> str:
 
 
 def components(run: RunInfo) -> dict[str, str]:
-    """Component -> ONNX sha256 of what the run exported (its ``onnx_sha256/<component>``)."""
+    """Component -> ONNX sha256 of what the run exported (its ``onnx_sha256/<component>``; not
+    the ``onnx_sha256/<component>/<precision>`` of a deployed graph)."""
     prefix = f"{ONNX_SHA_TAG}/"
-    return {k[len(prefix) :]: v for k, v in sorted(run.tags.items()) if k.startswith(prefix)}
+    return {
+        k[len(prefix) :]: v
+        for k, v in sorted(run.tags.items())
+        if k.startswith(prefix) and "/" not in k[len(prefix) :]
+    }
 
 
 def check_registrable(run: RunInfo) -> None:
@@ -109,6 +119,8 @@ def version_tags(run: RunInfo, component: str) -> dict[str, str]:
         "hub": t.get("hub"),
         "measured_on": t.get("measured_on"),
         ONNX_SHA_TAG: t.get(f"{ONNX_SHA_TAG}/{component}"),
+        "deployed_sha256": t.get(f"deployed_sha256/{component}"),
+        "parent_model": t.get(f"parent_model/{component}"),
         "latency_ms": _number(m.get(f"latency_ms/{component}")),
         "peak_memory_mb": _number(m.get(f"peak_memory_mb/{component}")),
         "latency_ms_total": _number(m.get("latency_ms/total")),
@@ -138,6 +150,13 @@ def _description(run: RunInfo, component: str, tags: dict[str, str]) -> str:
     if "shared_with" in tags:
         text += f", shared with {tags['shared_with']}"
     return text
+
+
+def deployed_models(run: RunInfo) -> dict[str, str]:
+    """Component -> logged model of the graph deployed in place of the fp32 export (the run's
+    ``deployed_model/<component>``; none for an fp32 component)."""
+    prefix = "deployed_model/"
+    return {k[len(prefix) :]: v for k, v in run.tags.items() if k.startswith(prefix) and v}
 
 
 def run_models(client: Any, run: RunInfo) -> dict[str, str]:
@@ -191,7 +210,7 @@ def register_run(client: Any, run_id: str, name: str | None = None) -> list[Regi
     run = get_run(client, run_id)
     check_registrable(run)
     base = registry_name(run, name)
-    models = run_models(client, run)
+    models = run_models(client, run) | deployed_models(run)
     out = []
     for component, sha256 in components(run).items():
         model_id = models.get(component) or _model_for(client, run, component, sha256)

@@ -119,6 +119,7 @@ class AIHub:
             channel_last_inputs=self.channel_last_inputs,
             track=track,
             fp16_options=runtime.fp16_options or "",
+            models_dir=Path(cache_dir) / "aihub_models",
             redact=self._redact,
             emit=self._emit,
         )

@@ -36,8 +36,10 @@ the exported layout) go to ``submit_quantize_job`` with ``weights_dtype=INT8`` a
 ``activations_dtype=INT16`` or ``INT8``; the ledger keys it by the model's hash, the calibration
 data's hash and both dtypes. When it succeeds, its quantized ONNX model (QDQ) is what
 :meth:`Stages.start_compile` compiles -- no upload, and the compile key names the quantize job
-instead of the export's hash. A component in fp16 is compiled from the export with the runtime's
-fp16 options (``runtime.fp16_options``, e.g. ``--qnn_options
+instead of the export's hash -- and it is downloaded (``Model.download``, into
+``<models_dir>/<quantize job ID>/``, once per job) as ``QuantizeResult.model``: the graph that is
+deployed, which the run logs as the component's model. A component in fp16 is compiled from
+the export with the runtime's fp16 options (``runtime.fp16_options``, e.g. ``--qnn_options
 default_graph_htp_precision=FLOAT16``) before ``hub.extra_compile_options``. In both cases the
 device outputs are compared with the fp32 export on this machine (``device_parity_*``): the
 quantized model lives on AI Hub, so that number includes the quantization error.
@@ -46,6 +48,7 @@ quantized model lives on AI Hub, so that number includes the quantization error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -56,6 +59,7 @@ import shlex
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +189,27 @@ def stage_model(path: Path, data_files: list[Path], workdir: Path) -> Path:
     return target
 
 
+def find_onnx(path: Path) -> Path | None:
+    """The ONNX graph in what ``Model.download`` returned: the ``.onnx`` file itself, a
+    ``.zip`` (an ONNX directory with external weights, extracted beside it) or a directory."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".zip":
+        folder = path.with_name(path.name.removesuffix(".zip") + ".unzipped")
+        if not folder.is_dir():
+            with zipfile.ZipFile(path) as archive:
+                archive.extractall(folder)
+        path = folder
+    if path.is_file():
+        return path if path.suffix == ".onnx" else None
+    if not path.is_dir():
+        return None
+    graphs = sorted(p for p in path.rglob("*.onnx") if p.is_file())
+    if not graphs:
+        zips = sorted(path.glob("*.zip"))
+        return find_onnx(zips[0]) if len(zips) == 1 else None
+    return graphs[0] if len(graphs) == 1 else None
+
+
 def check_inputs(exported: ExportResult, inputs: np.ndarray | None) -> None:
     """``inputs`` are ``(N, *exported.input.shape[1:])``; a RuntimeStageError otherwise."""
     if inputs is None:
@@ -215,6 +240,7 @@ class Stages:
         channel_last_inputs: Iterable[str],
         track: str,
         fp16_options: str = "",
+        models_dir: Path | None = None,
         redact: Callable[[object], str],
         emit: Emit,
     ) -> None:
@@ -227,6 +253,8 @@ class Stages:
         self.channel_last_inputs = frozenset(channel_last_inputs)
         self.track = track
         self.fp16_options = fp16_options
+        # Where quantize jobs' models come down to (one folder per job): the deployed graph.
+        self.models_dir = Path(models_dir) if models_dir is not None else None
         self._redact = redact
         self._emit = emit
         self._hub_device = qai_hub.Device(name=device)
@@ -394,6 +422,7 @@ class Stages:
                     f"({p.job.url})"
                 )
             state.quantized_model = target
+            deployed = self._download_quantized(state, target, p.job.job_id)
             state.quantized = QuantizeResult(
                 component=state.component,
                 precision=state.precision.name,
@@ -408,10 +437,52 @@ class Stages:
                 calibration_source=cal.source,
                 job_id=p.job.job_id,
                 job_url=p.job.url,
+                model=deployed,
             )
             return [self.start_compile(state)]
 
         return self.driver.start("quantize", state.trail, inputs, options, submit_job, on_success)
+
+    def _download_quantized(
+        self, state: ComponentState, target: Any, job_id: str
+    ) -> ExportResult | None:
+        """The quantize job's model, downloaded into ``<models_dir>/<job ID>/`` (once per job:
+        a reused job's file is read again): the graph that is deployed, logged as the
+        component's model. None when the hub has no folder for it."""
+        if self.models_dir is None:
+            return None
+        folder = self.models_dir / job_id
+        path = find_onnx(folder) if folder.is_dir() else None
+        if path is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            with contextlib.redirect_stdout(io.StringIO()):  # "Downloaded model to <path>"
+                got = self._call(
+                    lambda: target.download(str(folder)),
+                    f"downloading the quantized model {target.model_id} of {job_id}",
+                )
+            path = find_onnx(Path(got))
+            if path is None:
+                raise RuntimeStageError(
+                    f"{state.component}: quantize job {job_id} gave {Path(got).name}, which "
+                    f"holds no .onnx graph; open {target.url} to check the model"
+                )
+        log.info("AI Hub: %s: quantized model of %s is %s", state.component, job_id, path)
+        exported = state.exported
+        spec = exported.input
+        if state.onnx_input is not None:  # the ONNX compile's input (int32 text tokens)
+            spec = dataclasses.replace(spec, dtype=state.onnx_input[2])
+        return dataclasses.replace(
+            exported,
+            path=path,
+            sha256=file_sha256(path),
+            input=spec,
+            parity_cosine_min=float("nan"),  # measured against fp32 by the fidelity gate
+            parity_samples=0,
+            seconds=0.0,
+            rewrite_sites={},
+            rewrite_cosine_min={},
+            op_counts={},
+        )
 
     def start_compile(self, state: ComponentState) -> Pending:
         """Upload and compile one export -- or the model its quantize job made -- (or reuse or
