@@ -19,6 +19,7 @@ from lpcvlab.deploy.precision.emulate import emulate
 from lpcvlab.deploy.precision.selective import auto_exclude, groups, outputs_of, sweep, write_table
 from lpcvlab.metrics import cosine_per_sample
 from lpcvlab.util.hashing import array_sha256
+from lpcvlab.util.seeding import seed_everything
 
 
 def _tokens(n: int, seed: int = 0) -> np.ndarray:
@@ -32,6 +33,7 @@ def _tokens(n: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """clip_tiny's text encoder exported as is (its -inf causal mask breaks int8 ranges)."""
+    seed_everything(0)  # the random weights, whatever tests ran before in this process
     comp = next(
         c
         for c in build_track_for(compose_config("backbone=clip_tiny")).build_model().components

@@ -138,7 +138,10 @@ def test_submit_shares_once_and_records_what_was_submitted(fake, tmp_path, capsy
     for comp in (IMAGE, TEXT):
         client.set_tag(run_id, f"lint/{comp}", "ok")
     client.set_tag(run_id, f"lint/{TEXT}", "erf")
-    assert refused() == ["device hazards: text_encoder has erf; fix them before submitting"]
+    client.log_metric(run_id, f"lint_hazards/{TEXT}", 1)
+    assert refused() == [
+        "device hazards: text_encoder has 1 hazard(s): erf; fix them before submitting"
+    ]
     client.set_tag(run_id, f"lint/{TEXT}", "ok")
     client.set_tag(run_id, "fidelity_gate", "failed")
     (line,) = refused()
