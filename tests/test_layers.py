@@ -60,6 +60,23 @@ def test_the_top_holds_only_the_entry_points_and_the_pipeline():
     assert top == ["app", "errors", "metrics", "objective", "pipeline", "types"], top
 
 
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module below lpcvlab)`` of each absolute lpcvlab import in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+            if node.module == "lpcvlab":
+                names = [f"lpcvlab.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found += [
+            (node.lineno, n.removeprefix("lpcvlab.")) for n in names if n.startswith("lpcvlab.")
+        ]
+    return found
+
+
 def test_no_module_imports_from_a_layer_above_it():
     problems = []
     for path in sorted(SRC.rglob("*.py")):
@@ -67,20 +84,10 @@ def test_no_module_imports_from_a_layer_above_it():
         own = _rank(_module(path))
         if own is None:
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            targets = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module]
-                if node.module == "lpcvlab":
-                    targets = [f"lpcvlab.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            for target in targets:
-                if not target.startswith("lpcvlab."):
-                    continue
-                rank = _rank(target.removeprefix("lpcvlab."))
-                if rank is not None and rank > own:
-                    problems.append(f"{rel}:{node.lineno} imports {target} (layer {rank} > {own})")
+        for lineno, target in _imports(path):
+            rank = _rank(target)
+            if rank is not None and rank > own:
+                problems.append(f"{rel}:{lineno} imports lpcvlab.{target} (layer {rank} > {own})")
     assert not problems, "\n".join(problems)
 
 
@@ -90,18 +97,9 @@ def test_no_import_cycle_between_modules():
     modules = {_module(p): p for p in SRC.rglob("*.py") if _module(p)}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module]
-                if node.module == "lpcvlab":
-                    names = [f"lpcvlab.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            for name in names:
-                target = name.removeprefix("lpcvlab.")
-                if name.startswith("lpcvlab.") and target in modules and target != module:
-                    graph[module].add(target)
+        for _, target in _imports(path):
+            if target in modules and target != module:
+                graph[module].add(target)
     # A package and its own modules (an __init__ re-exporting them) are one unit here.
     for module in graph:
         graph[module] = {
