@@ -79,6 +79,10 @@ def test_sweep_overrides_keeps_only_what_varies():
 
 
 LOCKED = "(sqlite3.OperationalError) database is locked"
+RACED = (
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+    "datasets.digest"
+)
 
 
 class _LockedOnce:
@@ -102,6 +106,17 @@ def test_retrying_client_retries_locked_sqlite_and_nothing_else():
     with pytest.raises(RuntimeError, match="no such table"):
         RetryingClient(broken, delay_s=0.001).log_batch("r")
     assert broken.calls == 1
+
+
+def test_retrying_client_retries_a_raced_dataset_insert():
+    """Two joblib children logging one dataset at once: the loser's insert is retried (and then
+    finds the row); other integrity errors are not."""
+    raced = _LockedOnce(failures=1, message=RACED)
+    assert RetryingClient(raced, delay_s=0.001).log_batch("r") == "r"
+    assert raced.calls == 2
+    other = _LockedOnce(failures=1, message=RACED.replace("datasets.", "runs."))
+    with pytest.raises(RuntimeError, match="UNIQUE"):
+        RetryingClient(other, delay_s=0.001).log_batch("r")
 
 
 def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys, tmp_path):

@@ -329,6 +329,9 @@ def prune_vanished(client: Any) -> list[VanishedRun]:
 
 
 _LOCKED = ("database is locked", "database table is locked")
+# Two jobs logging the same dataset at once: both find it absent, one insert wins and the other's
+# transaction is rolled back; on the retry the store finds the row and links it.
+_RACED = ("unique constraint failed: datasets.",)
 
 
 class RetryingClient:
@@ -336,7 +339,8 @@ class RetryingClient:
 
     Parallel sweep jobs (``hydra/launcher=joblib``) write to one SQLite file; MLflow waits on a
     busy database, but SQLite refuses a writer outright in some lock upgrades ("database is
-    locked"). The failed transaction is rolled back, so retrying it is safe.
+    locked"), and two jobs logging one dataset at the same moment race on its insert. The
+    failed transaction is rolled back, so retrying it is safe.
     """
 
     def __init__(self, client: MlflowClient, attempts: int = 8, delay_s: float = 0.2) -> None:
@@ -354,7 +358,7 @@ class RetryingClient:
                 try:
                     return attr(*args, **kwargs)
                 except Exception as exc:
-                    locked = any(m in str(exc).lower() for m in _LOCKED)
+                    locked = any(m in str(exc).lower() for m in _LOCKED + _RACED)
                     if not locked or attempt == self._attempts - 1:
                         raise
                     log.debug("MLflow store locked (%s); retrying %s", exc, name)
