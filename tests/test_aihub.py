@@ -591,6 +591,13 @@ def test_fp16_compiles_with_the_runtimes_fp16_options(fake: FakeAIHub, models, t
     assert fake.jobs_of("quantize") == []
     assert runs["image_encoder"].quantized.precision == "fp16"
     assert "--quantize_full_type float16" in runs["image_encoder"].quantized.method
+    # What went up is the fp16 graph made here (the run logs it), not the fp32 export.
+    deployed = runs["image_encoder"].quantized.model
+    (image_compile,) = [j for j in fake.jobs_of("compile") if "image" in j.request.name]
+    uploaded = onnx.load_from_string(fake.models[image_compile.request.model.model_id].data)
+    assert Path(deployed.path) != Path(models["image_encoder"].path)
+    assert uploaded.SerializeToString() == Path(deployed.path).read_bytes()
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in uploaded.graph.initializer}
     assert runs["text_encoder"].quantized is None
     # fp16 and fp32 of the same export are different compile jobs in the ledger.
     again, events = hub_with_events(tmp_path, extra_compile_options="--qairt_version 2.31")

@@ -4,6 +4,7 @@ is its converted / quantized ONNX (hub=local), or the model its AI Hub quantize 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from test_aihub import fake  # noqa: F401  (the fixture)
 from test_pipeline_aihub import _aihub_cfg
 
 from lpcvlab import pipeline
+from lpcvlab.deploy.hazards import DeviceLint
 from lpcvlab.hubs.aihub.stages import find_onnx
 from lpcvlab.tracking.registry import register_run
 from lpcvlab.util.hashing import file_sha256
@@ -56,7 +58,11 @@ def test_fp16_and_w8a8_components_log_their_deployed_graphs(cfg_factory, tmp_pat
     assert {"QuantizeLinear", "DequantizeLinear"} <= text_ops
 
 
-def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(fake, tmp_path):  # noqa: F811
+def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(
+    fake,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
     cfg = _aihub_cfg(
         tmp_path,
         "hub.poll_interval_s=0",
@@ -66,11 +72,14 @@ def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(fake, tmp_path):
         "precision.calibration_samples=8",
         "export.rewrites=[gelu_sigmoid,finite_mask]",
     )
+    seen = _checks_before_compiles(monkeypatch, fake)
     res = pipeline.run(cfg, work_dir=tmp_path / "work")
     client = MlflowClient(cfg.tracking.uri)
     run = client.get_run(res.run_id)
     tags = run.data.tags
     (quantize,) = fake.jobs_of("quantize")
+    # The quantized graph came down and was linted before the compile job that takes it.
+    assert ("text_encoder", "w8a8", 0) in seen
     # The quantize job's target model came down once, through the client's Model.download.
     assert fake.model_downloads == [quantize.target_model_id]
     downloaded = find_onnx(Path(cfg.paths.cache_dir) / "aihub_models" / quantize.job_id)
@@ -108,6 +117,68 @@ def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(fake, tmp_path):
     assert fake.model_downloads == [quantize.target_model_id]
     again_tags = client.get_run(again.run_id).data.tags
     assert again_tags["deployed_sha256/text_encoder"] == tags["deployed_sha256/text_encoder"]
+
+
+def _checks_before_compiles(monkeypatch, fake):  # noqa: F811
+    """Every graph the device lint sees, with the device compile jobs (not AIHM's compile to an
+    ONNX target before quantizing) its component had by then."""
+    seen: list[tuple[str, str, int]] = []
+    check = DeviceLint.check
+
+    def counting(self, rec, graphs, specs):
+        for name, (label, _) in graphs.items():
+            compiles = [
+                j
+                for j in fake.jobs_of("compile")
+                if name in j.request.name and "--target_runtime onnx" not in j.request.options
+            ]
+            seen.append((name, label, len(compiles)))
+        return check(self, rec, graphs, specs)
+
+    monkeypatch.setattr(DeviceLint, "check", counting)
+    return seen
+
+
+def test_an_fp16_component_on_aihub_uploads_and_logs_its_fp16_graph(
+    fake,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    cfg = _aihub_cfg(
+        tmp_path,
+        "hub.poll_interval_s=0",
+        "precision=mixed",
+        "precision.per_component.image_encoder=fp16",
+        "precision.per_component.text_encoder=fp32",
+        "export.rewrites=[gelu_sigmoid,finite_mask]",
+    )
+    seen = _checks_before_compiles(monkeypatch, fake)
+    res = pipeline.run(cfg, work_dir=tmp_path / "work")
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(res.run_id)
+    tags = run.data.tags
+    # No quantize job: the fp16 graph is made here, checked, uploaded and compiled with the
+    # runtime's fp16 options.
+    assert fake.jobs_of("quantize") == []
+    (compile_job,) = [j for j in fake.jobs_of("compile") if "image_encoder" in j.request.name]
+    assert "--quantize_full_type float16 --quantize_io" in compile_job.request.options
+    uploaded = fake.models[compile_job.request.model.model_id].data
+    assert ("image_encoder", "fp16", 0) in seen  # linted before its compile job existed
+    deployed = client.get_logged_model(tags["deployed_model/image_encoder"])
+    parent = client.get_logged_model(tags["parent_model/image_encoder"])
+    assert deployed.tags["deployed_graph"] == "fp16"
+    assert deployed.tags["parent_model_id"] == parent.model_id != deployed.model_id
+    assert parent.tags["onnx_sha256"] == tags["onnx_sha256/image_encoder"]  # the fp32 export
+    assert tags["deployed_sha256/image_encoder"] == hashlib.sha256(uploaded).hexdigest()
+    assert deployed.tags["onnx_sha256"] == tags["deployed_sha256/image_encoder"]
+    graph = mlflow.onnx.load_model(f"models:/{deployed.model_id}")
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in graph.graph.initializer}
+    assert graph.SerializeToString() == uploaded
+    assert "deployed_model/text_encoder" not in tags  # fp32: its export is what is deployed
+    lint = Path(client.download_artifacts(res.run_id, "lint/image_encoder.json", str(tmp_path)))
+    assert [g["graph"] for g in json.loads(lint.read_text())["graphs"]] == ["export", "fp16"]
+    assert tags["lint/image_encoder"] == "ok"
+    assert "fidelity_cosine_min/image_encoder" in run.data.metrics
 
 
 def test_find_onnx_reads_a_file_a_zip_or_a_folder(tmp_path):

@@ -427,6 +427,8 @@ def _stages(
     lint = DeviceLint.from_settings(s, work_dir)
     specs = {n: e.input for n, e in exports.items()}
     lint.check(rec, {n: ("export", e.path) for n, e in exports.items()}, specs)
+    # ... and of every fp16 / quantized graph the hub makes, before it is compiled.
+    hub.graph_check = lambda name, label, path: lint.check(rec, {name: (label, path)}, specs)
     clock.lap("export")
     if s.precision.sensitivity or s.precision.exclude == "auto":
         from lpcvlab.deploy.precision.selective import selective_quantization
@@ -443,7 +445,7 @@ def _stages(
         ]
     )
     rec.set_tags(cache.tags())
-    deployed = deployed_graphs(runs)  # the fp16 / quantized graphs deployed
+    deployed = deployed_graphs(runs)  # the fp16 / quantized graphs deployed (checked once)
     lint.check(rec, deployed, specs)
     if s.tracking.log_models:
         log_deployed_models(s, rec, runs, bundle.weights)

@@ -149,8 +149,8 @@ class QuantizeResult:
     """How a non-fp32 component was turned into the model that is deployed.
 
     ``model`` is the quantized (or fp16) ONNX file when it exists on this machine: ``hub=local``'s
-    emulation, or the model an AI Hub quantize job (``job_id``) made, downloaded (an fp16
-    component on AI Hub has none: it is compiled from the export with fp16 options)."""
+    emulation, the model an AI Hub quantize job (``job_id``) made, downloaded, or the fp16
+    graph converted here and uploaded to AI Hub."""
 
     component: str
     precision: str  # fp16 | w8a16 | w8a8

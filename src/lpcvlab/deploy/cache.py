@@ -59,6 +59,7 @@ from lpcvlab.hubs.base import (
     PROFILE,
     QUANTIZE,
     ComponentJob,
+    GraphCheck,
     Hub,
     JobListener,
 )
@@ -446,6 +447,14 @@ class CachedHub:
     @job_listener.setter
     def job_listener(self, listener: JobListener | None) -> None:
         self.inner.job_listener = listener
+
+    @property
+    def graph_check(self) -> GraphCheck | None:
+        return self.inner.graph_check
+
+    @graph_check.setter
+    def graph_check(self, check: GraphCheck | None) -> None:
+        self.inner.graph_check = check
 
     def preflight(self) -> None:
         self.inner.preflight()

@@ -541,12 +541,20 @@ class DeviceLint:
         self, rec: RunLog, graphs: dict[str, tuple[str, Path]], specs: dict[str, TensorSpec]
     ) -> list[LintReport]:
         """Add one graph per component (``{component: (label, path)}``), check every graph of
-        those components and record the reports; raise a ConfigError under ``error``."""
-        if self.mode == "off" or not graphs:
+        those components and record the reports; raise a ConfigError under ``error``. A graph
+        already checked (the hub showed it before compiling it) is not checked again."""
+        if self.mode == "off":
+            return []
+        graphs = {
+            name: (label, Path(path))
+            for name, (label, path) in graphs.items()
+            if (label, Path(path)) not in self._graphs.get(name, [])
+        }
+        if not graphs:
             return []
         reports = []
         for name, (label, path) in graphs.items():
-            self._graphs.setdefault(name, []).append((label, Path(path)))
+            self._graphs.setdefault(name, []).append((label, path))
             self._specs.setdefault(name, specs[name])
             report = lint_component(name, self._graphs[name], self.targets[name], specs[name])
             self._record(rec, report)

@@ -10,7 +10,8 @@ the hub it wraps only for what it does not hold, and the hub alone decides how i
 A job also carries the component's precision
 (:class:`~lpcvlab.deploy.precision.ComponentPrecision`):
 a non-fp32 component is first *quantized* -- how is the hub's own (``hub=local`` emulates it with
-ONNX Runtime, ``hub=aihub`` submits a quantize job or compiles with fp16 options) -- and the
+ONNX Runtime, ``hub=aihub`` submits a quantize job, or uploads the fp16 graph converted here
+and compiles it with the runtime's fp16 options) -- and the
 model that comes out is what is compiled, profiled and run.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -34,6 +36,9 @@ from lpcvlab.types import (
 )
 
 JobListener = Callable[[JobEvent], None]
+# (component, label, path): called with every graph a hub made on this machine (fp16, quantized)
+# or downloaded, before it is compiled; raising stops the run before the compile is paid for.
+GraphCheck = Callable[[str, str, Path], None]
 
 QUANTIZE, COMPILE, PROFILE, INFERENCE = "quantize", "compile", "profile", "inference"
 ALL_STAGES = frozenset({COMPILE, PROFILE, INFERENCE})
@@ -66,6 +71,10 @@ class Hub(Protocol):
     """``job_listener``, when the pipeline sets it, is called for every remote job as soon as its
     ID exists, so that a run that fails later still records the jobs it paid for.
 
+    ``graph_check``, when set, sees every graph the hub is about to compile other than the
+    export itself (an fp16 or quantized ONNX), as soon as it exists on this machine: the device
+    hazard check (``export.lint``) of the deployed graph runs before its compile job.
+
     ``records_jobs`` is True for a hub that keeps its own record of paid jobs (the AI Hub job
     ledger): that record alone answers "was this already paid for?", and the stage cache leaves
     such a hub's stages to it.
@@ -73,6 +82,7 @@ class Hub(Protocol):
 
     name: str
     job_listener: JobListener | None
+    graph_check: GraphCheck | None
     records_jobs: bool
 
     def preflight(self) -> None:
@@ -91,6 +101,7 @@ class SequentialHub:
     """Mixin: compile -> profile -> infer, one component after the other, only what is asked."""
 
     job_listener: JobListener | None = None
+    graph_check: GraphCheck | None = None
     records_jobs = False
 
     def preflight(self) -> None:
@@ -116,6 +127,8 @@ class SequentialHub:
             if quantized is None and job.precision.name != FP32.name:
                 quantized = self.quantize(job.exported, job.precision)
             deployed = quantized.model if quantized is not None else None
+            if deployed is not None and quantized is not None and self.graph_check is not None:
+                self.graph_check(job.component, quantized.precision, Path(deployed.path))
             compiled = self.compile(deployed or job.exported)
             profile = self.profile(compiled) if PROFILE in job.stages else None
             inference = self.infer(compiled, job.inputs) if INFERENCE in job.stages else None

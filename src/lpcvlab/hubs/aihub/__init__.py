@@ -36,7 +36,14 @@ from lpcvlab.hubs.aihub.client import Redactor, make_client
 from lpcvlab.hubs.aihub.jobs import JobDriver, JobLedger
 from lpcvlab.hubs.aihub.settings import checked_settings
 from lpcvlab.hubs.aihub.stages import ComponentState, HubTarget, Stages, check_inputs
-from lpcvlab.hubs.base import COMPILE, INFERENCE, PROFILE, ComponentJob, JobListener
+from lpcvlab.hubs.base import (
+    COMPILE,
+    INFERENCE,
+    PROFILE,
+    ComponentJob,
+    GraphCheck,
+    JobListener,
+)
 from lpcvlab.types import (
     CompileResult,
     ComponentRun,
@@ -123,6 +130,15 @@ class AIHub:
             redact=self._redact,
             emit=self._emit,
         )
+
+    @property
+    def graph_check(self) -> GraphCheck | None:
+        """Sees each graph made (fp16) or downloaded (quantize job) here, before its compile."""
+        return self._stages.graph_check
+
+    @graph_check.setter
+    def graph_check(self, check: GraphCheck | None) -> None:
+        self._stages.graph_check = check
 
     # ------------------------------------------------------------------ protocol
 

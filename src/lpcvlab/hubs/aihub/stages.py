@@ -38,11 +38,14 @@ data's hash and both dtypes. When it succeeds, its quantized ONNX model (QDQ) is
 :meth:`Stages.start_compile` compiles -- no upload, and the compile key names the quantize job
 instead of the export's hash -- and it is downloaded (``Model.download``, into
 ``<models_dir>/<quantize job ID>/``, once per job) as ``QuantizeResult.model``: the graph that is
-deployed, which the run logs as the component's model. A component in fp16 is compiled from
-the export with the runtime's fp16 options (``runtime.fp16_options``, e.g. ``--qnn_options
-default_graph_htp_precision=FLOAT16``) before ``hub.extra_compile_options``. In both cases the
-device outputs are compared with the fp32 export on this machine (``device_parity_*``): the
-quantized model lives on AI Hub, so that number includes the quantization error.
+deployed, which the run logs as the component's model. A component in fp16 is converted to
+fp16 on this machine (:func:`~lpcvlab.deploy.precision.emulate.emulate`, I/O kept fp32): that
+graph is uploaded, compiled with the runtime's fp16 options (``runtime.fp16_options``:
+``--quantize_full_type float16 --quantize_io`` on the QNN runtimes) before
+``hub.extra_compile_options``, and logged. Either graph is shown to ``graph_check`` (the device
+lint) before its compile job. In both cases the device outputs are compared with the fp32
+export on this machine (``device_parity_*``): the quantized model lives on AI Hub, so that
+number includes the quantization error.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to
 
 from lpcvlab.config.schema import AIHubConfig
 from lpcvlab.deploy.precision import FP32, ComponentPrecision
+from lpcvlab.deploy.precision.emulate import emulate
 from lpcvlab.errors import RuntimeStageError
 from lpcvlab.hubs.aihub.client import find_job_by_name, guard, submit
 from lpcvlab.hubs.aihub.jobs import Emit, JobDriver, JobTrail, LedgerEntry, Pending
@@ -86,7 +90,7 @@ from lpcvlab.hubs.aihub.settings import (
     quantize_options,
     samples_per_chunk,
 )
-from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE
+from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE, GraphCheck
 from lpcvlab.hubs.parity import device_parity
 from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.types import (
@@ -253,6 +257,8 @@ class Stages:
         self.channel_last_inputs = frozenset(channel_last_inputs)
         self.track = track
         self.fp16_options = fp16_options
+        # The device hazard check of a graph made or downloaded here, before it is compiled.
+        self.graph_check: GraphCheck | None = None
         # Where quantize jobs' models come down to (one folder per job): the deployed graph.
         self.models_dir = Path(models_dir) if models_dir is not None else None
         self._redact = redact
@@ -294,6 +300,10 @@ class Stages:
         if path not in self._external:
             self._external[path] = external_data_files(path)
         return self._external[path]
+
+    def _check(self, component: str, label: str, path: Path) -> None:
+        if self.graph_check is not None:
+            self.graph_check(component, label, path)
 
     def _model_digest(self, exported: ExportResult) -> str:
         """The content hash of everything uploaded: the graph, plus external weights if any."""
@@ -423,6 +433,8 @@ class Stages:
                 )
             state.quantized_model = target
             deployed = self._download_quantized(state, target, p.job.job_id)
+            if deployed is not None:  # its hazards, before its compile job is paid for
+                self._check(state.component, state.precision.name, Path(deployed.path))
             state.quantized = QuantizeResult(
                 component=state.component,
                 precision=state.precision.name,
@@ -505,14 +517,12 @@ class Stages:
         )
         # The quantized ONNX model takes what the ONNX compile made of the input (int32 text).
         dtype = state.onnx_input[2] if quantized and state.onnx_input else spec.dtype
-        if fp16:
-            state.quantized = QuantizeResult(
-                state.component, "fp16", f"AI Hub compile options {self.fp16_options}", 0.0
-            )
+        if fp16 and state.quantized is None:
+            state.quantized = self._fp16_graph(state)
         source = (
             {"quantize_job": state.quantized.job_id}
             if state.quantized_model is not None and state.quantized is not None
-            else {"model_sha256": self._model_digest(exported)}
+            else {"model_sha256": self._model_digest(self._uploaded(state))}
         )
         inputs = {**source, "input_specs": {spec.name: [list(spec.shape), dtype]}}
 
@@ -551,7 +561,7 @@ class Stages:
         else the export, uploaded."""
         if state.quantized_model is not None:
             return state.quantized_model
-        path = Path(state.exported.path)
+        path = Path(self._uploaded(state).path)
         data_files = self._external_files(path)
         with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
             upload = stage_model(path, data_files, Path(tmp)) if data_files else path
@@ -562,6 +572,30 @@ class Stages:
         log.info("AI Hub: uploaded %s as model %s", upload.name, model.model_id)
         self._emit(state.component, "upload", model.model_id, model.url, "UPLOADED")
         return model
+
+    def _uploaded(self, state: ComponentState) -> ExportResult:
+        """The ONNX file that goes up: the fp16 graph made on this machine, else the export."""
+        q = state.quantized
+        if q is not None and q.model is not None and state.quantized_model is None:
+            return q.model
+        return state.exported
+
+    def _fp16_graph(self, state: ComponentState) -> QuantizeResult:
+        """The export converted to fp16 on this machine (ONNX Runtime's float16 converter, I/O
+        kept fp32, as ``hub=local`` emulates it): the graph uploaded, compiled with the
+        runtime's fp16 options, checked for device hazards and logged -- so the deployed graph
+        is a file the run holds, not a conversion made out of sight on the service."""
+        made = emulate(state.exported, state.precision)
+        assert made.model is not None
+        self._check(state.component, "fp16", Path(made.model.path))
+        return dataclasses.replace(
+            made,
+            method=(
+                f"{made.method}; uploaded to AI Hub and compiled with {self.fp16_options}"
+                if self.fp16_options
+                else made.method
+            ),
+        )
 
     def _share(self, p: Pending) -> None:
         emails = list(self.settings.share_with)
