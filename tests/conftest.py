@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+
+# One thread per test process (and the `python run.py` subprocesses that inherit it): the
+# suite runs several workers at once, and OpenMP pools of one thread per core in each of them
+# spin against each other. Set it yourself to test with more.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from lpcvlab_runs import seeded_store
 from omegaconf import DictConfig
 
 import lpcvlab.config  # noqa: F401  (registers the typed schemas Hydra composes with)
@@ -26,7 +34,7 @@ def tiny_overrides(tmp: Path, demo: bool = True) -> list[str]:
     return [
         *(["data.demo.num_images=12"] if demo else []),
         "backbone=clip_tiny",
-        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.uri={seeded_store(tmp)}",
         f"tracking.artifact_root={tmp}/artifacts",
         f"paths.cache_dir={tmp}/cache",
         "hub.profile_iterations=3",

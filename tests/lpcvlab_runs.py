@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -13,6 +15,24 @@ from lpcvlab.tracking.recorder import PARENT_RUN_ENV
 from lpcvlab.tracking.runstore import RunInfo, search
 
 REPO = Path(__file__).resolve().parents[1]
+_EMPTY_STORE: list[Path] = []
+
+
+def seeded_store(tmp: Path, name: str = "mlflow.db") -> str:
+    """The URI of an MLflow SQLite store at ``tmp/name``, copied (when absent) from an empty store
+    made once per test process. A new store runs MLflow's schema migrations, about 4 s of CPU,
+    which every test with a store of its own would repeat; the copy holds exactly what a new
+    store does (the migrated schema and the Default experiment)."""
+    if not _EMPTY_STORE:
+        empty = Path(tempfile.mkdtemp(prefix="lpcvlab-empty-store-")) / "mlflow.db"
+        MlflowClient(tracking_uri=f"sqlite:///{empty}").search_experiments()
+        _EMPTY_STORE.append(empty)
+    path = Path(tmp) / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_EMPTY_STORE[0], path)
+    return f"sqlite:///{path}"
+
 
 # clip_tiny on 8 demo images, two timed iterations: a run takes seconds plus imports.
 TINY = [
@@ -27,7 +47,7 @@ TINY = [
 def store_overrides(tmp: Path, cache: Path | None = None) -> list[str]:
     """A store, a cache and output folders under ``tmp`` (absolute: run.py runs in the repo)."""
     return [
-        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.uri={seeded_store(tmp)}",
         f"tracking.artifact_root={tmp}/artifacts",
         f"paths.cache_dir={cache or tmp / 'cache'}",
         f"hydra.run.dir={tmp}/outputs",

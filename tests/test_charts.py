@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lpcvlab_runs import seeded_store
 from mlflow.tracking import MlflowClient
 
 from lpcvlab.pipeline import counts
@@ -9,7 +10,7 @@ from lpcvlab.training.fit import SharedRunMLFlowLogger
 
 
 def test_validation_metrics_take_the_epoch_as_their_step(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = seeded_store(tmp_path)
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("charts", artifact_location=(tmp_path / "a").as_uri())
     run_id = client.create_run(exp).info.run_id

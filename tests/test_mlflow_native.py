@@ -24,7 +24,7 @@ import mlflow
 import mlflow.onnx
 import pytest
 from conftest import compose_config
-from lpcvlab_runs import TINY, explain, run_py, store_overrides
+from lpcvlab_runs import TINY, explain, run_py, seeded_store, store_overrides
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from test_sweeps import _free_port, _stop, _wait_ready
@@ -115,7 +115,7 @@ def test_the_command_line_tag_masks_secret_values():
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("native")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = seeded_store(tmp)
     client = MlflowClient(tracking_uri=uri)
     client.search_experiments()  # creates the store, so that the server and the sweep share it
     server, url, log = None, "", None
@@ -296,7 +296,7 @@ def test_register_verb_adds_a_version_once_and_refuses_a_failed_run(sweep, capsy
 def test_without_logged_models_register_logs_the_cached_export(sweep, tmp_path):
     cfg = compose_config(
         *TINY,
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.uri={seeded_store(tmp_path)}",
         f"tracking.artifact_root={tmp_path}/artifacts",
         f"paths.cache_dir={sweep.tmp}/cache",  # the sweep's exports, cached
         "tracking.log_models=false",

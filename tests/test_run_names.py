@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import compose_config
-from lpcvlab_runs import TINY, all_runs, explain, run_py, store_overrides
+from lpcvlab_runs import TINY, all_runs, explain, run_py, seeded_store, store_overrides
 
 from lpcvlab.config import load_settings
 from lpcvlab.pipeline import run_name
@@ -18,7 +18,7 @@ def _name(*overrides: str, shown: list[str] | None = None) -> str:
 
 def test_a_name_is_the_backbone_and_the_overrides_that_say_what_the_run_is(tmp_path):
     plumbing = [
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"tracking.uri={seeded_store(tmp_path)}",
         f"paths.cache_dir={tmp_path}/cache",
         "hub.profile_iterations=2",
         "export.parity_samples=2",

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from lpcvlab_runs import REPO, TINY, all_runs, store_overrides
+from lpcvlab_runs import REPO, TINY, all_runs, seeded_store, store_overrides
 from mlflow.tracking import MlflowClient
 
 from lpcvlab import cli
@@ -89,7 +89,7 @@ _VANISH = textwrap.dedent(
 
 
 def test_a_run_whose_process_vanished_is_pruned(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = seeded_store(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-c", _VANISH, uri], capture_output=True, text=True, timeout=120
     )
@@ -118,7 +118,7 @@ def test_a_run_whose_process_vanished_is_pruned(tmp_path, capsys):
 
 
 def test_a_reused_pid_is_not_the_same_process(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = seeded_store(tmp_path)
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("reuse")
     tags = process_tags() | {"process_started": "12345.00"}  # our PID, another start time

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_track_for, compose_config
+from lpcvlab_runs import seeded_store
 from mlflow.tracking import MlflowClient
 
 from lpcvlab import pipeline
@@ -28,7 +29,7 @@ def _overrides(tmp: Path, cache: Path, *extra: str) -> list[str]:
         "backbone=clip_tiny",
         "data.demo.num_images=12",
         "data.demo.num_train_images=48",
-        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.uri={seeded_store(tmp)}",
         f"tracking.artifact_root={tmp}/artifacts",
         f"paths.cache_dir={cache}",
         "hub.profile_iterations=2",

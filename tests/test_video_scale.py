@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, build_track_for, compose_config
+from lpcvlab_runs import seeded_store
 from test_aihub import fake, models  # noqa: F401  (fixtures of the faked AI Hub)
 from test_video_data import make_video
 
@@ -310,7 +311,7 @@ def _tiny_cfg(tmp: Path, *extra: str):
         "backbone=video_tiny",
         "backbone.width=4",
         f"paths.cache_dir={tmp}/cache",
-        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.uri={seeded_store(tmp)}",
         "data.workers=0",
         "data.demo.videos_per_class_train=2",
         "data.demo.videos_per_class_val=1",
@@ -564,7 +565,7 @@ def test_two_process_ddp_on_cpu_trains_one_run(tmp_path: Path) -> None:
     the one MLflow run and finishes it."""
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = seeded_store(tmp_path)
     cmd = [
         sys.executable,
         "run.py",

@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 from conftest import build_track_for, compose_config
+from lpcvlab_runs import seeded_store
 from mlflow.tracking import MlflowClient
 
 from lpcvlab import pipeline
@@ -25,7 +26,7 @@ def _video_cfg(tmp, *extra):
     return compose_config(
         "track=video",
         "backbone=video_tiny",
-        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.uri={seeded_store(tmp)}",
         f"tracking.artifact_root={tmp}/artifacts",
         f"paths.cache_dir={tmp}/cache",
         "hub.profile_iterations=2",
