@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,13 @@ from lpcvlab.tracking.runstore import RunInfo, search
 
 REPO = Path(__file__).resolve().parents[1]
 _EMPTY_STORE: list[Path] = []
+
+
+def child_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's finished subprocesses: how much work a
+    ``python run.py`` did, apart from the time it waited on a machine busy with other tests."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def seeded_store(tmp: Path, name: str = "mlflow.db") -> str:
