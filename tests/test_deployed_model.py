@@ -63,19 +63,10 @@ def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(
     tmp_path,
     monkeypatch,
 ):
-    cfg = _aihub_cfg(
-        tmp_path,
-        "hub.poll_interval_s=0",
-        "precision=mixed",
-        "precision.per_component.image_encoder=fp32",
-        "precision.per_component.text_encoder=w8a8",
-        "precision.calibration_samples=8",
-        "export.rewrites=[gelu_sigmoid,finite_mask]",
+    cfg, res, run, seen = _aihub_run(
+        fake, tmp_path, monkeypatch, "fp32", "w8a8", "precision.calibration_samples=8"
     )
-    seen = _checks_before_compiles(monkeypatch, fake)
-    res = pipeline.run(cfg, work_dir=tmp_path / "work")
     client = MlflowClient(cfg.tracking.uri)
-    run = client.get_run(res.run_id)
     tags = run.data.tags
     (quantize,) = fake.jobs_of("quantize")
     # The quantized graph came down and was linted before the compile job that takes it.
@@ -139,23 +130,30 @@ def _checks_before_compiles(monkeypatch, fake):  # noqa: F811
     return seen
 
 
+def _aihub_run(fake, tmp_path, monkeypatch, image: str, text: str, *extra: str):  # noqa: F811
+    """One pipeline run on the fake AI Hub with these precisions (hazard-free graphs): its
+    config, result, MLflow run and the graphs the lint saw (see _checks_before_compiles)."""
+    cfg = _aihub_cfg(
+        tmp_path,
+        "hub.poll_interval_s=0",
+        "precision=mixed",
+        f"precision.per_component.image_encoder={image}",
+        f"precision.per_component.text_encoder={text}",
+        "export.rewrites=[gelu_sigmoid,finite_mask]",
+        *extra,
+    )
+    seen = _checks_before_compiles(monkeypatch, fake)
+    res = pipeline.run(cfg, work_dir=tmp_path / "work")
+    return cfg, res, MlflowClient(cfg.tracking.uri).get_run(res.run_id), seen
+
+
 def test_an_fp16_component_on_aihub_uploads_and_logs_its_fp16_graph(
     fake,  # noqa: F811
     tmp_path,
     monkeypatch,
 ):
-    cfg = _aihub_cfg(
-        tmp_path,
-        "hub.poll_interval_s=0",
-        "precision=mixed",
-        "precision.per_component.image_encoder=fp16",
-        "precision.per_component.text_encoder=fp32",
-        "export.rewrites=[gelu_sigmoid,finite_mask]",
-    )
-    seen = _checks_before_compiles(monkeypatch, fake)
-    res = pipeline.run(cfg, work_dir=tmp_path / "work")
+    cfg, res, run, seen = _aihub_run(fake, tmp_path, monkeypatch, "fp16", "fp32")
     client = MlflowClient(cfg.tracking.uri)
-    run = client.get_run(res.run_id)
     tags = run.data.tags
     # No quantize job: the fp16 graph is made here, checked, uploaded and compiled with the
     # runtime's fp16 options.
