@@ -12,16 +12,15 @@ from lpcvlab_runs import TINY, all_runs, explain, run_py, store_overrides
 
 from lpcvlab.config import load_settings
 from lpcvlab.config.schema import CacheConfig
-from lpcvlab.deploy.cache import (
+from lpcvlab.errors import ConfigError, ParityError
+from lpcvlab.hubs import ComponentJob, SequentialHub
+from lpcvlab.hubs.cache import (
     CachedHub,
     RecordStore,
     StageCache,
     export_key,
     runtime_key,
-    state_dict_digest,
 )
-from lpcvlab.errors import ConfigError, ParityError
-from lpcvlab.hubs import ComponentJob, SequentialHub
 from lpcvlab.types import (
     CompileResult,
     Component,
@@ -30,7 +29,7 @@ from lpcvlab.types import (
     ProfileResult,
     TensorSpec,
 )
-from lpcvlab.util.hashing import array_sha256
+from lpcvlab.util.hashing import array_sha256, state_dict_digest
 
 SPEC = TensorSpec("x", (1, 4), "float32")
 

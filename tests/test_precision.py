@@ -17,7 +17,6 @@ from test_compose import _outcome
 from lpcvlab import pipeline
 from lpcvlab.config import load_settings
 from lpcvlab.config.schema import BudgetConfig, FidelityConfig, LocalHubConfig
-from lpcvlab.deploy.cache import CachedHub, RecordStore, StageCache, quantize_key, runtime_key
 from lpcvlab.deploy.export import export_component, parity_message
 from lpcvlab.deploy.precision import FP32, Calibration, ComponentPrecision, PrecisionPlan
 from lpcvlab.deploy.precision import emulate as emulate_module
@@ -26,6 +25,7 @@ from lpcvlab.deploy.precision.fidelity import component_fidelity, gate, metric_f
 from lpcvlab.deploy.rewrites import MASK_VALUE, op_counts, rewritten
 from lpcvlab.errors import ConfigError, ParityError
 from lpcvlab.hubs import INFERENCE, ComponentJob
+from lpcvlab.hubs.cache import CachedHub, RecordStore, StageCache, quantize_key, runtime_key
 from lpcvlab.hubs.local import LocalHub
 from lpcvlab.metrics import cosine_per_sample
 from lpcvlab.objective import score

@@ -32,8 +32,8 @@ from lpcvlab.data.frames import (
     frame_sequence_indices,
     window_starts,
 )
-from lpcvlab.deploy.cache import inference_key
 from lpcvlab.errors import ConfigError
+from lpcvlab.hubs.cache import inference_key
 from lpcvlab.training.fit import resolve_trainer
 from lpcvlab.training.module import (
     ClipDataModule,

@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lpcvlab.config import RunConfig, load_settings
 from lpcvlab.config.schema import LocalHubConfig
-from lpcvlab.deploy.cache import StageCache
 from lpcvlab.deploy.export import export_component
 from lpcvlab.deploy.hazards import DeviceLint
 from lpcvlab.deploy.precision import ComponentPrecision, PrecisionPlan
@@ -31,6 +30,7 @@ from lpcvlab.deploy.precision.fidelity import component_fidelity, metric_fidelit
 from lpcvlab.deploy.rewrites import op_counts
 from lpcvlab.errors import Interrupted
 from lpcvlab.hubs import INFERENCE, ComponentJob, Hub, build_hub
+from lpcvlab.hubs.cache import StageCache
 from lpcvlab.objective import Objective, score
 from lpcvlab.tracking.recorder import (
     ModelFacts,

@@ -1,7 +1,7 @@
 """The hub protocol: where an exported model is compiled, profiled and run (the ``hub`` group).
 
 ``hub=local`` (ONNX Runtime on this machine) and ``hub=aihub`` (Qualcomm AI Hub) implement it, and
-so does the stage cache (:class:`lpcvlab.deploy.cache.CachedHub`), which wraps either. The pipeline
+so does the stage cache (:class:`lpcvlab.hubs.cache.CachedHub`), which wraps either. The pipeline
 hands a hub one :class:`ComponentJob` per network and receives one
 :class:`~lpcvlab.types.ComponentRun` per network. A job names the stages it needs: the cache asks
 the hub it wraps only for what it does not hold, and the hub alone decides how its stages run

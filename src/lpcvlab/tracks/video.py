@@ -411,9 +411,9 @@ class VideoTrack:
     ) -> tuple[Any, str]:
         """The teacher's logits for every clip of every training video (see
         :mod:`lpcvlab.training.distill`), from the cache where it has them."""
-        from lpcvlab.deploy.cache import state_dict_digest
         from lpcvlab.training.distill import TeacherClips, build_teacher, teacher_logits
         from lpcvlab.training.module import FrameWindowDataset
+        from lpcvlab.util.hashing import state_dict_digest
 
         assert self.teacher is not None
         net, weights = build_teacher(self.teacher, len(self.class_map))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -32,4 +33,17 @@ def manifest_sha256(entries: Iterable[tuple[str, str]]) -> str:
     h = hashlib.sha256()
     for name, digest in entries:
         h.update(f"{name}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
+def state_dict_digest(module: Any) -> str:
+    """sha256 of every parameter and buffer: names, dtypes, shapes and bytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()

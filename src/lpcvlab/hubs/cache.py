@@ -73,7 +73,7 @@ from lpcvlab.types import (
     ProfileResult,
     QuantizeResult,
 )
-from lpcvlab.util.hashing import array_sha256
+from lpcvlab.util.hashing import array_sha256, state_dict_digest
 from lpcvlab.util.io import atomic_save_npy, atomic_write_text
 from lpcvlab.util.secrets import is_secret_key
 
@@ -111,19 +111,6 @@ class StageRecord:
 def _sha256_json(obj: Any) -> str:
     text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def state_dict_digest(module: Any) -> str:
-    """sha256 of every parameter and buffer: names, dtypes, shapes and bytes."""
-    import torch
-
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
 
 
 @functools.cache
