@@ -7,40 +7,31 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lpcvlab"
 
-# Lowest first. A module may import from its own layer and the layers before it. Entries are
-# dotted paths below ``lpcvlab``; a module takes the rank of its longest listed prefix, so a
-# package can hold modules of different layers (``tracking.recorder`` below ``tracking.sweep``).
+# Lowest first, one entry per package (a top-level module is a package of its own). A package may
+# import from its own layer and the layers before it, and never from one that imports it back:
+# the layers are the packages, with no per-module exceptions.
 LAYERS = [
     {"errors", "types", "util", "config"},
     {"metrics", "data", "models"},
     {"training"},
     {"deploy"},
     {"hubs"},
-    {"deploy.cache"},
     {"tracks"},
     {"tracking", "objective"},
     {"pipeline"},
-    {
-        "app",
-        "tracking.sweep",
-        "tracking.compare",
-        "tracking.reproduce",
-        "tracking.registry",
-        "tracking.submit",
-        "cli",
-    },
+    {"app"},
+    {"cli"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 
+def _package(dotted: str) -> str:
+    """The package of ``lpcvlab.<dotted>``: its first part."""
+    return dotted.split(".")[0]
+
+
 def _rank(dotted: str) -> int | None:
-    """The layer of ``lpcvlab.<dotted>``: that of its longest listed prefix."""
-    parts = dotted.split(".")
-    for n in range(len(parts), 0, -1):
-        rank = RANK.get(".".join(parts[:n]))
-        if rank is not None:
-            return rank
-    return None
+    return RANK.get(_package(dotted))
 
 
 def _module(path: Path) -> str:
@@ -75,6 +66,29 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             (node.lineno, n.removeprefix("lpcvlab.")) for n in names if n.startswith("lpcvlab.")
         ]
     return found
+
+
+def _package_imports() -> dict[tuple[str, str], list[str]]:
+    """(importing package, imported package) -> where, for every import between two packages,
+    those inside functions included."""
+    edges: dict[tuple[str, str], list[str]] = {}
+    for path in sorted(SRC.rglob("*.py")):
+        module = _module(path)
+        if not module:
+            continue
+        for lineno, target in _imports(path):
+            pair = (_package(module), _package(target))
+            if pair[0] != pair[1]:
+                edges.setdefault(pair, []).append(f"{path.relative_to(SRC)}:{lineno}")
+    return edges
+
+
+def test_no_two_packages_import_each_other():
+    edges = _package_imports()
+    both = sorted((a, b) for a, b in edges if a < b and (b, a) in edges)
+    assert not both, "\n".join(
+        f"{a} <-> {b}: {edges[a, b][0]} and {edges[b, a][0]}" for a, b in both
+    )
 
 
 def test_no_module_imports_from_a_layer_above_it():

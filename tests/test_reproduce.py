@@ -27,6 +27,11 @@ from lpcvlab.tracking.runstore import RunInfo
 HEAD = "a" * 40
 
 
+def _never_runs(*args, **kwargs):
+    """The runner of a reproduction that must be refused before anything runs."""
+    raise AssertionError("the refused reproduction ran the pipeline")
+
+
 def _run(tags: dict, params: dict | None = None, metrics: dict | None = None) -> RunInfo:
     return RunInfo("r" * 32, "name", "FINISHED", "1", 0, params or {}, metrics or {}, tags)
 
@@ -121,7 +126,7 @@ def test_reproduce_round_trip_and_refusal_on_another_commit(tmp_path):
     # The logged commit is not HEAD: refuse and say which commit, without running anything.
     MlflowClient(tracking_uri=uri).set_tag(original.run_id, "git_commit", "0" * 40)
     with pytest.raises(ReproduceError, match="000000000000") as exc:
-        reproduce(original.run_id, uri, current=CodeVersion(HEAD))
+        reproduce(original.run_id, uri, _never_runs, current=CodeVersion(HEAD))
     assert HEAD[:12] in str(exc.value) and "--force" in str(exc.value)
     hydra = run_py(f"+reproduce={original.run_id}", *store_overrides(tmp_path))
     assert hydra.returncode == 1, explain(hydra)
@@ -153,12 +158,18 @@ def test_a_run_that_did_not_finish_is_refused_unless_forced(monkeypatch):
 
     monkeypatch.setattr(rp, "load_run_config", reached)
     with pytest.raises(ReproduceError) as exc:
-        reproduce(failed.run_id, "sqlite:///nowhere.db", current=CodeVersion(HEAD))
+        reproduce(failed.run_id, "sqlite:///nowhere.db", _never_runs, current=CodeVersion(HEAD))
     message = str(exc.value)
     assert f"run {failed.run_id}: it ended FAILED (ParityError: cosine 0.2 < 0.999)" in message
     assert "--force" in message and "\n" not in message
     with pytest.raises(Reached):  # --force goes on to re-run it
-        reproduce(failed.run_id, "sqlite:///nowhere.db", force=True, current=CodeVersion(HEAD))
+        reproduce(
+            failed.run_id,
+            "sqlite:///nowhere.db",
+            _never_runs,
+            force=True,
+            current=CodeVersion(HEAD),
+        )
 
 
 def test_thread_settings_are_restored(monkeypatch):

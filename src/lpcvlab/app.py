@@ -125,7 +125,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if cfg.get("reproduce"):
             from lpcvlab.tracking.reproduce import reproduce_from_hydra
 
-            return reproduce_from_hydra(cfg, out_dir)
+            return reproduce_from_hydra(cfg, out_dir, run_config)
         load_settings(cfg)  # fails in well under a second, before the imports below
         from lpcvlab import pipeline
 
@@ -153,6 +153,16 @@ def run_job(cfg: DictConfig) -> float | None:
         sys.exit(stop.exit_code)
     assert result.objective is not None
     return result.objective.value
+
+
+def run_config(
+    cfg: DictConfig, work_dir: Path, hydra_dir: Path | None, extra_tags: dict[str, str]
+) -> str:
+    """Run the pipeline on an already resolved config (``lpcvlab reproduce``); returns the new
+    MLflow run's ID."""
+    from lpcvlab import pipeline
+
+    return pipeline.run(cfg, work_dir, hydra_dir, extra_tags=extra_tags).run_id
 
 
 def _exit_if_the_sweep_failed() -> None:

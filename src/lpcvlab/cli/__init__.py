@@ -14,11 +14,11 @@ from lpcvlab.errors import LpcvlabError
 _COMMAND_MODULES: list[tuple[str, str]] = [
     ("lpcvlab.cli.qevd", "add_qevd_commands"),
     ("lpcvlab.cli.hub", "add_hub_commands"),
-    ("lpcvlab.tracking.compare", "add_compare_commands"),
-    ("lpcvlab.tracking.reproduce", "add_reproduce_commands"),
+    ("lpcvlab.cli.compare", "add_compare_commands"),
+    ("lpcvlab.cli.reproduce", "add_reproduce_commands"),
     ("lpcvlab.cli.runs", "add_runs_commands"),
-    ("lpcvlab.tracking.registry", "add_register_commands"),
-    ("lpcvlab.tracking.submit", "add_submit_commands"),
+    ("lpcvlab.cli.register", "add_register_commands"),
+    ("lpcvlab.cli.submit", "add_submit_commands"),
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.tracking.runstore import open_store, tracking_uri
+from lpcvlab.cli.common import add_store_argument, store_uri
 
 
 def add_runs_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -22,17 +22,15 @@ def add_runs_commands(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    prune.add_argument(
-        "--tracking-uri",
-        help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
-    )
+    add_store_argument(prune)
     prune.set_defaults(func=prune_command)
 
 
 def prune_command(args: argparse.Namespace) -> int:
     from lpcvlab.tracking.recorder import check_store, prune_vanished
+    from lpcvlab.tracking.runstore import open_store
 
-    uri = tracking_uri(args.tracking_uri)
+    uri = store_uri(args)
     client = open_store(uri)
     check_store(uri)
     gone = prune_vanished(client)

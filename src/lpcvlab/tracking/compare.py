@@ -12,7 +12,6 @@ not what the device would deliver safely.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from collections.abc import Sequence
@@ -27,7 +26,6 @@ from lpcvlab.tracking.runstore import (
     experiment_runs,
     get_run,
     open_store,
-    tracking_uri,
 )
 from lpcvlab.util import console
 
@@ -149,7 +147,7 @@ def build_comparison(runs: Sequence[RunInfo]) -> Comparison:
         }
     )
     columns = ["run_id", "name", "experiment_id", "status"]
-    columns += [_param_column(p) for p in swept]
+    columns += [param_column(p) for p in swept]
     columns += list(_INFO_TAGS) + accuracy + ["objective"]
     columns += [f"{m}/{c}" for c in components for m in PER_COMPONENT]
     columns += [TOTAL_LATENCY, "over_budget", "fidelity_gate", "cache_hits"]
@@ -164,7 +162,7 @@ def build_comparison(runs: Sequence[RunInfo]) -> Comparison:
             "fidelity_gate": r.tags.get("fidelity_gate", ""),
             "cache_hits": r.tags.get("cache/hits", ""),
         }
-        row |= {_param_column(p): _param(r, p) for p in swept}
+        row |= {param_column(p): _param(r, p) for p in swept}
         row |= {t: r.tags.get(t, "") for t in _INFO_TAGS}
         row |= {m: r.metrics.get(m, math.nan) for m in accuracy + ["objective", TOTAL_LATENCY]}
         row |= {
@@ -251,7 +249,7 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
     )
     for i in ok:
         ax.annotate(
-            _label(comparison, i), points[i], fontsize=7, xytext=(4, 4), textcoords="offset points"
+            label(comparison, i), points[i], fontsize=7, xytext=(4, 4), textcoords="offset points"
         )
     budgets = {runs[i].params.get("budget.latency_ms") for i in ok} - {None, "None", "null"}
     for b in sorted(budgets):
@@ -272,13 +270,15 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
     return path
 
 
-def _label(comparison: Comparison, i: int) -> str:
+def label(comparison: Comparison, i: int) -> str:
+    """A run's point in the Pareto front: its swept values (its short ID when nothing differs)."""
     row = comparison.rows[i]
-    parts = [f"{_param_column(p)}={row.get(_param_column(p), '')}" for p in comparison.swept]
+    parts = [f"{param_column(p)}={row.get(param_column(p), '')}" for p in comparison.swept]
     return " ".join(parts) or comparison.runs[i].short_id
 
 
-def _param_column(param: str) -> str:
+def param_column(param: str) -> str:
+    """A swept param as a column: a group by its name (``backbone``, not ``backbone.name``)."""
     return param[: -len(".name")] if param.endswith(".name") else param
 
 
@@ -292,9 +292,6 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return ""
     return value
-
-
-# ----------------------------------------------------------------------------- CLI
 
 
 def select_runs(
@@ -317,57 +314,3 @@ def select_runs(
         if children:
             return children, f"sweep {run_ids[0]}"
     return [get_run(client, r) for r in run_ids], f"{len(run_ids)} run(s)"
-
-
-def compare_command(args: argparse.Namespace) -> int:
-    uri = tracking_uri(args.tracking_uri)
-    runs, source = select_runs(uri, args.run_ids, args.experiment, args.sweep)
-    if not runs:
-        raise LpcvlabError(f"no runs in {source} at {uri}")
-    comparison = build_comparison(runs)
-    print(f"{len(runs)} run(s) from {source} ({uri})")
-    if comparison.swept:
-        print("differ in: " + ", ".join(_param_column(p) for p in comparison.swept))
-    print(comparison.render())
-    front = pareto_front(accuracy_latency(comparison.runs))
-    if front:
-        print(
-            "\nPareto front (higher accuracy, lower total latency): "
-            + ", ".join(f"{runs[i].short_id} ({_label(comparison, i)})" for i in front)
-        )
-    failed = [r for r in runs if gate_failed(r)]
-    if failed:
-        print(
-            "Failed the fidelity gate (left off the front): "
-            + ", ".join(f"{r.short_id} ({r.tags.get('fidelity_gate_reasons', '')})" for r in failed)
-        )
-    if args.csv:
-        print(f"table written to {comparison.to_csv(Path(args.csv))}")
-    if args.plot:
-        written = plot_pareto(comparison, Path(args.plot), title=source)
-        print(f"Pareto plot written to {written}" if written else "no run has accuracy and latency")
-    return 0
-
-
-def add_compare_commands(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "compare",
-        help="compare runs: swept params, accuracy, latency and memory per component",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "run_ids",
-        nargs="*",
-        metavar="RUN_ID",
-        help="runs to compare; a single sweep parent ID compares its children",
-    )
-    p.add_argument("--experiment", "-e", help="every run of this MLflow experiment")
-    p.add_argument("--sweep", "-s", metavar="PARENT_RUN_ID", help="the children of a sweep")
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
-    )
-    p.add_argument("--csv", metavar="FILE", help="also write the full table as CSV")
-    p.add_argument("--plot", metavar="FILE.png", help="also write the accuracy-vs-latency plot")
-    p.set_defaults(func=compare_command)

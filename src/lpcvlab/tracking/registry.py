@@ -20,7 +20,6 @@ now from the export cache when they are still there (same sha256), else the comm
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from lpcvlab.tracking.recorder import (
     log_onnx_model,
     ui_link,
 )
-from lpcvlab.tracking.runstore import RunInfo, get_run, open_store, tracking_uri
+from lpcvlab.tracking.runstore import RunInfo, get_run
 from lpcvlab.util.hashing import file_sha256
 
 DEFAULT_NAMES = {"retrieval": "lpcvc-track1", "video": "lpcvc-track2"}
@@ -276,37 +275,3 @@ def _ensure_registered_model(client: Any, name: str, run: RunInfo, component: st
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-
-
-# ----------------------------------------------------------------------------- the verb
-
-
-def add_register_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "register",
-        help="register a finished run's components as submission candidates",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run_id", metavar="RUN_ID")
-    p.add_argument(
-        "--name",
-        help="registered model prefix (default: the run's tracking.registry_name, else "
-        "lpcvc-track1 / lpcvc-track2); each component is <name>-<component>",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
-    )
-    p.set_defaults(func=register_command)
-
-
-def register_command(args: argparse.Namespace) -> int:
-    from lpcvlab.tracking.recorder import RetryingClient
-
-    client = RetryingClient(open_store(tracking_uri(args.tracking_uri)))
-    versions = register_run(client, args.run_id, args.name)
-    print(f"run {args.run_id}:")
-    for v in versions:
-        print(f"  {v.line()}")
-    return 0

@@ -14,12 +14,12 @@ and timings are measurements and are shown but not required to match.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lpcvlab.errors import ConfigError, LpcvlabError
-from lpcvlab.tracking.runstore import RunInfo, download_artifact, get_run, open_store, tracking_uri
+from lpcvlab.tracking.runstore import RunInfo, download_artifact, get_run, open_store
 from lpcvlab.util import console
 from lpcvlab.util.seeding import restore_threads
 
@@ -45,6 +45,11 @@ MEASURED_PREFIXES = (
 
 class ReproduceError(LpcvlabError):
     """A run that cannot be (or was not) reproduced."""
+
+
+# The entry point's job: (config, work dir, .hydra dir, extra tags) -> the new run's ID. Passed
+# in by the caller (``lpcvlab.app``), so that this module never imports the pipeline above it.
+Runner = Callable[[DictConfig, Path, "Path | None", dict[str, str]], str]
 
 
 @dataclass(frozen=True)
@@ -200,14 +205,14 @@ def prepare_config(cfg: DictConfig, uri: str, use_cache: bool) -> DictConfig:
 def reproduce(
     run_id: str,
     uri: str,
+    runner: Runner,
     force: bool = False,
     use_cache: bool = False,
     work_dir: Path | None = None,
     current: CodeVersion | None = None,
 ) -> Reproduction:
-    """Re-run ``run_id`` as a new run tagged ``reproduced_from`` and diff its metrics."""
-    from lpcvlab import pipeline
-
+    """Re-run ``run_id`` with ``runner`` as a new run tagged ``reproduced_from`` and diff its
+    metrics."""
     client = open_store(uri)
     original = get_run(client, run_id)
     if original.status != "FINISHED" and not force:
@@ -240,11 +245,9 @@ def reproduce(
         tags = {"reproduced_from": run_id}
         if problems:
             tags |= {"reproduce_forced": "true", "reproduce_warnings": " | ".join(problems)[:5000]}
-        result = pipeline.run(
-            prepare_config(cfg, uri, use_cache), work_dir, hydra_dir, extra_tags=tags
-        )
-    new = get_run(client, result.run_id)
-    return Reproduction(run_id, result.run_id, diff_metrics(original, new), problems)
+        new_run_id = runner(prepare_config(cfg, uri, use_cache), work_dir, hydra_dir, tags)
+    new = get_run(client, new_run_id)
+    return Reproduction(run_id, new_run_id, diff_metrics(original, new), problems)
 
 
 def report(rep: Reproduction) -> str:
@@ -262,7 +265,7 @@ def report(rep: Reproduction) -> str:
     return "\n".join(lines)
 
 
-def reproduce_from_hydra(cfg: DictConfig, out_dir: Path | None) -> float:
+def reproduce_from_hydra(cfg: DictConfig, out_dir: Path | None, runner: Runner) -> float:
     """``python run.py +reproduce=RUN_ID`` (or ``+reproduce={run_id:ID,force:true}``).
 
     The new run gets the original's ``.hydra`` folder, not this job's (which only says
@@ -280,7 +283,12 @@ def reproduce_from_hydra(cfg: DictConfig, out_dir: Path | None) -> float:
     if not run_id:
         raise ConfigError("+reproduce needs a run ID: +reproduce=RUN_ID")
     rep = reproduce(
-        str(run_id), str(cfg.tracking.uri), force=force, use_cache=use_cache, work_dir=out_dir
+        str(run_id),
+        str(cfg.tracking.uri),
+        runner,
+        force=force,
+        use_cache=use_cache,
+        work_dir=out_dir,
     )
     print(report(rep))
     if not rep.reproduced:
@@ -315,34 +323,3 @@ def _num(value: float | None) -> str:
     if value is None:
         return "-"
     return console.fmt(float(value), 6)
-
-
-def reproduce_command(args: argparse.Namespace) -> int:
-    rep = reproduce(
-        args.run_id, tracking_uri(args.tracking_uri), force=args.force, use_cache=args.use_cache
-    )
-    print(report(rep))
-    return 0 if rep.reproduced else 1
-
-
-def add_reproduce_commands(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "reproduce",
-        help="re-run a logged run from its config and compare metrics",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run_id", metavar="RUN_ID")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="run even if the code version differs or is dirty, or the run did not finish",
-    )
-    p.add_argument(
-        "--use-cache", action="store_true", help="let the re-run reuse cached stages (faster)"
-    )
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
-    )
-    p.set_defaults(func=reproduce_command)

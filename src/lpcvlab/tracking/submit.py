@@ -23,7 +23,6 @@ without contacting AI Hub.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -35,7 +34,7 @@ from lpcvlab.config.schema import SubmissionConfig
 from lpcvlab.errors import LpcvlabError
 from lpcvlab.tracking.recorder import ONNX_SHA_TAG
 from lpcvlab.tracking.registry import components, register_run
-from lpcvlab.tracking.runstore import RunInfo, get_run, open_store, tracking_uri
+from lpcvlab.tracking.runstore import RunInfo, get_run
 
 LINT_PREFIX = "lint/"  # lint/<component>: "ok" or the hazard rules found
 GATE_TAG = "fidelity_gate"
@@ -354,63 +353,3 @@ def submit_run(
         client.set_tag(run_id, key, value)
     shared = {c: list(j["newly_shared"]) for c, j in jobs.items()}
     return Submission(run_id, verdict, shared, record, [f"{v.name} v{v.version}" for v in versions])
-
-
-# ----------------------------------------------------------------------------- the verb
-
-
-def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "submit",
-        help="check a run against the submission rules, share its compile jobs, record it",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run_id", metavar="RUN_ID")
-    p.add_argument("--dry-run", action="store_true", help="check and print; share nothing")
-    p.add_argument(
-        "--share-with",
-        action="append",
-        metavar="EMAIL",
-        help="address to share the compile jobs with (repeatable; default: the run's "
-        "submission.share_with, lowpowervision@gmail.com)",
-    )
-    p.add_argument(
-        "--budget-ms", type=float, help="latency limit (default: the run's track.budget_ms)"
-    )
-    p.add_argument("--name", help="registered model prefix (as lpcvlab register --name)")
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)",
-    )
-    p.set_defaults(func=submit_command)
-
-
-def submit_command(args: argparse.Namespace) -> int:
-    from lpcvlab.tracking.recorder import RetryingClient
-
-    client = RetryingClient(open_store(tracking_uri(args.tracking_uri)))
-    result = submit_run(
-        client,
-        args.run_id,
-        dry_run=args.dry_run,
-        share_with=args.share_with,
-        budget_ms=args.budget_ms,
-        registry_name=args.name,
-    )
-    print(f"run {args.run_id}: every check passed")
-    for line in result.verdict.passed:
-        print(f"  {line}")
-    run = get_run(client, args.run_id)
-    emails = share_with_of(run, args.share_with)
-    jobs = [f"{run.tags[f'aihub/{c}/compile_job']} ({c})" for c in components(run)]
-    if result.record is None:
-        print(f"dry run: would share {', '.join(jobs)} with {', '.join(emails)}; nothing shared")
-        return 0
-    for comp, added in result.shared.items():
-        job = run.tags[f"aihub/{comp}/compile_job"]
-        how = f"shared with {', '.join(added)}" if added else "already shared"
-        print(f"  {comp}: compile job {job} {how}")
-    print(f"  recorded: runs:/{args.run_id}/{RECORD}; {', '.join(result.versions)} (alias {ALIAS})")
-    print(f"Next: the submission form asks for the compile job IDs: {', '.join(jobs)}")
-    return 0

@@ -1,0 +1,33 @@
+"""``lpcvlab register``: the verb over :mod:`lpcvlab.tracking.registry`."""
+
+from __future__ import annotations
+
+import argparse
+
+from lpcvlab.cli.common import add_store_argument, store_client
+from lpcvlab.tracking import registry
+
+
+def add_register_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "register",
+        help="register a finished run's components as submission candidates",
+        description=registry.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument(
+        "--name",
+        help="registered model prefix (default: the run's tracking.registry_name, else "
+        "lpcvc-track1 / lpcvc-track2); each component is <name>-<component>",
+    )
+    add_store_argument(p)
+    p.set_defaults(func=register_command)
+
+
+def register_command(args: argparse.Namespace) -> int:
+    versions = registry.register_run(store_client(args), args.run_id, args.name)
+    print(f"run {args.run_id}:")
+    for v in versions:
+        print(f"  {v.line()}")
+    return 0
