@@ -35,12 +35,12 @@ from lpcvlab.data.frames import (
 from lpcvlab.errors import ConfigError
 from lpcvlab.hubs.cache import inference_key
 from lpcvlab.training.fit import resolve_trainer
+from lpcvlab.training.losses import distillation_loss
 from lpcvlab.training.module import (
     ClipDataModule,
     EpochSampler,
     FrameWindowDataset,
     VideoClassifierModule,
-    distillation_loss,
 )
 from lpcvlab.util.hashing import array_sha256
 

@@ -128,11 +128,6 @@ def top_k_indices(
     return out
 
 
-def top_k_ids(similarity: np.ndarray, text_ids: Sequence[int], k: int) -> np.ndarray:
-    """The ``k`` best text IDs per image, best first (ties broken by column order)."""
-    return np.asarray(text_ids)[top_k_indices(similarity, k)]
-
-
 def _equal_neighbours(values: np.ndarray) -> np.ndarray:
     """``values[:, j] == values[:, j + 1]``, NaN equal to NaN (as a sort sees them)."""
     nan = np.isnan(values)

@@ -32,7 +32,7 @@ from lpcvlab.data.decode import decode_frame_sequence, decode_video
 from lpcvlab.data.frames import MISSING, WORKER_CRASHED, VideoDecodeError, VideoPreprocess
 from lpcvlab.errors import ConfigError
 from lpcvlab.util.hashing import file_sha256
-from lpcvlab.util.io import atomic_save_npy
+from lpcvlab.util.io import atomic_save_npy, load_cached_npy
 
 _CACHE_SUBDIR = "video"
 CLIPS, FRAMES = "clips", "frames"  # what a cache entry holds (``kind``)
@@ -61,22 +61,20 @@ def _load_cached(
 ) -> np.ndarray | None:
     """The cached array, or None when the entry is unreadable or of another shape (then it is
     recomputed and overwritten)."""
-    try:
-        arr = np.load(path, allow_pickle=False, mmap_mode="r" if header_only else None)
-    except (OSError, ValueError, EOFError):
-        return None
-    if kind == FRAMES:
-        ok = (
+
+    def frames(arr: np.ndarray) -> bool:
+        return (
             arr.dtype == np.uint8
             and arr.ndim == 4
             and arr.shape[0] == 3
             and arr.shape[1] >= preprocess.num_frames
             and tuple(arr.shape[2:]) == preprocess.resize
         )
-        return arr if ok else None
-    if arr.shape != preprocess.output_shape or arr.dtype != np.float32:
-        return None
-    return arr
+
+    def clips(arr: np.ndarray) -> bool:
+        return arr.shape == preprocess.output_shape and arr.dtype == np.float32
+
+    return load_cached_npy(path, frames if kind == FRAMES else clips, mmap=header_only)
 
 
 # --------------------------------------------------------------------------- batches

@@ -40,7 +40,6 @@ from lpcvlab.data.frames import (
     preprocess_frames,
     resize_frames_uint8,
 )
-from lpcvlab.errors import ConfigError
 
 # Seek only across gaps of at least this many frames between needed frames, and only when the
 # keyframe lands at least SEEK_MIN_SKIP frames ahead of the decoder: a seek flushes the decoder,
@@ -176,14 +175,6 @@ def _metadata_frame_count(stream: Any, container: Any, fps: Fraction) -> tuple[i
     if container.duration:
         return int(round(Fraction(container.duration, av.time_base) * fps)), "duration"
     return None
-
-
-def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
-    """Open a video and read its frame count and rate; raises :class:`VideoDecodeError`."""
-    p = Path(path)
-    container, stream = _open_video(p)
-    with container:
-        return _probe_open(p, container, stream)
 
 
 def _probe_open(path: Path, container: Any, stream: Any) -> VideoInfo:
@@ -450,16 +441,6 @@ def decode_frame_sequence(
     pos = {i: j for j, i in enumerate(order)}
     gather = torch.tensor([pos[i] for i in indices], dtype=torch.long)
     return resized[:, gather].contiguous()
-
-
-def decode_clip(path: str | os.PathLike[str], preprocess: VideoPreprocess) -> torch.Tensor:
-    """One clip ``(3, T, crop, crop)``; ``preprocess.clips_per_video`` must be 1."""
-    if preprocess.clips_per_video != 1:
-        raise ConfigError(
-            f"decode_clip needs clips_per_video=1, got {preprocess.clips_per_video}; "
-            "use decode_video for several clips"
-        )
-    return decode_video(path, preprocess)[0]
 
 
 def verify_video(path: str | os.PathLike[str], *, full_decode: bool = True) -> int:

@@ -114,9 +114,6 @@ class QevdSplit:
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
 
-    def class_counts(self) -> dict[str, int]:
-        return dict(sorted(Counter(s.class_name for s in self.samples).items()))
-
 
 def is_video_file(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")

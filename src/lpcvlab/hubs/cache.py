@@ -74,7 +74,7 @@ from lpcvlab.types import (
     QuantizeResult,
 )
 from lpcvlab.util.hashing import array_sha256, state_dict_digest
-from lpcvlab.util.io import atomic_save_npy, atomic_write_text
+from lpcvlab.util.io import atomic_save_npy, atomic_write_text, load_cached_npy
 from lpcvlab.util.secrets import is_secret_key
 
 log = logging.getLogger(__name__)
@@ -273,11 +273,10 @@ class RecordStore:
         path = self.path(stage, key, ".npy")
         if not path.is_file():
             return None
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable cached outputs %s (%s)", path, exc)
-            return None
+        arr = load_cached_npy(path)
+        if arr is None:
+            log.warning("ignoring unreadable cached outputs %s", path)
+        return arr
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -58,7 +58,6 @@ JOBS_DIR = "jobs"
 JOB_ERROR_FILE = "job_error.txt"
 
 
-FAIL_ON = ("any", "all", "never")
 _verdict: list[str] = []  # why the last sweep of this process fails (see sweep_failure)
 
 

@@ -24,22 +24,12 @@ from tqdm.auto import tqdm
 
 from lpcvlab.data.images import ImagePreprocess
 from lpcvlab.models.clip import ClipTeacher
-from lpcvlab.util.io import atomic_save_npy, atomic_write_text, file_lock
+from lpcvlab.util.hashing import state_dict_digest
+from lpcvlab.util.io import atomic_save_npy, atomic_write_text, file_lock, load_cached_npy
 
 log = logging.getLogger(__name__)
 
 _VERSION = 1
-
-
-def state_sha256(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's weights (names, dtypes, shapes and bytes, in state_dict order):
-    what names the teacher in the cache, whatever file or tag it came from."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 @dataclass
@@ -73,7 +63,7 @@ def teacher_embeddings(
     std = teacher.std if teacher.std is not None else preprocess.std
     parts = {
         "version": _VERSION,
-        "teacher": state_sha256(teacher.model),
+        "teacher": state_dict_digest(teacher.model),
         "data": data_sha256,
         "size": preprocess.size,
         "resample": preprocess.resample,
@@ -86,10 +76,11 @@ def teacher_embeddings(
     paths = {name: folder / f"{key}-{name}.npy" for name in ("image", "text")}
     meta = folder / f"{key}.json"
     with file_lock(meta):
-        if meta.is_file() and all(p.is_file() for p in paths.values()):
-            image, text = np.load(paths["image"]), np.load(paths["text"])
-            scale = float(json.loads(meta.read_text())["logit_scale"])
-            if len(image) == len(pixels) and len(text) == len(captions):
+        if meta.is_file():
+            image = load_cached_npy(paths["image"], lambda a: len(a) == len(pixels))
+            text = load_cached_npy(paths["text"], lambda a: len(a) == len(captions))
+            if image is not None and text is not None:
+                scale = float(json.loads(meta.read_text())["logit_scale"])
                 log.info("teacher %s: embeddings reused from %s", teacher.description, folder)
                 return TeacherEmbeddings(image, text, scale, True, key, time.perf_counter() - t0)
         image, text, scale = _compute(

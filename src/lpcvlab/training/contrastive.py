@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lpcvlab.data.images import ImagePreprocess
 from lpcvlab.metrics import retrieval_recall
 from lpcvlab.training.hard_negatives import CaptionMiner, HardNegatives, MiningStats
+from lpcvlab.training.losses import temperature_kl
 
 _BLOCK = re.compile(r"^(.*?(?:resblocks|blocks)\.\d+)\.")
 _PROJECTION = re.compile(r"(^|\.)(proj|text_projection|head)(\.|$)")
@@ -270,20 +271,6 @@ class Validation:
     ks: list[int]
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
-
-
-def kl_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over rows of KL(softmax(teacher / T) || softmax(student / T))."""
-    return F.kl_div(
-        F.log_softmax(student.float() / temperature, dim=1),
-        F.log_softmax(teacher.float() / temperature, dim=1),
-        log_target=True,
-        reduction="batchmean",
-    )
-
-
 class ContrastiveModule(pl.LightningModule):
     """Contrastive fine-tuning of an open_clip model; logs ``train/loss`` (and its parts),
     ``train/logit_scale``, ``train/hard_negatives`` and ``val/recall_at_<k>``, ``val/hit_at_10``.
@@ -366,8 +353,9 @@ class ContrastiveModule(pl.LightningModule):
                 extra = extra.masked_fill(clash, -1.0e4)
                 image_logits = torch.cat([logits, extra], dim=1)
                 image_targets = torch.cat([targets, torch.zeros_like(extra)], dim=1)
-        loss_i2t = soft_cross_entropy(image_logits, image_targets)
-        loss_t2i = soft_cross_entropy(logits.T, targets)  # `same` is symmetric
+        # Cross-entropy against probability targets (a caption shared by several images).
+        loss_i2t = F.cross_entropy(image_logits.float(), image_targets)
+        loss_t2i = F.cross_entropy(logits.T.float(), targets)  # `same` is symmetric
         contrastive = (loss_i2t + loss_t2i) / 2
         loss = contrastive
         log = {"train/loss_contrastive": contrastive, "train/logit_scale": scale}
@@ -376,7 +364,7 @@ class ContrastiveModule(pl.LightningModule):
             t_img = d.image[batch["image_index"].cpu()].to(img.device)
             t_txt = d.text[batch["caption_index"].cpu()].to(img.device)
             teacher = d.logit_scale * t_img @ t_txt.T
-            kl = kl_rows(logits, teacher, d.temperature) + kl_rows(
+            kl = temperature_kl(logits, teacher, d.temperature) + temperature_kl(
                 logits.T, teacher.T, d.temperature
             )
             distill = kl / 2 * d.temperature**2

@@ -25,7 +25,7 @@ from lpcvlab.config.teacher import CHECKPOINT_KEY, Teacher
 from lpcvlab.errors import ConfigError
 from lpcvlab.models.video import VideoClassifier, build_video_model
 from lpcvlab.models.weights import RANDOM
-from lpcvlab.util.io import atomic_save_npy
+from lpcvlab.util.io import atomic_save_npy, load_cached_npy
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,4 @@ def teacher_logits(
 
 
 def _load(path: Path, count: int) -> np.ndarray | None:
-    if not path.is_file():
-        return None
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
-    return arr if arr.ndim == 2 and len(arr) == count else None
+    return load_cached_npy(path, lambda arr: arr.ndim == 2 and len(arr) == count)

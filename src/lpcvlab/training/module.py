@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lpcvlab.data.frames import window_starts
 from lpcvlab.metrics import top_k_accuracy
+from lpcvlab.training.losses import distillation_loss
 
 
 def set_trainable(model: nn.Module, prefixes: Sequence[str]) -> tuple[int, int]:
@@ -363,15 +364,3 @@ class VideoClassifierModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": self.scheduler_factory(opt)}
-
-
-def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch
-    (Hinton et al.; the ``T^2`` keeps the gradient's scale independent of ``T``)."""
-    t = float(temperature)
-    log_p_student = F.log_softmax(student.float() / t, dim=-1)
-    log_p_teacher = F.log_softmax(teacher.float() / t, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * t * t

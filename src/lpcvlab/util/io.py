@@ -89,6 +89,23 @@ def atomic_save_npy(path: str | os.PathLike[str], array: Any) -> Path:
     return atomic_write(path, write)
 
 
+def load_cached_npy(
+    path: str | os.PathLike[str],
+    valid: Callable[[Any], bool] | None = None,
+    *,
+    mmap: bool = False,
+) -> Any:
+    """A disk cache's array, or None when it is missing, unreadable (a file cut short) or fails
+    ``valid`` (another shape or dtype): the caller recomputes it and writes it again."""
+    import numpy as np
+
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError, EOFError):
+        return None
+    return arr if valid is None or valid(arr) else None
+
+
 def append_line(path: str | os.PathLike[str], line: str) -> None:
     """Append one line under the file's lock, flushed to disk: a journal that parallel processes
     share (each line is written whole, never interleaved with another process's)."""
