@@ -9,6 +9,7 @@ and leave a site alone when a shape is unknown or a weight is not a constant.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -19,21 +20,13 @@ from onnx import helper, numpy_helper, shape_inference
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Identity", "Flatten")
 
 
-class _Net:
-    """One graph's producers, consumers, constants and static shapes."""
+class GraphIndex:
+    """One graph's producers, consumers, constants and (on first use) static shapes: what every
+    pattern-matching rewrite (here and in :mod:`lpcvlab.deploy.rewrites`) looks nodes up in."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        inferred = shape_inference.infer_shapes(model, data_prop=True)
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        g = inferred.graph
-        for v in [*g.value_info, *g.input, *g.output]:
-            dims = v.type.tensor_type.shape.dim
-            if v.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-                self.shapes[v.name] = tuple(d.dim_value for d in dims)
         self.inits = {i.name: i for i in model.graph.initializer}
-        for name, init in self.inits.items():
-            self.shapes[name] = tuple(init.dims)
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
@@ -42,7 +35,26 @@ class _Net:
             for inp in node.input:
                 self.consumers.setdefault(inp, []).append(node)
         self.outputs = {o.name for o in model.graph.output}
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         self._fresh = 0
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Static shapes from ONNX shape inference (computed once, when a pass first asks)."""
+        if self._shapes is None:
+            inferred = shape_inference.infer_shapes(self.model, data_prop=True)
+            shapes: dict[str, tuple[int, ...]] = {}
+            g = inferred.graph
+            for v in [*g.value_info, *g.input, *g.output]:
+                dims = v.type.tensor_type.shape.dim
+                if v.type.tensor_type.HasField("shape") and all(
+                    d.HasField("dim_value") for d in dims
+                ):
+                    shapes[v.name] = tuple(d.dim_value for d in dims)
+            for name, init in self.inits.items():
+                shapes[name] = tuple(init.dims)
+            self._shapes = shapes
+        return self._shapes
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of an initializer or a Constant node's output, else None."""
@@ -60,6 +72,22 @@ class _Net:
         if value is None or value.size != 1 or value.dtype.kind != "f":
             return None
         return float(value.reshape(-1)[0])
+
+    def other(self, node: onnx.NodeProto, name: str) -> str | None:
+        """The other input of a two-input node, ``name`` being one of them."""
+        if len(node.input) != 2 or name not in node.input:
+            return None
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        """The single node reading ``name``, when it is an ``op_type``."""
+        found = self.consumers.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
+
+    def is_const(self, name: str | None, value: float, rel_tol: float = 1e-3) -> bool:
+        """Whether ``name`` is a scalar float constant close to ``value``."""
+        got = self.scalar(name) if name else None
+        return got is not None and math.isclose(got, value, rel_tol=rel_tol)
 
     def only(self, name: str) -> onnx.NodeProto | None:
         """The single consumer of ``name`` (None if it has several or is a graph output)."""
@@ -125,7 +153,7 @@ def _rebuild(
 # --------------------------------------------------------------------------- matmul_conv1x1
 
 
-def _projection(net: _Net, node: onnx.NodeProto) -> tuple[str, np.ndarray] | None:
+def _projection(net: GraphIndex, node: onnx.NodeProto) -> tuple[str, np.ndarray] | None:
     """(x, weight as (K, N)) of a MatMul/Gemm by a constant weight, else None."""
     if node.op_type == "MatMul":
         w = net.const(node.input[1])
@@ -142,7 +170,7 @@ def _projection(net: _Net, node: onnx.NodeProto) -> tuple[str, np.ndarray] | Non
 def matmul_conv1x1(model: onnx.ModelProto) -> int:
     """Every MatMul/Gemm of activations ``(..., T, K)`` by a constant ``(K, N)`` as a 1x1 Conv
     on ``(1, K, 1, T)``, a following bias Add folded into it."""
-    net = _Net(model)
+    net = GraphIndex(model)
     replace: dict[int, list[onnx.NodeProto]] = {}
     sites = 0
     for node in list(model.graph.node):
@@ -197,7 +225,7 @@ def matmul_conv1x1(model: onnx.ModelProto) -> int:
 # --------------------------------------------------------------------------- fold_attention_scale
 
 
-def _layout(node: onnx.NodeProto, net: _Net, x: np.ndarray) -> np.ndarray | None:
+def _layout(node: onnx.NodeProto, net: GraphIndex, x: np.ndarray) -> np.ndarray | None:
     """A layout-only op applied to an index array (None: not one, or its parameters unknown)."""
     op = node.op_type
     if op == "Identity":
@@ -229,7 +257,7 @@ def _layout(node: onnx.NodeProto, net: _Net, x: np.ndarray) -> np.ndarray | None
     return None
 
 
-def _query_projection(net: _Net, q: str) -> tuple[onnx.NodeProto, str, int] | None:
+def _query_projection(net: GraphIndex, q: str) -> tuple[onnx.NodeProto, str, int] | None:
     """(projection node, the tensor it writes, its channel axis): ``q`` traced back through
     layout-only ops to a MatMul(+Add)/Gemm/Conv by constant weights."""
     name = q
@@ -260,7 +288,7 @@ def _query_projection(net: _Net, q: str) -> tuple[onnx.NodeProto, str, int] | No
 
 
 def _channels_reaching(
-    net: _Net, start: str, axis: int, target: str
+    net: GraphIndex, start: str, axis: int, target: str
 ) -> tuple[set[int], list[set[int]]] | None:
     """The channels of ``start`` that reach ``target`` through layout-only ops, and those of
     every other branch that reads ``start`` (None if a branch cannot be followed)."""
@@ -290,7 +318,7 @@ def _channels_reaching(
 
 
 def _scale_channels(
-    net: _Net, proj: onnx.NodeProto, channels: set[int], factor: float
+    net: GraphIndex, proj: onnx.NodeProto, channels: set[int], factor: float
 ) -> dict[int, list[onnx.NodeProto]]:
     """Copies of the projection's weight and bias with ``channels`` scaled by ``factor``."""
     cols = np.array(sorted(channels), dtype=np.int64)
@@ -333,7 +361,7 @@ def _scale_channels(
     return replaced
 
 
-def _scale_of(net: _Net, node: onnx.NodeProto | None, through: str) -> float | None:
+def _scale_of(net: GraphIndex, node: onnx.NodeProto | None, through: str) -> float | None:
     """The factor a scalar Mul/Div applies to ``through``, else None."""
     if node is None or node.op_type not in ("Mul", "Div") or len(node.input) != 2:
         return None
@@ -344,7 +372,7 @@ def _scale_of(net: _Net, node: onnx.NodeProto | None, through: str) -> float | N
     return net.scalar(other)
 
 
-def _reaches_softmax(net: _Net, name: str) -> bool:
+def _reaches_softmax(net: GraphIndex, name: str) -> bool:
     node = net.only(name)
     if node is not None and node.op_type in ("Add", "Where"):  # an attention mask
         node = net.only(node.output[0])
@@ -354,7 +382,7 @@ def _reaches_softmax(net: _Net, name: str) -> bool:
 def fold_attention_scale(model: onnx.ModelProto) -> int:
     """Fold the scalar scale of each attention's ``Q K^T`` into the query projection (or, when
     the query cannot be traced to constant weights, into one Mul on Q)."""
-    net = _Net(model)
+    net = GraphIndex(model)
     replace: dict[int, list[onnx.NodeProto]] = {}
     rename: dict[str, str] = {}
     sites = 0
@@ -428,7 +456,7 @@ def _only_unit_axes_move(shape: Iterable[int], perm: list[int]) -> bool:
 
 
 def _drop_once(model: onnx.ModelProto) -> int:
-    net = _Net(model)
+    net = GraphIndex(model)
     replace: dict[int, list[onnx.NodeProto]] = {}
     rename: dict[str, str] = {}
     changed = 0
@@ -499,7 +527,7 @@ ELEMENTWISE = (
 )  # fmt: skip
 
 
-def _layout_chain_back(net: _Net, name: str) -> list[onnx.NodeProto]:
+def _layout_chain_back(net: GraphIndex, name: str) -> list[onnx.NodeProto]:
     """The layout-only ops (outermost last) that produced ``name``, up to 4, each read once."""
     chain: list[onnx.NodeProto] = []
     while len(chain) < 4:
@@ -514,7 +542,7 @@ def _layout_chain_back(net: _Net, name: str) -> list[onnx.NodeProto]:
 def _cancel_around_elementwise(model: onnx.ModelProto) -> int:
     """A layout change, elementwise ops by scalars, then its inverse (a GELU between two 1x1
     convolutions): the elementwise ops run on the original layout and both changes go."""
-    net = _Net(model)
+    net = GraphIndex(model)
     replace: dict[int, list[onnx.NodeProto]] = {}
     rename: dict[str, str] = {}
     done = 0

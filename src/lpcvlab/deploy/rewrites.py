@@ -38,11 +38,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lpcvlab.deploy.graph_passes import drop_transposes, fold_attention_scale, matmul_conv1x1
+from lpcvlab.deploy.graph_passes import (
+    GraphIndex,
+    drop_transposes,
+    fold_attention_scale,
+    matmul_conv1x1,
+)
 
 MASK_VALUE = -100.0
 GELU_SIGMOID_SCALE = 1.702
-_TOL = 1e-3
 
 
 def op_counts(model: onnx.ModelProto | str | Path) -> dict[str, int]:
@@ -59,53 +63,10 @@ def op_counts(model: onnx.ModelProto | str | Path) -> dict[str, int]:
     )
 
 
-class _Graph:
-    """Producers, consumers and scalar constants of one graph, for pattern matching."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
-            for out in node.output:
-                self.producer[out] = node
-            for inp in node.input:
-                self.consumers.setdefault(inp, []).append(node)
-        self.initializers = {i.name: i for i in self.graph.initializer}
-
-    def scalar(self, name: str) -> float | None:
-        """The value of a one-element float constant (initializer or Constant node)."""
-        tensor = self.initializers.get(name)
-        node = self.producer.get(name)
-        if tensor is None and node is not None and node.op_type == "Constant":
-            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
-        if tensor is None:
-            return None
-        array = numpy_helper.to_array(tensor)
-        return float(array.reshape(-1)[0]) if array.size == 1 and array.dtype.kind == "f" else None
-
-    def other(self, node: onnx.NodeProto, name: str) -> str | None:
-        """The other input of a two-input node, ``name`` being one of them."""
-        if len(node.input) != 2 or name not in node.input:
-            return None
-        return node.input[1] if node.input[0] == name else node.input[0]
-
-    def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        found = self.consumers.get(name, [])
-        if len(found) == 1 and found[0].op_type == op_type:
-            return found[0]
-        return None
-
-    def is_const(self, name: str | None, value: float) -> bool:
-        got = self.scalar(name) if name else None
-        return got is not None and math.isclose(got, value, rel_tol=_TOL)
-
-
-def _gelu_sites(g: _Graph) -> list[tuple[str, str, list[onnx.NodeProto]]]:
+def _gelu_sites(g: GraphIndex) -> list[tuple[str, str, list[onnx.NodeProto]]]:
     """(x, output, nodes to remove) for each erf-GELU (and opset-20 ``Gelu``) in the graph."""
     sites = []
-    for node in g.graph.node:
+    for node in g.model.graph.node:
         if node.op_type == "Gelu":
             approx = next((a.s.decode() for a in node.attribute if a.name == "approximate"), "")
             if approx in ("", "none"):
@@ -135,7 +96,7 @@ def _gelu_sites(g: _Graph) -> list[tuple[str, str, list[onnx.NodeProto]]]:
     return sites
 
 
-def _gelu_tail(g: _Graph, x: str, one_plus: str) -> tuple[str, list[onnx.NodeProto]] | None:
+def _gelu_tail(g: GraphIndex, x: str, one_plus: str) -> tuple[str, list[onnx.NodeProto]] | None:
     """``0.5 * x * (1 + erf)`` in any association order: (its output, the nodes it takes)."""
     first = g.only_consumer(one_plus, "Mul")
     operand = g.other(first, one_plus) if first is not None else None
@@ -154,7 +115,7 @@ def _gelu_tail(g: _Graph, x: str, one_plus: str) -> tuple[str, list[onnx.NodePro
 
 def gelu_sigmoid(model: onnx.ModelProto) -> int:
     """Replace every erf-GELU by ``x * sigmoid(1.702 x)``; returns how many were replaced."""
-    g = _Graph(model)
+    g = GraphIndex(model)
     sites = _gelu_sites(g)
     if not sites:
         return 0
