@@ -306,6 +306,7 @@ class FakeJob:
     created_seq: int = 0
     done_seq: int | None = None
     calibration_samples: int = 0  # quantize jobs: samples the calibration dataset held
+    seeded: bool = False  # the client asked for the target model at creation
 
 
 class _Blobs(MutableMapping[str, bytes]):
@@ -377,6 +378,7 @@ class FakeAIHub:
         self.model_limit_bytes = MODEL_LIMIT_BYTES
         self._uploads: dict[str, bytes] = {}
         self.s3_objects: dict[str, bytes] = {}  # uploads made with S3 credentials, by key
+        self._parts: dict[str, dict[int, bytes]] = {}  # multipart uploads in progress
         self.offer_credentials = True  # answer S3 credentials to a client that asks for them
         self.credential_transfers: list[str] = []  # what went through S3 credentials
         self._seq = 0
@@ -515,7 +517,7 @@ class FakeAIHub:
         if parts.hostname == STORAGE:
             return self._storage(headers, method, parts.path, data)
         if (parts.hostname or "").endswith(S3_HOST_SUFFIX):
-            return self._s3(parts.hostname or "", headers, method, parts.path, data)
+            return self._s3(parts.hostname or "", headers, method, parts.path, data, parts.query)
         if parts.hostname != API_HOST:
             raise AssertionError(f"unexpected host in {method} {full}")
         path = parts.path
@@ -555,26 +557,56 @@ class FakeAIHub:
             filename=filename,
         )
 
-    def _s3(self, host: str, headers: Any, method: str, path: str, body: bytes) -> _Answer:
-        """The S3 API calls boto3's transfer manager makes: PutObject, HeadObject, GetObject
-        (virtual-hosted or path-style addressing; aws-chunked bodies decoded)."""
+    def _s3(
+        self, host: str, headers: Any, method: str, path: str, body: bytes, query: str = ""
+    ) -> _Answer:
+        """The S3 API calls boto3's transfer manager makes: PutObject, the multipart upload
+        (Create / UploadPart / Complete / Abort) of a file over its threshold, HeadObject and
+        GetObject with a byte range (virtual-hosted or path-style; aws-chunked bodies decoded)."""
         key = path.lstrip("/")
         if not host.startswith(f"{S3_BUCKET}."):
             bucket, _, key = key.partition("/")
             assert bucket == S3_BUCKET, (host, path)
+        q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        if method in ("PUT", "POST") and "aws-chunked" in str(headers.get("Content-Encoding", "")):
+            body = _aws_chunked(body)
+        xml = "application/xml"
+        if method == "POST" and "uploads" in q:  # CreateMultipartUpload
+            upload_id = f"mpu-{len(self._parts) + 1}"
+            self._parts[upload_id] = {}
+            return _Answer(200, _xml("InitiateMultipartUploadResult", key, UploadId=upload_id), xml)
+        if method == "PUT" and "uploadId" in q:  # UploadPart
+            self._parts[q["uploadId"]][int(q["partNumber"])] = body
+            return _Answer(200, b"", "text/plain", {"ETag": f'"part-{q["partNumber"]}"'})
+        if method == "POST" and "uploadId" in q:  # CompleteMultipartUpload
+            parts = self._parts.pop(q["uploadId"])
+            body = b"".join(parts[n] for n in sorted(parts))
+            method = "PUT"
+            done = _xml("CompleteMultipartUploadResult", key, ETag=f'"etag-{len(body)}"')
+        else:
+            done = b""
+        if method == "DELETE" and "uploadId" in q:  # AbortMultipartUpload
+            self._parts.pop(q["uploadId"], None)
+            return _Answer(204, b"", "text/plain")
         if method == "PUT":
-            if "aws-chunked" in str(headers.get("Content-Encoding", "")):
-                body = _aws_chunked(body)
             if len(body) > self.model_limit_bytes:
                 return self._refuse(f"upload of {len(body)} bytes is over the limit", 413)
             self.s3_objects[key] = body
-            return _Answer(200, b"", "text/plain", {"ETag": f'"etag-{len(body)}"'})
+            return _Answer(
+                200, done, xml if done else "text/plain", {"ETag": f'"etag-{len(body)}"'}
+            )
         data = self._s3_object(key, count=method == "GET")
         if data is None:
-            return _Answer(404, b"<Error><Code>NoSuchKey</Code></Error>", "application/xml")
+            return _Answer(404, b"<Error><Code>NoSuchKey</Code></Error>", xml)
         if method == "HEAD":
             return _Answer(200, b"", "application/octet-stream", {"Content-Length": str(len(data))})
         assert method == "GET", (method, path)
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", str(headers.get("Range", "")))
+        if ranged:
+            a = int(ranged.group(1))
+            b = int(ranged.group(2)) if ranged.group(2) else len(data) - 1
+            content_range = {"Content-Range": f"bytes {a}-{b}/{len(data)}"}
+            return _Answer(206, data[a : b + 1], "application/octet-stream", content_range)
         return _Answer(200, data, "application/octet-stream", {"ETag": f'"etag-{len(data)}"'})
 
     def _s3_object(self, key: str, count: bool) -> bytes | None:
@@ -770,9 +802,8 @@ class FakeAIHub:
             job = FakeJob(
                 job_id, "compile", request.compile_job, request.compile_job.devices.devices[0].name
             )
-            # Like the service (?seed_target_model=true), the target model exists from the start;
-            # the compiler fills it in when the job finishes.
-            assert params.get("seed_target_model") == "true"
+            # Like the service: with ?seed_target_model=true (qai-hub >= 0.53) the target model
+            # is shown from the start, else once the job is done; the compiler fills it in.
             target = _options(request.compile_job.options).get("--target_runtime", "tflite")
             source = self.models[request.compile_job.model.model_id]
             job.target_model_id = self._new_id("m")
@@ -784,7 +815,6 @@ class FakeAIHub:
             )
         elif which == "quantize_job":
             quantize = request.quantize_job
-            assert params.get("seed_target_model") == "true"
             source = self.models[quantize.model.model_id]
             job = FakeJob(job_id, "quantize", quantize, "")
             job.target_model_id = self._new_id("m")
@@ -803,9 +833,13 @@ class FakeAIHub:
                 inference.device.name,
                 profiling=inference.is_profiling_on,
             )
+        elif which == "profile_job":  # qai-hub < 0.56: submit_profile_job
+            profile = request.profile_job
+            job = FakeJob(job_id, "inference", profile, profile.device.name, profiling=True)
         else:
             raise AssertionError(f"unexpected job type {which}")
         job.created_seq = self._seq
+        job.seeded = params.get("seed_target_model") == "true"
         self.jobs[job_id] = job
         if self.lost_answers.get(kind, 0) > 0:  # created, but the answer never arrives
             self.lost_answers[kind] -= 1
@@ -858,6 +892,11 @@ class FakeAIHub:
             self._advance(job)
             return self._job_pb(job)
         assert route[1] == "result"
+        if isinstance(job.request, pb.ProfileJob):  # a profile job of an older client
+            profile = pb.ProfileJobResult(profile_job_id=job_id)
+            if job.state == pb.JOB_STATE_DONE:
+                profile.profile.CopyFrom(self.profile_detail(job))
+            return pb.JobResult(profile_job_result=profile)
         detail = self.profile_detail(job) if job.profiling else None
         result = pb.InferenceJobResult(
             inference_job_id=job_id, output_dataset_id=job.output_dataset_id
@@ -911,7 +950,8 @@ class FakeAIHub:
             quantize = self._job_fields(pb.QuantizeJob(), job, "quantize_job_id")
             quantize.calibration_dataset.creation_time.CopyFrom(_now())
             quantize.calibration_dataset.expiration_time.CopyFrom(_later())
-            quantize.target_model.CopyFrom(self.models[job.target_model_id].pb())
+            if job.seeded or job.state == pb.JOB_STATE_DONE:
+                quantize.target_model.CopyFrom(self.models[job.target_model_id].pb())
             return pb.Job(quantize_job=quantize)
         if job.kind == "compile":
             compile_job = pb.CompileJob()
@@ -924,10 +964,13 @@ class FakeAIHub:
             compile_job.creation_time.CopyFrom(_now())
             compile_job.device.CopyFrom(pb.Device(name=job.device, os="14"))
             target = self.models[job.target_model_id]
-            compile_job.target_model.CopyFrom(target.pb())
+            if job.seeded or job.state == pb.JOB_STATE_DONE:
+                compile_job.target_model.CopyFrom(target.pb())
             if target.inputs:
                 compile_job.target_tensor_type_list.CopyFrom(_tensor_list(target.inputs))
             return pb.Job(compile_job=compile_job)
+        if isinstance(job.request, pb.ProfileJob):
+            return pb.Job(profile_job=self._job_fields(pb.ProfileJob(), job, "profile_job_id"))
         inference = self._job_fields(pb.InferenceJob(), job, "inference_job_id")
         if inference.dataset.dataset_id:
             inference.dataset.creation_time.CopyFrom(_now())
@@ -1241,6 +1284,14 @@ _SUFFIXES = {
     pb.MODEL_TYPE_TFLITE: ".tflite",
     pb.MODEL_TYPE_ONNX: ".onnx",
 }
+
+
+def _xml(root: str, key: str, **fields: str) -> bytes:
+    """An S3 XML answer (``<root><Bucket/><Key/>...fields</root>``)."""
+    inner = f"<Bucket>{S3_BUCKET}</Bucket><Key>{key}</Key>"
+    inner += "".join(f"<{k}>{v}</{k}>" for k, v in fields.items())
+    ns = "http://s3.amazonaws.com/doc/2006-03-01/"
+    return f'<?xml version="1.0" encoding="UTF-8"?><{root} xmlns="{ns}">{inner}</{root}>'.encode()
 
 
 def _aws_chunked(body: bytes) -> bytes:

@@ -1273,7 +1273,7 @@ def test_identity_without_secrets(fake: FakeAIHub, tmp_path: Path) -> None:
     }
     assert identity["runtime"]["target_runtime"] == "qnn_context_binary"
     assert identity["hub"]["profile_iterations"] == 100
-    assert identity["qai_hub"] == str(qai_hub.__version__) == "0.56.0"
+    assert identity["qai_hub"] == str(qai_hub.__version__)  # the client installed
     assert identity["api_url"] == f"https://{API_HOST}"
     assert TOKEN not in json.dumps(identity)
     # How lpcvlab waits or records jobs does not change what a job computes.

@@ -272,9 +272,9 @@ class ExportResult:
 class QuantizeResult:
     """How a non-fp32 component was turned into the model that is deployed.
 
-    ``model`` is the quantized (or fp16) ONNX file when it exists on this machine: ``hub=local``'s
-    emulation, the model an AI Hub quantize job (``job_id``) made, downloaded, or the fp16
-    graph converted here and uploaded to AI Hub."""
+    ``model`` is the quantized (or fp16) ONNX file deployed in place of the export, when it
+    exists on this machine: ``hub=local``'s emulation, or the model an AI Hub quantize job
+    (``job_id``) made, downloaded. None for fp16 on AI Hub, which compiles the fp32 export."""
 
     component: str
     precision: str  # fp16 | w8a16 | w8a8

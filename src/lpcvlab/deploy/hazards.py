@@ -1,9 +1,13 @@
 """The hazard check: what in a graph would fail (or degrade) on the NPU, found on this machine.
 
-Every graph that will be compiled -- the export, and on ``hub=local`` the locally quantized or
-fp16 graph too -- is checked against :data:`RULES` for the run's device, runtime, precision and
-track before any hub stage (``export.lint``: ``error`` stops the run before any AI Hub job is
-created, ``warn`` prints and logs, ``off`` skips). Each rule has an ID, a one-line reason, the fix,
+Every graph that will be compiled -- the export, and the quantized or fp16 graph made for it
+(on ``hub=aihub`` the fp16 conversion made here only for this check) -- is checked against
+:data:`RULES` for the run's device, runtime, precision and track before any hub stage
+(``export.lint``: ``error`` stops the run before any AI Hub job is created, ``warn`` prints and
+logs, ``off`` skips). The submission contract (``track.contract``) is checked twice: on the
+export's I/O as the compile options will make it, and on ``hub=aihub`` on each compiled model's
+I/O as AI Hub reports it (:meth:`DeviceLint.check_compiled`, after the compile job, before its
+profile and inference). Each rule has an ID, a one-line reason, the fix,
 and where it comes from (the comment above it: release notes, AI Hub Models (AIHM), the QAIRT
 documentation, or a public LPCVC 2026 entry that hit it). Where a source is uncertain the entry
 says so.

@@ -10,9 +10,8 @@ the hub it wraps only for what it does not hold, and the hub alone decides how i
 A job also carries the component's precision
 (:class:`~lpcvlab.deploy.precision.ComponentPrecision`):
 a non-fp32 component is first *quantized* -- how is the hub's own (``hub=local`` emulates it with
-ONNX Runtime, ``hub=aihub`` submits a quantize job, or uploads the fp16 graph converted here
-and compiles it with the runtime's fp16 options) -- and the
-model that comes out is what is compiled, profiled and run.
+ONNX Runtime, ``hub=aihub`` submits a quantize job, or compiles the fp32 export with the
+runtime's fp16 options) -- and the model that comes out is what is compiled, profiled and run.
 """
 
 from __future__ import annotations

@@ -11,8 +11,11 @@ whom the compile job was shared with (``hub.share_with``). The run is tagged
 
 A component deployed in another precision than fp32 registers its deployed graph (the run's
 ``deployed_model/<component>``: the fp16 / quantized ONNX of hub=local, the AI Hub quantize job's
-model or the uploaded fp16 graph on hub=aihub), not the fp32 export; the version's
-``deployed_sha256`` and ``parent_model`` tags name it and its fp32 parent.
+model on hub=aihub), not the fp32 export; the version's ``deployed_sha256`` tag names what runs
+(on hub=aihub the compile job's ``.dlc`` / ``.bin``) and ``parent_model`` its fp32 parent. An fp16
+component on hub=aihub registers its fp32 export, the ONNX AI Hub compiled in fp16. The version's
+description says where its latency was measured (device and profile job, or the host CPU) and
+with which weights.
 
 A run logged with ``tracking.log_models=false`` has no logged models: its ONNX files are logged
 now from the export cache when they are still there (same sha256), else the command says so.

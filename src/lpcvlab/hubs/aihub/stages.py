@@ -38,14 +38,23 @@ data's hash and both dtypes. When it succeeds, its quantized ONNX model (QDQ) is
 :meth:`Stages.start_compile` compiles -- no upload, and the compile key names the quantize job
 instead of the export's hash -- and it is downloaded (``Model.download``, into
 ``<models_dir>/<quantize job ID>/``, once per job) as ``QuantizeResult.model``: the graph that is
-deployed, which the run logs as the component's model. A component in fp16 is converted to
-fp16 on this machine (:func:`~lpcvlab.deploy.precision.emulate.emulate`, I/O kept fp32): that
-graph is uploaded, compiled with the runtime's fp16 options (``runtime.fp16_options``:
-``--quantize_full_type float16 --quantize_io`` on the QNN runtimes) before
-``hub.extra_compile_options``, and logged. Either graph is shown to ``graph_check`` (the device
-lint) before its compile job. In both cases the device outputs are compared with the fp32
-export on this machine (``device_parity_*``): the quantized model lives on AI Hub, so that
-number includes the quantization error.
+deployed, which the run logs as the component's model. A component in fp16 is made as AIHM
+makes its fp16 models: the fp32 export is uploaded and compiled with the runtime's fp16 options
+(``runtime.fp16_options``: ``--quantize_full_type float16`` on the QNN runtimes) before
+``hub.extra_compile_options``; the export converted to fp16 on this machine
+(:func:`~lpcvlab.deploy.precision.emulate.emulate`) is only shown to ``graph_check`` (the device
+lint), as the quantized graph is, before its compile job. ``hub.quantize_io`` adds
+``--quantize_io`` to either (integer / float16 I/O). In both cases the device outputs are compared
+with the fp32 export on this machine (``device_parity_*``): the quantized model lives on AI Hub,
+so that number includes the quantization error.
+
+**What was built.** After each compile job the target model's I/O is read from its
+``TensorSpec`` (:func:`~lpcvlab.hubs.aihub.client.target_io`: name, shape, dtype, scale and zero
+point) and shown to ``compiled_check`` (the submission contract's check) before the profile and
+inference jobs; inputs are quantized and outputs dequantized with those scales where the I/O is
+quantized (:func:`~lpcvlab.hubs.aihub.settings.to_device` / ``from_device``). The target model
+itself (``.dlc`` / ``.bin``) is downloaded once per job into ``<models_dir>/<compile job ID>/``
+with its sha256 (``CompileResult.artifact``), and the QAIRT version it reports is an event.
 """
 
 from __future__ import annotations
