@@ -19,7 +19,12 @@ The fake behaves like the service where the hub relies on it:
 
 - compile jobs read the uploaded ONNX model (a file or a zipped ``.onnx`` directory), apply
   ``--truncate_64bit_io``, ``--force_channel_last_input`` and ``--output_names`` to the target
-  model's I/O, and take ``steps`` status polls to finish;
+  model's I/O, and take ``steps`` status polls to finish; ``--quantize_io`` makes a quantized
+  model's float I/O integer with the scale and zero point calibrated by its quantize job (the
+  target model's ``TensorSpec``), float16 with ``--quantize_full_type float16``;
+  ``--qairt_version`` must name a version the fake has (:data:`QAIRT_VERSIONS`; its default
+  otherwise) and the compiled model reports it in its metadata; a QNN target model's file is a
+  stand-in (``FAKE-QAIRT`` header, then the graph) that ``Model.download`` fetches;
 - inference jobs reject a dataset whose shape or dtype differs from the compiled input (as the
   device would), run the model with ONNX Runtime (channel-last inputs transposed back) and add a
   small deterministic error, as a device would;
@@ -32,10 +37,17 @@ The fake behaves like the service where the hub relies on it:
   ONNX-target compile makes an ONNX model (int32 inputs under ``--truncate_64bit_io``) that a
   quantize job can take, as AIHM's flow needs.
 
+Transfers go the way the client asks for them: qai-hub >= 0.52 asks for S3 credentials
+(``supports_s3_credentials=true``) and gets them, then boto3 talks to the fake's S3 (PutObject,
+multipart uploads, HeadObject, ranged GetObject) and the upload is confirmed; an older client
+(or ``offer_credentials = False``) gets pre-signed URLs. Older clients' profile jobs
+(``submit_profile_job``) are answered as profile jobs, 0.56's as inference jobs with profiling.
+
 It refuses what the service refuses: options a job type does not take (:data:`COMPILE_OPTIONS`,
 :data:`INFERENCE_OPTIONS`, :data:`QUANTIZE_OPTIONS`, 400), uploads over the size limits
 (``dataset_limit_bytes`` 2 GB, ``model_limit_bytes``), and on the QNN targets the graphs the
-compiler cannot take (ops outside the QNN HTP set, ``Erf`` among them; 64-bit I/O without
+compiler cannot take (the ops of its own :data:`REFUSED_OPS`, ``Erf`` among them -- a list kept
+apart from lpcvlab's lint, so the lint is tested against one it did not write; 64-bit I/O without
 ``--truncate_64bit_io``; dynamic dimensions); a w8a16 model on ``qnn_dlc`` compiles and then fails
 on the device (``MODEL_GRAPH_ERROR``). ``rate_limited[kind]`` answers that many creations of a job
 kind with 429, ``lost_answers[kind]`` drops that many creation answers after creating the job,

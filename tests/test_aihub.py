@@ -357,6 +357,27 @@ def test_a_float_to_integer_cast_without_a_scale_is_refused() -> None:
     assert half.dtype == np.float32
 
 
+def test_a_compiled_model_another_process_brought_down_is_used(
+    fake: FakeAIHub, models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sweep jobs reusing one compile job may download its target model at once: the one
+    whose folder lands second uses the first's, and leaves no partial folder behind."""
+    download = qai_hub.Model.download
+
+    def racing(self, filename, timeout=None):
+        final = Path(filename).parent / Path(filename).name.split(".")[1]
+        final.mkdir()
+        (final / "first.dlc").write_bytes(b"the other process's copy")
+        return download(self, filename, timeout)
+
+    monkeypatch.setattr(qai_hub.Model, "download", racing)
+    hub, _ = hub_with_events(tmp_path)
+    compiled = hub.compile(models["text_encoder"])
+    assert compiled.artifact.name == "first.dlc"
+    assert compiled.artifact_sha256 == file_sha256(compiled.artifact)
+    assert [p.name for p in compiled.artifact.parent.parent.iterdir()] == [compiled.job_id]
+
+
 def test_track2_channel_last_video(fake: FakeAIHub, models, tmp_path: Path) -> None:
     hub, _ = hub_with_events(
         tmp_path, runtime="qnn_context_binary", device="dragonwing_iq9075_evk", track="video"

@@ -739,7 +739,11 @@ class Stages:
                         lambda: target.download(str(partial)),
                         f"downloading the compiled model {target.model_id} of {job_id}",
                     )
-                partial.rename(folder)  # whole or not at all: a broken download is retried
+                try:  # whole or not at all: a broken download is retried
+                    partial.rename(folder)
+                except OSError:  # another process of a sweep brought the same file down first
+                    if _downloaded(folder) is None:
+                        raise
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
             found = _downloaded(folder)
