@@ -19,7 +19,12 @@ The fake behaves like the service where the hub relies on it:
 
 - compile jobs read the uploaded ONNX model (a file or a zipped ``.onnx`` directory), apply
   ``--truncate_64bit_io``, ``--force_channel_last_input`` and ``--output_names`` to the target
-  model's I/O, and take ``steps`` status polls to finish;
+  model's I/O, and take ``steps`` status polls to finish; ``--quantize_io`` makes a quantized
+  model's float I/O integer with the scale and zero point calibrated by its quantize job (the
+  target model's ``TensorSpec``), float16 with ``--quantize_full_type float16``;
+  ``--qairt_version`` must name a version the fake has (:data:`QAIRT_VERSIONS`; its default
+  otherwise) and the compiled model reports it in its metadata; a QNN target model's file is a
+  stand-in (``FAKE-QAIRT`` header, then the graph) that ``Model.download`` fetches;
 - inference jobs reject a dataset whose shape or dtype differs from the compiled input (as the
   device would), run the model with ONNX Runtime (channel-last inputs transposed back) and add a
   small deterministic error, as a device would;
@@ -32,10 +37,17 @@ The fake behaves like the service where the hub relies on it:
   ONNX-target compile makes an ONNX model (int32 inputs under ``--truncate_64bit_io``) that a
   quantize job can take, as AIHM's flow needs.
 
+Transfers go the way the client asks for them: qai-hub >= 0.52 asks for S3 credentials
+(``supports_s3_credentials=true``) and gets them, then boto3 talks to the fake's S3 (PutObject,
+multipart uploads, HeadObject, ranged GetObject) and the upload is confirmed; an older client
+(or ``offer_credentials = False``) gets pre-signed URLs. Older clients' profile jobs
+(``submit_profile_job``) are answered as profile jobs, 0.56's as inference jobs with profiling.
+
 It refuses what the service refuses: options a job type does not take (:data:`COMPILE_OPTIONS`,
 :data:`INFERENCE_OPTIONS`, :data:`QUANTIZE_OPTIONS`, 400), uploads over the size limits
 (``dataset_limit_bytes`` 2 GB, ``model_limit_bytes``), and on the QNN targets the graphs the
-compiler cannot take (ops outside the QNN HTP set, ``Erf`` among them; 64-bit I/O without
+compiler cannot take (the ops of its own :data:`REFUSED_OPS`, ``Erf`` among them -- a list kept
+apart from lpcvlab's lint, so the lint is tested against one it did not write; 64-bit I/O without
 ``--truncate_64bit_io``; dynamic dimensions); a w8a16 model on ``qnn_dlc`` compiles and then fails
 on the device (``MODEL_GRAPH_ERROR``). ``rate_limited[kind]`` answers that many creations of a job
 kind with 429, ``lost_answers[kind]`` drops that many creation answers after creating the job,
@@ -68,6 +80,7 @@ import qai_hub.public_api_pb2 as pb
 import urllib3.connection
 import urllib3.exceptions as u3
 from google.protobuf.timestamp_pb2 import Timestamp
+from onnx import numpy_helper
 from qai_hub.public_rest_api import DEFAULT_HUB_API_URL
 from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
 from requests_toolbelt.multipart.decoder import MultipartDecoder
@@ -75,8 +88,6 @@ from urllib3._collections import HTTPHeaderDict
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.response import HTTPResponse
 from urllib3.util.timeout import Timeout
-
-from lpcvlab.deploy.hazards import QNN_HTP_OPS, QNN_RUNTIMES
 
 API_HOST = urlsplit(DEFAULT_HUB_API_URL).hostname
 STORAGE = "fake-storage.invalid"
@@ -111,6 +122,27 @@ TARGET_RUNTIMES = frozenset(
      "precompiled_qnn_onnx"}
 )  # fmt: skip
 QUANTIZE_FULL_TYPES = frozenset({"int8", "int16", "w8a16", "w4a8", "w4a16", "float16"})
+# The targets the QAIRT compiler builds for the HTP, where the refusals below apply.
+QNN_TARGETS = frozenset({"qnn_dlc", "qnn_context_binary", "precompiled_qnn_onnx"})
+# Ops this fake's compiler refuses on the HTP: its own list, kept apart from lpcvlab's lint so
+# that the lint is tested against something it did not write. Erf: exact GELU failed to compile
+# on QAIRT 2.42-2.45 in a public 2026 Track 1 entry; the others have no HTP kernel in the QAIRT
+# "Supported ONNX Ops" table as read (data-dependent shapes, control flow, sampling, strings).
+REFUSED_OPS = frozenset(
+    {
+        "Erf", "NonZero", "NonMaxSuppression", "Unique", "Loop", "If", "Scan",
+        "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+        "StringNormalizer", "TfIdfVectorizer", "RoiAlign",
+    }
+)  # fmt: skip
+# QAIRT versions the fake service has (--qairt_version takes the API version; "default" and
+# "latest" are tags) and its default of the day. The real service's list changes with time.
+QAIRT_VERSIONS = {"2.40": "2.40.0", "2.41": "2.41.0", "2.42": "2.42.0", "2.43": "2.43.0",
+                  "2.44": "2.44.0", "2.45": "2.45.0"}  # fmt: skip
+QAIRT_DEFAULT = "2.45"
+QAIRT_LATEST = "2.45"
+S3_HOST_SUFFIX = ".amazonaws.com"  # where credential-based (boto3) transfers go
+S3_BUCKET = "fake-aihub-bucket"
 RANGE_SCHEMES = frozenset({"auto", "mse_minimizer", "min_max"})
 DATASET_LIMIT_BYTES = 2 * 1024**3  # AI Hub refuses datasets over 2 GB
 MODEL_LIMIT_BYTES = 10 * 1024**3  # model uploads (an ONNX directory with its .data)
@@ -145,18 +177,38 @@ def _later(days: int = 30) -> Timestamp:
     return ts
 
 
-def _tensor_list(specs: list[tuple[str, tuple[int, ...], str]]) -> pb.NamedTensorTypeList:
-    from qai_hub.api_utils import get_type_value_from_str
+_TYPE_VALUES = {
+    "float32": pb.TENSOR_DTYPE_FLOAT32,
+    "float16": pb.TENSOR_DTYPE_FLOAT16,
+    "int32": pb.TENSOR_DTYPE_INT32,
+    "int64": pb.TENSOR_DTYPE_INT64,
+    "int8": pb.TENSOR_DTYPE_INT8,
+    "uint8": pb.TENSOR_DTYPE_UINT8,
+    "int16": pb.TENSOR_DTYPE_INT16,
+    "uint16": pb.TENSOR_DTYPE_UINT16,
+}
 
-    return pb.NamedTensorTypeList(
-        types=[
-            pb.NamedTensorType(
-                name=name,
-                tensor_type=pb.TensorType(shape=list(shape), dtype=get_type_value_from_str(dtype)),
-            )
-            for name, shape, dtype in specs
-        ]
-    )
+
+class Tensor(NamedTuple):
+    """One compiled input or output: what the service reports as a ``TensorType``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+
+def _tensor_list(specs: list[Tensor] | list[tuple[str, tuple[int, ...], str]]):
+    types = []
+    for spec in specs:
+        t = Tensor(*spec)
+        tensor_type = pb.TensorType(shape=list(t.shape), dtype=_TYPE_VALUES[t.dtype])
+        if t.scale is not None:
+            tensor_type.scale = t.scale
+            tensor_type.zero_point = float(t.zero_point or 0)
+        types.append(pb.NamedTensorType(name=t.name, tensor_type=tensor_type))
+    return pb.NamedTensorTypeList(types=types)
 
 
 def _options(options: str) -> dict[str, str]:
@@ -187,6 +239,8 @@ def _option_problem(kind: str, options: str) -> str:
             return f"Invalid value for --quantize_full_type: {value!r}"
         if tok == "--range_scheme" and value not in RANGE_SCHEMES:
             return f"Invalid value for --range_scheme: {value!r}"
+        if tok == "--qairt_version" and value not in (*QAIRT_VERSIONS, "default", "latest"):
+            return f"QAIRT version {value!r} is not supported by AI Hub (--qairt_version)"
     return ""
 
 
@@ -220,11 +274,15 @@ class FakeModel:
     data: bytes = b""
     # compiled models only
     onnx_bytes: bytes = b""  # the source graph, runnable (external data folded in)
-    inputs: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
-    outputs: list[tuple[str, tuple[int, ...], str]] = field(default_factory=list)
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
     source_input: tuple[str, tuple[int, ...], str] | None = None
     channel_last: bool = False
     producer_id: str = ""
+    qairt_version: str = ""  # the full version the compiler used (model metadata)
+    # quantize jobs' models: the calibrated encodings of the graph's float inputs and outputs
+    # (tensor name -> integer dtype, scale, zero point), what --quantize_io gives the I/O
+    encodings: dict[str, tuple[str, float, int]] = field(default_factory=dict)
 
     def pb(self) -> pb.Model:
         model = pb.Model(
@@ -239,6 +297,9 @@ class FakeModel:
         if self.inputs:
             model.input_spec.CopyFrom(_tensor_list(self.inputs))
             model.output_spec.CopyFrom(_tensor_list(self.outputs))
+        if self.qairt_version:
+            key = pb.MODEL_METADATA_KEY_QAIRT_SDK_VERSION
+            model.metadata.entries[key] = self.qairt_version
         return model
 
 
@@ -257,6 +318,7 @@ class FakeJob:
     created_seq: int = 0
     done_seq: int | None = None
     calibration_samples: int = 0  # quantize jobs: samples the calibration dataset held
+    seeded: bool = False  # the client asked for the target model at creation
 
 
 class _Blobs(MutableMapping[str, bytes]):
@@ -327,6 +389,10 @@ class FakeAIHub:
         self.dataset_limit_bytes = DATASET_LIMIT_BYTES
         self.model_limit_bytes = MODEL_LIMIT_BYTES
         self._uploads: dict[str, bytes] = {}
+        self.s3_objects: dict[str, bytes] = {}  # uploads made with S3 credentials, by key
+        self._parts: dict[str, dict[int, bytes]] = {}  # multipart uploads in progress
+        self.offer_credentials = True  # answer S3 credentials to a client that asks for them
+        self.credential_transfers: list[str] = []  # what went through S3 credentials
         self._seq = 0
         self._ids = 0
 
@@ -462,6 +528,8 @@ class FakeAIHub:
         data = _body_bytes(body)
         if parts.hostname == STORAGE:
             return self._storage(headers, method, parts.path, data)
+        if (parts.hostname or "").endswith(S3_HOST_SUFFIX):
+            return self._s3(parts.hostname or "", headers, method, parts.path, data, parts.query)
         if parts.hostname != API_HOST:
             raise AssertionError(f"unexpected host in {method} {full}")
         path = parts.path
@@ -481,6 +549,87 @@ class FakeAIHub:
             return result
         status, message = result if isinstance(result, tuple) else (200, result)
         return _Answer(status, message.SerializeToString())
+
+    # ------------------------------------------------------------------ S3-style transfers
+
+    def _credentials(self, key: str, filename: str = "") -> pb.S3Credentials:
+        """Short-lived single-object credentials, as AI Hub hands them to a client that asks
+        (``supports_s3_credentials=true``, qai-hub >= 0.52): boto3 then talks to S3 itself."""
+        expires = _now()
+        expires.seconds += 3600
+        return pb.S3Credentials(
+            access_key_id="ASIAFAKEAIHUB0000000",
+            secret_access_key="fake-secret-access-key",
+            session_token="fake-session-token",
+            expiration=expires,
+            bucket=S3_BUCKET,
+            key=key,
+            region="us-west-2",
+            use_transfer_acceleration=False,
+            filename=filename,
+        )
+
+    def _s3(
+        self, host: str, headers: Any, method: str, path: str, body: bytes, query: str = ""
+    ) -> _Answer:
+        """The S3 API calls boto3's transfer manager makes: PutObject, the multipart upload
+        (Create / UploadPart / Complete / Abort) of a file over its threshold, HeadObject and
+        GetObject with a byte range (virtual-hosted or path-style; aws-chunked bodies decoded)."""
+        key = path.lstrip("/")
+        if not host.startswith(f"{S3_BUCKET}."):
+            bucket, _, key = key.partition("/")
+            assert bucket == S3_BUCKET, (host, path)
+        q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        if method in ("PUT", "POST") and "aws-chunked" in str(headers.get("Content-Encoding", "")):
+            body = _aws_chunked(body)
+        xml = "application/xml"
+        if method == "POST" and "uploads" in q:  # CreateMultipartUpload
+            upload_id = f"mpu-{len(self._parts) + 1}"
+            self._parts[upload_id] = {}
+            return _Answer(200, _xml("InitiateMultipartUploadResult", key, UploadId=upload_id), xml)
+        if method == "PUT" and "uploadId" in q:  # UploadPart
+            self._parts[q["uploadId"]][int(q["partNumber"])] = body
+            return _Answer(200, b"", "text/plain", {"ETag": f'"part-{q["partNumber"]}"'})
+        if method == "POST" and "uploadId" in q:  # CompleteMultipartUpload
+            parts = self._parts.pop(q["uploadId"])
+            body = b"".join(parts[n] for n in sorted(parts))
+            method = "PUT"
+            done = _xml("CompleteMultipartUploadResult", key, ETag=f'"etag-{len(body)}"')
+        else:
+            done = b""
+        if method == "DELETE" and "uploadId" in q:  # AbortMultipartUpload
+            self._parts.pop(q["uploadId"], None)
+            return _Answer(204, b"", "text/plain")
+        if method == "PUT":
+            if len(body) > self.model_limit_bytes:
+                return self._refuse(f"upload of {len(body)} bytes is over the limit", 413)
+            self.s3_objects[key] = body
+            return _Answer(
+                200, done, xml if done else "text/plain", {"ETag": f'"etag-{len(body)}"'}
+            )
+        data = self._s3_object(key, count=method == "GET")
+        if data is None:
+            return _Answer(404, b"<Error><Code>NoSuchKey</Code></Error>", xml)
+        if method == "HEAD":
+            return _Answer(200, b"", "application/octet-stream", {"Content-Length": str(len(data))})
+        assert method == "GET", (method, path)
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", str(headers.get("Range", "")))
+        if ranged:
+            a = int(ranged.group(1))
+            b = int(ranged.group(2)) if ranged.group(2) else len(data) - 1
+            content_range = {"Content-Range": f"bytes {a}-{b}/{len(data)}"}
+            return _Answer(206, data[a : b + 1], "application/octet-stream", content_range)
+        return _Answer(200, data, "application/octet-stream", {"ETag": f'"etag-{len(data)}"'})
+
+    def _s3_object(self, key: str, count: bool) -> bytes | None:
+        parts = key.split("/")
+        if parts[0] == "models" and parts[-1] == "data":
+            if count:
+                self.model_downloads.append(parts[1])
+            return self.models[parts[1]].data
+        if parts[0] == "datasets" and parts[-1] == "data":
+            return self.datasets[parts[1]]
+        return self.s3_objects.get(key)
 
     def _storage(self, headers: Any, method: str, path: str, body: bytes) -> _Answer:
         if method == "PUT":  # a part of a multipart model upload
@@ -537,6 +686,9 @@ class FakeAIHub:
 
     # ------------------------------------------------------------------ models
 
+    def _wants_credentials(self, params: dict[str, str]) -> bool:
+        return self.offer_credentials and params.get("supports_s3_credentials") == "true"
+
     def _post_models(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
         if not route:
             request = pb.Model()
@@ -547,6 +699,9 @@ class FakeAIHub:
             )
             return pb.CreateUpdateResponse(id=model_id, creation_time=_now())
         model_id, action = route[0], route[1]
+        if action == "upload_complete":  # the credentials path: the object is in S3
+            self.models[model_id].data = self.s3_objects.pop(f"models/{model_id}/upload")
+            return pb.CreateUpdateResponse(id=model_id)
         assert action == "multipart_upload"
         complete = pb.FileMultipartUploadComplete()
         complete.ParseFromString(body)
@@ -561,11 +716,20 @@ class FakeAIHub:
         if route[1] == "download":  # Model.download: a URL to GET the model's file from
             model = self.models[model_id]
             assert model.data, f"model {model_id} has no file yet"
-            suffix = ".onnx.zip" if model.is_directory else ".onnx"
+            suffix = _SUFFIXES.get(model.model_type, ".onnx")
+            suffix = ".onnx.zip" if model.is_directory else suffix
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name) + suffix
+            if self._wants_credentials(params):
+                self.credential_transfers.append(f"download model {model_id}")
+                credentials = self._credentials(f"models/{model_id}/data", name)
+                return pb.FileDownloadResponse(credentials=credentials)
             url = f"https://{STORAGE}/models/{model_id}/data"
             return pb.FileDownloadResponse(url=pb.FileDownloadURL(url=url, filename=name))
         assert route[1] == "multipart_upload"
+        if self._wants_credentials(params):
+            self.credential_transfers.append(f"upload model {model_id}")
+            credentials = self._credentials(f"models/{model_id}/upload")
+            return pb.FileUploadResponse(credentials=credentials)
         size = int(params["file_size"])
         return pb.FileUploadResponse(
             multipart_url=pb.FileMultipartUploadURL(
@@ -578,6 +742,8 @@ class FakeAIHub:
     # ------------------------------------------------------------------ datasets
 
     def _post_datasets(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
+        if route and route[-1] == "upload_complete":
+            return self._post_datasets_complete(route[0])
         request = pb.Dataset()
         request.ParseFromString(body)
         dataset_id = self._new_id("d")
@@ -585,6 +751,13 @@ class FakeAIHub:
         return pb.CreateUpdateResponse(
             id=dataset_id, creation_time=_now(), expiration_time=_later()
         )
+
+    def _post_datasets_complete(self, dataset_id: str) -> Any:
+        data = self.s3_objects.pop(f"datasets/{dataset_id}.h5")
+        if len(data) > self.dataset_limit_bytes:
+            return self._refuse(f"dataset of {len(data)} bytes is over the 2 GB limit", 400)
+        self.datasets[dataset_id] = data
+        return pb.CreateUpdateResponse(id=dataset_id)
 
     def _patch_datasets(self, route: list[str], params: dict[str, str], body: bytes) -> Any:
         assert route[0] in self.datasets, "dataset confirmed before its upload"
@@ -600,6 +773,10 @@ class FakeAIHub:
                 expiration_time=_later(-1 if dataset_id in self.expired else 30),
             )
         if route[1] == "upload_url":
+            if self._wants_credentials(params):
+                self.credential_transfers.append(f"upload dataset {dataset_id}")
+                credentials = self._credentials(f"datasets/{dataset_id}.h5")
+                return pb.FileUploadResponse(credentials=credentials)
             return pb.FileUploadResponse(
                 url=pb.FileUploadURL(
                     url=f"https://{STORAGE}/datasets/{dataset_id}",
@@ -608,6 +785,10 @@ class FakeAIHub:
                 )
             )
         assert route[1] == "download_data"
+        if self._wants_credentials(params):
+            self.credential_transfers.append(f"download dataset {dataset_id}")
+            credentials = self._credentials(f"datasets/{dataset_id}/data", f"{dataset_id}.h5")
+            return pb.FileDownloadResponse(credentials=credentials)
         return pb.FileDownloadResponse(
             url=pb.FileDownloadURL(
                 url=f"https://{STORAGE}/datasets/{dataset_id}/data", filename=f"{dataset_id}.h5"
@@ -633,9 +814,8 @@ class FakeAIHub:
             job = FakeJob(
                 job_id, "compile", request.compile_job, request.compile_job.devices.devices[0].name
             )
-            # Like the service (?seed_target_model=true), the target model exists from the start;
-            # the compiler fills it in when the job finishes.
-            assert params.get("seed_target_model") == "true"
+            # Like the service: with ?seed_target_model=true (qai-hub >= 0.53) the target model
+            # is shown from the start, else once the job is done; the compiler fills it in.
             target = _options(request.compile_job.options).get("--target_runtime", "tflite")
             source = self.models[request.compile_job.model.model_id]
             job.target_model_id = self._new_id("m")
@@ -647,7 +827,6 @@ class FakeAIHub:
             )
         elif which == "quantize_job":
             quantize = request.quantize_job
-            assert params.get("seed_target_model") == "true"
             source = self.models[quantize.model.model_id]
             job = FakeJob(job_id, "quantize", quantize, "")
             job.target_model_id = self._new_id("m")
@@ -666,9 +845,13 @@ class FakeAIHub:
                 inference.device.name,
                 profiling=inference.is_profiling_on,
             )
+        elif which == "profile_job":  # qai-hub < 0.56: submit_profile_job
+            profile = request.profile_job
+            job = FakeJob(job_id, "inference", profile, profile.device.name, profiling=True)
         else:
             raise AssertionError(f"unexpected job type {which}")
         job.created_seq = self._seq
+        job.seeded = params.get("seed_target_model") == "true"
         self.jobs[job_id] = job
         if self.lost_answers.get(kind, 0) > 0:  # created, but the answer never arrives
             self.lost_answers[kind] -= 1
@@ -721,6 +904,11 @@ class FakeAIHub:
             self._advance(job)
             return self._job_pb(job)
         assert route[1] == "result"
+        if isinstance(job.request, pb.ProfileJob):  # a profile job of an older client
+            profile = pb.ProfileJobResult(profile_job_id=job_id)
+            if job.state == pb.JOB_STATE_DONE:
+                profile.profile.CopyFrom(self.profile_detail(job))
+            return pb.JobResult(profile_job_result=profile)
         detail = self.profile_detail(job) if job.profiling else None
         result = pb.InferenceJobResult(
             inference_job_id=job_id, output_dataset_id=job.output_dataset_id
@@ -774,7 +962,8 @@ class FakeAIHub:
             quantize = self._job_fields(pb.QuantizeJob(), job, "quantize_job_id")
             quantize.calibration_dataset.creation_time.CopyFrom(_now())
             quantize.calibration_dataset.expiration_time.CopyFrom(_later())
-            quantize.target_model.CopyFrom(self.models[job.target_model_id].pb())
+            if job.seeded or job.state == pb.JOB_STATE_DONE:
+                quantize.target_model.CopyFrom(self.models[job.target_model_id].pb())
             return pb.Job(quantize_job=quantize)
         if job.kind == "compile":
             compile_job = pb.CompileJob()
@@ -787,10 +976,13 @@ class FakeAIHub:
             compile_job.creation_time.CopyFrom(_now())
             compile_job.device.CopyFrom(pb.Device(name=job.device, os="14"))
             target = self.models[job.target_model_id]
-            compile_job.target_model.CopyFrom(target.pb())
+            if job.seeded or job.state == pb.JOB_STATE_DONE:
+                compile_job.target_model.CopyFrom(target.pb())
             if target.inputs:
                 compile_job.target_tensor_type_list.CopyFrom(_tensor_list(target.inputs))
             return pb.Job(compile_job=compile_job)
+        if isinstance(job.request, pb.ProfileJob):
+            return pb.Job(profile_job=self._job_fields(pb.ProfileJob(), job, "profile_job_id"))
         inference = self._job_fields(pb.InferenceJob(), job, "inference_job_id")
         if inference.dataset.dataset_id:
             inference.dataset.creation_time.CopyFrom(_now())
@@ -807,12 +999,20 @@ class FakeAIHub:
                 raise _JobFailure(reason)
         graph = _load_onnx(source)
         options = _options(request.options)
+        runtime = options.get("--target_runtime", "tflite")
         truncate = "--truncate_64bit_io" in options
         forced = set(filter(None, options.get("--force_channel_last_input", "").split(",")))
         out_names = [n for n in options.get("--output_names", "").split(",") if n]
+        # --quantize_io: a quantized (QDQ) model's float I/O becomes the integer type of its
+        # input / output encodings, with their scale and zero point; with --quantize_full_type
+        # float16 the I/O is float16. Without it, I/O stays float32.
+        quantize_io = "--quantize_io" in options
+        float16 = options.get("--quantize_full_type") == "float16"
+        version = options.get("--qairt_version", "default")
+        version = {"default": QAIRT_DEFAULT, "latest": QAIRT_LATEST}.get(version, version)
 
         specs = {t.name: t for t in request.tensor_type_list.types}
-        self._compiler_refusals(graph, options.get("--target_runtime", "tflite"), truncate, specs)
+        self._compiler_refusals(graph, runtime, truncate, specs)
         inputs, source_input, channel_last = [], None, False
         for value in graph.graph.input:
             dims = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
@@ -825,35 +1025,69 @@ class FakeAIHub:
             if value.name in forced and len(dims) >= 3:
                 dims = (dims[0], *dims[2:], dims[1])
                 channel_last = True
-            inputs.append((value.name, dims, dtype))
+            inputs.append(self._io_tensor(source, graph, value.name, dims, dtype, "input", request))
         outputs = []
         for i, value in enumerate(graph.graph.output):
             dims = tuple(d.dim_value for d in value.type.tensor_type.shape.dim)
             name = out_names[i] if i < len(out_names) else f"output_{i}"
-            outputs.append((name, dims, _DTYPES[value.type.tensor_type.elem_type]))
+            dtype = _DTYPES[value.type.tensor_type.elem_type]
+            tensor = self._io_tensor(source, graph, value.name, dims, dtype, "output", request)
+            outputs.append(tensor._replace(name=name))
+        if not quantize_io:
+            inputs = [t._replace(scale=None, zero_point=None) for t in inputs]
+            outputs = [t._replace(scale=None, zero_point=None) for t in outputs]
         target = self.models[job.target_model_id]
         target.onnx_bytes = graph.SerializeToString()
         target.inputs = inputs
         target.outputs = outputs
         target.source_input = source_input
         target.channel_last = channel_last
-        if options.get("--target_runtime") == "onnx":  # the target is itself an ONNX model
+        if runtime in QNN_TARGETS:
+            target.qairt_version = QAIRT_VERSIONS[version]
+        if runtime == "onnx":  # the target is itself an ONNX model
             target.data = _onnx_target(graph, truncate, out_names).SerializeToString()
+        else:  # a stand-in for the .dlc / .bin: what was built, from what, how
+            header = {"runtime": runtime, "options": request.options, "qairt": version}
+            header |= {"float16": float16, "inputs": inputs, "outputs": outputs}
+            target.data = b"FAKE-QAIRT " + json.dumps(header).encode() + b"\n" + target.onnx_bytes
+
+    @staticmethod
+    def _io_tensor(
+        source: FakeModel,
+        graph: onnx.ModelProto,
+        name: str,
+        dims: tuple[int, ...],
+        dtype: str,
+        kind: str,
+        request: pb.CompileJob,
+    ) -> Tensor:
+        """One compiled input or output (scale / zero point kept only under --quantize_io)."""
+        options = _options(request.options)
+        if dtype != "float32" or "--quantize_io" not in options:
+            return Tensor(name, dims, dtype)
+        if options.get("--quantize_full_type") == "float16":
+            return Tensor(name, dims, "float16")
+        found = source.encodings.get(name) or _qdq_params(graph, name, kind)
+        if found is None:  # a float model: --quantize_io has nothing to quantize
+            return Tensor(name, dims, dtype)
+        qdtype, scale, zero = found
+        return Tensor(name, dims, qdtype, scale, zero)
 
     def _compiler_refusals(
         self, graph: onnx.ModelProto, runtime: str, truncate: bool, specs: dict[str, Any]
     ) -> None:
-        """What the QAIRT compiler refuses on the HTP (the QNN targets): Erf and other ops
-        outside the QNN HTP op set, 64-bit I/O without --truncate_64bit_io, unfixed dims."""
+        """What the QAIRT compiler refuses on the HTP (the QNN targets): the ops of this fake's
+        own REFUSED_OPS (Erf among them), 64-bit I/O without --truncate_64bit_io, unfixed
+        dims."""
 
         def fail(reason: str) -> None:
             self.refused.append(reason)
             raise _JobFailure(reason)
 
-        if runtime not in QNN_RUNTIMES:
+        if runtime not in QNN_TARGETS:
             return
         for node in graph.graph.node:
-            if node.op_type not in QNN_HTP_OPS:
+            if node.op_type in REFUSED_OPS or node.domain not in ("", "ai.onnx"):
                 fail(f"Failed to compile: op {node.op_type} ({node.name}) is not supported on HTP")
         for value in [*graph.graph.input, *graph.graph.output]:
             elem = value.type.tensor_type.elem_type
@@ -888,7 +1122,9 @@ class FakeAIHub:
                     )
             job.calibration_samples = len(samples)
         int16 = request.activations_dtype == pb.QUANTIZE_DTYPE_INT16
-        self.models[job.target_model_id].data = _quantized_qdq(graph, entries, int16)
+        target = self.models[job.target_model_id]
+        target.data = _quantized_qdq(graph, entries, int16)
+        target.encodings = _io_encodings(graph, entries, "uint16" if int16 else "uint8")
 
     def _finish_inference(self, job: FakeJob) -> None:
         request: pb.InferenceJob = job.request
@@ -904,29 +1140,39 @@ class FakeAIHub:
         model = self.models[request.model.model_id]
         with h5py.File(io.BytesIO(self.datasets[request.dataset.dataset_id]), "r") as h5:
             entries = h5_to_dataset_entries(h5)
-        ((name, device_shape, device_dtype),) = model.inputs
+        (spec,) = model.inputs
+        out_spec = model.outputs[0]
         assert model.source_input is not None
         source_name, _, source_dtype = model.source_input
-        samples = entries.get(name)
+        samples = entries.get(spec.name)
         if samples is None:
-            raise _JobFailure(f"dataset has no input {name!r} (has {sorted(entries)})")
+            raise _JobFailure(f"dataset has no input {spec.name!r} (has {sorted(entries)})")
         session = ort.InferenceSession(model.onnx_bytes, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(len(samples))
         outputs = []
         for x in samples:
-            if tuple(x.shape) != device_shape or str(x.dtype) != device_dtype:
+            if tuple(x.shape) != spec.shape or str(x.dtype) != spec.dtype:
                 raise _JobFailure(
-                    f"input {name} is {tuple(x.shape)} {x.dtype}, the model takes "
-                    f"{device_shape} {device_dtype}"
+                    f"input {spec.name} is {tuple(x.shape)} {x.dtype}, the model takes "
+                    f"{spec.shape} {spec.dtype}"
                 )
+            if spec.scale is not None:  # quantized I/O: the device reads the integer encoding
+                x = (x.astype(np.float32) - np.float32(spec.zero_point)) * np.float32(spec.scale)
             if model.channel_last:
                 x = np.moveaxis(x, -1, 1)
             y = session.run(None, {source_name: x.astype(source_dtype)})[0]
             scale = self.noise * (float(np.abs(y).max()) or 1.0)
-            outputs.append((y + rng.normal(0, scale, y.shape)).astype(y.dtype))
+            y = (y + rng.normal(0, scale, y.shape)).astype(y.dtype)
+            if out_spec.scale is not None:
+                info = np.iinfo(out_spec.dtype)
+                q = np.rint(y / out_spec.scale) + out_spec.zero_point
+                y = np.clip(q, info.min, info.max).astype(out_spec.dtype)
+            elif out_spec.dtype == "float16":
+                y = y.astype(np.float16)
+            outputs.append(y)
         buffer = io.BytesIO()
         with h5py.File(buffer, "w") as h5:
-            dataset_entries_to_h5({model.outputs[0][0]: outputs}, h5)
+            dataset_entries_to_h5({out_spec.name: outputs}, h5)
         dataset_id = self._new_id("d")
         self.datasets[dataset_id] = buffer.getvalue()
         job.output_dataset_id = dataset_id
@@ -1042,6 +1288,76 @@ def _quantized_qdq(
             extra_options={"ActivationSymmetric": int16},
         )
         return dst.read_bytes()
+
+
+_SUFFIXES = {
+    pb.MODEL_TYPE_QNN_DLC: ".dlc",
+    pb.MODEL_TYPE_QNN_CONTEXT_BINARY: ".bin",
+    pb.MODEL_TYPE_TFLITE: ".tflite",
+    pb.MODEL_TYPE_ONNX: ".onnx",
+}
+
+
+def _xml(root: str, key: str, **fields: str) -> bytes:
+    """An S3 XML answer (``<root><Bucket/><Key/>...fields</root>``)."""
+    inner = f"<Bucket>{S3_BUCKET}</Bucket><Key>{key}</Key>"
+    inner += "".join(f"<{k}>{v}</{k}>" for k, v in fields.items())
+    ns = "http://s3.amazonaws.com/doc/2006-03-01/"
+    return f'<?xml version="1.0" encoding="UTF-8"?><{root} xmlns="{ns}">{inner}</{root}>'.encode()
+
+
+def _aws_chunked(body: bytes) -> bytes:
+    """The payload of an ``aws-chunked`` body (``<hex size>[;...]\r\n<data>\r\n`` ... ``0``
+    then trailers), as botocore sends an upload with a trailing checksum."""
+    out, rest = bytearray(), body
+    while rest:
+        line, _, rest = rest.partition(b"\r\n")
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        rest = rest[size + 2 :]
+    return bytes(out)
+
+
+def _io_encodings(
+    graph: onnx.ModelProto, entries: dict[str, list[np.ndarray]], dtype: str
+) -> dict[str, tuple[str, float, int]]:
+    """Asymmetric min-max encodings (range widened to hold 0) of the graph's float inputs and
+    outputs over the calibration samples, as a quantizer calibrates them."""
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    values: dict[str, list[np.ndarray]] = {n: list(entries[n]) for n in names}
+    for i in range(len(entries[names[0]])):
+        outs = session.run(None, {n: entries[n][i] for n in names})
+        for out, array in zip(session.get_outputs(), outs, strict=True):
+            values.setdefault(out.name, []).append(array)
+    top = float(np.iinfo(dtype).max)
+    encodings = {}
+    for name, arrays in values.items():
+        if not np.issubdtype(arrays[0].dtype, np.floating):
+            continue  # token IDs stay integers
+        lo = min(0.0, min(float(a.min()) for a in arrays))
+        hi = max(0.0, max(float(a.max()) for a in arrays))
+        scale = (hi - lo) / top or 1.0
+        encodings[name] = (dtype, scale, int(round(-lo / scale)))
+    return encodings
+
+
+def _qdq_params(graph: onnx.ModelProto, name: str, kind: str) -> tuple[str, float, int] | None:
+    """(integer dtype, scale, zero point) of the QuantizeLinear that takes graph input ``name``
+    (``kind="input"``) or the DequantizeLinear that gives graph output ``name``: what the
+    compiler makes of a QDQ model's I/O under --quantize_io. None when there is none."""
+    inits = {i.name: i for i in graph.graph.initializer}
+    for node in graph.graph.node:
+        hit = (kind == "input" and node.op_type == "QuantizeLinear" and node.input[0] == name) or (
+            kind == "output" and node.op_type == "DequantizeLinear" and node.output[0] == name
+        )
+        if hit and len(node.input) >= 3 and node.input[1] in inits and node.input[2] in inits:
+            scale = float(numpy_helper.to_array(inits[node.input[1]]).reshape(-1)[0])
+            zero = numpy_helper.to_array(inits[node.input[2]])
+            return str(zero.dtype), scale, int(zero.reshape(-1)[0])
+    return None
 
 
 def _load_onnx(model: FakeModel) -> onnx.ModelProto:

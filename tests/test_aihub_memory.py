@@ -128,24 +128,30 @@ def test_at_most_the_window_is_in_flight_and_temp_files_go(
     assert all(name.endswith(".onnx") for name in left) and len(left) <= 1, left
 
 
+@pytest.mark.parametrize("credentials", [False, True], ids=["presigned", "s3_credentials"])
 def test_a_failed_upload_leaves_no_temp_file(
     fake: FakeAIHub,  # noqa: F811
     models,  # noqa: F811
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    credentials: bool,
 ) -> None:
     from lpcvlab.errors import RuntimeStageError
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    fake.offer_credentials = credentials
     hub = make_hub(tmp_path)
     compiled = hub.compile(models["image_encoder"])
-    upload = lambda m, p: m == "POST" and p.startswith("/datasets")  # noqa: E731
-    fake.fail_requests(upload, times=99, failure=503)
+    # the storage upload of the dataset: a form POST to a pre-signed URL, or boto3's PUT
+    upload = lambda m, p: m in ("POST", "PUT") and p.startswith("/datasets")  # noqa: E731
+    # 503 is retried by the client's urllib3; boto3 would back off for seconds, so 400 there
+    fake.fail_requests(upload, times=99, failure=400 if credentials else 503)
     with pytest.raises(RuntimeStageError, match="uploading the inputs"):
         hub.infer(compiled, np.zeros((2, 3, 8, 8), np.float32))
     # The inputs' h5 file went with lpcvlab's folder; the client's own placeholder (it makes an
     # empty temporary file even for an upload by path, and removes it only on success) is empty.
     left = [p for p in scratch.iterdir() if not p.name.endswith(".onnx")]  # model staging
-    assert left and all(p.is_file() and p.stat().st_size == 0 for p in left), left
+    assert all(p.is_file() and p.stat().st_size == 0 for p in left), left
+    assert left or credentials  # the pre-signed path's placeholder is the client's

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow.onnx
 import onnx
 import pytest
+from aihub_fake import _load_onnx
 from mlflow.tracking import MlflowClient
 from test_aihub import fake  # noqa: F401  (the fixture)
 from test_pipeline_aihub import _aihub_cfg
@@ -71,11 +72,20 @@ def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(
     (quantize,) = fake.jobs_of("quantize")
     # The quantized graph came down and was linted before the compile job that takes it.
     assert ("text_encoder", "w8a8", 0) in seen
-    # The quantize job's target model came down once, through the client's Model.download.
-    assert fake.model_downloads == [quantize.target_model_id]
+    # The quantize job's target model came down once, through the client's Model.download,
+    # and so did each device compile's target model (what runs: the deployed artifact).
+    device = [
+        j for j in fake.jobs_of("compile") if "--target_runtime onnx" not in j.request.options
+    ]
+    downloads = sorted([quantize.target_model_id, *(j.target_model_id for j in device)])
+    assert sorted(fake.model_downloads) == downloads
     downloaded = find_onnx(Path(cfg.paths.cache_dir) / "aihub_models" / quantize.job_id)
     assert downloaded is not None
-    assert tags["deployed_sha256/text_encoder"] == file_sha256(downloaded)
+    assert tags["onnx_sha256/text_encoder/w8a8"] == file_sha256(downloaded)
+    (text_compile,) = [j for j in device if "text_encoder" in j.request.name]
+    compiled = hashlib.sha256(fake.models[text_compile.target_model_id].data).hexdigest()
+    assert tags["deployed_sha256/text_encoder"] == compiled  # the .dlc, not the QDQ ONNX
+    assert tags["deployed_artifact/text_encoder"].endswith(".dlc")
     deployed = client.get_logged_model(tags["deployed_model/text_encoder"])
     parent = client.get_logged_model(tags["parent_model/text_encoder"])
     assert deployed.tags["deployed_graph"] == "w8a8"
@@ -100,12 +110,12 @@ def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(
     image = client.get_logged_model(versions["image_encoder"].model_id)  # fp32: its export
     assert image.tags["onnx_sha256"] == tags["onnx_sha256/image_encoder"]
     version = client.get_model_version(versions["text_encoder"].name, "1")
-    assert version.tags["deployed_sha256"] == file_sha256(downloaded)
+    assert version.tags["deployed_sha256"] == compiled
     assert version.tags["parent_model"] == parent.model_id
 
-    # Again: the quantize job is reused from the ledger, and so is its downloaded file.
+    # Again: the quantize job is reused from the ledger, and so are the downloaded files.
     again = pipeline.run(cfg, work_dir=tmp_path / "again")
-    assert fake.model_downloads == [quantize.target_model_id]
+    assert sorted(fake.model_downloads) == downloads
     again_tags = client.get_run(again.run_id).data.tags
     assert again_tags["deployed_sha256/text_encoder"] == tags["deployed_sha256/text_encoder"]
 
@@ -147,36 +157,54 @@ def _aihub_run(fake, tmp_path, monkeypatch, image: str, text: str, *extra: str):
     return cfg, res, MlflowClient(cfg.tracking.uri).get_run(res.run_id), seen
 
 
-def test_an_fp16_component_on_aihub_uploads_and_logs_its_fp16_graph(
+def test_an_fp16_component_on_aihub_uploads_the_fp32_export_and_logs_the_compiled_model(
     fake,  # noqa: F811
     tmp_path,
     monkeypatch,
 ):
+    """fp16 as AIHM makes it: the fp32 export goes up with the runtime's fp16 options; the fp16
+    graph converted here is only linted; what AI Hub built (the compile job's .dlc) is logged
+    as the deployed artifact and deployed_sha256 names it."""
     cfg, res, run, seen = _aihub_run(fake, tmp_path, monkeypatch, "fp16", "fp32")
     client = MlflowClient(cfg.tracking.uri)
     tags = run.data.tags
-    # No quantize job: the fp16 graph is made here, checked, uploaded and compiled with the
-    # runtime's fp16 options.
     assert fake.jobs_of("quantize") == []
     (compile_job,) = [j for j in fake.jobs_of("compile") if "image_encoder" in j.request.name]
-    assert "--quantize_full_type float16 --quantize_io" in compile_job.request.options
-    uploaded = fake.models[compile_job.request.model.model_id].data
-    assert ("image_encoder", "fp16", 0) in seen  # linted before its compile job existed
-    deployed = client.get_logged_model(tags["deployed_model/image_encoder"])
-    parent = client.get_logged_model(tags["parent_model/image_encoder"])
-    assert deployed.tags["deployed_graph"] == "fp16"
-    assert deployed.tags["parent_model_id"] == parent.model_id != deployed.model_id
-    assert parent.tags["onnx_sha256"] == tags["onnx_sha256/image_encoder"]  # the fp32 export
-    assert tags["deployed_sha256/image_encoder"] == hashlib.sha256(uploaded).hexdigest()
-    assert deployed.tags["onnx_sha256"] == tags["deployed_sha256/image_encoder"]
-    graph = mlflow.onnx.load_model(f"models:/{deployed.model_id}")
-    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in graph.graph.initializer}
-    assert graph.SerializeToString() == uploaded
-    assert "deployed_model/text_encoder" not in tags  # fp32: its export is what is deployed
+    options = compile_job.request.options
+    assert "--quantize_full_type float16" in options and "--quantize_io" not in options
+    assert "--qairt_version 2.42" in options
+    # what went up is the fp32 export itself
+    uploaded = _load_onnx(fake.models[compile_job.request.model.model_id])
+    export = onnx.load(str(next(Path(cfg.paths.cache_dir, "onnx").glob("image_encoder-*.onnx"))))
+    assert uploaded.graph.SerializeToString() == export.graph.SerializeToString()
+    assert tags["onnx_sha256/image_encoder"] == file_sha256(
+        next(Path(cfg.paths.cache_dir, "onnx").glob("image_encoder-*.onnx"))
+    )
+    assert ("image_encoder", "fp16", 0) in seen  # the local fp16 graph, linted before compile
+    # the deployed artifact: the compile job's target model, downloaded once, logged, named
+    target = fake.models[compile_job.target_model_id]
+    assert fake.model_downloads.count(target.model_id) == 1
+    sha = hashlib.sha256(target.data).hexdigest()
+    assert tags["deployed_sha256/image_encoder"] == sha
+    artifact = tags["deployed_artifact/image_encoder"]
+    assert artifact.startswith("deployed/image_encoder/") and artifact.endswith(".dlc")
+    logged = Path(client.download_artifacts(res.run_id, artifact, str(tmp_path / "art")))
+    assert file_sha256(logged) == sha
+    assert tags["toolchain/image_encoder"] == "QAIRT 2.42.0"
+    assert "deployed_model/image_encoder" not in tags  # no ONNX is deployed in its place
+    assert "AI Hub compile of the fp32 export" in tags["precision_method/image_encoder"]
     lint = Path(client.download_artifacts(res.run_id, "lint/image_encoder.json", str(tmp_path)))
     assert [g["graph"] for g in json.loads(lint.read_text())["graphs"]] == ["export", "fp16"]
     assert tags["lint/image_encoder"] == "ok"
+    assert json.loads(tags["compiled_io/image_encoder"])["inputs"][0]["dtype"] == "float32"
     assert "fidelity_cosine_min/image_encoder" in run.data.metrics
+    # registered: the fp32 export's logged model, the version naming the compiled file
+    versions = {v.component: v for v in register_run(client, res.run_id)}
+    version = client.get_model_version(versions["image_encoder"].name, "1")
+    assert (
+        version.tags["deployed_sha256"] == sha
+        and version.tags["onnx_sha256"] == tags["onnx_sha256/image_encoder"]
+    )
 
 
 def test_find_onnx_reads_a_file_a_zip_or_a_folder(tmp_path):

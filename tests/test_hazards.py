@@ -70,7 +70,7 @@ def test_every_rule_has_a_reason_a_fix_and_a_source():
         "dynamic_shape",
         "size",
         "w8a16_runtime",
-        "layout",
+        "io_contract",
     }
 
 
@@ -188,17 +188,38 @@ def _video(tmp: Path, frames: int = 16) -> tuple[Path, TensorSpec]:
     return path, TensorSpec("video", shape, "float32")
 
 
-def test_layout(tmp_path):
-    video = Target("Dragonwing IQ-9075 EVK", "qnn_context_binary", "qnn_context_binary", "")
-    video = dataclasses.replace(video, track="video")
+def test_io_contract_of_the_export(tmp_path):
+    """The export's I/O as the compile options will make it, against track.contract: Track 2's
+    channel-last video of track.contract.frames frames, Track 1's tokens int32 after
+    --truncate_64bit_io; a contract of 8 frames accepts an 8-frame export."""
+    from conftest import compose_config
+
+    s = load_settings(compose_config("track=video"))
+    video = hazards.targets_of(s)["video_classifier"]
+    video = dataclasses.replace(video, compile_options="--truncate_64bit_io")
     path, spec = _video(tmp_path)
     assert check_graph(path, "video_classifier", video, spec) == []  # channel-last on device
     ncthw = dataclasses.replace(video, channel_last_inputs=frozenset())
     (found,) = check_graph(path, "video_classifier", ncthw, spec)
-    assert found.rule == "layout" and "NCTHW" in found.message
+    assert found.rule == "io_contract" and "got video 1x3x16x112x112 float32" in found.message
     path8, spec8 = _video(tmp_path, frames=8)
     (frames,) = check_graph(path8, "video_classifier", video, spec8)
-    assert frames.rule == "layout" and "(1, 8, 112, 112, 3)" in frames.message
+    assert frames.message == (
+        "input video: expected video 1x16x112x112x3 float32, got video 1x8x112x112x3 float32 "
+        "(track.contract)"
+    )
+    eight = hazards.targets_of(
+        load_settings(compose_config("track=video", "track.contract.frames=8"))
+    )
+    assert check_graph(path8, "video_classifier", eight["video_classifier"], spec8) == []
+    # Track 1: int64 tokens are the contract's int32 once truncated on the device; the output
+    # the harness reads is output_0, and this graph names it y.
+    text = hazards.targets_of(load_settings(compose_config()))["text_encoder"]
+    tokens = _int64_graph(tmp_path)
+    found = check_graph(tokens, "text_encoder", text, TensorSpec("text", (1, 77), "int64"))
+    assert [h.message for h in found if h.rule == "io_contract"] == [
+        "output output_0: expected output_0 float32, got outputs y 1x77 float32 (track.contract)"
+    ]
 
 
 def test_lint_mode_defaults_per_hub():
@@ -267,3 +288,29 @@ def test_a_deployed_graph_adds_to_the_components_report(tmp_path):
     record = rec.artifacts[-1][1]
     assert [g["graph"] for g in record["graphs"]] == ["export", "w8a8"]
     assert record["findings"][0]["graph"] == "w8a8"
+
+
+def test_track2_frame_count_follows_num_frames_and_the_contract(tmp_path):
+    """`track=video preprocess.video.num_frames=8` exports (1,3,8,112,112); the lint flags it
+    against a 16-frame contract and accepts it under track.contract.frames=8."""
+    from conftest import build_track_for, compose_config
+
+    from lpcvlab.deploy.export import export_component
+
+    found = {}
+    for frames in (16, 8):
+        cfg = compose_config(
+            "track=video",
+            "preprocess.video.num_frames=8",
+            f"track.contract.frames={frames}",
+            f"paths.cache_dir={tmp_path}/cache",
+        )
+        (comp,) = build_track_for(cfg).build_model().components
+        assert comp.input.shape == (1, 3, 8, 112, 112)
+        samples = np.random.default_rng(0).random((1, 3, 8, 112, 112), dtype=np.float32)
+        exp = export_component(comp, samples, tmp_path / f"onnx{frames}")
+        target = hazards.targets_of(load_settings(cfg))["video_classifier"]
+        found[frames] = check_graph(exp.path, "video_classifier", target, exp.input)
+    (hazard,) = found[16]
+    assert hazard.rule == "io_contract" and "got video 1x8x112x112x3 float32" in hazard.message
+    assert found[8] == []

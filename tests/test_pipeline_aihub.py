@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,21 @@ def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path): 
         assert f"compute_units/{comp}/npu" in run.data.params
     assert 0.0 <= metrics["recall_at_10"] <= 1.0
     assert "measured_on" not in tags and tags["hub"] == "aihub"
+    # hub.qairt_version on every job; the version the compiled models report, tagged.
+    for job in fake.jobs.values():
+        assert "--qairt_version 2.42" in getattr(job.request, "options", ""), job.job_id
+    assert tags["aihub/qairt_version"] == "2.42.0"
+    assert tags["aihub/image_encoder/qairt_version"] == "2.42.0"
+    # each compiled model's I/O, recorded and checked against track.contract
+    io = json.loads(tags["compiled_io/text_encoder"])
+    assert io["inputs"][0] | {"scale": None} == {
+        "name": "text",
+        "shape": [1, 77],
+        "dtype": "int32",
+        "scale": None,
+        "zero_point": None,
+    }
+    assert tags["deployed_sha256/image_encoder"] and tags["deployed_artifact/image_encoder"]
     # The logged models carry the AI Hub facts of their compile jobs; the description the device.
     models = {}
     for out in run.outputs.model_outputs:
@@ -83,6 +99,14 @@ def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path): 
         assert version.tags["shared_with"] == "lpcv@example.com"
         assert version.tags["device"] == "XR2 Gen 2 (Proxy)" and version.tags["hub"] == "aihub"
         assert float(version.tags["latency_ms"]) == metrics[f"latency_ms/{v.component}"]
+        profile_job = tags[f"aihub/{v.component}/profile_job"]
+        assert version.tags["latency_measured_on"] == (
+            f"XR2 Gen 2 (Proxy) (qnn_dlc), AI Hub profile job {profile_job}"
+        )
+        assert f"measured on XR2 Gen 2 (Proxy) (qnn_dlc), AI Hub profile job {profile_job}" in (
+            version.description
+        )
+        assert "weights random" in version.description
     # The token is nowhere in what the run logged.
     run = client.get_run(res.run_id)  # with the registry's tags
     logged = [str(run.data.params), str(run.data.tags), str(metrics), str(run.inputs)]
@@ -121,7 +145,8 @@ def test_mixed_precision_on_aihub_records_the_quantize_job_and_its_fidelity(fake
     assert tags["calibration/text_encoder/source"] == "eval_spread"
     assert quantize.calibration_samples == 8
     image_compile = fake.jobs[tags["aihub/image_encoder/compile_job"]]
-    assert "--quantize_full_type float16 --quantize_io" in image_compile.request.options
+    assert "--quantize_full_type float16" in image_compile.request.options
+    assert "--quantize_io" not in image_compile.request.options  # float I/O: the contract's
     for comp in ("image_encoder", "text_encoder"):
         assert 0.9 < metrics[f"fidelity_cosine_min/{comp}"] < 1.0
     assert "recall_at_10_fp32" in metrics and tags["fidelity_gate"] in ("passed", "failed")

@@ -61,7 +61,8 @@ def test_precision_settings_resolve_per_component():
     assert not plan.needs_calibration("image_encoder") and plan.needs_calibration("text_encoder")
     video = load_settings(compose_config("track=video", "precision=fp16", "hub=aihub"))
     assert video.precision.of("video_classifier") == "fp16"
-    assert video.runtime.fp16_options == "--quantize_full_type float16 --quantize_io"
+    assert video.runtime.fp16_options == "--quantize_full_type float16"  # AIHM's; I/O stays float
+    assert video.hub.quantize_io is False  # --quantize_io: hub.quantize_io=true only
     assert load_settings(compose_config()).precision.name == "fp32"
 
 

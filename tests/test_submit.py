@@ -11,11 +11,33 @@ from mlflow.tracking import MlflowClient
 from test_aihub import fake  # noqa: F401  (the fixture)
 
 from lpcvlab import cli, pipeline
-from lpcvlab.tracking.runstore import RunInfo
+from lpcvlab.tracking.runstore import RunInfo, get_run
 from lpcvlab.tracking.submit import RECORD, check_run
 
 IMAGE, TEXT = "image_encoder", "text_encoder"
 ORGANISERS = "lowpowervision@gmail.com"
+
+
+def _io(name: str, shape: list[int], dtype: str, scale: float | None = None) -> str:
+    """A ``compiled_io/<component>`` tag: one input, and the output_0 embedding."""
+    zero = None if scale is None else 128
+    out_dtype = "float32" if scale is None else "uint8"
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": name, "shape": shape, "dtype": dtype, "scale": scale, "zero_point": zero}
+            ],
+            "outputs": [
+                {
+                    "name": "output_0",
+                    "shape": [1, 64],
+                    "dtype": out_dtype,
+                    "scale": scale,
+                    "zero_point": zero,
+                }
+            ],
+        }
+    )
 
 
 def _run(
@@ -34,6 +56,8 @@ def _run(
         f"aihub/{TEXT}/compile_job": "jtext",
         f"lint/{IMAGE}": "ok",
         f"lint/{TEXT}": "ok",
+        f"compiled_io/{IMAGE}": _io("image", [1, 3, 224, 224], "float32"),
+        f"compiled_io/{TEXT}": _io("text", [1, 77], "int32"),
     }
     base_metrics = {
         f"latency_ms/{IMAGE}": 24.0,
@@ -97,6 +121,47 @@ def test_a_failed_gate_or_a_hazard_or_no_hazard_check_is_refused():
     (line,) = _failures(_run({f"lint/{IMAGE}": None}))
     assert "image_encoder was not checked" in line and "export.lint" in line
     assert len(_failures(_run(status="FAILED"))) == 1
+
+
+def test_compiled_io_is_checked_against_the_contract():
+    verdict = check_run(_run(), 35.0)
+    (line,) = [x for x in verdict.passed if x.startswith("io_contract")]
+    assert "image_encoder image 1x3x224x224 float32 -> output_0 1x64 float32" in line
+    quantized = _run({f"compiled_io/{IMAGE}": _io("image", [1, 3, 224, 224], "uint8", 0.0039)})
+    assert _failures(quantized) == [
+        "io_contract: image_encoder input image: expected image 1x3x224x224 float32, got image "
+        "1x3x224x224 uint8 (scale 0.0039, zero point 128) (track.contract); compile with float "
+        "I/O (hub.quantize_io=false)",
+        "io_contract: image_encoder output output_0: expected output_0 float32, got output_0 1x64 "
+        "uint8 (scale 0.0039, zero point 128) (track.contract); compile with float I/O "
+        "(hub.quantize_io=false)",
+    ]
+    # A contract that accepts quantized I/O (a changed rule is one value) passes it.
+    allowed = _run(
+        {f"compiled_io/{IMAGE}": _io("image", [1, 3, 224, 224], "uint8", 0.0039)},
+        params={"track.contract.quantized_io": "True", **_contract_params()},
+    )
+    assert _failures(allowed) == []
+    (line,) = _failures(_run({f"compiled_io/{TEXT}": None}))
+    assert line.startswith("io_contract: text_encoder: the compiled model's I/O was not recorded")
+
+
+def _contract_params() -> dict[str, str]:
+    """The run's track.contract params, flattened as the run logs them."""
+    return {
+        "track.contract.image_encoder.input.name": "image",
+        "track.contract.image_encoder.input.dtype": "float32",
+        "track.contract.image_encoder.input.shape": "[1, 3, 224, 224]",
+        "track.contract.image_encoder.output.name": "output_0",
+        "track.contract.image_encoder.output.dtype": "float32",
+        "track.contract.image_encoder.output.shape": "None",
+        "track.contract.text_encoder.input.name": "text",
+        "track.contract.text_encoder.input.dtype": "int32",
+        "track.contract.text_encoder.input.shape": "[1, 77]",
+        "track.contract.text_encoder.output.name": "output_0",
+        "track.contract.text_encoder.output.dtype": "float32",
+        "track.contract.text_encoder.output.shape": "None",
+    }
 
 
 # ----------------------------------------------------------------------------- with the fake
@@ -191,3 +256,49 @@ def test_submit_shares_once_and_records_what_was_submitted(fake, tmp_path, capsy
     assert cli.main(submit) == 0
     assert "already shared" in capsys.readouterr().out
     assert fake.shared == {jobs[IMAGE]: [ORGANISERS], jobs[TEXT]: [ORGANISERS]}
+
+
+@pytest.mark.slow
+@pytest.mark.hub
+def test_quantized_io_scores_alike_and_is_refused_float_io_passes(fake, tmp_path, capsys):  # noqa: F811
+    """A w8a8 Track 1 run compiled with hub.quantize_io=true (uint8 I/O with a scale and zero
+    point) scores what the default float-I/O run scores, to the quantization error, and
+    submit refuses it with io_contract lines; the default run's I/O check passes."""
+    base = [
+        *[o for o in tiny_overrides(tmp_path) if not o.startswith("hub.")],
+        "hub=aihub",
+        "hub.poll_interval_s=0",
+        "precision=w8a8",
+        "precision.calibration_samples=8",
+        "export.rewrites=[gelu_sigmoid,finite_mask]",
+    ]
+    client = MlflowClient(tracking_uri=str(compose_config(*base).tracking.uri))
+    ids = {}
+    for name, extra in (("float", []), ("uint8", ["hub.quantize_io=true", "export.lint=warn"])):
+        ids[name] = pipeline.run(compose_config(*base, *extra), work_dir=tmp_path / name).run_id
+    runs = {k: client.get_run(v).data for k, v in ids.items()}
+    (x,) = json.loads(runs["uint8"].tags[f"compiled_io/{IMAGE}"])["inputs"]
+    assert x["dtype"] == "uint8" and x["scale"] > 0
+    assert json.loads(runs["float"].tags[f"compiled_io/{IMAGE}"])["inputs"][0]["dtype"] == (
+        "float32"
+    )
+    assert len(fake.jobs_of("quantize")) == 2  # one per encoder, reused by the second run
+    recall = {k: r.metrics["recall_at_10"] for k, r in runs.items()}
+    assert abs(recall["uint8"] - recall["float"]) <= 0.05, recall
+    assert runs["uint8"].tags[f"lint/{IMAGE}"] == "io_contract"
+    capsys.readouterr()
+    uri = str(client.tracking_uri)
+    assert cli.main(["submit", ids["uint8"], "--dry-run", "--tracking-uri", uri]) == 1
+    err = [line.strip() for line in capsys.readouterr().err.splitlines()]
+    assert (
+        "io_contract: image_encoder input image: expected image 1x3x224x224 float32, got image "
+        f"1x3x224x224 uint8 (scale {x['scale']:.6g}, zero point {x['zero_point']}) "
+        "(track.contract); compile with float I/O (hub.quantize_io=false)"
+    ) in err
+    verdict = check_run(get_run(client, ids["float"]), 35.0)
+    assert not [line for line in verdict.failed if "io_contract" in line]
+    (passed,) = [line for line in verdict.passed if line.startswith("io_contract")]
+    assert "image_encoder image 1x3x224x224 float32" in passed
+    code = cli.main(["submit", ids["float"], "--dry-run", "--tracking-uri", uri])
+    out = capsys.readouterr()
+    assert "io_contract" not in out.err and (code == 1 or passed in out.out)

@@ -47,7 +47,7 @@ from lpcvlab.tracking.recorder import (
 )
 from lpcvlab.tracks import Track, TrackData, build_track
 from lpcvlab.training.launch import worker_rank
-from lpcvlab.types import ComponentRun, EvalResult, ExportResult, ModelBundle
+from lpcvlab.types import CompiledIO, ComponentRun, EvalResult, ExportResult, ModelBundle
 from lpcvlab.util import console
 from lpcvlab.util.seeding import seed_everything, thread_params
 
@@ -427,8 +427,10 @@ def _stages(
     lint = DeviceLint.from_settings(s, work_dir)
     specs = {n: e.input for n, e in exports.items()}
     lint.check(rec, {n: ("export", e.path) for n, e in exports.items()}, specs)
-    # ... and of every fp16 / quantized graph the hub makes, before it is compiled.
+    # ... and of every fp16 / quantized graph the hub makes, before it is compiled; and the
+    # I/O of every model the hub compiled against the submission contract (io_contract).
     hub.graph_check = lambda name, label, path: lint.check(rec, {name: (label, path)}, specs)
+    hub.compiled_check = lambda name, io, where: check_compiled(rec, lint, name, io, where)
     clock.lap("export")
     if s.precision.sensitivity or s.precision.exclude == "auto":
         from lpcvlab.deploy.precision.selective import selective_quantization
@@ -447,6 +449,7 @@ def _stages(
     rec.set_tags(cache.tags())
     deployed = deployed_graphs(runs)  # the fp16 / quantized graphs deployed (checked once)
     lint.check(rec, deployed, specs)
+    log_compiled_artifacts(rec, runs, log_files=s.tracking.log_models)
     if s.tracking.log_models:
         log_deployed_models(s, rec, runs, bundle.weights)
     reused = ""
@@ -514,6 +517,37 @@ def deployed_graphs(runs: dict[str, ComponentRun]) -> dict[str, tuple[str, Path]
     }
 
 
+def check_compiled(
+    rec: RunRecorder, lint: DeviceLint, component: str, io: CompiledIO, where: str
+) -> None:
+    """A compiled model's I/O: recorded (``compiled_io/<component>``, what ``lpcvlab submit``
+    checks), then checked against the submission contract by the device lint."""
+    rec.set_tags({f"compiled_io/{component}": json.dumps(io.to_record(), separators=(",", ":"))})
+    lint.check_compiled(rec, component, io, where)
+
+
+def log_compiled_artifacts(
+    rec: RunRecorder, runs: dict[str, ComponentRun], log_files: bool = True
+) -> None:
+    """What the hub built, where it says (AI Hub: each compile job's target model, ``.dlc`` /
+    ``.bin``): ``deployed_sha256/<component>`` names that file, ``deployed_artifact/<component>``
+    where it is logged (``deployed/<component>/``, with ``tracking.log_models``), beside the
+    ONNX it was compiled from (``onnx_sha256/<component>``)."""
+    for name, crun in runs.items():
+        c = crun.compiled
+        if c.artifact is None or c.artifact_sha256 is None:
+            continue
+        tags = {
+            f"deployed_sha256/{name}": c.artifact_sha256,
+            f"deployed_artifact/{name}": f"deployed/{name}/{c.artifact.name}",
+        }
+        if c.toolchain:
+            tags[f"toolchain/{name}"] = c.toolchain
+        rec.set_tags(tags)
+        if log_files:
+            rec.log_artifact(c.artifact, f"deployed/{name}")
+
+
 def log_deployed_models(
     s: RunConfig, rec: RunRecorder, runs: dict[str, ComponentRun], weights: str
 ) -> None:
@@ -528,10 +562,12 @@ def log_deployed_models(
         extra = {"deployed_graph": q.precision, "parent_model_id": parent}
         facts = dataclasses.replace(facts, tags=facts.tags | extra)
         model_id = rec.log_model(name, Path(q.model.path), q.model.sha256, facts)
+        # The hub's compiled file, where there is one, is what runs (log_compiled_artifacts).
+        deployed = crun.compiled.artifact_sha256 or q.model.sha256
         rec.set_tags(
             {
                 f"deployed_model/{name}": model_id,
-                f"deployed_sha256/{name}": q.model.sha256,
+                f"deployed_sha256/{name}": deployed,
                 f"parent_model/{name}": parent,
             }
         )

@@ -42,6 +42,130 @@ class TensorSpec:
         )
 
 
+INTEGER_DTYPES = frozenset({"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64"})
+
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    """One input or output of a compiled model as the hub reports it (AI Hub: the target model's
+    ``TensorSpec``). ``scale`` / ``zero_point`` describe quantized I/O: the float value of an
+    integer ``q`` is ``(q - zero_point) * scale``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Integer I/O that stands for float values (a scale was given)."""
+        return self.scale is not None and self.dtype in INTEGER_DTYPES
+
+    def describe(self) -> str:
+        """``image 1x3x224x224 uint8 (scale 0.00392, zero point 0)``."""
+        text = f"{self.name} {'x'.join(map(str, self.shape))} {self.dtype}"
+        if self.scale is not None:
+            text += f" (scale {self.scale:.6g}, zero point {self.zero_point})"
+        return text
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "scale": self.scale,
+            "zero_point": self.zero_point,
+        }
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> DeviceTensor:
+        scale, zero = d.get("scale"), d.get("zero_point")
+        return cls(
+            str(d["name"]),
+            tuple(int(s) for s in d.get("shape") or ()),
+            str(d["dtype"]),
+            None if scale is None else float(scale),
+            None if zero is None else int(zero),
+        )
+
+
+@dataclass(frozen=True)
+class CompiledIO:
+    """The inputs and outputs of a compiled model, as the device takes and gives them."""
+
+    inputs: tuple[DeviceTensor, ...]
+    outputs: tuple[DeviceTensor, ...]
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "inputs": [t.to_record() for t in self.inputs],
+            "outputs": [t.to_record() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> CompiledIO:
+        return cls(
+            tuple(DeviceTensor.from_record(t) for t in d.get("inputs", [])),
+            tuple(DeviceTensor.from_record(t) for t in d.get("outputs", [])),
+        )
+
+
+class TensorRule(Protocol):
+    """One tensor of a submission contract (``track.contract``; duck-typed here so that this
+    module needs no config import)."""
+
+    name: str
+    dtype: str
+    shape: Any  # a list of ints, or None: not fixed by the rules
+
+
+class ComponentRule(Protocol):
+    input: TensorRule
+    output: TensorRule
+
+
+@dataclass(frozen=True)
+class IOMismatch:
+    """Where a compiled model's I/O breaks the submission contract."""
+
+    tensor: str  # "input image", "output output_0"
+    expected: str
+    got: str
+
+    def line(self) -> str:
+        return f"{self.tensor}: expected {self.expected}, got {self.got}"
+
+
+def _expected(rule: TensorRule, quantized_io: bool) -> str:
+    shape = "x".join(map(str, rule.shape)) + " " if rule.shape is not None else ""
+    quantized = " (or quantized I/O)" if quantized_io else ""
+    return f"{rule.name} {shape}{rule.dtype}{quantized}"
+
+
+def io_mismatches(rule: ComponentRule, io: CompiledIO, quantized_io: bool) -> list[IOMismatch]:
+    """How ``io`` differs from one component's contract: the input's name, shape and dtype, the
+    output's name and dtype; integer I/O with a scale passes a float rule only when the contract
+    allows quantized I/O (``quantized_io``)."""
+    found: list[IOMismatch] = []
+    for kind, want, have in (("input", rule.input, io.inputs), ("output", rule.output, io.outputs)):
+        expected = _expected(want, quantized_io)
+        named = [t for t in have if t.name == want.name]
+        if not named:
+            got = ", ".join(t.describe() for t in have) or "none"
+            found.append(IOMismatch(f"{kind} {want.name}", expected, f"{kind}s {got}"))
+            continue
+        t = named[0]
+        shape_ok = want.shape is None or tuple(int(d) for d in want.shape) == tuple(t.shape)
+        dtype_ok = t.dtype == want.dtype or (quantized_io and t.quantized)
+        if not (shape_ok and dtype_ok):
+            found.append(IOMismatch(f"{kind} {want.name}", expected, t.describe()))
+    if len(io.inputs) > 1:
+        extra = ", ".join(t.name for t in io.inputs if t.name != rule.input.name)
+        found.append(IOMismatch("inputs", f"only {rule.input.name}", f"also {extra}"))
+    return found
+
+
 @dataclass(frozen=True)
 class DatasetRecord:
     """One split a run read, as MLflow shows it among the run's inputs.
@@ -148,9 +272,9 @@ class ExportResult:
 class QuantizeResult:
     """How a non-fp32 component was turned into the model that is deployed.
 
-    ``model`` is the quantized (or fp16) ONNX file when it exists on this machine: ``hub=local``'s
-    emulation, the model an AI Hub quantize job (``job_id``) made, downloaded, or the fp16
-    graph converted here and uploaded to AI Hub."""
+    ``model`` is the quantized (or fp16) ONNX file deployed in place of the export, when it
+    exists on this machine: ``hub=local``'s emulation, or the model an AI Hub quantize job
+    (``job_id``) made, downloaded. None for fp16 on AI Hub, which compiles the fp32 export."""
 
     component: str
     precision: str  # fp16 | w8a16 | w8a8
@@ -207,6 +331,12 @@ class CompileResult:
     exported: ExportResult
     job_id: str | None = None
     job_url: str | None = None
+    # What the hub built, where it reports it (AI Hub): the compiled model's I/O, its file (the
+    # target model's .dlc / .bin, downloaded) with its sha256, and the toolchain version.
+    io: CompiledIO | None = None
+    artifact: Path | None = None
+    artifact_sha256: str | None = None
+    toolchain: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Everything but the handle (a live session or remote model is not data)."""
@@ -215,10 +345,15 @@ class CompileResult:
             "device": self.device,
             "job_id": self.job_id,
             "job_url": self.job_url,
+            "io": self.io.to_record() if self.io is not None else None,
+            "artifact": str(self.artifact) if self.artifact is not None else None,
+            "artifact_sha256": self.artifact_sha256,
+            "toolchain": self.toolchain,
         }
 
     @classmethod
     def from_record(cls, exported: ExportResult, d: dict[str, Any]) -> CompileResult:
+        artifact = d.get("artifact")
         return cls(
             component=exported.component,
             runtime=str(d["runtime"]),
@@ -227,6 +362,10 @@ class CompileResult:
             exported=exported,
             job_id=d.get("job_id"),
             job_url=d.get("job_url"),
+            io=CompiledIO.from_record(d["io"]) if d.get("io") else None,
+            artifact=Path(artifact) if artifact else None,
+            artifact_sha256=d.get("artifact_sha256"),
+            toolchain=d.get("toolchain"),
         )
 
 

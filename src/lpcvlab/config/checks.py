@@ -54,6 +54,8 @@ def check_combinations(s: RunConfig) -> None:
             "or use hub=local"
         )
     _check_precision(s)
+    if isinstance(s.hub, AIHubConfig):
+        _check_aihub_options(s)
     check_weights(s.backbone)  # a tag a tiny backbone lacks, a missing checkpoint file
     if isinstance(s.train, FinetuneConfig):
         kind = ClipBackboneConfig if isinstance(s.track, RetrievalTrackConfig) else None
@@ -105,6 +107,29 @@ def _check_precision(s: RunConfig) -> None:
                 f"{s.runtime.name} on hub=aihub, which deploys {', '.join(s.runtime.precisions)}; "
                 f"choose one of those, or {working}"
             )
+
+
+def _check_aihub_options(s: RunConfig) -> None:
+    """``hub.qairt_version`` is the one place of the QAIRT version; quantized I/O that the
+    submission contract refuses would stop an ``export.lint=error`` run after its first compile."""
+    hub = s.hub
+    assert isinstance(hub, AIHubConfig)
+    for key in ("extra_compile_options", "extra_profile_options", "extra_inference_options"):
+        if "--qairt_version" in str(getattr(hub, key) or "").split():
+            raise ConfigError(
+                f"hub.{key} sets --qairt_version; set hub.qairt_version instead (it reaches "
+                "compile, profile and inference jobs alike and keys the job ledger)"
+            )
+    lowered = [c for c in s.track.components() if s.precision.of(c) != "fp32"]
+    lint = s.export.lint if s.export.lint is not None else "error"
+    if hub.quantize_io and lowered and lint == "error" and not s.track.quantized_io():
+        raise ConfigError(
+            f"hub.quantize_io=true compiles {', '.join(lowered)} with quantized (or float16) "
+            "I/O, which the submission contract refuses (track.contract.quantized_io=false): "
+            "export.lint=error would stop the run after its first compile job. For a "
+            "measurement add export.lint=warn (lpcvlab submit refuses such a run); to submit, "
+            "keep hub.quantize_io=false"
+        )
 
 
 def _check_retrieval(s: RunConfig) -> None:

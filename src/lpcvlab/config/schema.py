@@ -67,10 +67,75 @@ def setting(
 
 # --------------------------------------------------------------------------- groups
 
+TENSOR_DTYPES = ("float32", "float16", "int32", "int64", "uint8", "int8", "uint16", "int16")
+
+
+@dataclass
+class TensorContract:
+    """One tensor as the organisers' harness feeds it to a compiled model or reads it back."""
+
+    name: str = MISSING
+    dtype: str = setting(MISSING, choices=TENSOR_DTYPES)
+    shape: list[int] | None = setting(None, ge=1, each=True)  # null: the rules fix none
+    layout: str | None = None  # how the shape reads: NCHW, NTHWC, tokens
+
+
+@dataclass
+class ComponentContract:
+    """What one submitted model takes and gives."""
+
+    input: TensorContract = MISSING
+    output: TensorContract = MISSING
+
+
+@dataclass
+class RetrievalContract:
+    """``track.contract`` of Track 1: the organisers' 2026 sample uploads ``image``
+    (1,3,224,224) float32 in [0, 1] and ``text`` (1,77) int32 token IDs (int64 compiled with
+    --truncate_64bit_io), and reads ``output_0`` of each model as float embeddings."""
+
+    quantized_io: bool = False  # integer I/O with a scale / zero point accepted
+    image_encoder: ComponentContract = field(
+        default_factory=lambda: ComponentContract(
+            TensorContract("image", "float32", [1, 3, 224, 224], "NCHW"),
+            TensorContract("output_0", "float32"),
+        )
+    )
+    text_encoder: ComponentContract = field(
+        default_factory=lambda: ComponentContract(
+            TensorContract("text", "int32", [1, 77], "tokens"),
+            TensorContract("output_0", "float32"),
+        )
+    )
+
+
+@dataclass
+class VideoContract:
+    """``track.contract`` of Track 2: the organisers' 2026 sample feeds ``video`` channel-last
+    (1,T,112,112,3) float32 in [0, 1], T = ``frames``, and reads ``class_probs`` (logits)."""
+
+    quantized_io: bool = False
+    frames: int = setting(16, ge=1)
+    video_classifier: ComponentContract = field(
+        default_factory=lambda: ComponentContract(
+            TensorContract("video", "float32", [1, 16, 112, 112, 3], "NTHWC"),
+            TensorContract("class_probs", "float32"),
+        )
+    )
+
+    def check(self, prefix: str) -> None:
+        shape = self.video_classifier.input.shape
+        if shape is not None and (len(shape) != 5 or shape[1] != self.frames):
+            raise ConfigError(
+                f"{prefix}.video_classifier.input.shape={shape} does not hold {prefix}.frames="
+                f"{self.frames} frames as (1, T, H, W, 3); set the frame count in {prefix}.frames"
+            )
+
 
 @dataclass
 class TrackConfig:
-    """``track``: which competition track, and the metric returned to sweepers."""
+    """``track``: which competition track, the metric returned to sweepers, and the submission
+    contract (``contract``: what the organisers' harness feeds each model and reads back)."""
 
     what: ClassVar[str] = "a track"
     name: str = MISSING
@@ -87,6 +152,14 @@ class TrackConfig:
         """The networks this track deploys (what ``precision.per_component`` may name)."""
         raise NotImplementedError
 
+    def contract_of(self, component: str) -> ComponentContract | None:
+        """``track.contract.<component>``: what the organisers feed and read (None: no rule)."""
+        return getattr(getattr(self, "contract", None), component, None)
+
+    def quantized_io(self) -> bool:
+        """Whether the contract accepts integer I/O with a scale and zero point."""
+        return bool(getattr(getattr(self, "contract", None), "quantized_io", False))
+
 
 @dataclass
 class RetrievalTrackConfig(TrackConfig):
@@ -94,10 +167,16 @@ class RetrievalTrackConfig(TrackConfig):
     name: str = "retrieval"
     objective: str = "recall_at_10"
     recall_ks: list[int] = setting(factory=lambda: [1, 5, 10], ge=1, each=True)
+    contract: RetrievalContract = field(default_factory=RetrievalContract)
 
     def metrics(self) -> tuple[str, ...]:
         ks = sorted({*self.recall_ks, 10})
-        return (*(f"recall_at_{k}" for k in ks), "hit_at_10", "best_achievable_recall_at_10")
+        return (
+            *(f"recall_at_{k}" for k in ks),
+            "hit_at_10",
+            "best_achievable_recall_at_10",
+            "recall_at_10_sample_scripts",
+        )
 
     def components(self) -> tuple[str, ...]:
         return ("image_encoder", "text_encoder")
@@ -111,6 +190,7 @@ class VideoTrackConfig(TrackConfig):
     # false: the exported model takes (1,3,T,H,W) and hub=aihub compiles it channel-last;
     # true: the exported graph itself takes (1,T,H,W,3).
     channel_last: bool = False
+    contract: VideoContract = field(default_factory=VideoContract)
 
     def metrics(self) -> tuple[str, ...]:
         return ("top1", "top5", "clip_top1", "clip_top5")
@@ -285,8 +365,13 @@ class AIHubConfig(HubConfig):
     # Seconds to wait for AI Hub to answer the first request of a run.
     connect_timeout_s: float = setting(10.0, gt=0)
     chunk_bytes: int = setting(1_296_000_000, gt=0, le=AIHUB_DATASET_LIMIT_BYTES)
-    # A quantized (w8a*) component's compile adds --quantize_io, as AIHM does.
-    quantize_io: bool = True
+    # A quantized (w8a*) or fp16 component's compile adds --quantize_io (AIHM's choice): its
+    # compiled I/O is then integer (or float16), which the organisers' float32 data does not
+    # fit (track.contract); false (default) keeps float I/O, as the organisers' sample does.
+    quantize_io: bool = False
+    # QAIRT version of compile (QNN targets), profile and inference jobs (--qairt_version);
+    # part of every job's ledger key. null = whatever AI Hub's default is on the day.
+    qairt_version: str | None = "2.42"
     # Inference jobs of one component in flight at once; the next chunk goes up as one ends.
     inference_window: int = setting(4, ge=1)
     parity_samples: int = setting(32, ge=0)

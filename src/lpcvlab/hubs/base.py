@@ -10,9 +10,8 @@ the hub it wraps only for what it does not hold, and the hub alone decides how i
 A job also carries the component's precision
 (:class:`~lpcvlab.deploy.precision.ComponentPrecision`):
 a non-fp32 component is first *quantized* -- how is the hub's own (``hub=local`` emulates it with
-ONNX Runtime, ``hub=aihub`` submits a quantize job, or uploads the fp16 graph converted here
-and compiles it with the runtime's fp16 options) -- and the
-model that comes out is what is compiled, profiled and run.
+ONNX Runtime, ``hub=aihub`` submits a quantize job, or compiles the fp32 export with the
+runtime's fp16 options) -- and the model that comes out is what is compiled, profiled and run.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import numpy as np
 
 from lpcvlab.deploy.precision import FP32, ComponentPrecision
 from lpcvlab.types import (
+    CompiledIO,
     CompileResult,
     ComponentRun,
     ExportResult,
@@ -39,6 +39,9 @@ JobListener = Callable[[JobEvent], None]
 # (component, label, path): called with every graph a hub made on this machine (fp16, quantized)
 # or downloaded, before it is compiled; raising stops the run before the compile is paid for.
 GraphCheck = Callable[[str, str, Path], None]
+# (component, compiled I/O, where: e.g. "compile job j123"): called with each compiled model's
+# I/O as the hub reports it, before its profile and inference jobs; raising stops the run.
+CompiledCheck = Callable[[str, CompiledIO, str], None]
 
 QUANTIZE, COMPILE, PROFILE, INFERENCE = "quantize", "compile", "profile", "inference"
 ALL_STAGES = frozenset({COMPILE, PROFILE, INFERENCE})
@@ -75,6 +78,11 @@ class Hub(Protocol):
     export itself (an fp16 or quantized ONNX), as soon as it exists on this machine: the device
     hazard check (``export.lint``) of the deployed graph runs before its compile job.
 
+    ``compiled_check``, when set, sees the I/O of each model the hub compiled as the hub
+    reports it (AI Hub: the target model's TensorSpecs), before its profile and inference: the
+    submission contract's check (``io_contract``). A hub that only runs the export as it is
+    (``hub=local``) has nothing more to show than the export's own I/O, checked by the lint.
+
     ``records_jobs`` is True for a hub that keeps its own record of paid jobs (the AI Hub job
     ledger): that record alone answers "was this already paid for?", and the stage cache leaves
     such a hub's stages to it.
@@ -83,6 +91,7 @@ class Hub(Protocol):
     name: str
     job_listener: JobListener | None
     graph_check: GraphCheck | None
+    compiled_check: CompiledCheck | None
     records_jobs: bool
 
     def preflight(self) -> None:
@@ -102,6 +111,7 @@ class SequentialHub:
 
     job_listener: JobListener | None = None
     graph_check: GraphCheck | None = None
+    compiled_check: CompiledCheck | None = None
     records_jobs = False
 
     def preflight(self) -> None:

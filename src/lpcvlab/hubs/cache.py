@@ -58,6 +58,7 @@ from lpcvlab.hubs.base import (
     INFERENCE,
     PROFILE,
     QUANTIZE,
+    CompiledCheck,
     ComponentJob,
     GraphCheck,
     Hub,
@@ -441,6 +442,14 @@ class CachedHub:
     @graph_check.setter
     def graph_check(self, check: GraphCheck | None) -> None:
         self.inner.graph_check = check
+
+    @property
+    def compiled_check(self) -> CompiledCheck | None:
+        return self.inner.compiled_check
+
+    @compiled_check.setter
+    def compiled_check(self, check: CompiledCheck | None) -> None:
+        self.inner.compiled_check = check
 
     def preflight(self) -> None:
         self.inner.preflight()

@@ -616,6 +616,7 @@ class RunRecorder:
         self.models: dict[str, str] = {}  # component -> MLflow logged model ID
         self.datasets: dict[str, DatasetRecord] = {}  # context -> dataset
         self._deployment: dict[str, str] = {}  # AI Hub device and runtime, for model tags
+        self._qairt: dict[str, str] = {}  # component -> QAIRT version its compiled model reports
 
     def log_params(self, params: dict[str, str]) -> None:
         items = [
@@ -719,6 +720,12 @@ class RunRecorder:
             tags[f"{base}_status"] = event.status
         if event.kind == "target_model":  # a model, not a job
             tags = {f"aihub/{event.component}/target_model": event.job_id}
+        if event.kind == "qairt_version":  # what the compiled model reports it was built with
+            self._qairt[event.component] = str(event.status)
+            tags = {
+                f"aihub/{event.component}/qairt_version": str(event.status),
+                "aihub/qairt_version": ", ".join(sorted(set(self._qairt.values()))),
+            }
         self.set_tags(tags)
         self._tag_model(event)
 
@@ -736,6 +743,8 @@ class RunRecorder:
                 tags["aihub.shared_with"] = event.status.removeprefix("SHARED with ")
         elif event.kind == "target_model":
             tags = {"aihub.target_model": event.job_id}
+        elif event.kind == "qairt_version":
+            tags = {"aihub.qairt_version": str(event.status)}
         if tags:
             self.client.set_logged_model_tags(model_id, tags)
 

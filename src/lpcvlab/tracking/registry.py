@@ -11,8 +11,11 @@ whom the compile job was shared with (``hub.share_with``). The run is tagged
 
 A component deployed in another precision than fp32 registers its deployed graph (the run's
 ``deployed_model/<component>``: the fp16 / quantized ONNX of hub=local, the AI Hub quantize job's
-model or the uploaded fp16 graph on hub=aihub), not the fp32 export; the version's
-``deployed_sha256`` and ``parent_model`` tags name it and its fp32 parent.
+model on hub=aihub), not the fp32 export; the version's ``deployed_sha256`` tag names what runs
+(on hub=aihub the compile job's ``.dlc`` / ``.bin``) and ``parent_model`` its fp32 parent. An fp16
+component on hub=aihub registers its fp32 export, the ONNX AI Hub compiled in fp16. The version's
+description says where its latency was measured (device and profile job, or the host CPU) and
+with which weights.
 
 A run logged with ``tracking.log_models=false`` has no logged models: its ONNX files are logged
 now from the export cache when they are still there (same sha256), else the command says so.
@@ -119,8 +122,11 @@ def version_tags(run: RunInfo, component: str) -> dict[str, str]:
         "measured_on": t.get("measured_on"),
         ONNX_SHA_TAG: t.get(f"{ONNX_SHA_TAG}/{component}"),
         "deployed_sha256": t.get(f"deployed_sha256/{component}"),
+        "deployed_artifact": t.get(f"deployed_artifact/{component}"),
         "parent_model": t.get(f"parent_model/{component}"),
         "latency_ms": _number(m.get(f"latency_ms/{component}")),
+        "latency_measured_on": latency_measured_on(run, component),
+        "aihub.qairt_version": t.get(f"aihub/{component}/qairt_version"),
         "peak_memory_mb": _number(m.get(f"peak_memory_mb/{component}")),
         "latency_ms_total": _number(m.get("latency_ms/total")),
         "aihub.compile_job": t.get(f"aihub/{component}/compile_job"),
@@ -136,13 +142,25 @@ def _number(value: float | None) -> str | None:
     return None if value is None or math.isnan(value) else f"{value:.6g}"
 
 
+def latency_measured_on(run: RunInfo, component: str) -> str:
+    """Where ``latency_ms/<component>`` was measured: the device and the AI Hub profile job, or
+    this machine's CPU (``hub=local`` records the device only as its target)."""
+    t, p = run.tags, run.params
+    device = p.get("device.aihub_name") or t.get("device", "?")
+    runtime = p.get("runtime.target_runtime") or t.get("runtime", "?")
+    if t.get("hub") == "aihub":
+        job = t.get(f"aihub/{component}/profile_job")
+        return f"{device} ({runtime}), AI Hub profile job {job}" if job else f"{device} ({runtime})"
+    return f"host CPU, not a device (hub={t.get('hub', '?')}; target {device}, {runtime})"
+
+
 def _description(run: RunInfo, component: str, tags: dict[str, str]) -> str:
     scores = ", ".join(f"{k} {tags[k]}" for k in ACCURACY if k in tags)
-    where = f"{tags.get('device', '?')} ({tags.get('runtime', '?')}, hub={tags.get('hub', '?')})"
     text = (
         f"{component} of run [{run.name or run.run_id}]({ui_link(run.experiment_id, run.run_id)})"
-        f": {scores}; {tags.get('latency_ms', '?')} ms on {where}; "
-        f"precision {tags['precision']}"
+        f": {scores}; {tags.get('latency_ms', '?')} ms measured on "
+        f"{tags['latency_measured_on']}; precision {tags['precision']}; weights "
+        f"{tags.get('weights', '?')}"
     )
     if "aihub.compile_job" in tags:
         text += f"; AI Hub compile job {tags['aihub.compile_job']}"

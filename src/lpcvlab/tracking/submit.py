@@ -8,14 +8,22 @@ A run is submitted only when every check passes; each check that fails is one li
   ``track.budget_ms`` (``conf/track/``; ``--budget-ms`` overrides);
 - the fidelity gate passed (``fidelity_gate``; a run with every component in fp32 has none);
 - the device hazard check passed for every component (``lint/<component>`` = ``ok``; a run
-  without it was not checked and is refused).
+  without it was not checked and is refused);
+- each compiled model's I/O (``compiled_io/<component>``, as AI Hub reported it after the
+  compile job) is what the organisers' harness feeds and reads (``track.contract``, from the
+  run's params): names, shapes, dtypes; quantized (integer) I/O only where the contract allows
+  it -- a run compiled with ``hub.quantize_io=true`` is refused with an ``io_contract`` line.
+  Before anything is shared, the same check runs again on the compiled models as AI Hub
+  describes them now.
 
 Then each compile job is shared with ``submission.share_with`` (default: the organisers'
 ``lowpowervision@gmail.com``, as their instructions do it: ``compile_job.modify_sharing(
 add_emails=[...])`` of the ``qai-hub`` client; a job already shared with an address is not
 shared again), the run is registered (``lpcvlab register``) and the submission record is
 written: job IDs, target model IDs, device, runtime, each compiled model's input names, shapes,
-dtypes and layout (as AI Hub reports them), ONNX sha256, score, latency and commit, as the run's
+dtypes and layout (as AI Hub reports them), ONNX sha256, the compiled file's sha256 and QAIRT
+version, score, latency and where it was measured (device and profile jobs), the weights and
+the commit, as the run's
 ``submission/submission.json`` and as ``submission.*`` tags on each registered version, which
 the alias ``submitted`` then points at. ``--dry-run`` checks and says what it would share,
 without contacting AI Hub.
@@ -30,17 +38,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lpcvlab.config.schema import SubmissionConfig
+from lpcvlab.config.schema import (
+    ComponentContract,
+    RetrievalTrackConfig,
+    SubmissionConfig,
+    TensorContract,
+    TrackConfig,
+    VideoTrackConfig,
+)
 from lpcvlab.errors import LpcvlabError
 from lpcvlab.tracking.recorder import ONNX_SHA_TAG
-from lpcvlab.tracking.registry import components, register_run
+from lpcvlab.tracking.registry import components, latency_measured_on, register_run
 from lpcvlab.tracking.runstore import RunInfo, get_run
+from lpcvlab.types import CompiledIO, io_mismatches
 
 LINT_PREFIX = "lint/"  # lint/<component>: "ok" or the hazard rules found
 GATE_TAG = "fidelity_gate"
 TOTAL = "latency_ms/total"
 RECORD = "submission/submission.json"
 ALIAS = "submitted"
+TRACK_CONFIGS: dict[str, type[TrackConfig]] = {
+    "retrieval": RetrievalTrackConfig,
+    "video": VideoTrackConfig,
+}
 
 
 class SubmitError(LpcvlabError):
@@ -133,7 +153,68 @@ def check_run(run: RunInfo, budget_ms: float | None) -> Verdict:
     _check_latency(v, run, comps, budget_ms)
     _check_gate(v, run, comps)
     _check_hazards(v, run, comps)
+    if hub == "aihub":
+        _check_io(v, run, comps)
     return v
+
+
+def contract_of(run: RunInfo, component: str) -> tuple[ComponentContract, bool] | None:
+    """The run's ``track.contract.<component>`` (from its params; the track's default contract
+    for a run logged before the contract existed) and whether it accepts quantized I/O."""
+    p = run.params
+    prefix = f"track.contract.{component}"
+    if f"{prefix}.input.name" not in p:
+        default = TRACK_CONFIGS.get(run.tags.get("track", ""))
+        if default is None:
+            return None
+        rule = default().contract_of(component)
+        return (rule, default().quantized_io()) if rule is not None else None
+
+    def tensor(kind: str) -> TensorContract:
+        shape = p.get(f"{prefix}.{kind}.shape")
+        return TensorContract(
+            name=str(p[f"{prefix}.{kind}.name"]),
+            dtype=str(p[f"{prefix}.{kind}.dtype"]),
+            shape=None if _none(shape) else [int(d) for d in json.loads(str(shape))],
+        )
+
+    quantized = str(p.get("track.contract.quantized_io", "False")).lower() == "true"
+    return ComponentContract(tensor("input"), tensor("output")), quantized
+
+
+def io_lines(component: str, rule: ComponentContract, io: CompiledIO, quantized: bool) -> list[str]:
+    """One ``io_contract`` line per way ``io`` breaks the contract (none when it keeps it)."""
+    lines = []
+    for m in io_mismatches(rule, io, quantized):
+        hint = ""
+        if any(t.quantized or t.dtype == "float16" for t in (*io.inputs, *io.outputs)):
+            hint = "; compile with float I/O (hub.quantize_io=false)"
+        lines.append(f"io_contract: {component} {m.line()} (track.contract){hint}")
+    return lines
+
+
+def _check_io(v: Verdict, run: RunInfo, comps: list[str]) -> None:
+    seen = []
+    for c in comps:
+        contract = contract_of(run, c)
+        raw = run.tags.get(f"compiled_io/{c}")
+        if contract is None:
+            continue
+        if raw is None:
+            v.failed.append(
+                f"io_contract: {c}: the compiled model's I/O was not recorded (no compiled_io/{c} "
+                "tag: a run from before the check); run it again with hub=aihub"
+            )
+            continue
+        io = CompiledIO.from_record(json.loads(raw))
+        lines = io_lines(c, contract[0], io, contract[1])
+        v.failed += lines
+        if not lines:
+            ins = ", ".join(t.describe() for t in io.inputs)
+            outs = ", ".join(t.describe() for t in io.outputs)
+            seen.append(f"{c} {ins} -> {outs}")
+    if seen:
+        v.passed.append(f"io_contract: as track.contract ({'; '.join(seen)})")
 
 
 def _check_latency(v: Verdict, run: RunInfo, comps: list[str], budget_ms: float | None) -> None:
@@ -203,17 +284,50 @@ def _layout(name: str, shape: Sequence[int], forced: set[str]) -> str:
 def share_jobs(
     run: RunInfo, emails: Sequence[str], hub_client: Any | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Share each component's compile job with ``emails`` (those it is not shared with yet) and
-    read what AI Hub compiled: component -> compile job, target model, inputs, shared with."""
-    from lpcvlab.hubs.aihub.client import Redactor, guard, make_client
+    """Read what AI Hub compiled for each component (compile job, target model and its I/O),
+    check that I/O against the contract once more, then share each compile job with ``emails``
+    (those it is not shared with yet): component -> compile job, target model, inputs,
+    shared with. A compiled model that breaks the contract is a :class:`SubmitError` before
+    anything is shared."""
+    from lpcvlab.hubs.aihub.client import Redactor, guard, make_client, target_io
     from lpcvlab.hubs.aihub.settings import forced_channel_last
 
     client = hub_client if hub_client is not None else make_client()
     redact = Redactor(client.config.api_token)
     out: dict[str, dict[str, Any]] = {}
+    jobs: dict[str, Any] = {}
+    failures: list[str] = []
     for comp in components(run):
         job_id = run.tags[f"aihub/{comp}/compile_job"]
         job = guard(lambda job_id=job_id: client.get_job(job_id), f"fetching {job_id}", redact)
+        target = guard(job.get_target_model, f"reading the target model of {job_id}", redact)
+        io = target_io(target, job_id, redact)
+        contract = contract_of(run, comp)
+        if contract is not None:
+            failures += io_lines(comp, contract[0], io, contract[1])
+        forced = forced_channel_last(str(getattr(job, "options", "") or ""))
+        inputs = [
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "layout": _layout(t.name, t.shape, forced),
+            }
+            | ({"scale": t.scale, "zero_point": t.zero_point} if t.scale is not None else {})
+            for t in io.inputs
+        ]
+        jobs[comp] = job
+        out[comp] = {
+            "compile_job": job_id,
+            "compile_job_url": getattr(job, "url", None),
+            "target_model": run.tags.get(f"aihub/{comp}/target_model"),
+            "inputs": inputs,
+            "outputs": [t.to_record() for t in io.outputs],
+        }
+    if failures:
+        raise SubmitError(run.run_id, failures)
+    for comp, job in jobs.items():
+        job_id = out[comp]["compile_job"]
         before = run.tags.get(f"aihub/{comp}/compile_job_shared_with", "")
         already = {e.strip() for e in before.split(",") if e.strip()}
         missing = [e for e in emails if e not in already]
@@ -223,30 +337,7 @@ def share_jobs(
                 f"sharing compile job {job_id} with {', '.join(missing)}",
                 redact,
             )
-        getter = getattr(job, "get_target_shapes", None)
-        shapes = guard(
-            getter if getter is not None else (lambda job=job: job.target_shapes),
-            f"reading the input shapes of {job_id}",
-            redact,
-        )
-        forced = forced_channel_last(str(getattr(job, "options", "") or ""))
-        inputs = [
-            {
-                "name": str(name),
-                "shape": [int(d) for d in spec[0]],
-                "dtype": str(spec[1]),
-                "layout": _layout(str(name), spec[0], forced),
-            }
-            for name, spec in dict(shapes or {}).items()
-        ]
-        out[comp] = {
-            "compile_job": job_id,
-            "compile_job_url": getattr(job, "url", None),
-            "target_model": run.tags.get(f"aihub/{comp}/target_model"),
-            "inputs": inputs,
-            "shared_with": sorted(already | set(emails)),
-            "newly_shared": missing,
-        }
+        out[comp] |= {"shared_with": sorted(already | set(emails)), "newly_shared": missing}
     return out
 
 
@@ -269,15 +360,20 @@ def submission_record(
         "device": run.params.get("device.aihub_name") or run.tags.get("device"),
         "runtime": run.params.get("runtime.target_runtime") or run.tags.get("runtime"),
         "score": {"metric": objective, "value": run.metrics.get(objective)},
+        "weights": run.tags.get("weights"),
         "latency_ms": {
             "total": total_latency(run, comps),
             "budget": budget_ms,
             **{c: run.metrics.get(f"latency_ms/{c}") for c in comps},
+            "measured_on": {c: latency_measured_on(run, c) for c in comps},
         },
         "components": {
             c: {
                 "precision": precision_of(run, c),
                 ONNX_SHA_TAG: run.tags.get(f"{ONNX_SHA_TAG}/{c}"),
+                "deployed_sha256": run.tags.get(f"deployed_sha256/{c}"),
+                "deployed_artifact": run.tags.get(f"deployed_artifact/{c}"),
+                "qairt_version": run.tags.get(f"aihub/{c}/qairt_version"),
                 **{k: v for k, v in jobs[c].items() if k != "newly_shared"},
             }
             for c in comps
@@ -301,6 +397,9 @@ def version_tags(record: dict[str, Any], component: str) -> dict[str, str]:
         "submission.score": f"{score['metric']}={score['value']}",
         "submission.latency_ms_total": f"{record['latency_ms']['total']:.6g}",
         "submission.latency_ms": f"{record['latency_ms'].get(component)}",
+        "submission.latency_measured_on": str(record["latency_ms"]["measured_on"][component]),
+        "submission.weights": str(record.get("weights")),
+        "submission.deployed_sha256": str(comp.get("deployed_sha256")),
         "submission.commit": str(record["commit"]),
         "submission.record": f"runs:/{record['run_id']}/{RECORD}",
     }

@@ -40,6 +40,7 @@ from lpcvlab.hubs.base import (
     COMPILE,
     INFERENCE,
     PROFILE,
+    CompiledCheck,
     ComponentJob,
     GraphCheck,
     JobListener,
@@ -139,6 +140,15 @@ class AIHub:
     @graph_check.setter
     def graph_check(self, check: GraphCheck | None) -> None:
         self._stages.graph_check = check
+
+    @property
+    def compiled_check(self) -> CompiledCheck | None:
+        """Sees each compiled model's I/O (its TensorSpecs) before its profile and inference."""
+        return self._stages.compiled_check
+
+    @compiled_check.setter
+    def compiled_check(self, check: CompiledCheck | None) -> None:
+        self._stages.compiled_check = check
 
     # ------------------------------------------------------------------ protocol
 

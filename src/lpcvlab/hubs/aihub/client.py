@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import botocore.exceptions
 import qai_hub
 import qai_hub.client as hub_client
 import requests
@@ -39,13 +40,22 @@ from qai_hub.public_rest_api import DEFAULT_HUB_API_URL, DEFAULT_HUB_WEB_URL, AP
 from requests.adapters import HTTPAdapter
 
 from lpcvlab.errors import ConfigError, RuntimeStageError
+from lpcvlab.types import CompiledIO, DeviceTensor
 
 TOKEN_ENV = "QAI_HUB_API_TOKEN"
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# What the client and its transport raise; anything else is a bug and keeps its traceback.
-CLIENT_ERRORS = (hub_client.Error, APIException, requests.RequestException, ValueError)
+# What the client and its transports raise (requests for the REST API and pre-signed URLs,
+# botocore for transfers with S3 credentials); anything else is a bug and keeps its traceback.
+CLIENT_ERRORS = (
+    hub_client.Error,
+    APIException,
+    requests.RequestException,
+    ValueError,
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+)
 
 
 # --------------------------------------------------------------------------- credentials
@@ -257,6 +267,28 @@ def find_job_by_name(client: Any, job_type: qai_hub.JobType, name: str, limit: i
         if summary.name == name:
             return client.get_job(summary.job_id)
     return None
+
+
+def target_io(model: Any, what: str, redact: Callable[[object], str]) -> CompiledIO:
+    """A compiled (target) model's inputs and outputs as AI Hub describes them
+    (``Model.input_spec`` / ``output_spec``, qai-hub >= 0.52: ``TensorSpec`` with the scale and
+    zero point of quantized I/O), every graph of the model in order."""
+
+    def read(kind: str) -> tuple[DeviceTensor, ...]:
+        spec = guard(lambda: getattr(model, kind), f"reading the {kind} of {what}", redact)
+        return tuple(
+            DeviceTensor(
+                str(t.name),
+                tuple(int(d) for d in (t.shape or ())),
+                str(t.dtype),
+                None if t.scale is None else float(t.scale),
+                None if t.zero_point is None else int(round(float(t.zero_point))),
+            )
+            for graph in (spec or {}).values()
+            for t in graph
+        )
+
+    return CompiledIO(read("input_spec"), read("output_spec"))
 
 
 # --------------------------------------------------------------------------- devices, preflight

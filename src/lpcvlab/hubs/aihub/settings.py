@@ -1,8 +1,9 @@
 """What the ``hub`` settings (:class:`~lpcvlab.config.schema.AIHubConfig`) turn into for AI Hub.
 
 The options strings of compile, profile and inference jobs, the device layout of a channel-last
-input, and how many samples go into one uploaded dataset. Pure functions of settings and
-exported models: nothing here talks to AI Hub.
+input, how a float array becomes what a compiled input takes (and an output a float array
+again), and how many samples go into one uploaded dataset. Pure functions of settings, exported
+models and tensor specs: nothing here talks to AI Hub.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 from lpcvlab.config.schema import AIHUB_DATASET_LIMIT_BYTES, AIHubConfig, validate
-from lpcvlab.errors import ConfigError
-from lpcvlab.types import ExportResult
+from lpcvlab.deploy.hazards import QNN_RUNTIMES
+from lpcvlab.errors import ConfigError, RuntimeStageError
+from lpcvlab.types import INTEGER_DTYPES, DeviceTensor, ExportResult
 
 # The name AI Hub gives a compiled model's first output unless told otherwise.
 AIHUB_DEFAULT_OUTPUT_NAME = "output_0"
@@ -43,6 +45,11 @@ def check_chunk_bytes(chunk_bytes: int) -> int:
     return int(chunk_bytes)
 
 
+def qairt_option(version: str | None) -> list[str]:
+    """``--qairt_version <hub.qairt_version>`` as tokens; none when null (AI Hub's default)."""
+    return ["--qairt_version", str(version)] if version else []
+
+
 def compile_options(
     exported: ExportResult,
     target_runtime: str,
@@ -50,11 +57,14 @@ def compile_options(
     channel_last_inputs: Collection[str] = (),
     extra: str | None = "",
     precision_options: str = "",
+    qairt_version: str | None = None,
 ) -> str:
     """The full ``options`` string of one component's compile job.
 
     Order: ``--target_runtime``, the runtime config's options, ``precision_options`` (the
-    runtime's fp16 options for a component in fp16), what this component needs, then
+    runtime's fp16 options for a component in fp16, ``--quantize_io``), ``--qairt_version``
+    (``hub.qairt_version``, on the QNN targets, whose compilation it changes -- AIHM's
+    ``qairt_version_changes_compilation``), what this component needs, then
     ``hub.extra_compile_options`` (last, so that a user's flag reads as the final word):
 
     - ``--force_channel_last_input <name>`` when the component's input is in
@@ -77,6 +87,8 @@ def compile_options(
                 f"(runtime.target_runtime={target_runtime!r}) instead"
             )
     parts = ["--target_runtime", target_runtime, *runtime_tokens]
+    if target_runtime in QNN_RUNTIMES:
+        parts += qairt_option(qairt_version)
     spec = exported.input
     if spec.name in channel_last_inputs and len(spec.shape) >= 3 and not spec.channel_last:
         parts += ["--force_channel_last_input", spec.name]
@@ -93,16 +105,20 @@ def quantize_options(precision: str) -> str:
 
 
 def profile_options(settings: AIHubConfig) -> str:
-    """Options of a profile job: ``--max_profiler_iterations <hub.profile_iterations>``, then
-    ``hub.extra_profile_options``."""
+    """Options of a profile job: ``--max_profiler_iterations <hub.profile_iterations>``,
+    ``--qairt_version <hub.qairt_version>``, then ``hub.extra_profile_options``."""
     parts = ["--max_profiler_iterations", str(int(settings.profile_iterations))]
+    parts += qairt_option(settings.qairt_version)
     parts += shlex.split(settings.extra_profile_options or "")
     return shlex.join(parts)
 
 
 def inference_options(settings: AIHubConfig) -> str:
-    """Options of an inference job: ``hub.extra_inference_options``, normalised."""
-    return shlex.join(shlex.split(settings.extra_inference_options or ""))
+    """Options of an inference job: ``--qairt_version <hub.qairt_version>``, then
+    ``hub.extra_inference_options``, normalised."""
+    parts = qairt_option(settings.qairt_version)
+    parts += shlex.split(settings.extra_inference_options or "")
+    return shlex.join(parts)
 
 
 def forced_channel_last(options: str) -> set[str]:
@@ -135,3 +151,39 @@ def samples_per_chunk(shape: Sequence[int], dtype: str, chunk_bytes: int) -> int
             f"hub.chunk_bytes={chunk_bytes}; raise hub.chunk_bytes (at most 2 GB)"
         )
     return n
+
+
+def to_device(x: np.ndarray, tensor: DeviceTensor) -> np.ndarray:
+    """``x`` as the compiled input ``tensor`` takes it.
+
+    A float array for quantized integer I/O is quantized as AIHM does it
+    (``round(x / scale) + zero_point``, clipped to the integer type); integers (token IDs) are
+    cast to the device's width; floats to the device's float width (float16 I/O). A float array
+    for an integer input without a scale has no meaning on the device: refused, never cast.
+    """
+    x = np.asarray(x)
+    dtype = np.dtype(tensor.dtype)
+    if np.issubdtype(x.dtype, np.floating) and tensor.dtype in INTEGER_DTYPES:
+        if tensor.scale is None or tensor.zero_point is None:
+            raise RuntimeStageError(
+                f"the compiled model takes {tensor.describe()} without a scale and zero point, "
+                f"and the inputs are {x.dtype}: casting them would truncate the values; compile "
+                "with float I/O (hub.quantize_io=false)"
+            )
+        q = np.rint(x.astype(np.float64) / float(tensor.scale)) + int(tensor.zero_point)
+        info = np.iinfo(dtype)
+        return np.ascontiguousarray(np.clip(q, info.min, info.max).astype(dtype))
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def from_device(y: np.ndarray, tensor: DeviceTensor | None) -> np.ndarray:
+    """A device output as float32 values: quantized integer outputs dequantized
+    (``(q - zero_point) * scale``, as AIHM does), float16 widened, others as they are."""
+    y = np.asarray(y)
+    if tensor is not None and tensor.quantized:
+        assert tensor.scale is not None
+        zero = int(tensor.zero_point or 0)
+        return ((y.astype(np.int64) - zero) * np.float64(tensor.scale)).astype(np.float32)
+    if y.dtype == np.float16:
+        return y.astype(np.float32)
+    return y

@@ -38,14 +38,23 @@ data's hash and both dtypes. When it succeeds, its quantized ONNX model (QDQ) is
 :meth:`Stages.start_compile` compiles -- no upload, and the compile key names the quantize job
 instead of the export's hash -- and it is downloaded (``Model.download``, into
 ``<models_dir>/<quantize job ID>/``, once per job) as ``QuantizeResult.model``: the graph that is
-deployed, which the run logs as the component's model. A component in fp16 is converted to
-fp16 on this machine (:func:`~lpcvlab.deploy.precision.emulate.emulate`, I/O kept fp32): that
-graph is uploaded, compiled with the runtime's fp16 options (``runtime.fp16_options``:
-``--quantize_full_type float16 --quantize_io`` on the QNN runtimes) before
-``hub.extra_compile_options``, and logged. Either graph is shown to ``graph_check`` (the device
-lint) before its compile job. In both cases the device outputs are compared with the fp32
-export on this machine (``device_parity_*``): the quantized model lives on AI Hub, so that
-number includes the quantization error.
+deployed, which the run logs as the component's model. A component in fp16 is made as AIHM
+makes its fp16 models: the fp32 export is uploaded and compiled with the runtime's fp16 options
+(``runtime.fp16_options``: ``--quantize_full_type float16`` on the QNN runtimes) before
+``hub.extra_compile_options``; the export converted to fp16 on this machine
+(:func:`~lpcvlab.deploy.precision.emulate.emulate`) is only shown to ``graph_check`` (the device
+lint), as the quantized graph is, before its compile job. ``hub.quantize_io`` adds
+``--quantize_io`` to either (integer / float16 I/O). In both cases the device outputs are compared
+with the fp32 export on this machine (``device_parity_*``): the quantized model lives on AI Hub,
+so that number includes the quantization error.
+
+**What was built.** After each compile job the target model's I/O is read from its
+``TensorSpec`` (:func:`~lpcvlab.hubs.aihub.client.target_io`: name, shape, dtype, scale and zero
+point) and shown to ``compiled_check`` (the submission contract's check) before the profile and
+inference jobs; inputs are quantized and outputs dequantized with those scales where the I/O is
+quantized (:func:`~lpcvlab.hubs.aihub.settings.to_device` / ``from_device``). The target model
+itself (``.dlc`` / ``.bin``) is downloaded once per job into ``<models_dir>/<compile job ID>/``
+with its sha256 (``CompileResult.artifact``), and the QAIRT version it reports is an event.
 """
 
 from __future__ import annotations
@@ -75,26 +84,31 @@ import qai_hub
 from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
 
 from lpcvlab.config.schema import AIHubConfig
+from lpcvlab.deploy.hazards import QNN_RUNTIMES
 from lpcvlab.deploy.precision import FP32, ComponentPrecision
 from lpcvlab.deploy.precision.emulate import emulate
 from lpcvlab.errors import RuntimeStageError
-from lpcvlab.hubs.aihub.client import find_job_by_name, guard, submit
+from lpcvlab.hubs.aihub.client import find_job_by_name, guard, submit, target_io
 from lpcvlab.hubs.aihub.jobs import Emit, JobDriver, JobTrail, LedgerEntry, Pending
 from lpcvlab.hubs.aihub.settings import (
     QUANTIZE_DTYPES,
     channel_last_shape,
     compile_options,
     forced_channel_last,
+    from_device,
     inference_options,
     profile_options,
     quantize_options,
     samples_per_chunk,
+    to_device,
 )
-from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE, GraphCheck
+from lpcvlab.hubs.base import ALL_STAGES, INFERENCE, PROFILE, CompiledCheck, GraphCheck
 from lpcvlab.hubs.parity import device_parity
 from lpcvlab.hubs.profile import parse_profile
 from lpcvlab.types import (
+    CompiledIO,
     CompileResult,
+    DeviceTensor,
     ExportResult,
     InferenceResult,
     ProfileResult,
@@ -107,7 +121,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HubTarget:
-    """``CompileResult.handle`` of this hub: the compiled model on AI Hub and its device I/O.
+    """``CompileResult.handle`` of this hub: the compiled model on AI Hub and its device I/O
+    (the target model's TensorSpecs: name, shape, dtype, and scale / zero point of quantized
+    I/O).
 
     Plain data (no client, no credentials), so it can be logged or pickled.
     """
@@ -116,10 +132,31 @@ class HubTarget:
     model_id: str
     device: str
     options: str
-    input_name: str
-    device_shape: tuple[int, ...]
-    device_dtype: str
+    io: CompiledIO
     channel_last: bool
+
+    @property
+    def input(self) -> DeviceTensor:
+        return self.io.inputs[0]
+
+    @property
+    def input_name(self) -> str:
+        return self.input.name
+
+    @property
+    def device_shape(self) -> tuple[int, ...]:
+        return self.input.shape
+
+    @property
+    def device_dtype(self) -> str:
+        return self.input.dtype
+
+    def output(self, name: str) -> DeviceTensor | None:
+        """The compiled output called ``name`` (the only one when no name matches)."""
+        named = [t for t in self.io.outputs if t.name == name]
+        if named:
+            return named[0]
+        return self.io.outputs[0] if len(self.io.outputs) == 1 else None
 
 
 @dataclass
@@ -132,7 +169,7 @@ class ComponentState:
     precision: ComponentPrecision = FP32
     quantized: QuantizeResult | None = None  # how a non-fp32 component was made
     quantized_model: Any = None  # the quantize job's target model, compiled instead of the export
-    onnx_input: tuple[str, tuple[int, ...], str] | None = None  # the ONNX compile's input
+    onnx_input: DeviceTensor | None = None  # the ONNX compile's input (int32 text tokens)
     compiled: CompileResult | None = None
     profile: ProfileResult | None = None
     chunk_outputs: list[np.ndarray | None] = field(default_factory=list)
@@ -214,6 +251,25 @@ def find_onnx(path: Path) -> Path | None:
     return graphs[0] if len(graphs) == 1 else None
 
 
+def _downloaded(folder: Path) -> Path | None:
+    """What ``Model.download`` left in ``folder``: its one file or directory, else None."""
+    if not folder.is_dir():
+        return None
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    return entries[0] if len(entries) == 1 else None
+
+
+def _artifact_sha256(path: Path) -> str:
+    """sha256 of a file; of a directory, over its files' relative paths and contents."""
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
 def check_inputs(exported: ExportResult, inputs: np.ndarray | None) -> None:
     """``inputs`` are ``(N, *exported.input.shape[1:])``; a RuntimeStageError otherwise."""
     if inputs is None:
@@ -259,6 +315,8 @@ class Stages:
         self.fp16_options = fp16_options
         # The device hazard check of a graph made or downloaded here, before it is compiled.
         self.graph_check: GraphCheck | None = None
+        # The submission contract's check of each compiled model's I/O (io_contract).
+        self.compiled_check: CompiledCheck | None = None
         # Where quantize jobs' models come down to (one folder per job): the deployed graph.
         self.models_dir = Path(models_dir) if models_dir is not None else None
         self._redact = redact
@@ -291,6 +349,10 @@ class Stages:
             ),
             what,
         )
+
+    def _qairt_key(self) -> str:
+        """``hub.qairt_version`` as the ledger keys it: a job run under another is not reused."""
+        return self.settings.qairt_version or "default"
 
     def _job_name(self, component: str, suffix: str = "") -> str:
         base = f"{self.track}-{component}" if self.track else component
@@ -360,13 +422,8 @@ class Stages:
                     f"{state.component}: ONNX compile job {p.job.job_id} finished without a "
                     f"model ({p.job.url})"
                 )
-            if hasattr(p.job, "get_target_shapes"):
-                what = f"reading the shapes of {p.job.job_id}"
-                shapes = self._call(p.job.get_target_shapes, what)
-            else:  # clients before get_target_shapes()
-                shapes = self._call(lambda: p.job.target_shapes, f"reading {p.job.job_id}")
-            name, shape, dtype, _ = self._device_input(exported, shapes, p.entry)
-            state.onnx_input = (name, shape, dtype)
+            io = self._target_io(target, p.job.job_id)
+            state.onnx_input, _ = self._device_input(exported, io, p.entry)
             return [self._start_quantize_job(state, target, p.job.job_id)]
 
         return self.driver.start(
@@ -379,7 +436,7 @@ class Stages:
         sets them (``--range_scheme min_max`` for w8a16); compile follows its model."""
         cal = state.precision.calibration
         assert cal is not None and state.onnx_input is not None
-        input_name, _, input_dtype = state.onnx_input
+        input_name, input_dtype = state.onnx_input.name, state.onnx_input.dtype
         weights, activations = QUANTIZE_DTYPES[state.precision.name]
         options = quantize_options(state.precision.name)
         inputs = {
@@ -482,7 +539,7 @@ class Stages:
         exported = state.exported
         spec = exported.input
         if state.onnx_input is not None:  # the ONNX compile's input (int32 text tokens)
-            spec = dataclasses.replace(spec, dtype=state.onnx_input[2])
+            spec = dataclasses.replace(spec, dtype=state.onnx_input.dtype)
         return dataclasses.replace(
             exported,
             path=path,
@@ -503,10 +560,12 @@ class Stages:
         spec = exported.input
         fp16 = state.precision.name == "fp16"
         quantized = state.quantized_model is not None
-        # AIHM compiles a quantized model with --quantize_io (hub.quantize_io).
+        # fp16: the fp32 export compiled with the runtime's fp16 options, as AIHM does.
+        # --quantize_io (hub.quantize_io, AIHM's choice) makes a quantized or fp16 model's I/O
+        # integer / float16, which the submission contract refuses: off by default.
         precision_options = self.fp16_options if fp16 else ""
-        if self.settings.quantize_io and quantized:
-            precision_options = "--quantize_io"
+        if self.settings.quantize_io and (fp16 or quantized):
+            precision_options = f"{precision_options} --quantize_io".strip()
         options = compile_options(
             exported,
             self.target_runtime,
@@ -514,17 +573,20 @@ class Stages:
             self.channel_last_inputs,
             self.settings.extra_compile_options,
             precision_options=precision_options,
+            qairt_version=self.settings.qairt_version,
         )
         # The quantized ONNX model takes what the ONNX compile made of the input (int32 text).
-        dtype = state.onnx_input[2] if quantized and state.onnx_input else spec.dtype
+        dtype = state.onnx_input.dtype if quantized and state.onnx_input else spec.dtype
         if fp16 and state.quantized is None:
-            state.quantized = self._fp16_graph(state)
+            state.quantized = self._fp16_checked(state, options)
         source = (
             {"quantize_job": state.quantized.job_id}
             if state.quantized_model is not None and state.quantized is not None
-            else {"model_sha256": self._model_digest(self._uploaded(state))}
+            else {"model_sha256": self._model_digest(exported)}
         )
         inputs = {**source, "input_specs": {spec.name: [list(spec.shape), dtype]}}
+        if self.target_runtime in QNN_RUNTIMES:  # the ledger never reuses across versions
+            inputs["qairt_version"] = self._qairt_key()
 
         def submit_job() -> Any:
             model = self._source_model(state)
@@ -541,6 +603,11 @@ class Stages:
 
         def on_success(p: Pending) -> list[Pending]:
             state.compiled = self._compiled_result(state, p)
+            if self.compiled_check is not None and state.compiled.io is not None:
+                # the submission contract, before the profile and inference are paid for
+                self.compiled_check(
+                    state.component, state.compiled.io, f"compile job {p.job.job_id}"
+                )
             return self.after_compile(state)
 
         pending = self.driver.start("compile", state.trail, inputs, options, submit_job, on_success)
@@ -558,10 +625,10 @@ class Stages:
 
     def _source_model(self, state: ComponentState) -> Any:
         """The model compile (or quantize) takes: the quantize job's model when there is one,
-        else the export, uploaded."""
+        else the fp32 export, uploaded (an fp16 component too: AI Hub converts it)."""
         if state.quantized_model is not None:
             return state.quantized_model
-        path = Path(self._uploaded(state).path)
+        path = Path(state.exported.path)
         data_files = self._external_files(path)
         with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
             upload = stage_model(path, data_files, Path(tmp)) if data_files else path
@@ -573,28 +640,23 @@ class Stages:
         self._emit(state.component, "upload", model.model_id, model.url, "UPLOADED")
         return model
 
-    def _uploaded(self, state: ComponentState) -> ExportResult:
-        """The ONNX file that goes up: the fp16 graph made on this machine, else the export."""
-        q = state.quantized
-        if q is not None and q.model is not None and state.quantized_model is None:
-            return q.model
-        return state.exported
-
-    def _fp16_graph(self, state: ComponentState) -> QuantizeResult:
-        """The export converted to fp16 on this machine (ONNX Runtime's float16 converter, I/O
-        kept fp32, as ``hub=local`` emulates it): the graph uploaded, compiled with the
-        runtime's fp16 options, checked for device hazards and logged -- so the deployed graph
-        is a file the run holds, not a conversion made out of sight on the service."""
+    def _fp16_checked(self, state: ComponentState, options: str) -> QuantizeResult:
+        """The fp16 component as AIHM makes it: the fp32 export goes up and AI Hub converts it
+        (``options``). The export converted to fp16 on this machine (ONNX Runtime's float16
+        converter, as ``hub=local`` emulates it) is only shown to the device lint, before the
+        compile job is paid for; what runs is the compile job's target model, logged as the
+        deployed artifact."""
         made = emulate(state.exported, state.precision)
         assert made.model is not None
         self._check(state.component, "fp16", Path(made.model.path))
-        return dataclasses.replace(
-            made,
+        return QuantizeResult(
+            component=state.component,
+            precision="fp16",
             method=(
-                f"{made.method}; uploaded to AI Hub and compiled with {self.fp16_options}"
-                if self.fp16_options
-                else made.method
+                f"AI Hub compile of the fp32 export with {options!r} (the local fp16 "
+                "conversion is only checked for device hazards)"
             ),
+            seconds=made.seconds,
         )
 
     def _share(self, p: Pending) -> None:
@@ -617,22 +679,22 @@ class Stages:
                 f"{state.component}: compile job {job.job_id} finished without a target model "
                 f"({job.url})"
             )
-        if hasattr(job, "get_target_shapes"):
-            shapes = self._call(job.get_target_shapes, f"reading the shapes of {job.job_id}")
-        else:  # clients before get_target_shapes()
-            shapes = self._call(lambda: job.target_shapes, f"reading the shapes of {job.job_id}")
-        name, shape, dtype, channel_last = self._device_input(state.exported, shapes, p.entry)
+        io = self._target_io(target, job.job_id)
+        first, channel_last = self._device_input(state.exported, io, p.entry)
+        io = CompiledIO((first, *(t for t in io.inputs if t.name != first.name)), io.outputs)
         self._models[target.model_id] = target
         # The compiled model the submission form asks for, recorded as it becomes known.
         self._emit(state.component, "target_model", target.model_id, target.url, "COMPILED")
+        version = self._qairt_version(target, job.job_id)
+        if version:
+            self._emit(state.component, "qairt_version", job.job_id, None, version)
+        artifact = self._download_target(state, target, job.job_id)
         handle = HubTarget(
             compile_job_id=job.job_id,
             model_id=target.model_id,
             device=self.device,
             options=p.entry.options,
-            input_name=name,
-            device_shape=shape,
-            device_dtype=dtype,
+            io=io,
             channel_last=channel_last,
         )
         return CompileResult(
@@ -643,28 +705,74 @@ class Stages:
             exported=state.exported,
             job_id=job.job_id,
             job_url=job.url,
+            io=io,
+            artifact=artifact,
+            artifact_sha256=_artifact_sha256(artifact) if artifact is not None else None,
+            toolchain=f"QAIRT {version}" if version else None,
         )
 
+    def _target_io(self, target: Any, job_id: str) -> CompiledIO:
+        return target_io(target, job_id, self._redact)
+
+    def _qairt_version(self, target: Any, job_id: str) -> str:
+        """The QAIRT version the compiled model reports (its metadata), '' when none."""
+        key = getattr(getattr(qai_hub, "ModelMetadataKey", None), "QAIRT_SDK_VERSION", None)
+        if key is None:
+            return ""
+        metadata = self._call(lambda: target.metadata, f"reading the metadata of {job_id}")
+        return str((metadata or {}).get(key, "") or "")
+
+    def _download_target(self, state: ComponentState, target: Any, job_id: str) -> Path | None:
+        """The compile job's target model (``.dlc`` / ``.bin`` / ONNX), downloaded into
+        ``<models_dir>/<compile job ID>/`` once per job: what AI Hub built and the device
+        runs, logged as the deployed artifact. None when the hub has no folder for it."""
+        if self.models_dir is None:
+            return None
+        folder = self.models_dir / job_id
+        found = _downloaded(folder)
+        if found is None:
+            partial = self.models_dir / f".{job_id}.{secrets.token_hex(4)}"
+            partial.mkdir(parents=True)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # "Downloaded model to <path>"
+                    self._call(
+                        lambda: target.download(str(partial)),
+                        f"downloading the compiled model {target.model_id} of {job_id}",
+                    )
+                try:  # whole or not at all: a broken download is retried
+                    partial.rename(folder)
+                except OSError:  # another process of a sweep brought the same file down first
+                    if _downloaded(folder) is None:
+                        raise
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+            found = _downloaded(folder)
+            if found is None:
+                raise RuntimeStageError(
+                    f"{state.component}: compile job {job_id} gave no file to download; open "
+                    f"{target.url} to check the model"
+                )
+        log.info("AI Hub: %s: compiled model of %s is %s", state.component, job_id, found)
+        return found
+
     def _device_input(
-        self, exported: ExportResult, shapes: Any, entry: LedgerEntry
-    ) -> tuple[str, tuple[int, ...], str, bool]:
-        """Name, shape, dtype and layout of the compiled model's input, as AI Hub built it."""
+        self, exported: ExportResult, io: CompiledIO, entry: LedgerEntry
+    ) -> tuple[DeviceTensor, bool]:
+        """The compiled model's input the export's input became, and whether it is channel-last."""
         spec = exported.input
         shape = tuple(int(d) for d in spec.shape)
         cl_shape = channel_last_shape(shape) if len(shape) >= 3 else None
         forced = spec.name in forced_channel_last(entry.options)
-        shapes = dict(shapes or {})
-        name = spec.name
-        found = shapes.get(spec.name)
-        if found is None and len(shapes) == 1:
-            name, found = next(iter(shapes.items()))
-        if found is None:  # AI Hub reported no target shapes: derive them from the options
-            channel_last = forced and cl_shape is not None
-            dtype = spec.dtype
-            if dtype == "int64" and "--truncate_64bit_io" in shlex.split(entry.options):
-                dtype = "int32"
-            return name, cl_shape if channel_last and cl_shape else shape, dtype, channel_last
-        device_shape, dtype = tuple(int(d) for d in found[0]), str(found[1])
+        found = next((t for t in io.inputs if t.name == spec.name), None)
+        if found is None and len(io.inputs) == 1:
+            found = io.inputs[0]
+        if found is None:
+            raise RuntimeStageError(
+                f"{exported.component}: the compiled model has no input {spec.name!r} (it takes "
+                f"{', '.join(t.describe() for t in io.inputs) or 'none'}); check the compile "
+                f"options {entry.options!r}"
+            )
+        device_shape = tuple(found.shape)
         if device_shape == shape and device_shape == cl_shape:
             channel_last = forced
         elif device_shape == shape:
@@ -673,11 +781,11 @@ class Stages:
             channel_last = True
         else:
             raise RuntimeStageError(
-                f"{exported.component}: the compiled model takes {name} {device_shape} {dtype}, "
-                f"which is neither the exported {shape} nor its channel-last form; check the "
-                f"compile options {entry.options!r}"
+                f"{exported.component}: the compiled model takes {found.describe()}, whose shape "
+                f"is neither the exported {shape} nor its channel-last form; check the compile "
+                f"options {entry.options!r}"
             )
-        return name, device_shape, dtype, channel_last
+        return found, channel_last
 
     def _target_model(self, handle: HubTarget) -> Any:
         model = self._models.get(handle.model_id)
@@ -732,14 +840,16 @@ class Stages:
             )
             return []
 
-        inputs = {"compile_job": handle.compile_job_id}
+        inputs = {"compile_job": handle.compile_job_id, "qairt_version": self._qairt_key()}
         return self.driver.start("profile", state.trail, inputs, options, submit_job, on_success)
 
     # ------------------------------------------------------------------ inference
 
     def _device_batch(self, handle: HubTarget, batch: np.ndarray) -> np.ndarray:
+        """Inputs as the compiled model takes them: channel-last where it is, quantized with
+        its scale and zero point where its input is quantized (never a bare cast)."""
         x = np.moveaxis(batch, 1, -1) if handle.channel_last else batch
-        return np.ascontiguousarray(x, dtype=handle.device_dtype)
+        return to_device(x, handle.input)
 
     def start_inference(self, state: ComponentState) -> list[Pending]:
         """One inference job per chunk of ``state.inputs``, at most ``hub.inference_window`` of
@@ -772,7 +882,11 @@ class Stages:
             label = f"{ci + 1}/{len(bounds)}" if len(bounds) > 1 else ""
             # state.inputs may read from disk (Track 2's CachedClips): a chunk at a time
             digest = array_sha256(self._device_batch(handle, state.inputs[a:b]))
-            inputs = {"compile_job": handle.compile_job_id, "dataset_sha256": digest}
+            inputs = {
+                "compile_job": handle.compile_job_id,
+                "dataset_sha256": digest,
+                "qairt_version": self._qairt_key(),
+            }
 
             # The device batch is rebuilt at submission rather than kept: a reused chunk needs
             # none, and holding every chunk until the end would double the inputs' memory.
@@ -860,7 +974,9 @@ class Stages:
         key = wanted if wanted in out else next(iter(out))
         if key != wanted:
             log.debug("AI Hub: %s has no output %r; reading %r", p.job.job_id, wanted, key)
-        arrays = [np.asarray(a) for a in out[key]]
+        # quantized outputs dequantized with the compiled output's scale and zero point
+        spec = self._handle(state).output(key)
+        arrays = [from_device(a, spec) for a in out[key]]
         if len(arrays) != expected:
             raise RuntimeStageError(
                 f"{state.component}: inference job {p.job.job_id} returned {len(arrays)} outputs "
