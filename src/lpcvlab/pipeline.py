@@ -369,6 +369,7 @@ def _stages(
         rec.log_metrics(track.lever_metrics(bundle, data))
     clock.lap("model")
     # The model as loaded against the weights' authors' code, before anything changes it.
+    console.stage("reference", "the model as loaded against the weights' authors' code")
     reference = track.reference_parity(bundle, data)
     rec.log_metrics(reference.metrics())
     rec.set_tags({"reference": reference.reference[:5000]})

@@ -399,7 +399,7 @@ def _clip_plan(b: ClipBackboneConfig, demo_data: bool) -> WeightsPlan:
         published: tuple[bool | None, Normalization | None] = (own, None)
         arch_from = "backbone.model_cfg"
     else:
-        published = _published_clip(b.model_name)
+        published = published_clip(b.model_name)
         arch_from = f"what every published {b.model_name} weights use"
     if value is None:
         qg = b.quick_gelu if b.quick_gelu is not None else bool(published[0])
@@ -470,7 +470,7 @@ def _agree(given: bool | None, own: bool, where: str, fix: str) -> None:
         )
 
 
-def _published_clip(model_name: str) -> tuple[bool | None, Normalization | None]:
+def published_clip(model_name: str) -> tuple[bool | None, Normalization | None]:
     """(activation, normalisation) every published tag of ``model_name`` agrees on (None where
     they differ or there is none)."""
     import open_clip
@@ -506,7 +506,7 @@ def _json_plan(
     if pre.get("mean") and pre.get("std"):
         norm = Normalization(tuple(pre["mean"]), tuple(pre["std"]), str(beside))
     else:
-        norm = _published_clip(b.model_name)[1] if b.model_cfg is None else None
+        norm = published_clip(b.model_name)[1] if b.model_cfg is None else None
     return WeightsPlan(value, kind, path, qg, str(beside), norm)
 
 

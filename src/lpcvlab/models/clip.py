@@ -33,8 +33,10 @@ from lpcvlab.config.weights import (
     TAG,
     WeightsPlan,
     clip_cache_lookup,
+    looks_like_path,
     normalization_text,
     plan_weights,
+    published_clip,
 )
 from lpcvlab.errors import ConfigError
 from lpcvlab.models.weights import (
@@ -223,15 +225,6 @@ def load_file(model: nn.Module, path: Path | str, kind: str) -> None:
             f"backbone.pretrained={path} does not fit this architecture ({detail[:300]}); "
             "check backbone= against the checkpoint"
         ) from None
-
-
-def _load_file(model: nn.Module, path: str) -> None:
-    """Load a checkpoint file of any format lpcvlab reads (what it is is read from its bytes)."""
-    from lpcvlab.config.weights import inspect_checkpoint
-
-    if not Path(path).is_file():
-        raise ConfigError(f"backbone.pretrained={path}: no such checkpoint file")
-    load_file(model, path, inspect_checkpoint(Path(path)).kind)
 
 
 def _open_clip_name(backbone: ClipBackboneConfig) -> str:
@@ -484,8 +477,6 @@ def architecture_activation(backbone: ClipBackboneConfig) -> bool:
     """QuickGELU or not, without reading any file: the tag's, ``backbone.quick_gelu``, the
     custom config's, else what every published weights of the architecture use (GELU when
     they differ)."""
-    from lpcvlab.config.weights import looks_like_path
-
     tag = backbone.pretrained
     if tag and not looks_like_path(str(tag)) and backbone.model_cfg is None:
         pcfg = open_clip.get_pretrained_cfg(backbone.model_name, str(tag)) or {}
@@ -494,11 +485,7 @@ def architecture_activation(backbone: ClipBackboneConfig) -> bool:
         return bool(backbone.quick_gelu)
     if backbone.model_cfg is not None:
         return bool(backbone.model_cfg.get("quick_gelu", False))
-    tags = open_clip.list_pretrained_tags_by_model(backbone.model_name)
-    acts = {
-        bool(open_clip.get_pretrained_cfg(backbone.model_name, t).get("quick_gelu")) for t in tags
-    }
-    return acts == {True}
+    return bool(published_clip(backbone.model_name)[0])
 
 
 @dataclass

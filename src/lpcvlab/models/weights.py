@@ -18,13 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lpcvlab.config.weights import (
-    Fetch,
-    WeightsPlan,
-    hf_files,
-    looks_like_path,
-    normalization_text,
-)
+from lpcvlab.config.weights import Fetch, WeightsPlan, hf_files, normalization_text
 from lpcvlab.types import ReferenceParity
 from lpcvlab.util import console
 
@@ -35,7 +29,6 @@ _BANNER = "=" * 78
 # A value under this fails the run (lpcvlab's model against the authors' on the same weights).
 REFERENCE_COSINE_MIN = 0.9999
 REFERENCE_SAMPLES = 2  # inputs per component: it runs in every run, so a few
-__all__ = ["RANDOM", "looks_like_path"]
 
 
 def warn_random_weights(what: str, why: str) -> None:
