@@ -388,7 +388,7 @@ def _download(backbone: BackboneConfig, demo_data: bool) -> tuple[bool, str]:
     if backbone.download is False:
         return False, "backbone.download=false"
     if backbone.download is None and demo_data:
-        return False, "the demo data never downloads (backbone.download=true fetches it)"
+        return False, "nothing is downloaded for demo data; backbone.download=true fetches it"
     return True, ""
 
 

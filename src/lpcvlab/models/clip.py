@@ -277,7 +277,7 @@ def clip_reference(
             r_mean, r_std = _normalize_of(val)
             source = str(file) if by_file else "lpcvlab's loaded state dict"
             how = (
-                f"open_clip.create_model_and_transforms({backbone.model_name!r}, "
+                f"open_clip.create_model_and_transforms({name!r}, "
                 f"pretrained={source}, force_quick_gelu={bool(plan.quick_gelu)}) with its "
                 f"Normalize{_pair(r_mean, r_std)}"
             )
