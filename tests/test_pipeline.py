@@ -42,6 +42,13 @@ def test_track1_pipeline_logs_one_complete_run(cfg_factory, tmp_path, capsys):
     assert t["track"] == "retrieval" and t["backbone"] == "clip_tiny"
     assert t["device"] == "xr2_gen2_proxy" and t["runtime"] == "qnn_dlc" and t["hub"] == "local"
     assert t["weights"] == "random"
+    # The model as loaded against open_clip's own code, and what the weights run with.
+    for comp in ("image_encoder", "text_encoder"):
+        assert m[f"reference_cosine_min/{comp}"] >= 0.9999
+    assert "create_model_and_transforms" in t["reference"]
+    assert t["weights/activation"] == run.data.params["weights/activation"] == "gelu"
+    assert run.data.params["normalization"] == "none"  # random clip_tiny: none of its own
+    assert m["stage_seconds/reference"] > 0
     assert t["git_dirty"] in ("true", "false", "unknown")
     assert len(t["onnx_sha256/image_encoder"]) == 64
     assert run.data.params["backbone.name"] == "clip_tiny"

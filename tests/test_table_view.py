@@ -1,4 +1,5 @@
-"""The runs table the README links to opens on the objective, latency, precision and backbone."""
+"""The runs table the README links to opens on the objective, latency, precision, backbone and
+weights."""
 
 from __future__ import annotations
 
@@ -15,20 +16,21 @@ def _columns(value: str) -> list[str]:
     return json.loads(envelope["state"])["selectedColumns"]
 
 
-def test_the_view_shows_the_objective_latency_precision_and_backbone():
+def test_the_view_shows_the_objective_latency_precision_backbone_and_weights():
     columns = _columns(table_view("recall_at_10"))
     assert columns == [
         "metrics.`recall_at_10`",
         "metrics.`latency_ms/total`",
         "tags.`precision`",
         "tags.`backbone`",
+        "tags.`weights`",
         "attributes.`Dataset`",
         "attributes.`Models`",
     ]
     same = table_view("recall_at_10")
     assert table_view("recall_at_10", same) is None  # nothing to change
     both = _columns(table_view("top1", same))  # an experiment holding both tracks' runs
-    assert both[:2] == ["metrics.`top1`", "metrics.`recall_at_10`"] and len(both) == 7
+    assert both[:2] == ["metrics.`top1`", "metrics.`recall_at_10`"] and len(both) == 8
     assert _columns(table_view("top1", "not json"))[0] == "metrics.`top1`"
 
 

@@ -185,6 +185,36 @@ def test_duplicate_text_id_stops_naming_both_rows(tmp_path):
         read_track1(root)
 
 
+@pytest.mark.parametrize("name", ["txt_list.csv", "img_list.csv"])
+def test_a_csv_that_is_not_utf8_stops_naming_the_file_and_row(tmp_path, name):
+    root = _demo(tmp_path)
+    lines = (root / name).read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b",", b",caf\xe9 ", 1)  # cp1252's e-acute, as Excel saves it
+    (root / name).write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError) as info:
+        read_track1(root)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{name}, row 4: not UTF-8 (byte 0xe9" in message and "save the file as UTF-8" in message
+
+
+def test_text_ids_beyond_int16_are_warned_about(tmp_path, caplog):
+    root = _demo(tmp_path)
+    texts = _csv_rows(root / "txt_list.csv")
+    texts[0][0] = "40000"
+    _rewrite(root / "txt_list.csv", "Text_nums,Unique_Texts", [f'{i},"{t}"' for i, t in texts])
+    images = _csv_rows(root / "img_list.csv")
+    images[0][1] = "40000"
+    _rewrite(root / "img_list.csv", "Image_names,Text_nums", [f"{n},{i}" for n, i in images])
+    with caplog.at_level("WARNING", logger="lpcvlab.data.track1"):
+        ds = read_track1(root)
+    assert 40000 in ds.texts  # lpcvlab scores it; the warning says the official scorer cannot
+    warned = [r.getMessage() for r in caplog.records if "int16" in r.getMessage()]
+    assert len(warned) == 2
+    assert "txt_list.csv: 1 text ID(s) outside -32768..32767 (first: 40000 on row 2)" in warned[0]
+    assert "img_list.csv: 1 text ID(s) outside" in warned[1]
+
+
 def test_empty_caption_is_skipped_and_counted(tmp_path):
     root = _demo(tmp_path)
     rows = _csv_rows(root / "txt_list.csv")

@@ -176,3 +176,37 @@ def test_a_checkpoint_teaches_and_its_embeddings_are_cached(runs):
     assert len(distill) == 2 and all(v > 0 for v in distill)
     # The same seed, data and teacher: the second run trains exactly as the first.
     assert runs.history("again", "train/loss") == runs.history("alpha0", "train/loss")
+
+
+def test_a_training_checkpoint_loads_as_weights_with_what_it_was_trained_with(runs):
+    from lpcvlab.config.weights import inspect_checkpoint
+
+    best = sorted((runs.tmp / "trained" / "checkpoints").glob("best-*.ckpt"))[-1]
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    record = ckpt["lpcvlab"]
+    assert record["quick_gelu"] is False
+    assert record["normalization"] == {"mean": None, "std": None}  # lpcvc_sample, random clip_tiny
+    assert inspect_checkpoint(best).kind == "lpcvlab_checkpoint"
+    track = build_track_for(
+        compose_config(*_overrides(runs.tmp, runs.cache, f"backbone.pretrained={best}"))
+    )
+    bundle = track.build_model()
+    state = {
+        k[len(CHECKPOINT_PREFIX) :]: v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith(CHECKPOINT_PREFIX)
+    }
+    mine = bundle.model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in state.items())
+    assert bundle.facts["normalization"] == "none"
+    assert bundle.facts["weights/activation_from"] == "the checkpoint's record"
+    rng = np.random.default_rng(0)
+    tokens = track.backbone.tokenizer()(["a red circle", "a blue square"]).numpy()
+    from lpcvlab.tracks import TrackData
+
+    inputs = {
+        "image_encoder": rng.random((2, 3, 224, 224), dtype=np.float32),
+        "text_encoder": tokens,
+    }
+    parity = track.reference_parity(bundle, TrackData(inputs=inputs))
+    assert parity.failure() is None and min(parity.cosine_min.values()) >= 0.9999

@@ -33,7 +33,7 @@ from lpcvlab.deploy.precision import ComponentPrecision, PrecisionPlan
 from lpcvlab.deploy.precision.calibration import choose_calibration
 from lpcvlab.deploy.precision.fidelity import component_fidelity, metric_fidelity
 from lpcvlab.deploy.rewrites import op_counts
-from lpcvlab.errors import Interrupted
+from lpcvlab.errors import Interrupted, ParityError
 from lpcvlab.hubs import INFERENCE, ComponentJob, Hub, InFlight, build_hub, drive
 from lpcvlab.hubs.cache import StageCache
 from lpcvlab.objective import Objective, score
@@ -383,10 +383,20 @@ def _stages(
     console.stage("model", s.backbone.name)
     seed_everything(s.seed)  # the starting weights depend on the seed alone, not on the data
     bundle = track.build_model()
-    rec.set_tags({"weights": bundle.weights})
+    rec.set_tags({"weights": bundle.weights} | bundle.facts)
+    rec.log_params(bundle.facts)  # the activation and the normalisation the run applies
     if hasattr(track, "lever_metrics"):  # what a model lever (an activation swap) costs
         rec.log_metrics(track.lever_metrics(bundle, data))
     clock.lap("model")
+    # The model as loaded against the weights' authors' code, before anything changes it.
+    console.stage("reference", "the model as loaded against the weights' authors' code")
+    reference = track.reference_parity(bundle, data)
+    rec.log_metrics(reference.metrics())
+    rec.set_tags({"reference": reference.reference[:5000]})
+    clock.lap("reference")
+    failure = reference.failure()
+    if failure:
+        raise ParityError(failure)
 
     if training:
         console.stage("train", s.train.name)
@@ -521,6 +531,7 @@ def _stages(
         rec.log_text(json.dumps(evaluation.summary, indent=2, default=str), "results/summary.json")
     metrics |= evaluation.metrics
     metrics |= {f"parity_cosine_min/{n}": e.parity_cosine_min for n, e in exports.items()}
+    metrics |= reference.metrics()
     clock.lap("metrics")
     lowered = [n for n, p in precisions.items() if p.name != "fp32"]
     if lowered:
@@ -741,6 +752,7 @@ def results_text(s: RunConfig, res: PipelineResult) -> str:
         assert crun.profile is not None
         low, high = crun.profile.peak_memory_mb
         fidelity = res.metrics.get(f"fidelity_cosine_min/{name}")
+        reference = res.metrics.get(f"reference_cosine_min/{name}")
         comp_rows.append(
             [
                 name,
@@ -748,6 +760,7 @@ def results_text(s: RunConfig, res: PipelineResult) -> str:
                 crun.profile.latency_ms,
                 f"{console.fmt(low, 1)}-{console.fmt(high, 1)}",
                 f"{res.exports[name].parity_cosine_min:.6f}",
+                "-" if reference is None else f"{reference:.6f}",
                 "-" if fidelity is None else f"{fidelity:.6f}",
             ]
         )
@@ -764,6 +777,7 @@ def results_text(s: RunConfig, res: PipelineResult) -> str:
                 "latency ms",
                 "peak memory MB",
                 "parity cos min",
+                "reference cos min",
                 "vs fp32 cos min",
             ],
             comp_rows,

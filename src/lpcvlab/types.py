@@ -203,11 +203,40 @@ class Component:
 
 @dataclass
 class ModelBundle:
-    """What a track's model factory returns."""
+    """What a track's model factory returns; ``facts`` are what the weights are and expect as
+    the run applies them (activation, normalisation), logged as params and tags."""
 
     components: list[Component]
     weights: str  # pretrained tag, a file path, or "random"
     model: Any = None  # the full torch model (for training); None when not trainable
+    facts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ReferenceParity:
+    """The model as loaded, in lpcvlab's export wrappers, against the weights' authors' code
+    (``reference``) on the organisers' input: the minimum cosine per component, and for each
+    component that fails, what differs (activation, normalisation, weights)."""
+
+    reference: str
+    cosine_min: dict[str, float]
+    samples: int
+    differences: dict[str, list[str]] = field(default_factory=dict)
+    threshold: float = 0.9999
+
+    def metrics(self) -> dict[str, float]:
+        return {f"reference_cosine_min/{c}": v for c, v in self.cosine_min.items()}
+
+    def failure(self) -> str | None:
+        """One line naming each failing component and what differs; None when all pass."""
+        if not self.differences:
+            return None
+        parts = [
+            f"{c}: cosine {self.cosine_min[c]:.6f} (under {self.threshold} fails) against "
+            f"{self.reference}; {'; '.join(d)}"
+            for c, d in self.differences.items()
+        ]
+        return "reference parity failed: " + " | ".join(parts)
 
 
 @dataclass

@@ -66,7 +66,7 @@ def load_settings(cfg: DictConfig | RunConfig) -> RunConfig:
         _no_added_keys(body, settings)
     check_combinations(settings)  # first: a group that cannot go with the track says so
     validate(settings)
-    report_weights(settings.backbone)  # last: it imports open_clip / torch to look in a cache
+    report_weights(settings)  # last: it imports open_clip / torch to look in a cache
     return settings
 
 

@@ -203,7 +203,12 @@ class VideoTrackConfig(TrackConfig):
 class BackboneConfig:
     what: ClassVar[str] = "a backbone"
     name: str = MISSING
-    pretrained: str | None = None  # a tag resolved from the local cache, a file path, or null
+    # A weights tag (an open_clip tag, kinetics400), a checkpoint file path, or null (random).
+    pretrained: str | None = None
+    # Fetch a tag that is not in the cache (huggingface_hub / torch hub, into their standard
+    # caches): true always, false never (as HF_HUB_OFFLINE=1); null = except on demo data, so
+    # the demo never downloads.
+    download: bool | None = None
 
 
 @dataclass
@@ -215,9 +220,10 @@ class ClipBackboneConfig(BackboneConfig):
     tokenizer: str | None = None  # null = the model's own
     cache_dir: str | None = None  # where cached weights are looked for
     model_cfg: dict[str, Any] | None = None  # a custom architecture (clip_tiny)
-    # With a checkpoint path: build the model with QuickGELU (OpenAI's CLIP weights need it);
-    # with an open_clip tag the tag decides.
-    quick_gelu: bool = False
+    # The MLP activation the weights were trained with: true QuickGELU (OpenAI's weights), false
+    # GELU; null = what the tag or the file says (lpcvlab.config.weights). A checkpoint path for
+    # an architecture published in both (ViT-B-16, ViT-B-32) that does not say needs it.
+    quick_gelu: bool | None = None
     # Levers of the device (lpcvlab.models.clip.adapt_clip): the image side N (the ViT's
     # positional embedding interpolated; exported input (1,3,N,N), images resized to N; null =
     # preprocess.image.size), the text length L (positional embedding and causal mask cut;
@@ -237,16 +243,21 @@ class ClipBackboneConfig(BackboneConfig):
 
 @dataclass
 class VideoBackboneConfig(BackboneConfig):
-    """A torchvision video classifier (Track 2); mean/std are baked into the export."""
+    """A torchvision video classifier (Track 2); mean/std are baked into the export.
+
+    ``mean``/``std`` null: the weights' own (torchvision's ``weights.transforms()``, or what an
+    lpcvlab checkpoint was trained with); set: checked against them when the config is loaded
+    (``force_normalization=true`` runs a different one anyway).
+    """
 
     what: ClassVar[str] = "a video backbone (Track 2)"
     arch: str = setting(MISSING, choices=("r2plus1d_18", "r3d_18", "mc3_18"))
-    mean: list[float] = field(default_factory=lambda: [0.43216, 0.394666, 0.37645])
-    std: list[float] = setting(factory=lambda: [0.22803, 0.22145, 0.216989], gt=0, each=True)
+    mean: list[float] | None = None
+    std: list[float] | None = setting(None, gt=0, each=True)
+    force_normalization: bool = False
 
     def check(self, prefix: str) -> None:
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ConfigError(f"{prefix}.mean and {prefix}.std need 3 values (RGB)")
+        _check_mean_std(prefix, self.mean, self.std)
 
 
 @dataclass
@@ -257,21 +268,37 @@ class TinyVideoBackboneConfig(VideoBackboneConfig):
     width: int = setting(16, ge=1)
 
 
+def _check_mean_std(prefix: str, mean: list[float] | None, std: list[float] | None) -> None:
+    if (mean is None) != (std is None):
+        raise ConfigError(f"{prefix}.mean and {prefix}.std must be set together (or both null)")
+    if mean is not None and (len(mean) != 3 or len(std or ()) != 3):
+        raise ConfigError(f"{prefix}.mean and {prefix}.std need 3 values (RGB)")
+
+
 @dataclass
 class ImagePreprocessConfig:
-    """Track 1: PIL resize, /255, optional mean/std (in the graph or on the host)."""
+    """Track 1: PIL resize, /255, then mean/std in the graph (or on the host).
+
+    ``normalize``: true (default) applies the weights' own mean/std (``mean``/``std`` null), or
+    ``mean``/``std`` as given, which must equal the weights' own unless
+    ``force_normalization=true``; false applies none (the organisers' sample exactly).
+    """
 
     size: int = setting(224, ge=1)
     resample: str | None = setting(None, choices=PIL_FILTERS)  # null = PIL's default
+    normalize: bool = True
     mean: list[float] | None = None
     std: list[float] | None = setting(None, gt=0, each=True)
-    normalize_in_model: bool = False
+    force_normalization: bool = False
+    normalize_in_model: bool = True  # false: on the host (not deployable as is; comparisons)
 
     def check(self, prefix: str) -> None:
-        if (self.mean is None) != (self.std is None):
-            raise ConfigError(f"{prefix}.mean and {prefix}.std must be set together (or both null)")
-        if self.mean is not None and (len(self.mean) != 3 or len(self.std or ()) != 3):
-            raise ConfigError(f"{prefix}.mean and {prefix}.std need 3 values (RGB)")
+        _check_mean_std(prefix, self.mean, self.std)
+        if not self.normalize and self.mean is not None:
+            raise ConfigError(
+                f"{prefix}.normalize=false applies no mean/std, so {prefix}.mean/std cannot be "
+                f"set with it; drop one of them"
+            )
 
 
 @dataclass

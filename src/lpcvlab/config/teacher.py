@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lpcvlab.config.schema import BackboneConfig, DistillConfig
+from lpcvlab.config.weights import looks_like_path
 from lpcvlab.errors import ConfigError
 
 # Where a training checkpoint keeps what built it: {"backbone": {...}, "track": "..."}.
@@ -54,11 +55,6 @@ class Teacher:
         return f"{self.backbone.name} (weights {self.backbone.pretrained})"
 
 
-def _looks_like_path(value: str) -> bool:
-    # as lpcvlab.models.weights.looks_like_path (a layer above config)
-    return "/" in value or "\\" in value or Path(value).suffix in {".pt", ".pth", ".ckpt"}
-
-
 def backbone_option(name: str, key: str = "backbone") -> BackboneConfig:
     """The typed config of the backbone option ``name`` (``conf/backbone/<name>.yaml``)."""
     from lpcvlab.config import schema_for
@@ -94,7 +90,7 @@ def resolve_teacher(
                 "name the teacher (a backbone option or a checkpoint)"
             )
         return None
-    if _looks_like_path(value):
+    if looks_like_path(value):
         path = Path(value)
         if not path.is_file():
             raise ConfigError(f"train.distill.teacher={value}: no such checkpoint file")

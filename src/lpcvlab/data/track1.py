@@ -5,8 +5,10 @@
 
 Policy for bad input (each counted and reported; never a silent shift of rows):
 
-* wrong header, non-integer or duplicate text ID, duplicate image row, a row with no IDs:
-  stop before any compute, naming the file and row;
+* wrong header, non-integer or duplicate text ID, duplicate image row, a row with no IDs, a
+  CSV that is not UTF-8: stop before any compute, naming the file and row;
+* a text ID outside int16: warned about (the official scorer casts IDs to int16, so it can never
+  match there), scored here as it is;
 * image named in ``img_list.csv`` but missing from the folder, unreadable/truncated, or above
   PIL's pixel limit: skipped, counted (``data/skipped_images``) and listed in ``skipped.csv``;
 * 16-bit (or 32-bit) grey image: scaled to 8 bits, not clipped to white (``data.images``);
@@ -26,6 +28,7 @@ missing images and images left without a caption are skipped, counted and listed
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,10 +78,25 @@ class Track1Dataset:
         }
 
 
+def _decode(path: Path) -> str:
+    """The file's text (UTF-8, with or without a BOM); a byte that is not UTF-8 stops the run
+    naming the file and the row (the line, the header being row 1)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{path}, row {line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8)"
+        ) from None
+
+
 def _read_csv(path: Path, header: list[str]) -> list[tuple[int, list[str]]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found. Point data.root at a folder that has it.")
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_decode(path), newline="") as f:
         reader = csv.reader(f)
         try:
             got = next(reader)
@@ -111,6 +129,27 @@ def _parse_id(value: str, path: Path, line: int, field_name: str) -> int:
         ) from None
 
 
+# The official scorer reads ground-truth text IDs as int16 (its parse_ground_truth).
+INT16_MAX = 32767
+
+
+def _warn_int16(path: Path, ids: list[tuple[int, int]]) -> None:
+    """Warn about text IDs (row, ID) outside int16: the official scorer wraps them around, so
+    they can never match there, whatever lpcvlab scores."""
+    wide = [(line, tid) for line, tid in ids if not -INT16_MAX - 1 <= tid <= INT16_MAX]
+    if wide:
+        line, tid = wide[0]
+        log.warning(
+            "%s: %d text ID(s) outside -32768..32767 (first: %d on row %d): the official scorer "
+            "reads text IDs as int16, where they wrap around and never match; renumber them "
+            "below 32768 to be scored the same there",
+            path,
+            len(wide),
+            tid,
+            line,
+        )
+
+
 def read_texts(path: Path) -> tuple[dict[int, str], list[int]]:
     """Caption per text ID (CSV order) and the IDs whose caption is empty."""
     texts: dict[int, str] = {}
@@ -128,12 +167,14 @@ def read_texts(path: Path) -> tuple[dict[int, str], list[int]]:
         texts[tid] = caption.strip()
     if not texts:
         raise DataError(f"{path}: no captions")
+    _warn_int16(path, [(line, tid) for tid, line in seen.items()])
     return texts, empty
 
 
 def read_image_list(path: Path, images_dir: Path) -> list[ImageRow]:
     rows: list[ImageRow] = []
     seen: dict[str, int] = {}
+    ids_by_row: list[tuple[int, int]] = []
     for line, (name, ids) in _read_csv(path, IMG_HEADER):
         name = name.strip()
         if not name:
@@ -148,8 +189,10 @@ def read_image_list(path: Path, images_dir: Path) -> list[ImageRow]:
         if len(set(text_ids)) != len(text_ids):
             raise DataError(f"{path}, row {line}: image {name} lists a text ID twice: {ids!r}")
         rows.append(ImageRow(name=name, path=images_dir / name, text_ids=text_ids, row=line))
+        ids_by_row += [(line, t) for t in text_ids]
     if not rows:
         raise DataError(f"{path}: no image rows")
+    _warn_int16(path, ids_by_row)
     return rows
 
 

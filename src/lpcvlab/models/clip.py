@@ -1,17 +1,22 @@
 """open_clip backbones for Track 1 and their export wrappers.
 
-``backbone.pretrained`` is an open_clip tag (resolved from the local cache only: the Hugging Face
-cache or open_clip's URL cache), a checkpoint file path, or null (random init).
+``backbone.pretrained`` is an open_clip tag (from the Hugging Face cache or open_clip's URL
+cache, fetched there on first use), a checkpoint file (an OpenAI TorchScript archive, a state
+dict, a ``.safetensors`` file, an lpcvlab training checkpoint), or null (random init). What the
+file is, and the activation and normalisation of the weights, were settled when the config was
+loaded (:func:`lpcvlab.config.weights.plan_weights`); :func:`clip_reference` builds the same
+weights with open_clip's own entry points, which every run's reference parity compares against.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import hashlib
+import json
 import logging
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +27,34 @@ from torch import nn
 
 from lpcvlab.config.schema import ClipBackboneConfig
 from lpcvlab.config.teacher import CHECKPOINT_KEY, Teacher
-from lpcvlab.config.weights import clip_cache_lookup
+from lpcvlab.config.weights import (
+    ARCHIVE,
+    LPCVLAB,
+    TAG,
+    WeightsPlan,
+    clip_cache_lookup,
+    looks_like_path,
+    normalization_text,
+    plan_weights,
+    published_clip,
+)
 from lpcvlab.errors import ConfigError
-from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
+from lpcvlab.models.weights import (
+    RANDOM,
+    Reference,
+    announce,
+    fetch_clip,
+    fetch_or_warn,
+    quiet_open_clip,
+    quiet_torchscript,
+    warn_random_weights,
+)
 
 log = logging.getLogger(__name__)
 
 CONTEXT_LENGTH = 77
+# What an OpenAI archive's state dict holds beside the weights (load_openai_model reads them).
+_ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
 
 def _cached_checkpoint(model_name: str, tag: str, cache_dir: str | None) -> str | None:
@@ -37,25 +63,32 @@ def _cached_checkpoint(model_name: str, tag: str, cache_dir: str | None) -> str 
     return str(found) if found is not None else None
 
 
-@contextlib.contextmanager
-def _quiet_root() -> Iterator[None]:
-    """open_clip narrates model creation at INFO on the root logger; keep its warnings only."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        root.setLevel(level)
+_quiet_root = quiet_open_clip  # open_clip's INFO narration and "initialized randomly" line
+
+
+@dataclass
+class LoadedClip:
+    """A CLIP model with its weights in and no lever applied, what they are (``weights``: the
+    tag, the path or ``random``) and the plan that loaded them."""
+
+    model: nn.Module
+    weights: str
+    plan: WeightsPlan
 
 
 class ClipBackbone:
     """The backbone factory of Track 1: builds the open_clip model of a typed backbone config
-    (weights from the local cache or a file, never the network) and its tokenizer."""
+    (weights from the cache, fetched on first use, or a file) and its tokenizer.
 
-    def __init__(self, settings: ClipBackboneConfig) -> None:
+    ``loaded`` keeps the model as loaded, before any lever, for the run's reference parity
+    (:meth:`take_loaded`): the model itself when no lever changes it, else a copy.
+    """
+
+    def __init__(self, settings: ClipBackboneConfig, plan: WeightsPlan | None = None) -> None:
         self.settings = settings
         self.name = settings.name
+        self.plan = plan or plan_weights(settings)
+        self.loaded: LoadedClip | None = None
 
     @property
     def context_length(self) -> int:
@@ -64,28 +97,44 @@ class ClipBackbone:
 
     def build(self) -> tuple[nn.Module, str]:
         """(model in eval mode, weights description: tag, path or ``random``)."""
-        model, _, weights = build_clip(self.settings)
+        model, weights, _ = self.build_with_original()
         return model, weights
 
     def build_with_original(self) -> tuple[nn.Module, str, nn.Module | None]:
         """:meth:`build`, and the model before ``backbone.activation`` swapped its MLP
         activation (None when nothing was swapped): what the swap costs is measured on it."""
+        s = _typed(self.settings)
         with _quiet_root():
-            model, _, weights = _build_clip(_typed(self.settings), swap=False)
-        if self.settings.activation is None:
-            return model, weights, None
-        original = copy.deepcopy(model)
-        swap_activation(model, self.settings.activation)
-        return model, weights, original
+            loaded = load_clip(s, self.plan)
+        levers = s.image_size is not None or s.context_length is not None
+        pristine = copy.deepcopy(loaded.model) if levers or s.activation else loaded.model
+        self.loaded = LoadedClip(pristine, loaded.weights, loaded.plan)
+        model = adapt_clip(loaded.model, s, swap=False)
+        if s.activation is None:
+            return model, loaded.weights, None
+        original = copy.deepcopy(model) if levers else pristine  # neither is changed again
+        swap_activation(model, s.activation)
+        return model, loaded.weights, original
+
+    def take_loaded(self) -> LoadedClip:
+        """The model as loaded (see the class docstring), handed over once."""
+        if self.loaded is None:
+            raise RuntimeError("build the model first")
+        loaded, self.loaded = self.loaded, None
+        return loaded
 
     def tokenizer(self) -> Any:
         return tokenizer_for(self.settings)
 
 
-def build_clip(backbone: ClipBackboneConfig) -> tuple[nn.Module, Any, str]:
+def build_clip(
+    backbone: ClipBackboneConfig, plan: WeightsPlan | None = None
+) -> tuple[nn.Module, Any, str]:
     """(model in eval mode, tokenizer, weights description) for a ``backbone`` config."""
+    typed = _typed(backbone)
     with _quiet_root():
-        return _build_clip(_typed(backbone))
+        loaded = load_clip(typed, plan)
+    return adapt_clip(loaded.model, typed), tokenizer_for(typed), loaded.weights
 
 
 def _typed(backbone: Any) -> ClipBackboneConfig:
@@ -98,61 +147,179 @@ def _typed(backbone: Any) -> ClipBackboneConfig:
     return OmegaConf.to_object(node)  # type: ignore[return-value]
 
 
-def _build_clip(backbone: ClipBackboneConfig, swap: bool = True) -> tuple[nn.Module, Any, str]:
-    """The model with its weights, then :func:`adapt_clip`'s levers (``swap``: the activation
-    too)."""
-    model, tokenizer, weights = _build_weights(backbone)
-    return adapt_clip(model, backbone, swap=swap), tokenizer, weights
+def _new_model(backbone: ClipBackboneConfig, quick_gelu: bool) -> nn.Module:
+    """The architecture with fresh weights and the given activation."""
+    if backbone.model_cfg is not None:  # a custom architecture (clip_tiny)
+        return open_clip.CLIP(**{**backbone.model_cfg, "quick_gelu": quick_gelu})
+    return open_clip.create_model(backbone.model_name, pretrained=None, force_quick_gelu=quick_gelu)
 
 
-def _build_weights(backbone: ClipBackboneConfig) -> tuple[nn.Module, Any, str]:
+def load_clip(backbone: ClipBackboneConfig, plan: WeightsPlan | None = None) -> LoadedClip:
+    """The model with its weights as the plan says (fetching a missing tag when allowed), in
+    eval mode, no lever applied; a file that does not fit the architecture is a ConfigError."""
+    plan = plan or plan_weights(backbone)
     name = backbone.model_name
-    tokenizer = tokenizer_for(backbone)
-    model_cfg = backbone.model_cfg
-    pretrained = backbone.pretrained
-    cache_dir = backbone.cache_dir
-    if model_cfg is not None:  # a custom architecture (clip_tiny): nothing to download
-        model = open_clip.CLIP(**model_cfg)
-        weights = RANDOM
-        if pretrained:
-            _load_file(model, pretrained)
-            weights = str(pretrained)
+    what = f"{backbone.name} ({name})"
+    model = _new_model(backbone, bool(plan.quick_gelu))
+    if plan.pretrained is None:
+        warn_random_weights(what, "backbone.pretrained is null")
+        return LoadedClip(model.eval(), RANDOM, plan)
+    path, kind = plan.file, plan.kind
+    source = "the cache"
+    if path is None and plan.kind == TAG:
+        path, why = fetch_or_warn(
+            plan, what, lambda: fetch_clip(name, str(plan.pretrained), backbone.cache_dir)
+        )
+        if path is None:
+            warn_random_weights(what, f"open_clip weights {plan.pretrained!r}: {why}")
+            return LoadedClip(model.eval(), RANDOM, plan)
+        source = "fetched"
+    assert path is not None
+    load_file(model, path, kind)
+    plan = replace(plan, file=path, fetch=None)  # what was loaded (a fetched tag: its file)
+    act = "QuickGELU" if plan.quick_gelu else "GELU"
+    if plan.kind in (TAG, ARCHIVE) and plan.pretrained != str(path):
+        announce(f"{plan.pretrained} ({name}, {act}) from {path} ({source})")
+    else:
+        announce(f"{path} ({name}, {act}; {plan.activation_from})")
+    return LoadedClip(model.eval(), str(plan.pretrained), plan)
+
+
+def read_state(path: Path, kind: str) -> dict[str, torch.Tensor] | None:
+    """The state dict of an OpenAI archive (its extras dropped) or of an lpcvlab training
+    checkpoint (the CLIP model's keys); None for the formats open_clip reads itself."""
+    if kind == ARCHIVE:
+        with quiet_torchscript():
+            state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        for key in _ARCHIVE_EXTRAS:
+            state.pop(key, None)
+        return state
+    if kind == LPCVLAB:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        prefix = CHECKPOINT_PREFIX
+        state = {
+            k[len(prefix) :]: v
+            for k, v in ckpt.get("state_dict", {}).items()
+            if k.startswith(prefix)
+        }
+        if not state:
+            raise ConfigError(f"{path}: the checkpoint holds no '{prefix}*' weights of a model")
+        return state
+    return None
+
+
+def load_file(model: nn.Module, path: Path | str, kind: str) -> None:
+    """Load a weights file of ``kind`` into ``model`` (strict); one line when it does not fit."""
+    path = Path(path)
+    try:
+        state = read_state(path, kind)
+        if state is None:
+            open_clip.load_checkpoint(model, str(path))
         else:
-            warn_random_weights(f"{backbone.name} ({name})", "backbone.pretrained is null")
-        return model.eval(), tokenizer, weights
-
-    if pretrained is None:
-        model = open_clip.create_model(name, pretrained=None)
-        warn_random_weights(f"{backbone.name} ({name})", "backbone.pretrained is null")
-        return model.eval(), tokenizer, RANDOM
-    pretrained = str(pretrained)
-    if looks_like_path(pretrained):
-        model = open_clip.create_model(
-            name, pretrained=None, force_quick_gelu=bool(backbone.quick_gelu)
-        )
-        _load_file(model, pretrained)
-        return model.eval(), tokenizer, pretrained
-    path = _cached_checkpoint(name, pretrained, cache_dir)
-    quick_gelu = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
-    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
-    if path is None:
-        warn_random_weights(
-            f"{backbone.name} ({name})",
-            f"open_clip weights {pretrained!r} are not in the local cache and nothing is "
-            "downloaded at run time; put the checkpoint in the cache or set "
-            "backbone.pretrained=/path/to/checkpoint",
-        )
-        return model.eval(), tokenizer, RANDOM
-    log.info("loading %s weights %r from %s", name, pretrained, path)
-    open_clip.load_checkpoint(model, path)
-    return model.eval(), tokenizer, pretrained
+            model.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "size mismatch" in ln or "Missing" in ln), "")
+        detail = detail or (lines[0] if lines else type(exc).__name__)
+        raise ConfigError(
+            f"backbone.pretrained={path} does not fit this architecture ({detail[:300]}); "
+            "check backbone= against the checkpoint"
+        ) from None
 
 
-def _load_file(model: nn.Module, path: str) -> None:
-    if not Path(path).is_file():
-        raise ConfigError(f"backbone.pretrained={path}: no such checkpoint file")
-    log.info("loading weights from %s", path)
-    open_clip.load_checkpoint(model, path)
+def _open_clip_name(backbone: ClipBackboneConfig) -> str:
+    """The name open_clip's factory knows the architecture by: the built-in one, or a custom
+    ``model_cfg`` registered with ``open_clip.add_model_config`` under a name of its hash."""
+    if backbone.model_cfg is None:
+        return backbone.model_name
+    text = json.dumps(backbone.model_cfg, sort_keys=True)
+    name = f"lpcvlab-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if open_clip.get_model_config(name) is None:
+        folder = Path(tempfile.mkdtemp(prefix="lpcvlab-open-clip-"))
+        (folder / f"{name}.json").write_text(text)
+        open_clip.add_model_config(folder / f"{name}.json")
+    return name
+
+
+def clip_reference(
+    backbone: ClipBackboneConfig,
+    loaded: LoadedClip,
+    mean: tuple[float, ...] | None,
+    std: tuple[float, ...] | None,
+) -> Reference:
+    """The same weights built by open_clip's own entry points, with their own Normalize:
+    ``load_openai_model`` for an OpenAI archive, else ``create_model_and_transforms`` with the
+    file (the tag's activation and mean/std, the ones the plan settled, or ``mean``/``std``
+    where the weights have none of their own). Random weights, and lpcvlab's own checkpoints,
+    which open_clip cannot read, are given the loaded model's state dict."""
+    plan = loaded.plan
+    file = plan.file if loaded.weights != RANDOM else None
+    with _quiet_root(), quiet_torchscript():
+        if file is not None and plan.kind == ARCHIVE:
+            model = open_clip.load_openai_model(str(file), precision="fp32", device="cpu")
+            r_mean, r_std = tuple(model.visual.image_mean), tuple(model.visual.image_std)
+            how = f"open_clip.load_openai_model({file}) with Normalize{_pair(r_mean, r_std)}"
+        else:
+            own = plan.normalization
+            want_mean = own.mean if own is not None else (mean or (0.0, 0.0, 0.0))
+            want_std = own.std if own is not None else (std or (1.0, 1.0, 1.0))
+            by_file = file is not None and plan.kind != LPCVLAB
+            name = _open_clip_name(backbone)
+            model, _, val = open_clip.create_model_and_transforms(
+                name,
+                pretrained=str(file) if by_file else None,
+                force_quick_gelu=bool(plan.quick_gelu),
+                image_mean=tuple(want_mean),
+                image_std=tuple(want_std),
+            )
+            if not by_file:
+                model.load_state_dict(loaded.model.state_dict())
+            r_mean, r_std = _normalize_of(val)
+            source = str(file) if by_file else "lpcvlab's loaded state dict"
+            how = (
+                f"open_clip.create_model_and_transforms({name!r}, "
+                f"pretrained={source}, force_quick_gelu={bool(plan.quick_gelu)}) with its "
+                f"Normalize{_pair(r_mean, r_std)}"
+            )
+    model = model.float().eval()
+    norm = _Normalize(r_mean, r_std)
+    return Reference(
+        how,
+        model,
+        r_mean,
+        r_std,
+        {
+            "image_encoder": lambda x: model.encode_image(norm(x)),
+            "text_encoder": lambda t: model.encode_text(t),
+        },
+    )
+
+
+def _pair(mean: tuple, std: tuple) -> str:
+    return f"({normalization_text(mean, std)})"
+
+
+def _normalize_of(transform: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std of the Normalize in an open_clip image transform."""
+    from torchvision.transforms import Normalize
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, Normalize):
+            return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+    raise RuntimeError("open_clip's transform has no Normalize")
+
+
+class _Normalize:
+    """torchvision's Normalize on a batch (N,3,H,W), as open_clip's transform applies it per
+    image."""
+
+    def __init__(self, mean: tuple, std: tuple) -> None:
+        from torchvision.transforms import Normalize
+
+        self.normalize = Normalize(mean, std)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.normalize(img) for img in x])
 
 
 class ImageEncoder(nn.Module):
@@ -296,25 +463,29 @@ def adapt_clip(model: nn.Module, backbone: ClipBackboneConfig, swap: bool = True
 CHECKPOINT_PREFIX = "model."
 
 
-def build_architecture(backbone: ClipBackboneConfig) -> nn.Module:
+def build_architecture(backbone: ClipBackboneConfig, quick_gelu: bool | None = None) -> nn.Module:
     """The backbone's architecture with fresh weights, nothing loaded and no banner: the weights
-    of a checkpoint go in next."""
+    of a checkpoint go in next. ``quick_gelu``: the activation they were trained with (None: the
+    backbone's tag's, ``backbone.quick_gelu``, or the architecture's)."""
+    if quick_gelu is None:
+        quick_gelu = architecture_activation(backbone)
     with _quiet_root():
-        return adapt_clip(_architecture(backbone), backbone)
+        return adapt_clip(_new_model(backbone, quick_gelu).eval(), backbone)
 
 
-def _architecture(backbone: ClipBackboneConfig) -> nn.Module:
-    if backbone.model_cfg is not None:
-        return open_clip.CLIP(**backbone.model_cfg).eval()
+def architecture_activation(backbone: ClipBackboneConfig) -> bool:
+    """QuickGELU or not, without reading any file: the tag's, ``backbone.quick_gelu``, the
+    custom config's, else what every published weights of the architecture use (GELU when
+    they differ)."""
     tag = backbone.pretrained
-    quick_gelu = bool(backbone.quick_gelu)
-    if tag and not looks_like_path(str(tag)):
-        quick_gelu = bool(
-            open_clip.get_pretrained_cfg(backbone.model_name, str(tag)).get("quick_gelu")
-        )
-    return open_clip.create_model(
-        backbone.model_name, pretrained=None, force_quick_gelu=quick_gelu
-    ).eval()
+    if tag and not looks_like_path(str(tag)) and backbone.model_cfg is None:
+        pcfg = open_clip.get_pretrained_cfg(backbone.model_name, str(tag)) or {}
+        return bool(pcfg.get("quick_gelu", False))
+    if backbone.quick_gelu is not None:
+        return bool(backbone.quick_gelu)
+    if backbone.model_cfg is not None:
+        return bool(backbone.model_cfg.get("quick_gelu", False))
+    return bool(published_clip(backbone.model_name)[0])
 
 
 @dataclass
@@ -329,26 +500,17 @@ class ClipTeacher:
     std: tuple[float, float, float] | None = None
 
 
-def _native_normalisation(backbone: ClipBackboneConfig) -> tuple[Any, Any]:
-    """The mean/std an open_clip tag's weights were trained with (identity for MobileCLIP2's
-    dfndr2b, CLIP's for openai); None for files, random weights and custom architectures."""
-    tag = backbone.pretrained
-    if backbone.model_cfg is not None or not tag or looks_like_path(str(tag)):
-        return None, None
-    cfg = open_clip.get_pretrained_cfg(backbone.model_name, str(tag)) or {}
-    mean, std = cfg.get("mean"), cfg.get("std")
-    return (tuple(mean), tuple(std)) if mean and std else (None, None)
-
-
-def build_clip_teacher(teacher: Teacher) -> ClipTeacher:
+def build_clip_teacher(teacher: Teacher, demo_data: bool = False) -> ClipTeacher:
     """The teacher ``train.distill.teacher`` names: a backbone option built as ``backbone=``
     builds it (weights from the local cache or a file), or an lpcvlab Track 1 checkpoint: the
     backbone recorded in it (:data:`CHECKPOINT_KEY`) with the checkpoint's weights."""
     if teacher.checkpoint is None:
         assert teacher.backbone is not None
         backbone = _typed(teacher.backbone)
-        model, tokenizer, weights = build_clip(backbone)
-        mean, std = _native_normalisation(backbone)
+        plan = plan_weights(backbone, demo_data=demo_data)  # on demo data: nothing fetched
+        model, tokenizer, weights = build_clip(backbone, plan)
+        own = plan.normalization  # what its weights were trained with
+        mean, std = (own.mean, own.std) if own is not None else (None, None)
         return ClipTeacher(model, tokenizer, f"{backbone.name} ({weights})", mean, std)
     path = Path(teacher.checkpoint)
     key = f"train.distill.teacher={path}"
@@ -374,7 +536,7 @@ def build_clip_teacher(teacher: Teacher) -> ClipTeacher:
     }
     if not state:
         raise ConfigError(f"{key}: the checkpoint holds no '{prefix}*' weights of a CLIP model")
-    model = build_architecture(backbone)
+    model = build_architecture(backbone, record.get("quick_gelu"))
     model.load_state_dict(state)
     # Trained by lpcvlab: it saw what the student sees, so it gets the student's normalisation.
     return ClipTeacher(model.eval(), tokenizer_for(backbone), f"{backbone.name} ({path})")

@@ -1,14 +1,19 @@
 """torchvision video classifiers for Track 2 and their export wrapper.
 
-``backbone.pretrained``: ``kinetics400`` (torchvision's Kinetics-400 weights, taken from the torch
-hub cache only), a checkpoint path, or null (random init). The classifier head is resized to the
-class map, so Kinetics weights give a pretrained trunk with a fresh head.
+``backbone.pretrained``: ``kinetics400`` (torchvision's Kinetics-400 weights, from the torch hub
+cache, fetched there on first use), a checkpoint path (a torchvision state dict, or an lpcvlab
+training checkpoint), or null (random init). The classifier head is resized to the class map, so
+Kinetics weights give a pretrained trunk with a fresh head. :func:`video_reference` builds the
+same weights with torchvision's builder and its ``weights.transforms()`` normalisation, which
+every run's reference parity compares against.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +22,28 @@ from torch import nn
 from torchvision.models import video as tv_video
 
 from lpcvlab.config.schema import TinyVideoBackboneConfig, VideoBackboneConfig
+from lpcvlab.config.weights import (
+    KINETICS_MEAN,
+    KINETICS_STD,
+    LPCVLAB,
+    TAG,
+    WeightsPlan,
+    kinetics_enum,
+    normalization_text,
+    plan_weights,
+    resolve_video,
+)
 from lpcvlab.errors import ConfigError
-from lpcvlab.models.weights import RANDOM, looks_like_path, warn_random_weights
+from lpcvlab.models.weights import (
+    RANDOM,
+    Reference,
+    announce,
+    fetch_kinetics,
+    fetch_or_warn,
+    warn_random_weights,
+)
 
 log = logging.getLogger(__name__)
-
-# R(2+1)D / R3D / MC3 were trained on Kinetics with this normalisation; it is baked into exports.
-KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
-KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 _TORCHVISION = {
     "r2plus1d_18": (tv_video.r2plus1d_18, tv_video.R2Plus1D_18_Weights),
@@ -59,20 +78,14 @@ class TinyVideoNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def _cached_kinetics(weights_enum: Any) -> Path | None:
-    """The torchvision checkpoint if the torch hub cache already has it; never downloads."""
-    url = weights_enum.KINETICS400_V1.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-    return path if path.is_file() else None
-
-
 def _replace_head(model: nn.Module, num_classes: int) -> None:
     if model.fc.out_features != num_classes:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
 
 
-def _load_state(model: nn.Module, path: Path, num_classes: int) -> None:
-    """Load a torchvision, fine-tuned or Lightning checkpoint; a head of another size is reset."""
+def read_video_state(path: Path) -> dict[str, torch.Tensor]:
+    """The model's state dict in a torchvision, fine-tuned or Lightning checkpoint (lpcvlab's
+    own: the model inside VideoClassifier inside the LightningModule)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # a Lightning checkpoint also pickles its callbacks' state
@@ -80,12 +93,17 @@ def _load_state(model: nn.Module, path: Path, num_classes: int) -> None:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
         if any(k.startswith("net.model.") for k in state):
-            # lpcvlab's own training checkpoint: the model inside VideoClassifier inside the
-            # LightningModule; the normalisation buffers belong to the wrapper, not the model
+            # the normalisation buffers belong to the wrapper, not the model
             prefix = "net.model."
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         else:
             state = {k.removeprefix("model."): v for k, v in state.items()}
+    return state
+
+
+def _load_state(model: nn.Module, path: Path, num_classes: int) -> None:
+    """Load a torchvision, fine-tuned or Lightning checkpoint; a head of another size is reset."""
+    state = read_video_state(path)
     head = state.get("fc.weight")
     if head is not None and head.shape[0] != num_classes:
         log.info(
@@ -111,18 +129,34 @@ def _load_state(model: nn.Module, path: Path, num_classes: int) -> None:
 
 class VideoBackbone:
     """The backbone factory of Track 2: builds a typed backbone config's classifier with its
-    head resized to the class map (weights from the torch hub cache or a file, never the
-    network), and the normalisation baked into its export."""
+    head resized to the class map (weights from the torch hub cache, fetched on first use, or a
+    file), and the normalisation baked into its export (the weights' own unless given).
 
-    def __init__(self, settings: VideoBackboneConfig) -> None:
+    ``loaded`` keeps the model as loaded (a copy, before training changes it) for the run's
+    reference parity."""
+
+    def __init__(self, settings: VideoBackboneConfig, plan: WeightsPlan | None = None) -> None:
+        settings = _typed(settings)  # a mapping too (a checkpoint's record)
         self.settings = settings
         self.name = settings.name
-        self.mean = tuple(float(v) for v in settings.mean)
-        self.std = tuple(float(v) for v in settings.std)
+        self.plan = plan or plan_weights(settings)
+        self.mean, self.std, self.normalization_from = resolve_video(settings, self.plan)
+        self.loaded: tuple[nn.Module, str] | None = None
 
     def build(self, num_classes: int) -> tuple[nn.Module, str]:
         """(model, weights description: ``kinetics400``, a path or ``random``)."""
-        return build_video_model(self.settings, num_classes)
+        model, weights, plan = load_video(self.settings, num_classes, self.plan)
+        self.plan = plan or self.plan
+        self.loaded = (model, weights)
+        return model, weights
+
+    def take_loaded(self) -> tuple[nn.Module, str]:
+        """The model as :meth:`build` loaded it and its weights description, handed over once
+        (the model itself: training works on a copy)."""
+        if self.loaded is None:
+            raise RuntimeError("build the model first")
+        loaded, self.loaded = self.loaded, None
+        return loaded
 
 
 def _typed(backbone: Any) -> VideoBackboneConfig:
@@ -137,55 +171,116 @@ def _typed(backbone: Any) -> VideoBackboneConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), backbone))  # type: ignore[return-value]
 
 
-def build_video_model(backbone: VideoBackboneConfig, num_classes: int) -> tuple[nn.Module, str]:
+def _new_video_model(backbone: VideoBackboneConfig, num_classes: int) -> nn.Module:
+    if isinstance(backbone, TinyVideoBackboneConfig):
+        return TinyVideoNet(num_classes, width=int(backbone.width))
+    if backbone.arch in _TORCHVISION:
+        model = _TORCHVISION[backbone.arch][0](weights=None)
+        _replace_head(model, num_classes)
+        return model
+    raise ConfigError(
+        f"backbone.arch={backbone.arch!r} is not a video model; "
+        "use r2plus1d_18, r3d_18, mc3_18 or video_tiny"
+    )
+
+
+def build_video_model(
+    backbone: VideoBackboneConfig, num_classes: int, plan: WeightsPlan | None = None
+) -> tuple[nn.Module, str]:
     """(model, weights description) for a Track 2 ``backbone`` config."""
+    model, weights, _ = load_video(backbone, num_classes, plan)
+    return model, weights
+
+
+def load_video(
+    backbone: VideoBackboneConfig, num_classes: int, plan: WeightsPlan | None = None
+) -> tuple[nn.Module, str, WeightsPlan | None]:
+    """(model, weights description, the plan with the file it loaded: a fetched tag's)."""
     backbone = _typed(backbone)
     arch = backbone.arch
     pretrained = backbone.pretrained
-    if isinstance(backbone, TinyVideoBackboneConfig):
-        model: nn.Module = TinyVideoNet(num_classes, width=int(backbone.width))
-        builder_weights = None
-    elif arch in _TORCHVISION:
-        builder, builder_weights = _TORCHVISION[arch]
-        model = builder(weights=None)
-    else:
-        raise ConfigError(
-            f"backbone.arch={arch!r} is not a video model; "
-            "use r2plus1d_18, r3d_18, mc3_18 or video_tiny"
-        )
+    model = _new_video_model(backbone, num_classes)
+    what = f"{backbone.name} ({arch})"
     if pretrained is None:
-        if arch != "video_tiny":
-            _replace_head(model, num_classes)
-        warn_random_weights(f"{backbone.name} ({arch})", "backbone.pretrained is null")
-        return model, RANDOM
-    pretrained = str(pretrained)
-    if looks_like_path(pretrained):
-        path = Path(pretrained)
-        if not path.is_file():
-            raise ConfigError(f"backbone.pretrained={pretrained}: no such checkpoint file")
-        if arch != "video_tiny":
-            _replace_head(model, num_classes)
-        _load_state(model, path, num_classes)
-        return model, pretrained
-    if pretrained != "kinetics400" or builder_weights is None:
+        warn_random_weights(what, "backbone.pretrained is null")
+        return model, RANDOM, plan
+    if isinstance(backbone, TinyVideoBackboneConfig) and str(pretrained) == "kinetics400":
         raise ConfigError(
-            f"backbone={backbone.name} has no weights tagged {pretrained!r}; use "
-            + ("backbone.pretrained=kinetics400, " if builder_weights is not None else "")
-            + "a checkpoint path, or backbone.pretrained=null"
+            f"backbone={backbone.name} has no weights tagged {pretrained!r}; use a checkpoint "
+            "path, or backbone.pretrained=null"
         )
-    cached = _cached_kinetics(builder_weights)
-    _replace_head(model, num_classes)
-    if cached is None:
-        warn_random_weights(
-            f"{backbone.name} ({arch})",
-            f"Kinetics-400 weights are not in the torch hub cache ({torch.hub.get_dir()}/"
-            "checkpoints) and nothing is downloaded at run time; put the checkpoint there or set "
-            "backbone.pretrained=/path/to/checkpoint",
+    plan = plan or plan_weights(backbone)
+    path = plan.file
+    source = "the torch hub cache"
+    if path is None and plan.kind == TAG:
+        path, why = fetch_or_warn(plan, what, lambda: fetch_kinetics(kinetics_enum(arch)))
+        if path is None:
+            warn_random_weights(what, f"Kinetics-400 weights: {why}")
+            return model, RANDOM, plan
+        source = "fetched"
+    assert path is not None
+    _load_state(model, path, num_classes)
+    plan = replace(plan, file=path, fetch=None)
+    if plan.kind == TAG:
+        announce(f"{pretrained} ({arch}) from {path} ({source}), a fresh {num_classes}-class head")
+    else:
+        announce(f"{path} ({arch})")
+    return model, str(pretrained), plan
+
+
+def video_reference(
+    backbone: VideoBackboneConfig,
+    plan: WeightsPlan,
+    model: nn.Module,
+    weights: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> Reference:
+    """The same weights in torchvision's own builder, normalised by its ``weights.transforms()``
+    (``video_tiny``, which has no torchvision builder: a fresh TinyVideoNet, normalised by
+    R(2+1)D's). The class map's head is lpcvlab's (a deliberate change): the reference gets a
+    copy of it. Random weights and lpcvlab's own checkpoints are given the loaded state dict."""
+    backbone = _typed(backbone)
+    if isinstance(backbone, TinyVideoBackboneConfig):
+        ref: nn.Module = TinyVideoNet(model.fc.out_features, width=int(backbone.width))
+        ref.load_state_dict(model.state_dict())
+        own = plan.normalization
+        r_mean, r_std = (own.mean, own.std) if own is not None else (mean, std)
+        how = f"TinyVideoNet (lpcvlab's own) with Normalize({normalization_text(r_mean, r_std)})"
+    else:
+        builder, enum = _TORCHVISION[backbone.arch]
+        ref = builder(weights=None)
+        file = plan.file if weights != RANDOM else None
+        if file is not None and plan.kind == TAG:
+            state = enum.KINETICS400_V1.get_state_dict(progress=False)
+            source = f"{enum.__name__}.KINETICS400_V1.get_state_dict()"
+        elif file is not None and plan.kind != LPCVLAB:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            source = str(file)
+        else:
+            state = model.state_dict()
+            source = "lpcvlab's loaded state dict"
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        ref.load_state_dict(state, strict=False)
+        ref.fc = copy.deepcopy(model.fc)
+        t = enum.KINETICS400_V1.transforms()
+        r_mean, r_std = tuple(t.mean), tuple(t.std)
+        how = (
+            f"torchvision {builder.__name__}(weights={source}) with lpcvlab's class-map head and "
+            f"{enum.__name__}.KINETICS400_V1.transforms()'s "
+            f"Normalize({normalization_text(r_mean, r_std)})"
         )
-        return model, RANDOM
-    log.info("loading Kinetics-400 weights from %s", cached)
-    _load_state(model, cached, num_classes)
-    return model, "kinetics400"
+    ref = ref.float().eval()
+    r_mean, r_std = tuple(map(float, r_mean)), tuple(map(float, r_std))
+
+    def classify(video: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.functional import normalize
+
+        frames = video.permute(0, 2, 1, 3, 4)  # (N, T, C, H, W), as transforms() takes them
+        frames = torch.stack([normalize(f, list(r_mean), list(r_std)) for f in frames])
+        return ref(frames.permute(0, 2, 1, 3, 4))
+
+    return Reference(how, ref, r_mean, r_std, {"video_classifier": classify})
 
 
 class VideoClassifier(nn.Module):

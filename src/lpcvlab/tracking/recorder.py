@@ -393,7 +393,7 @@ def get_experiment_id(client: MlflowClient, name: str, artifact_root: str | None
 # as JSON: its columns among others) and opens one from ``?viewStateShareKey=<key>``.
 VIEW_KEY = "lpcvlab"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
-VIEW_NAME = "lpcvlab: objective, latency, precision, backbone"
+VIEW_NAME = "lpcvlab: objective, latency, precision, backbone, weights"
 
 
 def _column(kind: str, name: str) -> str:
@@ -403,12 +403,14 @@ def _column(kind: str, name: str) -> str:
 
 def view_columns(objective: str) -> list[str]:
     """The columns the linked runs table opens with: the track's objective, total latency,
-    precision, backbone, then MLflow's own Dataset and Models."""
+    precision, backbone, weights (a random-weights run cannot pass for a real one), then
+    MLflow's own Dataset and Models."""
     return [
         _column("metrics", objective),
         _column("metrics", "latency_ms/total"),
         _column("tags", "precision"),
         _column("tags", "backbone"),
+        _column("tags", "weights"),
         _column("attributes", "Dataset"),
         _column("attributes", "Models"),
     ]

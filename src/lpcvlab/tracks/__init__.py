@@ -15,6 +15,7 @@ from lpcvlab.config.schema import (
     VideoTrackConfig,
 )
 from lpcvlab.config.teacher import Teacher, resolve_teacher
+from lpcvlab.config.weights import resolve_image, run_plan
 from lpcvlab.errors import ConfigError
 from lpcvlab.tracks.base import Track, TrackData
 
@@ -38,17 +39,19 @@ def build_track(s: RunConfig) -> Track:
             s.backbone, ClipBackboneConfig
         )
         assert s.preprocess.image is not None
-        image = s.preprocess.image
+        plan = run_plan(s)  # the weights' activation and normalisation
+        image, normalization_from = resolve_image(s.preprocess.image, plan)
         if s.backbone.image_size is not None:  # the images are resized to the model's side
             image = dataclasses.replace(image, size=int(s.backbone.image_size))
         return RetrievalTrack(
             s.track,
             s.data,
             image,
-            ClipBackbone(s.backbone),
+            ClipBackbone(s.backbone, plan),
             seed=s.seed,
             teacher=teacher,
             cache_dir=s.paths.cache_dir,
+            normalization_from=normalization_from,
         )
     if isinstance(s.track, VideoTrackConfig):
         from lpcvlab.models.video import VideoBackbone
@@ -60,7 +63,7 @@ def build_track(s: RunConfig) -> Track:
             s.track,
             s.data,
             s.preprocess.video,
-            VideoBackbone(s.backbone),
+            VideoBackbone(s.backbone, run_plan(s)),
             cache_dir=s.paths.cache_dir,
             seed=s.seed,
             teacher=teacher,

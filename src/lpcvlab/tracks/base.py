@@ -16,7 +16,7 @@ import numpy as np
 
 from lpcvlab.config.schema import DataConfig, TrainConfig
 from lpcvlab.data.clips import CachedClips
-from lpcvlab.types import DatasetRecord, EvalResult, ModelBundle, RunLog
+from lpcvlab.types import DatasetRecord, EvalResult, ModelBundle, ReferenceParity, RunLog
 
 
 @dataclass
@@ -60,6 +60,11 @@ class Track(Protocol):
         ...
 
     def build_model(self) -> ModelBundle: ...
+
+    def reference_parity(self, bundle: ModelBundle, data: TrackData) -> ReferenceParity:
+        """The model :meth:`build_model` loaded, before anything changes it, against the
+        weights' authors' code on the same weights and a few of the organisers' inputs."""
+        ...
 
     def train(
         self,

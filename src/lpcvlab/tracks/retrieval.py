@@ -30,6 +30,7 @@ from lpcvlab.config.schema import (
     TrainConfig,
 )
 from lpcvlab.config.teacher import Teacher
+from lpcvlab.config.weights import normalization_text
 from lpcvlab.data.demo_retrieval import make_demo_retrieval_dataset, make_demo_training_split
 from lpcvlab.data.images import (
     DecodedImages,
@@ -43,12 +44,26 @@ from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import retrieval_recall, scorer_environment
 from lpcvlab.models.clip import ClipBackbone, ImageEncoder, TextEncoder
 from lpcvlab.tracks.base import TrackData, data_source
-from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
+from lpcvlab.types import (
+    Component,
+    DatasetRecord,
+    EvalResult,
+    ModelBundle,
+    ReferenceParity,
+    RunLog,
+    TensorSpec,
+)
 from lpcvlab.util.console import stage
 
 log = logging.getLogger(__name__)
 
 IMAGE, TEXT = "image_encoder", "text_encoder"
+ORGANISERS_SIZE = 224  # the organisers' images: PIL resize to 224x224, /255
+CONTEXT = 77  # and captions tokenised to 77 tokens
+
+
+def _values(values: list[float] | None) -> str:
+    return "none" if values is None else ",".join(f"{float(v):.8g}" for v in values)
 
 
 @dataclass
@@ -127,11 +142,15 @@ class RetrievalTrack:
         seed: int = 0,
         teacher: Teacher | None = None,
         cache_dir: str | Path | None = None,
+        normalization_from: str = "preprocess.image",
     ) -> None:
         self.teacher = teacher  # train.distill.teacher, resolved (None: no distillation)
         self.settings = track
         self.data = data
+        # the image preprocessing with its mean/std resolved (lpcvlab.config.weights), and
+        # where they come from
         self.image = image
+        self.normalization_from = normalization_from
         self.backbone = backbone
         self.seed = seed
         # the training split's decoded images and the teacher's embeddings are cached here
@@ -266,6 +285,64 @@ class RetrievalTrack:
         model, weights, self._unswapped = self.backbone.build_with_original()
         return self._bundle(model, weights)
 
+    def facts(self) -> dict[str, str]:
+        """The activation the weights run with and the normalisation the run applies, where
+        each was read (params and tags of the run)."""
+        plan, image = self.backbone.plan, self.image
+        where = "none"
+        if image.mean is not None:
+            where = "graph" if image.normalize_in_model else "host"
+        return {
+            "weights/activation": plan.activation,
+            "weights/activation_from": plan.activation_from,
+            "normalization": normalization_text(image.mean, image.std)
+            + {"graph": " in the graph", "host": " on the host", "none": ""}[where],
+            "normalization/mean": _values(image.mean),
+            "normalization/std": _values(image.std),
+            "normalization/where": where,
+            "normalization/from": self.normalization_from,
+        }
+
+    def reference_parity(self, bundle: ModelBundle, data: TrackData) -> ReferenceParity:
+        """The model as loaded (before any lever or training), in the export wrappers with the
+        weights' own normalisation (or the run's, for weights with none), against open_clip's
+        own entry points on the same weights (:func:`lpcvlab.models.clip.clip_reference`), on
+        the organisers' input: /255 224x224 images and 77-token captions."""
+        import torch
+
+        from lpcvlab.models.clip import clip_reference
+        from lpcvlab.models.weights import REFERENCE_SAMPLES, reference_parity
+
+        loaded = self.backbone.take_loaded()
+        own = loaded.plan.normalization
+        if own is not None:
+            mean, std = (None, None) if own.identity else (own.mean, own.std)
+        else:
+            mean = tuple(self.image.mean) if self.image.mean else None
+            std = tuple(self.image.std) if self.image.std else None
+        reference = clip_reference(self.backbone.settings, loaded, mean, std)
+        n = REFERENCE_SAMPLES
+        images = np.asarray(data.inputs[IMAGE][:n], dtype=np.float32)
+        if self.image.mean is not None and not self.image.normalize_in_model:  # host: undo it
+            m = np.asarray(self.image.mean, dtype=np.float32).reshape(1, 3, 1, 1)
+            sd = np.asarray(self.image.std, dtype=np.float32).reshape(1, 3, 1, 1)
+            images = images * sd + m
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if x.shape[-1] != ORGANISERS_SIZE or x.shape[-2] != ORGANISERS_SIZE:
+            side = (ORGANISERS_SIZE, ORGANISERS_SIZE)
+            x = torch.nn.functional.interpolate(x, size=side, mode="bilinear", antialias=True)
+            x = x.clamp(0, 1)
+        tokens = torch.from_numpy(np.asarray(data.inputs[TEXT][:n], dtype=np.int64))
+        if tokens.shape[1] < CONTEXT:  # backbone.context_length cut: pad as the tokenizer does
+            tokens = torch.nn.functional.pad(tokens, (0, CONTEXT - tokens.shape[1]))
+        ours = {
+            IMAGE: ImageEncoder(loaded.model, mean, std).eval(),
+            TEXT: TextEncoder(loaded.model).eval(),
+        }
+        return reference_parity(
+            ours, loaded.model, (mean, std), reference, {IMAGE: x, TEXT: tokens}
+        )
+
     def lever_metrics(self, bundle: ModelBundle, data: TrackData) -> dict[str, float]:
         """``backbone.activation``'s cost before any training: Recall@10 of the PyTorch model
         on the evaluation set with its own activation and with the swapped one (the score after
@@ -304,6 +381,7 @@ class RetrievalTrack:
         bake = image.mean is not None and image.normalize_in_model
         size = int(image.size)
         return ModelBundle(
+            facts=self.facts(),
             components=[
                 Component(
                     IMAGE,
@@ -402,7 +480,13 @@ class RetrievalTrack:
             miner = CaptionMiner(settings.hard_negatives.per_image, int(settings.batch_size))
             module.miner = lambda m: dataset.mine(m, miner)
         model.train()
-        record = {"track": self.name, "backbone": dataclasses.asdict(self.backbone.settings)}
+        record = {
+            "track": self.name,
+            "backbone": dataclasses.asdict(self.backbone.settings),
+            # what the weights were trained with here (lpcvlab.config.weights.read_record)
+            "quick_gelu": self.backbone.plan.quick_gelu,
+            "normalization": {"mean": image.mean, "std": image.std},
+        }
         result = fit(settings, module, dm, run, work_dir, record=record)
         model.eval()
         if miner is not None and miner.history:  # one more pass: what training changed
@@ -436,7 +520,7 @@ class RetrievalTrack:
         from lpcvlab.training.clip_distill import teacher_embeddings
         from lpcvlab.training.contrastive import DistillTargets
 
-        teacher = build_clip_teacher(self.teacher)
+        teacher = build_clip_teacher(self.teacher, demo_data=self.data.demo is not None)
         stage("train", f"distillation teacher {teacher.description}")
         emb = teacher_embeddings(
             teacher,

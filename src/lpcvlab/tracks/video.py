@@ -37,6 +37,7 @@ from lpcvlab.config.schema import (
     VideoTrackConfig,
 )
 from lpcvlab.config.teacher import Teacher
+from lpcvlab.config.weights import normalization_text
 from lpcvlab.data.batch import (
     CLIPS,
     FRAMES,
@@ -53,7 +54,15 @@ from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.metrics import softmax, top_k_accuracy
 from lpcvlab.models.video import VideoBackbone
 from lpcvlab.tracks.base import TrackData, data_source
-from lpcvlab.types import Component, DatasetRecord, EvalResult, ModelBundle, RunLog, TensorSpec
+from lpcvlab.types import (
+    Component,
+    DatasetRecord,
+    EvalResult,
+    ModelBundle,
+    ReferenceParity,
+    RunLog,
+    TensorSpec,
+)
 from lpcvlab.util.console import stage
 from lpcvlab.util.hashing import file_sha256, manifest_sha256
 
@@ -295,7 +304,37 @@ class VideoTrack:
             ],
             weights=weights,
             model=model,
+            facts=self.facts(),
         )
+
+    def facts(self) -> dict[str, str]:
+        """The normalisation baked into the export and where it was read (params and tags)."""
+        b = self.backbone
+        return {
+            "normalization": f"{normalization_text(b.mean, b.std)} in the graph",
+            "normalization/mean": ",".join(f"{v:.8g}" for v in b.mean),
+            "normalization/std": ",".join(f"{v:.8g}" for v in b.std),
+            "normalization/where": "graph",
+            "normalization/from": b.normalization_from,
+        }
+
+    def reference_parity(self, bundle: ModelBundle, data: TrackData) -> ReferenceParity:
+        """The model as loaded, in the export wrapper with the weights' normalisation, against
+        torchvision's builder with its ``weights.transforms()`` normalisation on the same
+        weights (:func:`lpcvlab.models.video.video_reference`), on the organisers' input:
+        (1,3,T,112,112) clips in [0,1]."""
+        from lpcvlab.models.video import VideoClassifier, video_reference
+        from lpcvlab.models.weights import REFERENCE_SAMPLES, reference_parity
+
+        model, weights = self.backbone.take_loaded()
+        b = self.backbone
+        reference = video_reference(b.settings, b.plan, model, weights, b.mean, b.std)
+        clips = np.asarray(data.inputs[VIDEO][:REFERENCE_SAMPLES], dtype=np.float32)
+        if self.settings.channel_last:  # (N,T,H,W,3) -> the organisers' (N,3,T,H,W)
+            clips = clips.transpose(0, 4, 1, 2, 3)
+        x = torch.from_numpy(np.ascontiguousarray(clips))
+        ours = {VIDEO: VideoClassifier(model, b.mean, b.std).eval()}
+        return reference_parity(ours, model, (b.mean, b.std), reference, {VIDEO: x})
 
     def build_model(self) -> ModelBundle:
         model, weights = self.backbone.build(len(self.class_map))
@@ -367,7 +406,12 @@ class VideoTrack:
             channels_last=bool(channels_last),
         )
         net.train()
-        record = {"track": self.name, "backbone": dataclasses.asdict(self.backbone.settings)}
+        record = {
+            "track": self.name,
+            "backbone": dataclasses.asdict(self.backbone.settings),
+            # what the weights were trained with here (lpcvlab.config.weights.read_record)
+            "normalization": {"mean": list(self.backbone.mean), "std": list(self.backbone.std)},
+        }
         result = fit(settings, module, dm, run, work_dir, record=record)
         net.eval()
         net.to(memory_format=torch.contiguous_format)

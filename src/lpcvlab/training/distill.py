@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lpcvlab.config.teacher import CHECKPOINT_KEY, Teacher
 from lpcvlab.errors import ConfigError
-from lpcvlab.models.video import VideoClassifier, build_video_model
+from lpcvlab.models.video import VideoBackbone, VideoClassifier
 from lpcvlab.models.weights import RANDOM
 from lpcvlab.util.io import atomic_save_npy, load_cached_npy
 
@@ -53,13 +53,12 @@ def build_teacher(teacher: Teacher, num_classes: int) -> tuple[nn.Module, str]:
                 f"train.distill.teacher={path} was trained for track={record['track']}, not "
                 "track=video"
             )
-        backbone = {**record["backbone"], "pretrained": str(path)}
-        model, weights = build_video_model(backbone, num_classes)  # type: ignore[arg-type]
-        mean, std = backbone.get("mean"), backbone.get("std")
+        factory = VideoBackbone({**record["backbone"], "pretrained": str(path)})  # type: ignore[arg-type]
+        model, weights = factory.build(num_classes)
     else:
         assert teacher.backbone is not None
-        model, weights = build_video_model(teacher.backbone, num_classes)  # type: ignore[arg-type]
-        mean, std = teacher.backbone.mean, teacher.backbone.std  # type: ignore[attr-defined]
+        factory = VideoBackbone(teacher.backbone)  # type: ignore[arg-type]
+        model, weights = factory.build(num_classes)
         if weights in (RANDOM, "kinetics400"):
             has = "random weights" if weights == RANDOM else "Kinetics-400 weights, a fresh head"
             raise ConfigError(
@@ -67,7 +66,7 @@ def build_teacher(teacher: Teacher, num_classes: int) -> tuple[nn.Module, str]:
                 "nothing: set train.distill.teacher_pretrained=/path/to/weights trained on "
                 "these classes, or train.distill.teacher=/path/to/lpcvlab.ckpt"
             )
-    net = VideoClassifier(model, tuple(mean), tuple(std)).eval()
+    net = VideoClassifier(model, factory.mean, factory.std).eval()  # the weights' own
     for p in net.parameters():
         p.requires_grad_(False)
     return net, weights
