@@ -413,6 +413,9 @@ class FakeAIHub:
         self.offer_credentials = True  # answer S3 credentials to a client that asks for them
         # seconds a job of a kind (compile, quantize, profile, inference) takes at least
         self.durations: dict[str, float] = {}
+        # seconds the answer to "<METHOD> <first route part>" (e.g. "POST models": creating a
+        # model before its upload) takes: a slow service, for races between processes
+        self.delays: dict[str, float] = {}
         self.credential_transfers: list[str] = []  # what went through S3 credentials
         self._seq = 0
         self._ids = 0
@@ -438,6 +441,7 @@ class FakeAIHub:
             decode_content: bool = True,
             enforce_content_length: bool = True,
         ) -> HTTPResponse:
+            time.sleep(fake.delay_for(method, url))
             answer = fake.handle(pool, conn, method, url, body, headers or {}, timeout)
             return _response(
                 answer,
@@ -473,6 +477,12 @@ class FakeAIHub:
         return sum(
             1 for m, url in self.requests if m == method and re.search(pattern, urlsplit(url).path)
         )
+
+    def delay_for(self, method: str, url: str) -> float:
+        """How long the answer to this request is held back (:attr:`delays`)."""
+        path = urlsplit(url).path
+        route = path[len("/api/v1/") :].strip("/").split("/")[0] if "/api/v1/" in path else ""
+        return self.delays.get(f"{method} {route}", 0.0)
 
     def duplicate_jobs(self) -> int:
         """Jobs that compute what an earlier job computed: same kind, device, options, input
@@ -1346,6 +1356,7 @@ class FakeServer:
                 except (EOFError, OSError):
                     return
                 pool = SimpleNamespace(scheme=scheme, host=host, port=port)
+                time.sleep(self.fake.delay_for(method, url))  # other processes meanwhile go on
                 try:
                     with self._lock:
                         answer = self.fake.handle(
@@ -1364,6 +1375,11 @@ class FakeServer:
     def close(self) -> None:
         self._listener.close()
         Path(self.address).unlink(missing_ok=True)
+
+
+def _text(value: Any) -> str:
+    """A header name or value as text (botocore sends some as bytes)."""
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
 
 
 def connect(address: str) -> None:
@@ -1394,7 +1410,7 @@ def connect(address: str) -> None:
             method,
             url,
             _body_bytes(body),
-            list((headers or {}).items()),
+            [(_text(k), _text(v)) for k, v in (headers or {}).items()],
         )
         with lock:
             channel.send(request)

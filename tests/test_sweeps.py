@@ -126,7 +126,7 @@ def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys, tmp_p
     def fail(*args, **kwargs):
         raise ConfigError("backbone.pretrained=/nope: no such checkpoint file")
 
-    monkeypatch.setattr(pipeline, "run", fail)
+    monkeypatch.setattr(pipeline, "run_steps", fail)
     cfg = compose_config("backbone=clip_tiny")
     monkeypatch.setattr(app, "sweep_job", lambda: (False, {}))
     with pytest.raises(SystemExit) as exc:

@@ -1057,7 +1057,7 @@ class Stages:
         log.info(
             "AI Hub: uploaded %d %s %ssamples of %s as dataset %s",
             len(batch),
-            "x".join(map(str, batch.shape[1:])),
+            "x".join(map(str, (1, *batch.shape[1:]))),
             what,
             component,
             dataset.dataset_id,
