@@ -117,6 +117,12 @@ def test_retrying_client_retries_a_raced_dataset_insert():
     other = _LockedOnce(failures=1, message=RACED.replace("datasets.", "runs."))
     with pytest.raises(RuntimeError, match="UNIQUE"):
         RetryingClient(other, delay_s=0.001).log_batch("r")
+    # two jobs saving the runs table's view (an experiment tag) at once
+    view = _LockedOnce(
+        failures=1,
+        message="UNIQUE constraint failed: experiment_tags.key, experiment_tags.experiment_id",
+    )
+    assert RetryingClient(view, delay_s=0.001).log_batch("r") == "r"
 
 
 def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys, tmp_path):

@@ -329,9 +329,10 @@ def prune_vanished(client: Any) -> list[VanishedRun]:
 
 
 _LOCKED = ("database is locked", "database table is locked")
-# Two jobs logging the same dataset at once: both find it absent, one insert wins and the other's
-# transaction is rolled back; on the retry the store finds the row and links it.
-_RACED = ("unique constraint failed: datasets.",)
+# Two jobs logging the same dataset (or saving the same experiment tag: the runs table's view) at
+# once: both find it absent, one insert wins and the other's transaction is rolled back; on the
+# retry the store finds the row and links (updates) it.
+_RACED = ("unique constraint failed: datasets.", "unique constraint failed: experiment_tags.")
 
 
 class RetryingClient:

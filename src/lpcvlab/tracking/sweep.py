@@ -513,11 +513,15 @@ def stop_paragraph(
         f"finished, {summary.failed} failed"
     ]
     if halted:
+        from lpcvlab.tracking.recorder import override_key
+
+        swept = {override_key(o) for o in sweep_overrides(config, swept_only=True)}
+        shown = {n: [x for x in o if override_key(x) in swept] or o for n, o in halted.items()}
         jobs = "; ".join(
             f"#{n} ({' '.join(o) or 'no overrides'}"
             + (f", MLflow run {runs[n]}" if n in runs else "")
             + ")"
-            for n, o in sorted(halted.items())
+            for n, o in sorted(shown.items())
         )
         parts.append(f"stopped, KILLED with what they had logged: {jobs}")
     if never is not None:
