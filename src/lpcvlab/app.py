@@ -7,8 +7,9 @@ import logging
 import os
 import shlex
 import signal
+import string
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -176,6 +177,56 @@ def _exit_if_the_sweep_failed() -> None:
         sys.exit(1)
 
 
+class _OnDemand(Mapping[str, str]):
+    """A mapping whose values are computed when looked up: ``string.Template`` looks up only the
+    names its template uses."""
+
+    def __init__(self, makers: dict[str, Callable[[], str]]) -> None:
+        self._makers = makers
+
+    def __getitem__(self, key: str) -> str:
+        return self._makers[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+
+def help_text(hydra: Any, help_cfg: Any, cfg: Any, args_parser: Any, resolve: bool) -> str:
+    """Hydra's ``get_help``, computing only the sections the template names.
+
+    Hydra lists every config group (a fresh copy of the config repository for each of about 190
+    groups and options: 2 s of CPU here) before it looks at the template, and lpcvlab's
+    ``hydra.help.template`` prints none of them: with this ``python run.py --help`` costs one
+    composition. ``--hydra-help``, whose template lists the groups, prints what it did.
+    """
+    from omegaconf import OmegaConf
+
+    def groups(of_hydra: bool) -> str:
+        return hydra.format_config_groups(
+            lambda g: (g.startswith("hydra/") or g == "hydra") == of_hydra
+        )
+
+    sections = _OnDemand(
+        {
+            "FLAGS_HELP": lambda: hydra.format_args_help(args_parser),
+            "HYDRA_CONFIG_GROUPS": lambda: groups(True),
+            "APP_CONFIG_GROUPS": lambda: groups(False),
+            "CONFIG": lambda: OmegaConf.to_yaml(cfg, resolve=resolve),
+        }
+    )
+    return string.Template(help_cfg.template).substitute(sections)
+
+
+def _help_on_demand() -> None:
+    """Have Hydra's help use :func:`help_text` (Hydra 1.3's ``Hydra.get_help``, same arguments)."""
+    from hydra._internal.hydra import Hydra
+
+    Hydra.get_help = help_text  # type: ignore[method-assign]
+
+
 def hydra_entry(main: Callable[[], Any]) -> None:
     """Call a ``@hydra.main`` function, reporting config mistakes in one line.
 
@@ -186,6 +237,7 @@ def hydra_entry(main: Callable[[], Any]) -> None:
     """
     from lpcvlab.config import composition_error
 
+    _help_on_demand()
     user_wants_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let the exception reach us instead of a printout
     try:

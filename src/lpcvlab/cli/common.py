@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 from typing import Any
 
 STORE_HELP = "MLflow store (default: MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)"
+
+
+def module_doc(module: str) -> str | None:
+    """A module's docstring, read from its source without importing it: a verb's ``--help``
+    shows its library module's docstring, and ``lpcvlab --help`` must not import MLflow or torch
+    to build the parsers."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return None
+    with open(spec.origin, encoding="utf-8") as f:
+        return ast.get_docstring(ast.parse(f.read()), clean=False)
 
 
 def add_store_argument(parser: argparse.ArgumentParser) -> None:

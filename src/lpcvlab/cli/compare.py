@@ -5,24 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lpcvlab.cli.common import add_store_argument, store_uri
+from lpcvlab.cli.common import add_store_argument, module_doc, store_uri
 from lpcvlab.errors import LpcvlabError
-from lpcvlab.tracking import compare
-from lpcvlab.tracking.compare import (
-    accuracy_latency,
-    build_comparison,
-    gate_failed,
-    pareto_front,
-    plot_pareto,
-    select_runs,
-)
 
 
 def add_compare_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare",
         help="compare runs: swept params, accuracy, latency and memory per component",
-        description=compare.__doc__,
+        description=module_doc("lpcvlab.tracking.compare"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -40,6 +31,16 @@ def add_compare_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    from lpcvlab.tracking import compare
+    from lpcvlab.tracking.compare import (
+        accuracy_latency,
+        build_comparison,
+        gate_failed,
+        pareto_front,
+        plot_pareto,
+        select_runs,
+    )
+
     uri = store_uri(args)
     runs, source = select_runs(uri, args.run_ids, args.experiment, args.sweep)
     if not runs:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.cli.common import add_store_argument, store_client
-from lpcvlab.tracking import submit
-from lpcvlab.tracking.registry import components
-from lpcvlab.tracking.runstore import get_run
+from lpcvlab.cli.common import add_store_argument, module_doc, store_client
 
 
 def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "submit",
         help="check a run against the submission rules, share its compile jobs, record it",
-        description=submit.__doc__,
+        description=module_doc("lpcvlab.tracking.submit"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run_id", metavar="RUN_ID")
@@ -35,6 +32,10 @@ def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def submit_command(args: argparse.Namespace) -> int:
+    from lpcvlab.tracking import submit
+    from lpcvlab.tracking.registry import components
+    from lpcvlab.tracking.runstore import get_run
+
     client = store_client(args)
     result = submit.submit_run(
         client,

@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from lpcvlab.errors import StorageError
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -122,6 +120,8 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
 @contextmanager
 def file_lock(path: str | os.PathLike[str], timeout: float = -1) -> Iterator[None]:
     """Hold ``<path>.lock`` exclusively (between processes and threads) for the block."""
+    from filelock import FileLock  # here: every command imports this module, few take a lock
+
     lock_path = Path(f"{os.fspath(path)}.lock")
     with writing(lock_path):
         lock_path.parent.mkdir(parents=True, exist_ok=True)
