@@ -14,9 +14,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lpcvlab.errors import Interrupted, LpcvlabError
+from lpcvlab.util.io import WRITE_ERRNOS, storage_error
 from lpcvlab.util.secrets import mask_secrets
 
 log = logging.getLogger("lpcvlab")
@@ -166,6 +168,54 @@ def run_config(
     return pipeline.run(cfg, work_dir, hydra_dir, extra_tags=extra_tags).run_id
 
 
+# The folder Hydra writes this process's run or sweep into, and the key that moves it.
+_output_folder: list[tuple[Path, str]] = []
+
+
+class OutputFolderCheck(Callback):
+    """Make the output folder (``hydra.run.dir``, or ``hydra.sweep.dir`` for ``-m``) before Hydra
+    writes its log and ``.hydra/`` there, and before a sweep opens its MLflow parent run: a full
+    disk or an unwritable folder stops in one line naming it (Hydra's own report is a bare
+    ``OSError: [Errno 28]`` traceback that names no path). Registered first under
+    ``hydra.callbacks`` in ``conf/config.yaml``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_output_folder(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_output_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _make_output_folder(folder: Any, key: str) -> None:
+    path = Path(str(folder)).absolute()
+    _output_folder[:] = [(path, key)]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # Hydra turns a callback's exception into a warning and goes on; this must stop.
+        print(f"error: {storage_error(path, exc, key)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def output_folder_error(exc: BaseException) -> str | None:
+    """One line for a write that failed in the output folder (Hydra's log or ``.hydra/*.yaml``
+    after the folder was made: the disk filled, a file there is not writable), naming the file,
+    or the folder when the OS gave no file name (a full disk on ``write``); None for anything
+    else, which keeps its traceback."""
+    found: BaseException | None = exc
+    while found is not None and not isinstance(found, OSError):
+        found = found.__cause__ or found.__context__  # logging wraps its handler's OSError
+    if not isinstance(found, OSError) or found.errno not in WRITE_ERRNOS or not _output_folder:
+        return None
+    folder, key = _output_folder[0]
+    if found.filename is None:
+        return str(storage_error(folder, found, key))
+    path = Path(os.fsdecode(found.filename)).absolute()
+    if path != folder and folder not in path.parents:
+        return None
+    return str(storage_error(path, found, key))
+
+
 def _exit_if_the_sweep_failed() -> None:
     """A multirun whose jobs failed (``sweep.fail_on``) exits 1 once its parent run is
     summarised, so that scripts and CI notice."""
@@ -247,6 +297,8 @@ def hydra_entry(main: Callable[[], Any]) -> None:
         message = composition_error(exc)
         if message is None and isinstance(exc, LpcvlabError):
             message = str(exc)  # e.g. a sweep callback that found the store unusable
+        if message is None:
+            message = output_folder_error(exc)
         if message is None or user_wants_full:
             raise
         print(f"error: {message}", file=sys.stderr)
