@@ -21,6 +21,28 @@ def module_doc(module: str) -> str | None:
         return ast.get_docstring(ast.parse(f.read()), clean=False)
 
 
+def run_id(text: str) -> str:
+    """argparse ``type`` of a RUN_ID argument: refused, saying what a run ID looks like, before
+    any store is opened."""
+    from lpcvlab.tracking.runstore import RunLookupError, check_run_id
+
+    try:
+        return check_run_id(text)
+    except RunLookupError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def registry_name(text: str) -> str:
+    """argparse ``type`` of ``--name`` (a registered model prefix): refused, saying what it may
+    contain."""
+    from lpcvlab.tracking.registry import RegisterError, check_registry_name
+
+    try:
+        return check_registry_name(text)
+    except RegisterError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_store_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help=STORE_HELP)
 

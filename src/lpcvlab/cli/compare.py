@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lpcvlab.cli.common import add_store_argument, module_doc, store_uri
+from lpcvlab.cli.common import add_store_argument, module_doc, run_id, store_uri
 from lpcvlab.errors import LpcvlabError
 
 
@@ -19,11 +19,14 @@ def add_compare_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "run_ids",
         nargs="*",
+        type=run_id,
         metavar="RUN_ID",
         help="runs to compare; a single sweep parent ID compares its children",
     )
     p.add_argument("--experiment", "-e", help="every run of this MLflow experiment")
-    p.add_argument("--sweep", "-s", metavar="PARENT_RUN_ID", help="the children of a sweep")
+    p.add_argument(
+        "--sweep", "-s", type=run_id, metavar="PARENT_RUN_ID", help="the children of a sweep"
+    )
     add_store_argument(p)
     p.add_argument("--csv", metavar="FILE", help="also write the full table as CSV")
     p.add_argument("--plot", metavar="FILE.png", help="also write the accuracy-vs-latency plot")

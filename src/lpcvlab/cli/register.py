@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.cli.common import add_store_argument, module_doc, store_client
+from lpcvlab.cli.common import add_store_argument, module_doc, registry_name, run_id, store_client
 
 
 def add_register_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -14,9 +14,10 @@ def add_register_commands(subparsers: argparse._SubParsersAction) -> None:
         description=module_doc("lpcvlab.tracking.registry"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", type=run_id, metavar="RUN_ID")
     p.add_argument(
         "--name",
+        type=registry_name,
         help="registered model prefix (default: the run's tracking.registry_name, else "
         "lpcvc-track1 / lpcvc-track2); each component is <name>-<component>",
     )

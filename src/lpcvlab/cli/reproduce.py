@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.cli.common import add_store_argument, module_doc, store_uri
+from lpcvlab.cli.common import add_store_argument, module_doc, run_id, store_uri
 
 
 def add_reproduce_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def add_reproduce_commands(subparsers: argparse._SubParsersAction) -> None:
         description=module_doc("lpcvlab.tracking.reproduce"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", type=run_id, metavar="RUN_ID")
     p.add_argument(
         "--force",
         action="store_true",

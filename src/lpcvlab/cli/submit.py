@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.cli.common import add_store_argument, module_doc, store_client
+from lpcvlab.cli.common import add_store_argument, module_doc, registry_name, run_id, store_client
 
 
 def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
         description=module_doc("lpcvlab.tracking.submit"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", type=run_id, metavar="RUN_ID")
     p.add_argument("--dry-run", action="store_true", help="check and print; share nothing")
     p.add_argument(
         "--share-with",
@@ -26,7 +26,9 @@ def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--budget-ms", type=float, help="latency limit (default: the run's track.budget_ms)"
     )
-    p.add_argument("--name", help="registered model prefix (as lpcvlab register --name)")
+    p.add_argument(
+        "--name", type=registry_name, help="registered model prefix (as lpcvlab register --name)"
+    )
     add_store_argument(p)
     p.set_defaults(func=submit_command)
 
