@@ -6,6 +6,7 @@ import csv
 import math
 
 import pytest
+from lpcvlab_runs import seeded_store
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -62,7 +63,7 @@ def test_table_has_params_accuracy_and_per_component_latency_memory():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A parent run with three children, written directly (no pipeline needed)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+    uri = seeded_store(tmp_path_factory.mktemp("store"))
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("lpcvc-retrieval")
     parent = client.create_run(exp, run_name="sweep backbone=...", tags={"sweep": "true"})
