@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONF
 from lpcvlab_runs import REPO
 from omegaconf import OmegaConf
 
-from lpcvlab.app import help_text
+from lpcvlab.app import check_before_hydra_runs, help_text
+from lpcvlab.errors import ConfigError
 
 HEAVY = (
     "mlflow",
@@ -58,6 +60,54 @@ def test_run_py_checks_the_config_before_importing_anything_heavy(tmp_path, argv
     assert proc.returncode == code, proc.stderr[-3000:]
     assert expect in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "imported: []"
+    if argv[0] != "-m":  # a refused single run leaves no output folder behind
+        assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hub.foo=1"],  # composition: not a key
+        ["backbone=nope"],  # composition: not an option
+        ["+foo=1"],  # a key the schema does not have
+        ["track=retrieval", "preprocess=dynamic_fps"],  # groups that cannot go together
+    ],
+)
+def test_a_refused_config_is_one_line_and_leaves_no_output_folder(tmp_path, argv):
+    """Checked before Hydra's run makes the output folder (app.check_before_hydra_runs)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: ") and argv[-1].split("=")[0].lstrip("+") in line
+    assert not list(tmp_path.iterdir())  # no outputs/, no log
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "seed=-1"],  # a sweep: its callback checks the base config
+        ["hparams_search=retrieval_optuna", "seed=-1"],  # a sweep without -m (hydra.mode)
+        ["--cfg", "job", "seed=-1"],  # another command
+        ["-cn", "other", "seed=-1"],  # another config
+        ["--no-such-flag"],  # Hydra's parser says what is wrong, once, from main()
+        ["paths.cache_dir=${hydra:runtime.output_dir}/cache"],  # known once Hydra runs the job
+    ],
+)
+def test_what_the_early_check_leaves_to_hydra(argv, capsys):
+    check_before_hydra_runs(CONF, "config", argv)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_the_early_check_refuses_a_single_runs_mistake():
+    with pytest.raises(ConfigError, match="seed=-1 must be >= 0"):
+        check_before_hydra_runs(CONF, "config", ["seed=-1"])
+    check_before_hydra_runs(CONF, "config", ["backbone=clip_tiny", "seed=3"])  # fine: no error
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["compare", "--help"], ["qevd", "organise", "-h"]])

@@ -21,21 +21,22 @@ RUN_PY = str(REPO / "run.py")
 
 
 def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path: Path):
-    """Two `python run.py` (each stops at its config check, after Hydra made its folder) whose
-    clock part of hydra.run.dir is the same, as for two runs started in the same second, write
-    into different <time>_<uid>/ folders: the uid alone tells them apart, however the two
-    processes are scheduled."""
+    """Two `python run.py` whose clock part of hydra.run.dir is the same, as for two runs
+    started in the same second, write into different <time>_<uid>/ folders: the uid alone tells
+    them apart, however the two processes are scheduled. (Each stops once Hydra made its folder:
+    it reproduces a run of a store that does not exist.)"""
     default = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml").hydra.run)["dir"]
     assert default == "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}_${lpcvlab_uid:}"
     same_second = "hydra.run.dir=outputs/2026-01-01/00-00-00_${lpcvlab_uid:}"
-    cmd = [sys.executable, RUN_PY, "seed=-1", f"tracking.uri=sqlite:///{tmp_path}/db", same_second]
+    nowhere = f"tracking.uri=sqlite:///{tmp_path}/none/mlflow.db"
+    cmd = [sys.executable, RUN_PY, f"+reproduce={'0' * 32}", nowhere, same_second]
     procs = [
         subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(2)
     ]
     for p in procs:
         _, err = p.communicate(timeout=300)
-        assert p.returncode == 1 and b"seed=-1 must be >= 0" in err, err[-2000:]
+        assert p.returncode == 1 and b"error: no MLflow store at" in err, err[-2000:]
     runs = sorted(p for p in (tmp_path / "outputs").glob("*/*") if (p / ".hydra").is_dir())
     assert len(runs) == 2, runs
     stamps = [p.name.rsplit("_", 1) for p in runs]

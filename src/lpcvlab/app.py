@@ -3,6 +3,9 @@ user errors and interrupts into short messages instead of tracebacks."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import logging
 import os
 import shlex
@@ -277,13 +280,60 @@ def _help_on_demand() -> None:
     Hydra.get_help = help_text  # type: ignore[method-assign]
 
 
-def hydra_entry(main: Callable[[], Any]) -> None:
+def check_before_hydra_runs(config_dir: Path, config_name: str, argv: list[str]) -> None:
+    """Check a single run's config, composed with Hydra's Compose API, before Hydra's run
+    machinery composes it (twice: once to read ``hydra.mode``, once to run), makes the output
+    folder, starts its log and writes ``.hydra/`` there: a mistake stops in one line at a third
+    of the cost, and leaves nothing behind. A config that passes is loaded again where the run
+    starts (:func:`run_job`), with its weights.
+
+    Left to Hydra, as before: sweeps (``-m``, or a config that sets ``hydra.mode``; the sweep
+    callback checks their base config), the other commands (``--help``, ``--cfg``, ...), another
+    config (``-cp``, ``-cn``, ``-cd``), a command line Hydra refuses, and values that read
+    Hydra's runtime (``${hydra:...}``, known only once Hydra runs the job).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser  # the parser @hydra.main uses
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from lpcvlab.config import composition_error, load_settings
+
+    try:  # quietly: main() parses it again, and says what is wrong with it
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+    except SystemExit:  # a command line Hydra refuses, or --version
+        return
+    other = (args.help, args.hydra_help, args.cfg, args.info, args.shell_completion)
+    if args.multirun or any(other) or args.config_path or args.config_name or args.config_dir:
+        return
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=args.overrides, return_hydra_config=True)
+    except Exception as exc:
+        if composition_error(exc) is not None:
+            raise  # an unknown key, a wrong type, no such option: hydra_entry's one line
+        return  # anything else: Hydra reports it from main(), as before
+    if cfg.hydra.mode == RunMode.MULTIRUN:
+        return
+    body = copy.deepcopy(cfg)  # the job's config as Hydra's run_job hands it over
+    with read_write(body), open_dict(body):
+        del body["hydra"]
+    if "${hydra:" in OmegaConf.to_yaml(body):
+        return
+    load_settings(body, report=False)  # a ConfigError: hydra_entry prints its one line
+
+
+def hydra_entry(
+    main: Callable[[], Any], config_dir: Path | None = None, config_name: str = "config"
+) -> None:
     """Call a ``@hydra.main`` function, reporting config mistakes in one line.
 
     Hydra prints composition errors (an unknown key, a value of the wrong type, an option that
     does not exist) over several lines with advice that does not fit typed configs; here they
     become one line naming the key and what to do. ``HYDRA_FULL_ERROR=1`` keeps Hydra's own
-    report.
+    report. With ``config_dir`` (``main``'s config folder), a single run's config is checked
+    before Hydra runs it (:func:`check_before_hydra_runs`).
     """
     from lpcvlab.config import composition_error
 
@@ -291,6 +341,8 @@ def hydra_entry(main: Callable[[], Any]) -> None:
     user_wants_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let the exception reach us instead of a printout
     try:
+        if config_dir is not None:
+            check_before_hydra_runs(config_dir, config_name, sys.argv[1:])
         main()
         _exit_if_the_sweep_failed()
     except Exception as exc:
