@@ -6,6 +6,7 @@ import csv
 import math
 
 import pytest
+from lpcvlab_runs import seeded_store
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -76,7 +77,7 @@ def test_table_has_params_accuracy_and_per_component_latency_memory():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A parent run with three children, written directly (no pipeline needed)."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+    uri = seeded_store(tmp_path_factory.mktemp("store"))
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("lpcvc-retrieval")
     parent = client.create_run(exp, run_name="sweep backbone=...", tags={"sweep": "true"})
@@ -154,6 +155,55 @@ def test_compare_errors_say_what_to_pass(store, tmp_path, capsys):
         from lpcvlab.tracking.compare import select_runs
 
         select_runs(missing, experiment="x")
+
+
+QUOTED = "0123456789abcdef0123456789abcde'"  # a run ID with a quote: once pasted into a filter
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compare", QUOTED],
+        ["compare", "--sweep", QUOTED],
+        ["compare", "0123abcd"],  # a short ID from a table
+        ["reproduce", QUOTED],
+        ["register", QUOTED],
+        ["submit", QUOTED, "--dry-run"],
+    ],
+)
+def test_every_verb_refuses_what_is_not_a_run_id_saying_what_one_is(argv, tmp_path, capsys):
+    missing = f"sqlite:///{tmp_path}/none/mlflow.db"  # refused before any store is looked at
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*argv, "--tracking-uri", missing])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a run ID: expected 32 hexadecimal digits" in err
+    assert "Traceback" not in err and "MlflowException" not in err and "no MLflow store" not in err
+
+
+@pytest.mark.parametrize("verb", ["register", "submit"])
+def test_a_registry_name_with_a_quote_is_refused_saying_what_it_may_hold(verb, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main([verb, "0" * 32, "--name", "candidates'x"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert '"candidates\'x" cannot name a registered model: expected letters, digits' in err
+
+
+def test_the_library_checks_ids_before_they_reach_a_filter(store, tmp_path):
+    from lpcvlab.tracking.compare import select_runs
+    from lpcvlab.tracking.runstore import child_runs, get_run, open_store
+
+    uri, _, _ = store
+    client = open_store(uri)
+    for lookup in (child_runs, get_run):
+        with pytest.raises(RunLookupError, match="is not a run ID"):
+            lookup(client, QUOTED)
+    missing = f"sqlite:///{tmp_path}/none/mlflow.db"
+    with pytest.raises(RunLookupError, match="is not a run ID"):  # the argument, not the store
+        select_runs(missing, [QUOTED])
+    with pytest.raises(RunLookupError, match="is not a run ID"):
+        select_runs(missing, sweep=QUOTED)
 
 
 # ----------------------------------------------------------------------------- the best run

@@ -23,9 +23,8 @@ from lpcvlab.hubs.aihub.stages import find_onnx
 from lpcvlab.tracking.registry import register_run
 from lpcvlab.util.hashing import file_sha256
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_fp16_and_w8a8_components_log_their_deployed_graphs(cfg_factory, tmp_path):
     cfg = cfg_factory(
         "precision=mixed",
@@ -59,6 +58,7 @@ def test_fp16_and_w8a8_components_log_their_deployed_graphs(cfg_factory, tmp_pat
     assert {"QuantizeLinear", "DequantizeLinear"} <= text_ops
 
 
+@pytest.mark.slow
 def test_a_w8a8_component_on_aihub_logs_the_quantize_jobs_model(
     fake,  # noqa: F811
     tmp_path,
@@ -157,6 +157,7 @@ def _aihub_run(fake, tmp_path, monkeypatch, image: str, text: str, *extra: str):
     return cfg, res, MlflowClient(cfg.tracking.uri).get_run(res.run_id), seen
 
 
+@pytest.mark.slow
 def test_an_fp16_component_on_aihub_uploads_the_fp32_export_and_logs_the_compiled_model(
     fake,  # noqa: F811
     tmp_path,

@@ -13,13 +13,12 @@ from mlflow.tracking import MlflowClient
 from lpcvlab import pipeline
 from lpcvlab.errors import DataError
 
-pytestmark = pytest.mark.slow
-
 
 def _client(cfg) -> MlflowClient:
     return MlflowClient(tracking_uri=cfg.tracking.uri)
 
 
+@pytest.mark.slow
 def test_track1_pipeline_logs_one_complete_run(cfg_factory, tmp_path, capsys):
     cfg = cfg_factory()
     res = pipeline.run(cfg, work_dir=tmp_path / "work")
@@ -65,6 +64,7 @@ def test_track1_pipeline_logs_one_complete_run(cfg_factory, tmp_path, capsys):
     assert "recall_at_10" in out and res.run_id in out and "mlflow ui" in out
 
 
+@pytest.mark.slow
 def test_failed_run_is_marked_failed_with_its_error(cfg_factory, tmp_path):
     cfg = cfg_factory("data=lpcvc_track1", f"data.root={tmp_path}/nowhere", demo=False)
     with pytest.raises(DataError, match="nowhere"):
@@ -79,6 +79,7 @@ def test_failed_run_is_marked_failed_with_its_error(cfg_factory, tmp_path):
 
 
 def test_run_py_reports_user_errors_without_traceback(tmp_path):
+    """A config mistake of `python run.py` (stopped at the config check: not slow)."""
     proc = subprocess.run(
         [
             sys.executable,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
+from lpcvlab_runs import seeded_store
 from mlflow.tracking import MlflowClient
 
 from lpcvlab.tracking.registry import link_version
 
 
 def test_link_version_adds_each_version_once(tmp_path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=seeded_store(tmp_path))
     exp = client.create_experiment("links", artifact_location=(tmp_path / "a").as_uri())
     model = client.create_logged_model(exp, name="text_encoder")
     link_version(client, model.model_id, "lpcvc-track1-text_encoder", "1")

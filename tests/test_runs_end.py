@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from lpcvlab.tracking.recorder import (
 )
 
 
-def _run_py(*args: str) -> subprocess.Popen[str]:
+def _run_py(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.Popen(
         [sys.executable, "run.py", *args],
@@ -36,42 +37,62 @@ def _run_py(*args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
+        env=env | (env_extra or {}),
     )
 
 
 @pytest.mark.slow
 def test_sigterm_during_export_ends_the_run_killed_and_cleans_up(tmp_path):
-    proc = _run_py(*TINY, *store_overrides(tmp_path))
-    err_lines: list[str] = []
-    reached = threading.Event()
-
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            err_lines.append(line)
-            if line.startswith("==> export"):
-                reached.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    assert reached.wait(timeout=240), "".join(err_lines)[-3000:]
+    """The export is held once torch has written the graph into its temporary folder
+    (tests/inject/sitecustomize.py), so the signal arrives during the export: the folder exists
+    when it is sent, and no export finished."""
+    held = tmp_path / "export-in-progress"
+    inject = str(Path(__file__).resolve().parent / "inject")
+    proc = _run_py(
+        *TINY,
+        *store_overrides(tmp_path),
+        env_extra={
+            "PYTHONPATH": os.pathsep.join(filter(None, [inject, os.environ.get("PYTHONPATH")])),
+            "LPCVLAB_TEST_HOLD_EXPORT": str(held),
+        },
+    )
+    out_lines: list[str] = []  # the job log (Hydra's console handler writes to stdout)
+    err_lines: list[str] = []  # the stage lines (==> ...) and the interruption's paragraph
+    readers = [  # both pipes drained, so the run never blocks on them
+        threading.Thread(target=lambda: out_lines.extend(proc.stdout or []), daemon=True),
+        threading.Thread(target=lambda: err_lines.extend(proc.stderr or []), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + 240
+    while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held.exists(), "".join(err_lines)[-3000:]
+    export_dir = Path(held.read_text())
+    assert export_dir.name.startswith(".export-") and export_dir.is_dir()  # mid-export
     proc.send_signal(signal.SIGTERM)  # as `timeout`, `docker stop` and SLURM do
     proc.wait(timeout=120)
-    reader.join(timeout=10)
-    stderr = "".join(err_lines)
+    for reader in readers:
+        reader.join(timeout=10)
+    stderr, stdout = "".join(err_lines), "".join(out_lines)
 
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
     assert "Stopped by SIGTERM" in stderr and "KILLED" in stderr
+    stages = [line for line in stderr.splitlines() if line.startswith("==> ")]
+    assert stages[-1].startswith("==> export"), stages  # the last stage begun, and none after
+    assert "exporting image_encoder to ONNX" in stdout
+    for name in ("image_encoder", "text_encoder"):  # the held export never finished, nor
+        assert f"exported {name} in" not in stdout  # did another
     (run,) = all_runs(tmp_path)
     assert run.status == "KILLED"
     assert run.tags["error"] == "interrupted (SIGTERM)"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert "run.log" in {a.path for a in client.list_artifacts(run.run_id)}  # the job log
-    onnx_dir = tmp_path / "cache" / "onnx"
-    leftovers = [p.name for p in onnx_dir.iterdir()] if onnx_dir.is_dir() else []
-    assert not [n for n in leftovers if n.startswith(".export-")], leftovers
+    assert not export_dir.exists()  # the interrupted export's temporary folder is gone
+    onnx_dir = export_dir.parent
+    assert not [p.name for p in onnx_dir.iterdir() if p.name.startswith(".export-")]
+    assert not list(onnx_dir.glob("*.onnx"))  # nothing half-exported was kept
 
 
 _VANISH = textwrap.dedent(
@@ -131,6 +152,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # `python run.py` past the config check: the pipeline is imported, then stops
 @pytest.mark.parametrize("kind", ["unwritable", "readonly", "server-down"])
 def test_an_unusable_store_is_named_before_any_work(tmp_path, kind):
     if kind == "unwritable":
@@ -139,7 +161,7 @@ def test_an_unusable_store_is_named_before_any_work(tmp_path, kind):
         uri = f"sqlite:///{blocker}/mlflow.db"
     elif kind == "readonly":
         db = tmp_path / "ro.db"
-        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # a real store
+        seeded_store(tmp_path, db.name)  # a real store
         uri = f"sqlite:///file:{db}?mode=ro&uri=true"
     else:
         uri = f"http://127.0.0.1:{_free_port()}"

@@ -57,6 +57,7 @@ def _sweep(tmp: Path):
     return parent, children
 
 
+@pytest.mark.slow  # a `python run.py -m` sweep with its MLflow parent and child runs
 def test_jobs_stopped_by_their_own_config_are_failed_runs_and_the_sweep_exits_1(tmp_path):
     proc = run_py("-m", *TINY, "seed=-1,-2", *store_overrides(tmp_path))
     assert proc.returncode == 1, explain(proc)
@@ -76,6 +77,7 @@ def test_jobs_stopped_by_their_own_config_are_failed_runs_and_the_sweep_exits_1(
         assert f"seed={seed}" in child.tags["command"]
 
 
+@pytest.mark.slow  # as above
 @pytest.mark.parametrize(("fail_on", "code"), [("never", 0), ("all", 1)])
 def test_fail_on_never_and_all(tmp_path, fail_on, code):
     proc = run_py("-m", *TINY, "seed=-1,-2", f"sweep.fail_on={fail_on}", *store_overrides(tmp_path))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from lpcvlab_runs import seeded_store
 from mlflow.tracking import MlflowClient
 
 from lpcvlab.tracking.recorder import VIEW_TAG, ensure_table_view, table_view, ui_link
@@ -35,7 +36,7 @@ def test_the_view_shows_the_objective_latency_precision_backbone_and_weights():
 
 
 def test_the_experiment_link_opens_the_saved_view(tmp_path):
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=seeded_store(tmp_path))
     exp = client.create_experiment("view", artifact_location=(tmp_path / "a").as_uri())
     ensure_table_view(client, exp, "top1")
     tag = client.get_experiment(exp).tags[VIEW_TAG]

@@ -7,8 +7,8 @@ import csv
 import errno
 import json
 import shutil
-import time
-from concurrent.futures import Future, ProcessPoolExecutor
+import subprocess
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import av
@@ -299,9 +299,16 @@ def test_worker_processes_match_in_process(vids: dict[str, Path]) -> None:
             assert torch.equal(a.clips, b.clips)
 
 
-def test_interrupt_cancels_queued_jobs_and_does_not_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupt_cancels_queued_jobs_and_does_not_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Ctrl-C / SIGTERM (Interrupted) while the pool works: queued jobs are cancelled and
-    parallel_map returns at once instead of draining the queue."""
+    parallel_map returns at once instead of waiting for the running ones or draining the queue.
+
+    Counted, not timed: job 0 finishes at once, every other job waits for a release file (a
+    minute at most) before it marks itself done, so returning with job 0's mark alone proves
+    parallel_map did not wait for a running job; after the release, only the jobs that were not
+    cancelled leave a mark."""
     submitted: list[Future[object]] = []
     shutdowns: list[tuple[bool, bool]] = []
 
@@ -316,22 +323,28 @@ def test_interrupt_cancels_queued_jobs_and_does_not_wait(monkeypatch: pytest.Mon
             super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
     real_as_completed = batch.as_completed
-    raised_at: list[float] = []
 
     def interrupted_after_the_first(futures: object) -> object:
         for fut in real_as_completed(futures):
             yield fut
-            raised_at.append(time.monotonic())
             raise Interrupted("SIGTERM")
 
+    release = tmp_path / "release"
+    held = f"i=0; while [ ! -e {release} ] && [ $i -lt 6000 ]; do sleep 0.01; i=$((i+1)); done"
+    jobs = [(["sh", "-c", f"{held if i else ':'}; touch {tmp_path}/done-{i}"],) for i in range(12)]
     monkeypatch.setattr(batch, "ProcessPoolExecutor", RecordingPool)
     monkeypatch.setattr(batch, "as_completed", interrupted_after_the_first)
     with pytest.raises(Interrupted):
-        batch.parallel_map(time.sleep, [(0.5,)] * 12, 2, progress=False)
-    # draining the queue would take 10 more jobs / 2 workers * 0.5 s = 2.5 s
-    assert time.monotonic() - raised_at[0] < 1.0
+        batch.parallel_map(subprocess.call, jobs, 2, progress=False)
+    done_at_return = sorted(p.name for p in tmp_path.glob("done-*"))
+    release.touch()
+    assert done_at_return == ["done-0"]  # the two running jobs were not waited for
     assert shutdowns == [(False, True)]
-    assert sum(f.cancelled() for f in submitted) >= 5  # at most 2 running + 3 queued in the pipe
+    cancelled = [f.cancelled() for f in submitted]
+    assert sum(cancelled) >= 5  # at most 2 running + 3 queued in the pipe
+    wait([f for f in submitted if not f.cancelled()], timeout=120)
+    ran = {p.name for p in tmp_path.glob("done-*")}
+    assert ran == {f"done-{i}" for i, c in enumerate(cancelled) if not c}  # cancelled: never ran
 
 
 def test_skipped_summary_counts_reasons_and_names_the_csv(tmp_path: Path) -> None:

@@ -329,7 +329,7 @@ class _Log:
     def __init__(self, tmp: Path) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.tracking_uri = f"sqlite:///{tmp}/mlflow.db"
+        self.tracking_uri = seeded_store(tmp)
         client = MlflowClient(self.tracking_uri)
         exp = client.get_experiment_by_name("t") or client.get_experiment(
             client.create_experiment("t", artifact_location=str(tmp / "artifacts"))

@@ -11,21 +11,27 @@ KILLED with what finished and how to resume), exit 130 / 143."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import logging
 import os
 import shlex
 import signal
+import string
 import sys
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lpcvlab.errors import Interrupted, LpcvlabError
+from lpcvlab.util.io import WRITE_ERRNOS, storage_error
 from lpcvlab.util.secrets import mask_secrets
 
 log = logging.getLogger("lpcvlab")
@@ -276,6 +282,54 @@ def run_config(
     return pipeline.run(cfg, work_dir, hydra_dir, extra_tags=extra_tags).run_id
 
 
+# The folder Hydra writes this process's run or sweep into, and the key that moves it.
+_output_folder: list[tuple[Path, str]] = []
+
+
+class OutputFolderCheck(Callback):
+    """Make the output folder (``hydra.run.dir``, or ``hydra.sweep.dir`` for ``-m``) before Hydra
+    writes its log and ``.hydra/`` there, and before a sweep opens its MLflow parent run: a full
+    disk or an unwritable folder stops in one line naming it (Hydra's own report is a bare
+    ``OSError: [Errno 28]`` traceback that names no path). Registered first under
+    ``hydra.callbacks`` in ``conf/config.yaml``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_output_folder(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_output_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _make_output_folder(folder: Any, key: str) -> None:
+    path = Path(str(folder)).absolute()
+    _output_folder[:] = [(path, key)]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # Hydra turns a callback's exception into a warning and goes on; this must stop.
+        print(f"error: {storage_error(path, exc, key)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def output_folder_error(exc: BaseException) -> str | None:
+    """One line for a write that failed in the output folder (Hydra's log or ``.hydra/*.yaml``
+    after the folder was made: the disk filled, a file there is not writable), naming the file,
+    or the folder when the OS gave no file name (a full disk on ``write``); None for anything
+    else, which keeps its traceback."""
+    found: BaseException | None = exc
+    while found is not None and not isinstance(found, OSError):
+        found = found.__cause__ or found.__context__  # logging wraps its handler's OSError
+    if not isinstance(found, OSError) or found.errno not in WRITE_ERRNOS or not _output_folder:
+        return None
+    folder, key = _output_folder[0]
+    if found.filename is None:
+        return str(storage_error(folder, found, key))
+    path = Path(os.fsdecode(found.filename)).absolute()
+    if path != folder and folder not in path.parents:
+        return None
+    return str(storage_error(path, found, key))
+
+
 def _exit_if_the_sweep_failed() -> None:
     """A multirun whose jobs failed (``sweep.fail_on``) exits 1 once its parent run is
     summarised, so that scripts and CI notice."""
@@ -287,20 +341,120 @@ def _exit_if_the_sweep_failed() -> None:
         sys.exit(1)
 
 
-def hydra_entry(main: Callable[[], Any]) -> None:
+class _OnDemand(Mapping[str, str]):
+    """A mapping whose values are computed when looked up: ``string.Template`` looks up only the
+    names its template uses."""
+
+    def __init__(self, makers: dict[str, Callable[[], str]]) -> None:
+        self._makers = makers
+
+    def __getitem__(self, key: str) -> str:
+        return self._makers[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._makers)
+
+    def __len__(self) -> int:
+        return len(self._makers)
+
+
+def help_text(hydra: Any, help_cfg: Any, cfg: Any, args_parser: Any, resolve: bool) -> str:
+    """Hydra's ``get_help``, computing only the sections the template names.
+
+    Hydra lists every config group (a fresh copy of the config repository for each of about 190
+    groups and options: 2 s of CPU here) before it looks at the template, and lpcvlab's
+    ``hydra.help.template`` prints none of them: with this ``python run.py --help`` costs one
+    composition. ``--hydra-help``, whose template lists the groups, prints what it did.
+    """
+    from omegaconf import OmegaConf
+
+    def groups(of_hydra: bool) -> str:
+        return hydra.format_config_groups(
+            lambda g: (g.startswith("hydra/") or g == "hydra") == of_hydra
+        )
+
+    sections = _OnDemand(
+        {
+            "FLAGS_HELP": lambda: hydra.format_args_help(args_parser),
+            "HYDRA_CONFIG_GROUPS": lambda: groups(True),
+            "APP_CONFIG_GROUPS": lambda: groups(False),
+            "CONFIG": lambda: OmegaConf.to_yaml(cfg, resolve=resolve),
+        }
+    )
+    return string.Template(help_cfg.template).substitute(sections)
+
+
+def _help_on_demand() -> None:
+    """Have Hydra's help use :func:`help_text` (Hydra 1.3's ``Hydra.get_help``, same arguments)."""
+    from hydra._internal.hydra import Hydra
+
+    Hydra.get_help = help_text  # type: ignore[method-assign]
+
+
+def check_before_hydra_runs(config_dir: Path, config_name: str, argv: list[str]) -> None:
+    """Check a single run's config, composed with Hydra's Compose API, before Hydra's run
+    machinery composes it (twice: once to read ``hydra.mode``, once to run), makes the output
+    folder, starts its log and writes ``.hydra/`` there: a mistake stops in one line at a third
+    of the cost, and leaves nothing behind. A config that passes is loaded again where the run
+    starts (:func:`run_job`), with its weights.
+
+    Left to Hydra, as before: sweeps (``-m``, or a config that sets ``hydra.mode``; the sweep
+    callback checks their base config), the other commands (``--help``, ``--cfg``, ...), another
+    config (``-cp``, ``-cn``, ``-cd``), a command line Hydra refuses, and values that read
+    Hydra's runtime (``${hydra:...}``, known only once Hydra runs the job).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser  # the parser @hydra.main uses
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from lpcvlab.config import composition_error, load_settings
+
+    try:  # quietly: main() parses it again, and says what is wrong with it
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+    except SystemExit:  # a command line Hydra refuses, or --version
+        return
+    other = (args.help, args.hydra_help, args.cfg, args.info, args.shell_completion)
+    if args.multirun or any(other) or args.config_path or args.config_name or args.config_dir:
+        return
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name, overrides=args.overrides, return_hydra_config=True)
+    except Exception as exc:
+        if composition_error(exc) is not None:
+            raise  # an unknown key, a wrong type, no such option: hydra_entry's one line
+        return  # anything else: Hydra reports it from main(), as before
+    if cfg.hydra.mode == RunMode.MULTIRUN:
+        return
+    body = copy.deepcopy(cfg)  # the job's config as Hydra's run_job hands it over
+    with read_write(body), open_dict(body):
+        del body["hydra"]
+    if "${hydra:" in OmegaConf.to_yaml(body):
+        return
+    load_settings(body, report=False)  # a ConfigError: hydra_entry prints its one line
+
+
+def hydra_entry(
+    main: Callable[[], Any], config_dir: Path | None = None, config_name: str = "config"
+) -> None:
     """Call a ``@hydra.main`` function, reporting config mistakes in one line.
 
     Hydra prints composition errors (an unknown key, a value of the wrong type, an option that
     does not exist) over several lines with advice that does not fit typed configs; here they
     become one line naming the key and what to do. ``HYDRA_FULL_ERROR=1`` keeps Hydra's own
-    report.
+    report. With ``config_dir`` (``main``'s config folder), a single run's config is checked
+    before Hydra runs it (:func:`check_before_hydra_runs`).
     """
     from lpcvlab.config import composition_error
 
+    _help_on_demand()
     install_signal_handlers()  # a sweep's parent run is open before its first job starts
     user_wants_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let the exception reach us instead of a printout
     try:
+        if config_dir is not None:
+            check_before_hydra_runs(config_dir, config_name, sys.argv[1:])
         main()
         _exit_if_the_sweep_failed()
     except KeyboardInterrupt as exc:
@@ -309,6 +463,8 @@ def hydra_entry(main: Callable[[], Any]) -> None:
         message = composition_error(exc)
         if message is None and isinstance(exc, LpcvlabError):
             message = str(exc)  # e.g. a sweep callback that found the store unusable
+        if message is None:
+            message = output_folder_error(exc)
         if message is None or user_wants_full:
             raise
         print(f"error: {message}", file=sys.stderr)

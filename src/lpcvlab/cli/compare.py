@@ -5,34 +5,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lpcvlab.cli.common import add_store_argument, store_uri
+from lpcvlab.cli.common import add_store_argument, module_doc, run_id, store_uri
 from lpcvlab.errors import LpcvlabError
-from lpcvlab.tracking import compare
-from lpcvlab.tracking.compare import (
-    accuracy_latency,
-    build_comparison,
-    gate_failed,
-    pareto_front,
-    plot_pareto,
-    select_runs,
-)
 
 
 def add_compare_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare",
         help="compare runs: swept params, accuracy, latency and memory per component",
-        description=compare.__doc__,
+        description=module_doc("lpcvlab.tracking.compare"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "run_ids",
         nargs="*",
+        type=run_id,
         metavar="RUN_ID",
         help="runs to compare; a single sweep parent ID compares its children",
     )
     p.add_argument("--experiment", "-e", help="every run of this MLflow experiment")
-    p.add_argument("--sweep", "-s", metavar="PARENT_RUN_ID", help="the children of a sweep")
+    p.add_argument(
+        "--sweep", "-s", type=run_id, metavar="PARENT_RUN_ID", help="the children of a sweep"
+    )
     add_store_argument(p)
     p.add_argument("--csv", metavar="FILE", help="also write the full table as CSV")
     p.add_argument("--plot", metavar="FILE.png", help="also write the accuracy-vs-latency plot")
@@ -40,6 +34,16 @@ def add_compare_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    from lpcvlab.tracking import compare
+    from lpcvlab.tracking.compare import (
+        accuracy_latency,
+        build_comparison,
+        gate_failed,
+        pareto_front,
+        plot_pareto,
+        select_runs,
+    )
+
     uri = store_uri(args)
     runs, source = select_runs(uri, args.run_ids, args.experiment, args.sweep)
     if not runs:

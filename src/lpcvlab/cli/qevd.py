@@ -11,8 +11,7 @@ import argparse
 from pathlib import Path
 
 from lpcvlab.data.frames import FRAME_SELECTIONS, VideoPreprocess
-from lpcvlab.data.qevd import SPLITS, load_class_map, read_split
-from lpcvlab.data.qevd_tools import LINK_MODES, check, organise, write_preprocessed
+from lpcvlab.data.qevd import LINK_MODES, SPLITS, load_class_map, read_split
 
 
 def add_qevd_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -110,7 +109,12 @@ def add_qevd_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     return qevd
 
 
+# The tools import torch (through the decoding workers): only when a verb runs, not for --help.
+
+
 def _cmd_organise(args: argparse.Namespace) -> int:
+    from lpcvlab.data.qevd_tools import organise
+
     cmap = load_class_map(args.class_map) if args.class_map else None
     res = organise(
         args.raw,
@@ -136,6 +140,8 @@ def _cmd_organise(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from lpcvlab.data.qevd_tools import check
+
     report = args.report or (args.quarantine / "report.csv")
     res = check(
         args.root,
@@ -155,6 +161,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from lpcvlab.data.qevd_tools import write_preprocessed
+
     cmap = load_class_map(args.class_map) if args.class_map else None
     split = read_split(args.root, args.split, cmap)
     pre = VideoPreprocess(

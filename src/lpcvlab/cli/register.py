@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.cli.common import add_store_argument, store_client
-from lpcvlab.tracking import registry
+from lpcvlab.cli.common import add_store_argument, module_doc, registry_name, run_id, store_client
 
 
 def add_register_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "register",
         help="register a finished run's components as submission candidates",
-        description=registry.__doc__,
+        description=module_doc("lpcvlab.tracking.registry"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", type=run_id, metavar="RUN_ID")
     p.add_argument(
         "--name",
+        type=registry_name,
         help="registered model prefix (default: the run's tracking.registry_name, else "
         "lpcvc-track1 / lpcvc-track2); each component is <name>-<component>",
     )
@@ -26,6 +26,8 @@ def add_register_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_command(args: argparse.Namespace) -> int:
+    from lpcvlab.tracking import registry
+
     versions = registry.register_run(store_client(args), args.run_id, args.name)
     print(f"run {args.run_id}:")
     for v in versions:

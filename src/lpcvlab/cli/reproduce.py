@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.cli.common import add_store_argument, store_uri
-from lpcvlab.tracking import reproduce
+from lpcvlab.cli.common import add_store_argument, module_doc, run_id, store_uri
 
 
 def add_reproduce_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "reproduce",
         help="re-run a logged run from its config and compare metrics",
-        description=reproduce.__doc__,
+        description=module_doc("lpcvlab.tracking.reproduce"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", type=run_id, metavar="RUN_ID")
     p.add_argument(
         "--force",
         action="store_true",
@@ -31,6 +30,7 @@ def add_reproduce_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def reproduce_command(args: argparse.Namespace) -> int:
     from lpcvlab.app import run_config
+    from lpcvlab.tracking import reproduce
 
     rep = reproduce.reproduce(
         args.run_id, store_uri(args), run_config, force=args.force, use_cache=args.use_cache

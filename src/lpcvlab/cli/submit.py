@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from lpcvlab.cli.common import add_store_argument, store_client
-from lpcvlab.tracking import submit
-from lpcvlab.tracking.registry import components
-from lpcvlab.tracking.runstore import get_run
+from lpcvlab.cli.common import add_store_argument, module_doc, registry_name, run_id, store_client
 
 
 def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "submit",
         help="check a run against the submission rules, share its compile jobs, record it",
-        description=submit.__doc__,
+        description=module_doc("lpcvlab.tracking.submit"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("run_id", type=run_id, metavar="RUN_ID")
     p.add_argument("--dry-run", action="store_true", help="check and print; share nothing")
     p.add_argument(
         "--share-with",
@@ -29,12 +26,18 @@ def add_submit_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--budget-ms", type=float, help="latency limit (default: the run's track.budget_ms)"
     )
-    p.add_argument("--name", help="registered model prefix (as lpcvlab register --name)")
+    p.add_argument(
+        "--name", type=registry_name, help="registered model prefix (as lpcvlab register --name)"
+    )
     add_store_argument(p)
     p.set_defaults(func=submit_command)
 
 
 def submit_command(args: argparse.Namespace) -> int:
+    from lpcvlab.tracking import submit
+    from lpcvlab.tracking.registry import components
+    from lpcvlab.tracking.runstore import get_run
+
     client = store_client(args)
     result = submit.submit_run(
         client,

@@ -41,8 +41,10 @@ def register() -> None:
 register()
 
 
-def load_settings(cfg: DictConfig | RunConfig) -> RunConfig:
-    """The composed config as typed dataclasses, every value and combination checked."""
+def load_settings(cfg: DictConfig | RunConfig, report: bool = True) -> RunConfig:
+    """The composed config as typed dataclasses, every value and combination checked;
+    ``report=False`` leaves out the weights' check and report (it imports open_clip or torch and
+    logs), for a check made before the run's logging is set up."""
     if isinstance(cfg, RunConfig):
         settings = cfg
     else:
@@ -66,7 +68,8 @@ def load_settings(cfg: DictConfig | RunConfig) -> RunConfig:
         _no_added_keys(body, settings)
     check_combinations(settings)  # first: a group that cannot go with the track says so
     validate(settings)
-    report_weights(settings)  # last: it imports open_clip / torch to look in a cache
+    if report:
+        report_weights(settings)  # last: it imports open_clip / torch to look in a cache
     return settings
 
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 VIDEO_EXTENSIONS = (".mp4",)
+LINK_MODES = ("copy", "hardlink", "symlink")  # how `lpcvlab qevd organise` places the videos
 
 
 # --------------------------------------------------------------------------- class map

@@ -41,6 +41,7 @@ from lpcvlab.data.decode import verify_video
 from lpcvlab.data.formats import MANIFEST_DTYPE, ManifestRecord
 from lpcvlab.data.frames import WORKER_CRASHED, VideoDecodeError, VideoPreprocess
 from lpcvlab.data.qevd import (
+    LINK_MODES,
     SPLITS,
     VideoSample,
     class_folder_name,
@@ -49,8 +50,6 @@ from lpcvlab.data.qevd import (
 )
 from lpcvlab.errors import ConfigError, DataError
 from lpcvlab.util.io import atomic_write, atomic_write_bytes, atomic_write_text, writing
-
-LINK_MODES = ("copy", "hardlink", "symlink")
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -30,6 +30,7 @@ from lpcvlab.config.schema import RunConfig
 from lpcvlab.errors import LpcvlabError
 from lpcvlab.tracking.runstore import (
     RunInfo,
+    check_run_id,
     child_runs,
     experiment_runs,
     get_run,
@@ -386,12 +387,14 @@ def select_runs(
     uri: str, run_ids: Sequence[str] = (), experiment: str | None = None, sweep: str | None = None
 ) -> tuple[list[RunInfo], str]:
     """The runs to compare and a phrase saying where they came from."""
-    client = open_store(uri)
     if sum(bool(x) for x in (run_ids, experiment, sweep)) != 1:
         raise LpcvlabError(
             "say which runs: RUN_ID ... (one sweep parent ID compares its children), "
             "--experiment NAME, or --sweep PARENT_RUN_ID"
         )
+    for run_id in [*run_ids, *([sweep] if sweep else [])]:
+        check_run_id(run_id)  # before the store is opened: the mistake is the argument's
+    client = open_store(uri)
     if experiment:
         return experiment_runs(client, experiment), f"experiment {experiment!r}"
     if sweep:

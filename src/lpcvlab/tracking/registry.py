@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,28 @@ class RegisteredVersion:
         return f"{self.component}: {how} {self.name} version {self.version} ({self.model_id})"
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_registry_name(name: str, source: str | None = None) -> str:
+    """``name`` when it can prefix a registered model's name, else a :class:`RegisterError`
+    saying what one looks like: it goes into MLflow's search filters, where a quote would break
+    the query (and MLflow itself refuses ``/`` and ``:``)."""
+    if _NAME.fullmatch(name) is None:
+        raise RegisterError(
+            f"{source + ' ' if source else ''}{name!r} cannot name a registered model: expected "
+            "letters, digits, '.', '_' and '-', starting with a letter or digit (lpcvc-track1)"
+        )
+    return name
+
+
 def registry_name(run: RunInfo, name: str | None = None) -> str:
     """``name``, else the run's ``tracking.registry_name``, else ``lpcvc-track1``/``-track2``."""
     configured = run.params.get("tracking.registry_name")
     if name:
-        return name
+        return check_registry_name(name)
     if configured not in (None, "", "None", "null"):
-        return str(configured)
+        return check_registry_name(str(configured), "tracking.registry_name")
     return DEFAULT_NAMES.get(run.tags.get("track", ""), "lpcvc")
 
 

@@ -27,7 +27,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lpcvlab.errors import ConfigError, LpcvlabError
-from lpcvlab.tracking.runstore import RunInfo, download_artifact, get_run, open_store
+from lpcvlab.tracking.runstore import (
+    RunInfo,
+    check_run_id,
+    download_artifact,
+    get_run,
+    open_store,
+)
 from lpcvlab.util import console
 from lpcvlab.util.seeding import restore_threads
 
@@ -213,6 +219,7 @@ def reproduce(
 ) -> Reproduction:
     """Re-run ``run_id`` with ``runner`` as a new run tagged ``reproduced_from`` and diff its
     metrics."""
+    check_run_id(run_id)
     client = open_store(uri)
     original = get_run(client, run_id)
     if original.status != "FINISHED" and not force:

@@ -7,6 +7,7 @@ succeed raise :class:`RunLookupError` naming the store and what to pass instead.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from lpcvlab.errors import LpcvlabError
 # The same default as conf/tracking/mlflow.yaml (tracking.uri).
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 _PAGE = 1000
+_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what MLflow makes (uuid4().hex), in every store
 
 
 class RunLookupError(LpcvlabError):
@@ -57,6 +59,18 @@ class RunInfo:
         return self.run_id[:8]
 
 
+def check_run_id(text: str) -> str:
+    """``text`` when it is an MLflow run ID, else a :class:`RunLookupError` saying what one looks
+    like: an ID goes into MLflow's search filters, where a quote in it would break the query."""
+    if _RUN_ID.fullmatch(text) is None:
+        raise RunLookupError(
+            f"{text!r} is not a run ID: expected 32 hexadecimal digits (0-9, a-f), the ID that "
+            "run.py prints at the end and the MLflow UI shows as Run ID (the 8-digit short IDs "
+            "of the tables are not enough)"
+        )
+    return text
+
+
 def tracking_uri(explicit: str | None = None) -> str:
     """``explicit``, else ``MLFLOW_TRACKING_URI``, else the project's default local store."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -75,6 +89,7 @@ def open_store(uri: str) -> MlflowClient:
 
 
 def get_run(client: MlflowClient, run_id: str) -> RunInfo:
+    check_run_id(run_id)
     try:
         return RunInfo.from_run(client.get_run(run_id))
     except MlflowException as exc:
@@ -109,6 +124,7 @@ def search(client: MlflowClient, exp_ids: list[str], filter_string: str = "") ->
 
 def child_runs(client: MlflowClient, parent_id: str) -> list[RunInfo]:
     """Runs nested under ``parent_id`` (tag ``mlflow.parentRunId``), in any experiment."""
+    check_run_id(parent_id)
     return search(client, experiment_ids(client), f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 

@@ -27,7 +27,9 @@ A job that fails with a user error returns no objective (``lpcvlab.app.run_job``
 reason in ``<job output dir>/.lpcvlab/job_error.txt`` for ``on_job_end``: its run is FAILED (or
 never started, for a config that cannot run), the sweep goes on and the parent counts it. If the
 sweep itself dies (an unexpected exception re-raised by Hydra's sweeper, Ctrl-C), an exit hook
-still summarises what finished and ends the parent FAILED. Single runs are left alone.
+still summarises what finished and ends the parent FAILED. Single runs are left alone (Hydra
+builds the callback for them too, so this module imports MLflow and the recorder only inside the
+methods that a multirun calls: a single run's config is checked before anything heavy is loaded).
 
 A job that failed before its run existed (a config value of its own, ``seed=-1``) gets a FAILED
 child run from ``on_job_end`` carrying the message, so every job is one row in the UI. After the
@@ -50,13 +52,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lpcvlab.errors import ConfigError, Interrupted, LpcvlabError
-from lpcvlab.tracking.recorder import NOTE_TAG, PARENT_RUN_ENV, ui_link
 from lpcvlab.util.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,13 @@ def refuse_a_sweep_no_job_can_run(config: DictConfig) -> None:
             ) from None
 
 
+def _stop_the_sweep(exc: LpcvlabError) -> NoReturn:
+    """Hydra turns a callback's exception into a warning and launches the jobs anyway: a mistake
+    that every job shares stops the sweep here, in one line."""
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
 _active: list[MlflowSweepCallback] = []  # the sweep this process launched (stop_sweep)
 
 
@@ -256,9 +264,15 @@ class MlflowSweepCallback(Callback):
     # -- the launching process ---------------------------------------------------------
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            # Before the store is opened or a run exists, and before MLflow is imported.
+            refuse_a_sweep_no_job_can_run(config)
+        except LpcvlabError as exc:
+            _stop_the_sweep(exc)
         from mlflow.tracking import MlflowClient
 
         from lpcvlab.tracking.recorder import (
+            PARENT_RUN_ENV,
             RetryingClient,
             check_store,
             get_experiment_id,
@@ -269,14 +283,10 @@ class MlflowSweepCallback(Callback):
         )
 
         try:
-            refuse_a_sweep_no_job_can_run(config)  # before the store is opened or a run exists
             uri = resolve_uri(str(config.tracking.uri))
             check_store(uri)
         except LpcvlabError as exc:
-            # Hydra turns a callback's exception into a warning and launches the jobs anyway;
-            # a mistake that every job shares stops the sweep here, in one line.
-            print(f"error: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None
+            _stop_the_sweep(exc)
         sweep = sweep_dir(config)
         client = RetryingClient(MlflowClient(tracking_uri=uri))
         exp_id = get_experiment_id(
@@ -332,6 +342,8 @@ class MlflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_multirun(config):
             return
+        from lpcvlab.tracking.recorder import PARENT_RUN_ENV
+
         _job_error_path(config.hydra.runtime.output_dir).unlink(missing_ok=True)
         num = int(config.hydra.job.num)
         overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
@@ -386,7 +398,7 @@ class MlflowSweepCallback(Callback):
         self._done = True
         from mlflow.tracking import MlflowClient
 
-        from lpcvlab.tracking.recorder import RetryingClient
+        from lpcvlab.tracking.recorder import NOTE_TAG, PARENT_RUN_ENV, RetryingClient
 
         client = RetryingClient(MlflowClient(tracking_uri=self._parent.tracking_uri))
         run_id = self._parent.run_id
@@ -712,6 +724,8 @@ def _note(text: str, summary: SweepSummary, experiment_id: str) -> str:
     """The parent's description (markdown): a link to the best child first (the UI shows a
     description's first lines), then the summary and the runs' table, under MLflow's limit on a
     tag (the table cut to the best runs where needed; ``sweep_runs.csv`` has them all)."""
+    from lpcvlab.tracking.recorder import ui_link
+
     note = ""
     if summary.best_run_id:
         link = ui_link(experiment_id, summary.best_run_id)

@@ -18,25 +18,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from lpcvlab.errors import StorageError
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+WRITE_ERRNOS = frozenset(_NO_SPACE | _NOT_WRITABLE)  # a write refused by the disk, not a bug
 
 
-def storage_error(path: str | os.PathLike[str], exc: OSError) -> StorageError:
-    """A user-facing error for a failed write of ``path``: full disk, read-only, no permission."""
+def storage_error(
+    path: str | os.PathLike[str], exc: OSError, setting: str | None = None
+) -> StorageError:
+    """A user-facing error for a failed write of ``path``: full disk, read-only, no permission;
+    ``setting`` is the key that moves it elsewhere (default: the cache and the output folder)."""
     where = Path(path)
     if exc.errno in _NO_SPACE:
         return StorageError(
             f"no space left on the device writing {where}: free some space there, or point "
-            "paths.cache_dir (or the output folder) at a disk with room"
+            f"{setting or 'paths.cache_dir (or the output folder)'} at a disk with room"
         )
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    if exc.errno in _NOT_WRITABLE:
         return StorageError(
             f"cannot write {where} ({exc.strerror or exc}): the folder is read-only or not "
-            "yours; choose a writable location (paths.cache_dir, hydra.run.dir)"
+            f"yours; choose a writable location ({setting or 'paths.cache_dir, hydra.run.dir'})"
         )
     return StorageError(f"could not write {where}: {exc.strerror or exc}")
 
@@ -122,6 +125,8 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
 @contextmanager
 def file_lock(path: str | os.PathLike[str], timeout: float = -1) -> Iterator[None]:
     """Hold ``<path>.lock`` exclusively (between processes and threads) for the block."""
+    from filelock import FileLock  # here: every command imports this module, few take a lock
+
     lock_path = Path(f"{os.fspath(path)}.lock")
     with writing(lock_path):
         lock_path.parent.mkdir(parents=True, exist_ok=True)
