@@ -14,8 +14,11 @@ The package, by job:
 
 Every job goes into the ledger keyed by the content hash of its inputs, device and options, so
 an identical rerun reuses finished jobs and an interrupted run picks up its in-flight jobs
-instead of paying again (``hub.reuse=false`` forces new jobs). The API token is never logged,
-stored or returned.
+instead of paying again (``hub.reuse=false`` forces new jobs); a key is claimed while its job is
+submitted, so two processes needing the same job at once pay for one. Datasets are uploaded once
+per content and device outputs kept in the cache. :meth:`AIHub.start_components` returns what is
+in flight without waiting (a sweep waits on all its configs' jobs together);
+:meth:`AIHub.run_components` waits. The API token is never logged, stored or returned.
 """
 
 from __future__ import annotations

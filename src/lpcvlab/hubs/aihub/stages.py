@@ -15,10 +15,12 @@
    ``hub.inference_window`` in flight (each finished chunk starts the next); every chunk goes
    up from an h5 file in a temporary folder of lpcvlab's and its outputs come down into one, so
    neither the client's Dataset nor its job keeps the arrays and no file is left behind: memory
-   stays flat in the number of chunks. Outputs come back in input order, a reused job whose
-   outputs AI Hub has deleted (after 30 days) runs again, and the first
-   ``hub.parity_samples`` are compared with ONNX Runtime on this machine
-   (:func:`lpcvlab.hubs.parity.device_parity`).
+   stays flat in the number of chunks. A chunk whose arrays are already on AI Hub (the same
+   content uploaded by this or an earlier run, :class:`~lpcvlab.hubs.aihub.jobs.DatasetRecords`)
+   is not uploaded again. Outputs come back in input order and are kept in ``outputs_dir``, so a
+   reused job whose outputs AI Hub has deleted (after 30 days) is read from there (run again
+   only when that copy is gone too), and the first ``hub.parity_samples`` are compared with
+   ONNX Runtime on this machine (:func:`lpcvlab.hubs.parity.device_parity`).
 
 When compile finishes, :meth:`Stages.after_compile` starts the stages the component asked for
 (``ComponentJob.stages``); every job goes through the :class:`~lpcvlab.hubs.aihub.jobs.JobDriver`,
