@@ -399,6 +399,7 @@ class FakeAIHub:
         self.hold = False  # keep every job running (simulates a slow queue)
         self.compile_failures: dict[str, str] = {}  # model name fragment -> failure reason
         self.inference_failures: dict[str, str] = {}  # job name fragment -> failure reason
+        self.failing_jobs: dict[str, str] = {}  # job ID -> why it fails when it finishes
         self.profile_detail: Callable[[FakeJob], pb.ProfileDetail] = self._profile_detail
         self._errors: list[list[Any]] = []  # [match, times left, failure]
         self.rate_limited: dict[str, int] = {}  # job kind -> creations still answered 429
@@ -1001,6 +1002,8 @@ class FakeAIHub:
         self._seq += 1
         job.done_seq = self._seq
         try:
+            if job.job_id in self.failing_jobs:
+                raise _JobFailure(self.failing_jobs[job.job_id])
             if job.kind == "compile":
                 self._finish_compile(job)
             elif job.kind == "quantize":

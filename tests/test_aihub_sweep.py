@@ -229,7 +229,8 @@ def test_a_sweep_on_aihub_stopped_while_waiting_ends_killed_and_resumes_its_jobs
     """Two configs submit their jobs, then wait on them together (the ``aihub`` launcher, the
     default of a multirun on hub=aihub); SIGTERM while they wait: exit 143, one paragraph and no
     traceback, both children KILLED, the parent KILLED with a summary. The same command again
-    picks the jobs up from the ledger (no new compile job) and finishes both configs."""
+    picks the jobs up from the ledger (no new compile job); a job that fails then fails its own
+    config only."""
     service = FakeAIHub(TOKEN)
     service.hold = True  # a slow queue: nothing finishes
     server = FakeServer(service, tmp_path)
@@ -265,7 +266,11 @@ def test_a_sweep_on_aihub_stopped_while_waiting_ends_killed_and_resumes_its_jobs
         assert [c.info.status for c in children] == ["KILLED", "KILLED"]
         assert {c.data.tags["error"] for c in children} == {"interrupted (SIGTERM)"}
         compiles = len(service.jobs_of("compile"))
+        killed = {c.data.tags["sweep_job"]: c.data.tags for c in children}
 
+        # Again: config #1's image encoder compile job fails on the service this time.
+        doomed = killed["1"]["aihub/image_encoder/compile_job"]
+        service.failing_jobs[doomed] = "Failed to compile: an injected failure"
         service.hold = False
         again = subprocess.run(
             [sys.executable, "run.py", *_sweep_args(tmp_path)],
@@ -275,17 +280,21 @@ def test_a_sweep_on_aihub_stopped_while_waiting_ends_killed_and_resumes_its_jobs
             text=True,
             timeout=600,
         )
-        assert again.returncode == 0, explain(again)
+        assert again.returncode == 1, explain(again)  # sweep.fail_on=any: a job failed
+        assert "1 of 2 sweep job(s) failed" in again.stderr, explain(again)
     finally:
         server.close()
     assert len(service.jobs_of("compile")) == compiles  # resumed, not paid again
     assert service.duplicate_jobs() == 0
     parents, children = _runs(tmp_path)
-    resumed = [p for p in parents if p.info.status == "FINISHED"]
-    assert len(resumed) == 1
-    finished = [c for c in children if c.info.status == "FINISHED"]
-    assert len(finished) == 2
-    for c in finished:
-        assert c.data.tags["aihub/image_encoder/compile_job_status"] in ("RESUMED", "SUCCESS")
-        assert "recall_at_10" in c.data.metrics and c.data.metrics["latency_ms/total"] > 0
-    assert resumed[0].data.tags["launcher"].endswith("AIHubLauncher")
+    (resumed,) = [p for p in parents if p.info.status == "FINISHED"]
+    assert resumed.data.tags["launcher"].endswith("AIHubLauncher")
+    now = {c.data.tags["sweep_job"]: c for c in children if c.info.status != "KILLED"}
+    # The failure stays with its config; the other one finishes with the jobs it had submitted.
+    assert now["1"].info.status == "FAILED" and doomed in now["1"].data.tags["error"]
+    assert now["0"].info.status == "FINISHED"
+    for comp in ("image_encoder", "text_encoder"):
+        job = now["0"].data.tags[f"aihub/{comp}/compile_job"]
+        assert job == killed["0"][f"aihub/{comp}/compile_job"]  # picked up from the ledger
+    assert "recall_at_10" in now["0"].data.metrics and now["0"].data.metrics["latency_ms/total"] > 0
+    assert resumed.data.tags["best_run_id"] == now["0"].info.run_id
