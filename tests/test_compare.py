@@ -12,10 +12,14 @@ from mlflow.tracking import MlflowClient
 
 from lpcvlab import cli
 from lpcvlab.tracking.compare import (
+    MAX_LABELS,
     best_run,
     build_comparison,
     is_setting,
     pareto_front,
+    plot_key,
+    plot_numbers,
+    plot_pareto,
     swept_params,
 )
 from lpcvlab.tracking.runstore import RunInfo, RunLookupError
@@ -301,3 +305,28 @@ def test_a_big_sweep_description_stays_under_mlflows_limit():
     note = _note(summary_text(summary, "p" * 32), summary, "1")
     assert len(note) <= NOTE_LIMIT
     assert len(_note("x" * 9000, summary, "1")) <= NOTE_LIMIT  # whatever the summary's length
+
+
+def test_the_pareto_plot_numbers_points_best_first_with_their_swept_values_only(tmp_path):
+    runs = [
+        _run(
+            f"{i:032x}",
+            {"seed": str(i % 2), "preprocess.name": f"p{i // 2}", "onnx_ops/x/Add": str(i)},
+            {"objective": (i % 3) / 10, "latency_ms/total": 10.0 - i, "recall_at_10": (i % 3) / 10},
+            {"sweep_job": str(i)},
+        )
+        for i in range(6)
+    ]
+    comparison = build_comparison(runs)
+    shown = plot_numbers(comparison, range(6))
+    assert [runs[i].run_id for i in shown[:2]] == [runs[5].run_id, runs[2].run_id]  # ties: faster
+    key = plot_key(comparison, shown)
+    assert key[0] == "best first: preprocess / seed" and key[1] == " 1  p2 / 1"
+    assert not any("onnx_ops" in line or "Add" in line for line in key)
+    assert plot_pareto(comparison, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    slow = {"objective": 0.0, "latency_ms/total": 50.0}
+    many = [*runs, *(_run(f"{i:032x}", {"seed": str(i)}, slow) for i in range(6, 40))]
+    big = build_comparison(many)
+    numbered = plot_numbers(big, range(len(many)))
+    assert len(numbered) < MAX_LABELS and runs[5].run_id == many[numbered[0]].run_id
+    assert plot_key(big, numbered, len(many) - len(numbered))[-1].endswith("more: sweep_runs.csv)")

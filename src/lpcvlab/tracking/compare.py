@@ -265,7 +265,9 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
     ok = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
     if not ok:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, (ax, key) = plt.subplots(
+        1, 2, figsize=(10, 4.8), dpi=120, gridspec_kw={"width_ratios": [2.3, 1]}
+    )
     passed = [i for i in ok if i not in failed]
     ax.scatter(
         [points[i][0] for i in passed],
@@ -299,7 +301,7 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
             [points[b][0]], [points[b][1]], marker="*", s=220, color="gold", edgecolors="black",
             label="best (objective; ties: lower latency)", zorder=4,
         )  # fmt: skip
-    _annotate(ax, comparison, points, ok)
+    _number_points(ax, key, comparison, points, ok)
     budgets = {runs[i].params.get("budget.latency_ms") for i in ok} - {None, "None", "null"}
     for b in sorted(budgets):
         ax.axvline(float(b), color="tab:orange", linestyle="--", label=f"budget {float(b):g} ms")
@@ -310,7 +312,7 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
     ax.set_ylabel(" / ".join(objectives))
     ax.set_title(title or "accuracy vs latency")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,44 +328,58 @@ def label(comparison: Comparison, i: int) -> str:
     return " ".join(parts) or comparison.runs[i].short_id
 
 
-# Points labelled in the plot: beyond this many, only the front and the best run are (the CSV
-# and the table name every run).
-MAX_LABELS = 12
+# Points numbered in the plot and listed beside it: beyond this many, only the front and the
+# best run (the CSV and the table name every run).
+MAX_LABELS = 24
 
 
-def _annotate(
-    ax: Any, comparison: Comparison, points: list[tuple[float, float]], ok: list[int]
-) -> None:
-    """Label points with their swept values, one setting a line, pointing away from the plot's
-    nearer edges (inside the axes), with room made for them."""
-    shown = ok
-    if len(ok) > MAX_LABELS:
-        best = best_run(comparison.runs)
-        keep = set(pareto_front(accuracy_latency(comparison.runs)))
+def plot_numbers(comparison: Comparison, ok: Sequence[int]) -> list[int]:
+    """The runs numbered in the plot, best first (:func:`ranking`): every one of ``ok``, or
+    beyond :data:`MAX_LABELS` the Pareto front and the best run."""
+    runs = comparison.runs
+    shown = sorted(ok, key=lambda i: ranking(runs[i]))
+    if len(shown) > MAX_LABELS:
+        keep = set(pareto_front(accuracy_latency(runs)))
+        best = best_run(runs)
         if best is not None:
-            keep.add(comparison.runs.index(best))
-        shown = [i for i in ok if i in keep]
-    xs = [points[i][0] for i in ok]
-    ys = [points[i][1] for i in ok]
-    x_mid = (min(xs) + max(xs)) / 2
-    y_mid = (min(ys) + max(ys)) / 2
-    for n, i in enumerate(shown):
-        text = label(comparison, i).replace(" ", "\n")
-        x, y = points[i]
-        right = x > x_mid or len(set(xs)) == 1 and n % 2
-        above = y <= y_mid
+            keep.add(runs.index(best))
+        shown = [i for i in shown if i in keep]
+    return shown
+
+
+def plot_key(comparison: Comparison, shown: Sequence[int], hidden: int = 0) -> list[str]:
+    """The list beside the plot: a header naming the swept settings, then each number with its
+    run's swept values only."""
+    columns = [param_column(p) for p in comparison.swept]
+    lines = [f"best first: {' / '.join(columns) if columns else 'run'}"]
+    for n, i in enumerate(shown, start=1):
+        values = " / ".join(str(comparison.rows[i].get(c, "")) for c in columns)
+        lines.append(f"{n:>2}  {values or comparison.runs[i].short_id}")
+    if hidden:
+        lines.append(f"(+{hidden} more: sweep_runs.csv)")
+    return lines
+
+
+def _number_points(
+    ax: Any, key: Any, comparison: Comparison, points: list[tuple[float, float]], ok: list[int]
+) -> None:
+    """Number the points best first and list, beside the plot, each number with the run's
+    swept values, one run a line: short labels on the points never overlap the way a setting
+    list per point does."""
+    shown = plot_numbers(comparison, ok)
+    for n, i in enumerate(shown, start=1):
         ax.annotate(
-            text,
-            (x, y),
-            fontsize=6.5,
-            xytext=(-6 if right else 6, 6 if above else -6),
+            str(n),
+            points[i],
+            fontsize=7,
+            xytext=(4, 3),
             textcoords="offset points",
-            ha="right" if right else "left",
-            va="bottom" if above else "top",
-            bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.75},
-            annotation_clip=True,
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7},
         )
-    ax.margins(x=0.25, y=0.2)  # room for the labels inside the axes
+    text = "\n".join(plot_key(comparison, shown, len(ok) - len(shown)))
+    key.axis("off")
+    key.text(0, 1, text, va="top", ha="left", fontsize=7, family="monospace", wrap=True)
+    ax.margins(x=0.08, y=0.08)
 
 
 def param_column(param: str) -> str:
