@@ -82,6 +82,7 @@ print(json.dumps({{
 """
 
 
+@pytest.mark.slow  # two processes importing the AI Hub client and ONNX Runtime: ~10 s of CPU
 def test_two_processes_needing_the_same_component_at_once_pay_for_one_job_each(
     tmp_path: Path,
 ) -> None:
