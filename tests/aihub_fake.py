@@ -427,36 +427,13 @@ class FakeAIHub:
         """Route every HTTP request of this process through the fake, below urllib3's retries."""
         fake = self
 
-        def make_request(
-            pool: HTTPConnectionPool,
-            conn: Any,
-            method: str,
-            url: str,
-            body: Any = None,
-            headers: Any = None,
-            retries: Any = None,
-            timeout: Any = None,
-            chunked: bool = False,
-            response_conn: Any = None,
-            preload_content: bool = True,
-            decode_content: bool = True,
-            enforce_content_length: bool = True,
-        ) -> HTTPResponse:
+        def answer(
+            pool: Any, conn: Any, method: str, url: str, body: Any, headers: Any, timeout: Any
+        ) -> _Answer:
             delay = fake.delay_for(method, url)
             if delay:  # (tests record the sleeps the client makes: none when there is none)
                 time.sleep(delay)
-            answer = fake.handle(pool, conn, method, url, body, headers or {}, timeout)
-            return _response(
-                answer,
-                pool,
-                method,
-                url,
-                retries,
-                response_conn,
-                preload_content,
-                decode_content,
-                enforce_content_length,
-            )
+            return fake.handle(pool, conn, method, url, body, headers or {}, timeout)
 
         def no_network(conn: Any, *args: Any, **kwargs: Any) -> None:
             raise AssertionError(f"a test opened a real connection to {conn.host}:{conn.port}")
@@ -464,7 +441,7 @@ class FakeAIHub:
         for name in _PROXY_VARIABLES:  # a proxy would be connected to before _make_request
             monkeypatch.delenv(name, raising=False)
             monkeypatch.delenv(name.lower(), raising=False)
-        monkeypatch.setattr(HTTPConnectionPool, "_make_request", make_request)
+        monkeypatch.setattr(HTTPConnectionPool, "_make_request", _transport(answer))
         monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect", no_network)
 
     def fail_requests(
@@ -1292,40 +1269,50 @@ class _JobFailure(Exception):
     pass
 
 
-def _response(
-    answer: _Answer,
-    pool: Any,
-    method: str,
-    url: str,
-    retries: Any,
-    response_conn: Any,
-    preload_content: bool,
-    decode_content: bool,
-    enforce_content_length: bool,
-) -> HTTPResponse:
-    """The urllib3 response carrying ``answer``, as the socket would have given it."""
-    return HTTPResponse(
-        body=io.BytesIO(answer.content),
-        headers=HTTPHeaderDict(
-            {
-                "Content-Type": answer.content_type,
-                "Content-Length": str(len(answer.content)),
-                **answer.headers,
-            }
-        ),
-        status=answer.status,
-        version=11,
-        version_string="HTTP/1.1",
-        reason=http.HTTPStatus(answer.status).phrase,
-        preload_content=preload_content,
-        decode_content=decode_content,
-        pool=pool,
-        connection=response_conn,
-        retries=retries,
-        enforce_content_length=enforce_content_length,
-        request_method=method,
-        request_url=url,
-    )
+def _transport(answer: Callable[..., _Answer]) -> Callable[..., HTTPResponse]:
+    """``HTTPConnectionPool._make_request`` answering each request with ``answer(pool, conn,
+    method, url, body, headers, timeout)``, as a urllib3 response off the socket would."""
+
+    def make_request(
+        pool: HTTPConnectionPool,
+        conn: Any,
+        method: str,
+        url: str,
+        body: Any = None,
+        headers: Any = None,
+        retries: Any = None,
+        timeout: Any = None,
+        chunked: bool = False,
+        response_conn: Any = None,
+        preload_content: bool = True,
+        decode_content: bool = True,
+        enforce_content_length: bool = True,
+    ) -> HTTPResponse:
+        got = answer(pool, conn, method, url, body, headers, timeout)
+        return HTTPResponse(
+            body=io.BytesIO(got.content),
+            headers=HTTPHeaderDict(
+                {
+                    "Content-Type": got.content_type,
+                    "Content-Length": str(len(got.content)),
+                    **got.headers,
+                }
+            ),
+            status=got.status,
+            version=11,
+            version_string="HTTP/1.1",
+            reason=http.HTTPStatus(got.status).phrase,
+            preload_content=preload_content,
+            decode_content=decode_content,
+            pool=pool,
+            connection=response_conn,
+            retries=retries,
+            enforce_content_length=enforce_content_length,
+            request_method=method,
+            request_url=url,
+        )
+
+    return make_request
 
 
 # --------------------------------------------------------------------------- other processes
@@ -1395,21 +1382,9 @@ def connect(address: str) -> None:
     channel = Client(address, family="AF_UNIX", authkey=_AUTHKEY)
     lock = threading.Lock()  # boto3 transfers send from several threads
 
-    def make_request(
-        pool: HTTPConnectionPool,
-        conn: Any,
-        method: str,
-        url: str,
-        body: Any = None,
-        headers: Any = None,
-        retries: Any = None,
-        timeout: Any = None,
-        chunked: bool = False,
-        response_conn: Any = None,
-        preload_content: bool = True,
-        decode_content: bool = True,
-        enforce_content_length: bool = True,
-    ) -> HTTPResponse:
+    def answer(
+        pool: Any, conn: Any, method: str, url: str, body: Any, headers: Any, timeout: Any
+    ) -> _Answer:
         request = (
             pool.scheme,
             pool.host,
@@ -1426,18 +1401,7 @@ def connect(address: str) -> None:
             raise AssertionError(what)
         if how == "dropped":
             raise u3.ProtocolError("Connection aborted.", http.client.RemoteDisconnected(what))
-        answer = _Answer(*what)
-        return _response(
-            answer,
-            pool,
-            method,
-            url,
-            retries,
-            response_conn,
-            preload_content,
-            decode_content,
-            enforce_content_length,
-        )
+        return _Answer(*what)
 
     def no_network(conn: Any, *args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"a test opened a real connection to {conn.host}:{conn.port}")
@@ -1445,7 +1409,7 @@ def connect(address: str) -> None:
     for name in _PROXY_VARIABLES:
         os.environ.pop(name, None)
         os.environ.pop(name.lower(), None)
-    HTTPConnectionPool._make_request = make_request  # type: ignore[method-assign]
+    HTTPConnectionPool._make_request = _transport(answer)  # type: ignore[method-assign]
     urllib3.connection.HTTPConnection.connect = no_network  # type: ignore[method-assign]
 
 

@@ -54,7 +54,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urljoin
 
 import qai_hub.client as hub_client
@@ -75,6 +75,31 @@ Emit = Callable[[str, str, str, "str | None", str], None]
 
 
 # --------------------------------------------------------------------------- ledger
+
+
+R = TypeVar("R")
+
+
+def read_records(path: Path, record: type[R]) -> dict[str, R]:
+    """The last line of each key of a JSON-lines record file, as ``record`` dataclasses (fields
+    it does not know are dropped); a truncated or garbled line (a process killed mid-write) is
+    skipped with a warning."""
+    latest: dict[str, R] = {}
+    if not path.exists():
+        return latest
+    names = set(record.__dataclass_fields__)  # type: ignore[attr-defined]
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                entry = record(**{k: v for k, v in raw.items() if k in names})
+            except (json.JSONDecodeError, TypeError) as exc:
+                log.warning("%s:%d: skipping unreadable line (%s)", path, lineno, exc)
+                continue
+            latest[entry.key] = entry  # type: ignore[attr-defined]
+    return latest
 
 
 def job_key(kind: str, device: str, options: str, inputs: Mapping[str, Any]) -> str:
@@ -112,23 +137,7 @@ class JobLedger:
         self.path = Path(path)
 
     def _read(self) -> dict[str, LedgerEntry]:
-        latest: dict[str, LedgerEntry] = {}
-        if not self.path.exists():
-            return latest
-        names = set(LedgerEntry.__dataclass_fields__)
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    raw = json.loads(line)
-                    entry = LedgerEntry(**{k: v for k, v in raw.items() if k in names})
-                except (json.JSONDecodeError, TypeError) as exc:
-                    log.warning("%s:%d: skipping unreadable line (%s)", self.path, lineno, exc)
-                    continue
-                latest[entry.key] = entry
-        return latest
+        return read_records(self.path, LedgerEntry)
 
     def latest(self, key: str) -> LedgerEntry | None:
         """The most recent entry for ``key``, or None when no job was ever recorded for it."""
@@ -195,23 +204,7 @@ class DatasetRecords:
         self.path = Path(path)
 
     def latest(self, key: str) -> DatasetRecord | None:
-        found = None
-        if not self.path.exists():
-            return None
-        names = set(DatasetRecord.__dataclass_fields__)
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    raw = json.loads(line)
-                    record = DatasetRecord(**{k: v for k, v in raw.items() if k in names})
-                except (json.JSONDecodeError, TypeError) as exc:
-                    log.warning("%s:%d: skipping unreadable line (%s)", self.path, lineno, exc)
-                    continue
-                if record.key == key:
-                    found = record
-        return found
+        return read_records(self.path, DatasetRecord).get(key)
 
     def record(self, record: DatasetRecord) -> DatasetRecord:
         stamped = replace(record, uploaded=record.uploaded or _now())
