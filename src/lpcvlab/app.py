@@ -237,7 +237,7 @@ def run_job(cfg: DictConfig) -> Any:
     if multirun and _deferring and not isinstance(got, _Ended):
         return DeferredJob(job, got)
     while not isinstance(got, _Ended):  # waiting here, blocking
-        from lpcvlab.hubs import wait
+        from lpcvlab.hubs.base import wait
 
         try:
             wait(got)

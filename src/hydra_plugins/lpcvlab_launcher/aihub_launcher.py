@@ -13,7 +13,9 @@ folders, ``.hydra/`` files, the job log and the sweep callbacks are Hydra's):
    MLflow child run open. Exports never run side by side: the machine's cores go to one config
    at a time, as with the basic launcher;
 2. once every config of the batch has submitted its jobs, they are all polled together (one
-   progress line per AI Hub job); as soon as one config's jobs are all done, its run is finished
+   progress line per AI Hub job; between two configs' local work they get one look too, so a
+   compile that finished early has its profile and inference jobs submitted without waiting for
+   the last export); as soon as one config's jobs are all done, its run is finished
    (metrics, evaluation, artifacts, MLflow) inside that job's Hydra context (``HydraConfig``, its
    log file, its working folder) and Hydra's ``on_job_end`` callbacks see its result. A failed
    AI Hub job fails its own config only (its run FAILED, the error in the sweep's summary).
@@ -152,6 +154,9 @@ class AIHubLauncher(Launcher):
                 else:
                     waiting.append(_Waiting(i, config, ret, job))
                 self._sweep_logging()
+                # Between two configs' local work, one look at the jobs in flight: follow-up
+                # jobs (profile and inference after a compile) go up, finished configs finish.
+                self._poll_round(waiting, returns)
             if waiting:
                 log.info(
                     "Waiting on the AI Hub jobs of %d config(s) together: %s",
@@ -167,21 +172,26 @@ class AIHubLauncher(Launcher):
         return [r for r in returns if r is not None]
 
     def _wait(self, waiting: list[_Waiting], returns: list[JobReturn | None]) -> None:
-        """Poll every waiting job once a round; finish each as soon as its jobs are done."""
+        """Poll every waiting job once a round until none is left."""
         while waiting:
-            finished = False
-            for w in list(waiting):
-                with self._job_context(w.config):
-                    try:
-                        ready, error = w.job.poll(), None
-                    except Exception as exc:  # noqa: BLE001 - a failed AI Hub job: its run fails
-                        ready, error = True, exc
-                    if ready and self._resume(w, error):
-                        waiting.remove(w)
-                        returns[w.index] = w.ret
-                        finished = True
-            if waiting and not finished:
+            if not self._poll_round(waiting, returns) and waiting:
                 time.sleep(min(w.job.interval_s for w in waiting))
+
+    def _poll_round(self, waiting: list[_Waiting], returns: list[JobReturn | None]) -> bool:
+        """One look at every waiting job; each whose jobs are done is finished (and leaves
+        ``waiting``). True when one finished."""
+        finished = False
+        for w in list(waiting):
+            with self._job_context(w.config):
+                try:
+                    ready, error = w.job.poll(), None
+                except Exception as exc:  # noqa: BLE001 - a failed AI Hub job: its run fails
+                    ready, error = True, exc
+                if ready and self._resume(w, error):
+                    waiting.remove(w)
+                    returns[w.index] = w.ret
+                    finished = True
+        return finished
 
     def _resume(self, w: _Waiting, error: BaseException | None) -> bool:
         """Finish ``w``'s run (or fail it with ``error``) and tell Hydra's callbacks; False when
