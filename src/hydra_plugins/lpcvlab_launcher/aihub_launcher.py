@@ -64,14 +64,16 @@ log = logging.getLogger(__name__)
 
 
 class _Waiting:
-    """A job at its device wait: its place in the batch, its config, its return so far. (No
-    dataclass: Hydra loads plugin modules without registering them in ``sys.modules``.)"""
+    """A job at its device wait: its place in the batch, its config, its return so far, and the
+    log handlers Hydra gave it (its log file). (No dataclass: Hydra loads plugin modules without
+    registering them in ``sys.modules``.)"""
 
     def __init__(self, index: int, config: DictConfig, ret: JobReturn, job: DeferredJob) -> None:
         self.index = index
         self.config = config
         self.ret = ret
         self.job = job
+        self.handlers = list(logging.getLogger().handlers)
 
 
 class _HoldDeferredEnds:
@@ -151,7 +153,7 @@ class AIHubLauncher(Launcher):
                 job = _deferred(ret)
                 if job is None:
                     returns[i] = ret
-                else:
+                else:  # (before the sweep's logging is set up again: its handlers are the job's)
                     waiting.append(_Waiting(i, config, ret, job))
                 self._sweep_logging()
                 # Between two configs' local work, one look at the jobs in flight: follow-up
@@ -182,7 +184,7 @@ class AIHubLauncher(Launcher):
         ``waiting``). True when one finished."""
         finished = False
         for w in list(waiting):
-            with self._job_context(w.config):
+            with self._job_context(w):
                 try:
                     ready, error = w.job.poll(), None
                 except Exception as exc:  # noqa: BLE001 - a failed AI Hub job: its run fails
@@ -207,8 +209,6 @@ class AIHubLauncher(Launcher):
                 return False
             w.ret.return_value = value
             w.ret.status = JobStatus.COMPLETED
-        for handler in logging.getLogger().handlers:
-            handler.flush()
         self.hydra_context.callbacks.on_job_end(config=w.config, job_return=w.ret)
         return True
 
@@ -219,7 +219,7 @@ class AIHubLauncher(Launcher):
         if isinstance(exc, KeyboardInterrupt):
             ignore_further_signals()
         for w in waiting:
-            with self._job_context(w.config):
+            with self._job_context(w):
                 try:
                     w.job.resume(exc)
                 except BaseException as raised:  # noqa: BLE001 - expected: the run re-raises
@@ -227,23 +227,28 @@ class AIHubLauncher(Launcher):
                         log.error("job #%s: %s", w.config.hydra.job.num, raised)
 
     @contextmanager
-    def _job_context(self, config: DictConfig) -> Iterator[None]:
-        """What Hydra's run_job sets up for a job, set up again: its HydraConfig, its log file
-        (appended to), its environment and working folder."""
-        assert self.config is not None
-        before = HydraConfig.instance().cfg
+    def _job_context(self, w: _Waiting) -> Iterator[None]:
+        """What Hydra's run_job set up for a job, set up again: its HydraConfig, its log
+        handlers (its log file, appended to), its environment and working folder. The handlers
+        are swapped, not configured anew: a poll round must not rebuild logging for every job
+        (and an interrupt must never land in the middle of that)."""
+        config = w.config
+        root = logging.getLogger()
+        before, sweep_handlers = HydraConfig.instance().cfg, root.handlers
         cwd = os.getcwd()
         HydraConfig.instance().set_config(config)
-        configure_log(config.hydra.job_logging, config.hydra.verbose)
+        root.handlers = w.handlers
         try:
             with env_override(config.hydra.job.env_set):
                 if config.hydra.job.chdir:
                     os.chdir(str(config.hydra.runtime.output_dir))
                 yield
         finally:
+            for handler in w.handlers:
+                handler.flush()
+            root.handlers = sweep_handlers
             os.chdir(cwd)
             HydraConfig.instance().cfg = before  # type: ignore[assignment]
-            self._sweep_logging()
 
     def _sweep_logging(self) -> None:
         assert self.config is not None
