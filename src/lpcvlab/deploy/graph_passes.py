@@ -9,7 +9,6 @@ and leave a site alone when a shape is unknown or a weight is not a constant.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -22,7 +21,7 @@ LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Identit
 
 class GraphIndex:
     """One graph's producers, consumers, constants and (on first use) static shapes: what every
-    pattern-matching rewrite (here and in :mod:`lpcvlab.deploy.rewrites`) looks nodes up in."""
+    pattern-matching pass here looks nodes up in."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
@@ -72,22 +71,6 @@ class GraphIndex:
         if value is None or value.size != 1 or value.dtype.kind != "f":
             return None
         return float(value.reshape(-1)[0])
-
-    def other(self, node: onnx.NodeProto, name: str) -> str | None:
-        """The other input of a two-input node, ``name`` being one of them."""
-        if len(node.input) != 2 or name not in node.input:
-            return None
-        return node.input[1] if node.input[0] == name else node.input[0]
-
-    def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        """The single node reading ``name``, when it is an ``op_type``."""
-        found = self.consumers.get(name, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
-
-    def is_const(self, name: str | None, value: float, rel_tol: float = 1e-3) -> bool:
-        """Whether ``name`` is a scalar float constant close to ``value``."""
-        got = self.scalar(name) if name else None
-        return got is not None and math.isclose(got, value, rel_tol=rel_tol)
 
     def only(self, name: str) -> onnx.NodeProto | None:
         """The single consumer of ``name`` (None if it has several or is a graph output)."""

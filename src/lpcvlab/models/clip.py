@@ -365,8 +365,9 @@ def tokenizer_for(backbone: Any) -> Any:
 
 
 class GeluSigmoid(nn.Module):
-    """``x * sigmoid(1.702 x)``: GELU without ``Erf`` (what ``export.rewrites=[gelu_sigmoid]``
-    makes of an exported graph), here in the model, so fine-tuning adapts to it."""
+    """``x * sigmoid(1.702 x)``: GELU without ``Erf`` (which the NPU compilers lack;
+    ``backbone.activation=gelu_sigmoid``), swapped into the model so that fine-tuning adapts to
+    it and the export holds it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
