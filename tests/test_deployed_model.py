@@ -31,7 +31,8 @@ def test_fp16_and_w8a8_components_log_their_deployed_graphs(cfg_factory, tmp_pat
         "precision.per_component.image_encoder=fp16",
         "precision.per_component.text_encoder=w8a8",
         "precision.calibration_samples=8",
-        "export.rewrites=[gelu_sigmoid,finite_mask]",
+        "backbone.activation=gelu_sigmoid",
+        "export.rewrites=[finite_mask]",
     )
     res = pipeline.run(cfg, work_dir=tmp_path / "work")
     client = MlflowClient(cfg.tracking.uri)
@@ -149,7 +150,8 @@ def _aihub_run(fake, tmp_path, monkeypatch, image: str, text: str, *extra: str):
         "precision=mixed",
         f"precision.per_component.image_encoder={image}",
         f"precision.per_component.text_encoder={text}",
-        "export.rewrites=[gelu_sigmoid,finite_mask]",
+        "backbone.activation=gelu_sigmoid",
+        "export.rewrites=[finite_mask]",
         *extra,
     )
     seen = _checks_before_compiles(monkeypatch, fake)

@@ -89,7 +89,8 @@ EXPECTED = {
         "precision.name": "mixed",
         "precision.per_component.image_encoder": "fp16",
         "precision.per_component.text_encoder": "w8a8",
-        "export.rewrites": ["gelu_sigmoid", "finite_mask"],
+        "backbone.activation": "gelu_sigmoid",
+        "export.rewrites": ["finite_mask"],
     },
     "track2_precision_sweep": {
         "backbone.name": "r2plus1d_18",

@@ -77,7 +77,7 @@ def test_every_rule_has_a_reason_a_fix_and_a_source():
 def test_erf(tmp_path):
     found = check_graph(_unary(tmp_path, "Erf"), "image_encoder", QNN)
     (erf,) = [h for h in found if h.rule == "erf"]
-    assert erf.nodes == ("the_erf",) and erf.fix == "export.rewrites=[gelu_sigmoid]"
+    assert erf.nodes == ("the_erf",) and erf.fix == "backbone.activation=gelu_sigmoid"
     assert "unsupported_op" not in _rules(found)  # reported once, by its own rule
     assert check_graph(_unary(tmp_path, "Sigmoid", "ok.onnx"), "image_encoder", QNN) == []
 

@@ -45,7 +45,7 @@ def test_track1_on_aihub_logs_jobs_device_metrics_and_no_token(fake, tmp_path): 
         "hub.poll_interval_s=0",
         "hub.share_with=[lpcv@example.com]",
         "cache.enabled=false",
-        "export.rewrites=[gelu_sigmoid]",  # Erf is a device hazard: export.lint stops the run
+        "backbone.activation=gelu_sigmoid",  # Erf is a device hazard: export.lint stops the run
     )
     res = pipeline.run(cfg, work_dir=tmp_path / "work")
     client = MlflowClient(cfg.tracking.uri)
@@ -132,7 +132,8 @@ def test_mixed_precision_on_aihub_records_the_quantize_job_and_its_fidelity(fake
         "precision.per_component.image_encoder=fp16",
         "precision.per_component.text_encoder=w8a8",
         "precision.calibration_samples=8",
-        "export.rewrites=[gelu_sigmoid,finite_mask]",
+        "backbone.activation=gelu_sigmoid",
+        "export.rewrites=[finite_mask]",
     )
     first, run = _logged(cfg, tmp_path / "work")
     tags, metrics = run.tags, run.metrics
@@ -186,7 +187,8 @@ def test_a_device_hazard_stops_the_run_before_any_ai_hub_job(fake, tmp_path):  #
         "image_encoder",
         "text_encoder",
     ]
-    assert all(": erf: " in line and "export.rewrites=[gelu_sigmoid]" in line for line in lines[1:])
+    fix = "backbone.activation=gelu_sigmoid"
+    assert all(": erf: " in line and fix in line for line in lines[1:])
     assert fake.jobs == {} and fake.models == {} and fake.datasets == {}
     assert fake.count("POST", r"/api/v1/(jobs|models|datasets)") == 0
     client = MlflowClient(cfg.tracking.uri)

@@ -175,7 +175,7 @@ def test_submit_shares_once_and_records_what_was_submitted(fake, tmp_path, capsy
         "hub=aihub",
         "hub.poll_interval_s=0",
         # clip_tiny's exact GELU (Erf) is a device hazard: the hazard check stops an aihub run
-        "export.rewrites=[gelu_sigmoid]",
+        "backbone.activation=gelu_sigmoid",
     )
     run_id = pipeline.run(cfg, work_dir=tmp_path / "work").run_id
     uri = str(cfg.tracking.uri)
@@ -193,7 +193,7 @@ def test_submit_shares_once_and_records_what_was_submitted(fake, tmp_path, capsy
         assert err[start] == f"error: run {run_id} cannot be submitted:"
         return [line.strip() for line in err[start + 1 :] if line.strip()]
 
-    # The run's own hazard check tagged both components (with the rewrite: no hazard).
+    # The run's own hazard check tagged both components (GELU swapped: no hazard).
     assert all(tags[f"lint/{c}"] == "ok" for c in (IMAGE, TEXT))
     # Without those tags (a run from before the check): refused, one line each, nothing shared.
     for comp in (IMAGE, TEXT):
@@ -270,7 +270,8 @@ def test_quantized_io_scores_alike_and_is_refused_float_io_passes(fake, tmp_path
         "hub.poll_interval_s=0",
         "precision=w8a8",
         "precision.calibration_samples=8",
-        "export.rewrites=[gelu_sigmoid,finite_mask]",
+        "backbone.activation=gelu_sigmoid",
+        "export.rewrites=[finite_mask]",
     ]
     client = MlflowClient(tracking_uri=str(compose_config(*base).tracking.uri))
     ids = {}

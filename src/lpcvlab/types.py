@@ -1,16 +1,41 @@
 """The small result records that flow from one stage to the next.
 
 data -> model -> (train) -> export -> compile -> profile -> infer -> metrics: each stage takes the
-previous stage's record and returns its own; nothing reaches back up the chain.
+previous stage's record and returns its own; nothing reaches back up the chain. The records the
+stage cache stores (``to_record`` / ``from_record``) are converted by pydantic over these same
+dataclasses; what is not a field of the JSON (a file's size, a live handle) is added or left
+out by hand.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
+
+
+@functools.cache
+def _adapter(cls: type) -> Any:
+    from pydantic import TypeAdapter  # on the first record, not when the module is imported
+
+    return TypeAdapter(cls)
+
+
+def _dump(obj: Any, *leave_out: str) -> dict[str, Any]:
+    """``obj``'s fields in order as JSON values (pydantic's ``dump_python(mode="json")``),
+    ``leave_out`` left out: what a record holds."""
+    return _adapter(type(obj)).dump_python(obj, mode="json", exclude=set(leave_out))
+
+
+def _load(cls: type[T], record: dict[str, Any], **given: Any) -> T:
+    """A ``cls`` from its record, each field converted to its type and checked by pydantic;
+    ``given``: the fields the record leaves out."""
+    return _adapter(cls).validate_python({**record, **given})
 
 
 @dataclass(frozen=True)
@@ -25,21 +50,11 @@ class TensorSpec:
     channel_last: bool = False
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "channel_last": self.channel_last,
-        }
+        return _dump(self)
 
     @classmethod
     def from_record(cls, d: dict[str, Any]) -> TensorSpec:
-        return cls(
-            str(d["name"]),
-            tuple(int(s) for s in d["shape"]),
-            str(d["dtype"]),
-            bool(d.get("channel_last", False)),
-        )
+        return _load(cls, d)
 
 
 INTEGER_DTYPES = frozenset({"int8", "uint8", "int16", "uint16", "int32", "uint32", "int64"})
@@ -70,24 +85,11 @@ class DeviceTensor:
         return text
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "scale": self.scale,
-            "zero_point": self.zero_point,
-        }
+        return _dump(self)
 
     @classmethod
     def from_record(cls, d: dict[str, Any]) -> DeviceTensor:
-        scale, zero = d.get("scale"), d.get("zero_point")
-        return cls(
-            str(d["name"]),
-            tuple(int(s) for s in d.get("shape") or ()),
-            str(d["dtype"]),
-            None if scale is None else float(scale),
-            None if zero is None else int(zero),
-        )
+        return _load(cls, d)
 
 
 @dataclass(frozen=True)
@@ -98,17 +100,11 @@ class CompiledIO:
     outputs: tuple[DeviceTensor, ...]
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "inputs": [t.to_record() for t in self.inputs],
-            "outputs": [t.to_record() for t in self.outputs],
-        }
+        return _dump(self)
 
     @classmethod
     def from_record(cls, d: dict[str, Any]) -> CompiledIO:
-        return cls(
-            tuple(DeviceTensor.from_record(t) for t in d.get("inputs", [])),
-            tuple(DeviceTensor.from_record(t) for t in d.get("outputs", [])),
-        )
+        return _load(cls, d)
 
 
 class TensorRule(Protocol):
@@ -258,20 +254,7 @@ class ExportResult:
     def to_record(self) -> dict[str, Any]:
         """JSON-ready; the file's size lets a reader notice a replaced file."""
         path = Path(self.path).resolve()
-        return {
-            "path": str(path),
-            "size": path.stat().st_size,
-            "sha256": self.sha256,
-            "input": self.input.to_record(),
-            "output_name": self.output_name,
-            "parity_cosine_min": self.parity_cosine_min,
-            "parity_samples": self.parity_samples,
-            "seconds": self.seconds,
-            "rewrite_sites": self.rewrite_sites,
-            "rewrite_cosine_min": self.rewrite_cosine_min,
-            "op_counts": self.op_counts,
-            "op_counts_plain": self.op_counts_plain,
-        }
+        return {"path": str(path), "size": path.stat().st_size, **_dump(self, "component", "path")}
 
     @classmethod
     def from_record(cls, component: str, d: dict[str, Any]) -> ExportResult | None:
@@ -279,22 +262,7 @@ class ExportResult:
         path = Path(d["path"])
         if not path.is_file() or path.stat().st_size != int(d["size"]):
             return None
-        return cls(
-            component=component,
-            path=path,
-            sha256=str(d["sha256"]),
-            input=TensorSpec.from_record(d["input"]),
-            output_name=str(d["output_name"]),
-            parity_cosine_min=float(d["parity_cosine_min"]),
-            parity_samples=int(d["parity_samples"]),
-            seconds=float(d["seconds"]),
-            rewrite_sites={str(k): int(v) for k, v in d.get("rewrite_sites", {}).items()},
-            rewrite_cosine_min={
-                str(k): float(v) for k, v in d.get("rewrite_cosine_min", {}).items()
-            },
-            op_counts={str(k): int(v) for k, v in d.get("op_counts", {}).items()},
-            op_counts_plain={str(k): int(v) for k, v in d.get("op_counts_plain", {}).items()},
-        )
+        return _load(cls, d, component=component, path=path)
 
 
 @dataclass
@@ -317,17 +285,9 @@ class QuantizeResult:
     job_url: str | None = None
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "precision": self.precision,
-            "method": self.method,
-            "seconds": self.seconds,
-            "model": self.model.to_record() if self.model is not None else None,
-            "calibration_samples": self.calibration_samples,
-            "calibration_sha256": self.calibration_sha256,
-            "calibration_source": self.calibration_source,
-            "job_id": self.job_id,
-            "job_url": self.job_url,
-        }
+        record = _dump(self, "component")
+        record["model"] = self.model.to_record() if self.model is not None else None
+        return record
 
     @classmethod
     def from_record(cls, component: str, d: dict[str, Any]) -> QuantizeResult | None:
@@ -337,18 +297,7 @@ class QuantizeResult:
             model = ExportResult.from_record(component, d["model"])
             if model is None:
                 return None
-        return cls(
-            component=component,
-            precision=str(d["precision"]),
-            method=str(d["method"]),
-            seconds=float(d["seconds"]),
-            model=model,
-            calibration_samples=int(d.get("calibration_samples", 0)),
-            calibration_sha256=d.get("calibration_sha256"),
-            calibration_source=d.get("calibration_source"),
-            job_id=d.get("job_id"),
-            job_url=d.get("job_url"),
-        )
+        return _load(cls, d, component=component, model=model)
 
 
 @dataclass
@@ -368,34 +317,13 @@ class CompileResult:
     toolchain: str | None = None
 
     def to_record(self) -> dict[str, Any]:
-        """Everything but the handle (a live session or remote model is not data)."""
-        return {
-            "runtime": self.runtime,
-            "device": self.device,
-            "job_id": self.job_id,
-            "job_url": self.job_url,
-            "io": self.io.to_record() if self.io is not None else None,
-            "artifact": str(self.artifact) if self.artifact is not None else None,
-            "artifact_sha256": self.artifact_sha256,
-            "toolchain": self.toolchain,
-        }
+        """Everything but the handle (a live session or remote model is not data) and the
+        export (recorded on its own)."""
+        return _dump(self, "component", "handle", "exported")
 
     @classmethod
     def from_record(cls, exported: ExportResult, d: dict[str, Any]) -> CompileResult:
-        artifact = d.get("artifact")
-        return cls(
-            component=exported.component,
-            runtime=str(d["runtime"]),
-            device=str(d["device"]),
-            handle=None,
-            exported=exported,
-            job_id=d.get("job_id"),
-            job_url=d.get("job_url"),
-            io=CompiledIO.from_record(d["io"]) if d.get("io") else None,
-            artifact=Path(artifact) if artifact else None,
-            artifact_sha256=d.get("artifact_sha256"),
-            toolchain=d.get("toolchain"),
-        )
+        return _load(cls, d, component=exported.component, handle=None, exported=exported)
 
 
 @dataclass
@@ -411,27 +339,13 @@ class ProfileResult:
     job_url: str | None = None
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "latency_ms": self.latency_ms,
-            "peak_memory_mb": list(self.peak_memory_mb),
-            "compute_units": self.compute_units,
-            "raw": self.raw,
-            "job_id": self.job_id,
-            "job_url": self.job_url,
-        }
+        record = _dump(self, "component")
+        record["raw"] = self.raw  # as the hub gave it (JSON mode would write an inf as null)
+        return record
 
     @classmethod
     def from_record(cls, component: str, d: dict[str, Any]) -> ProfileResult:
-        low, high = d["peak_memory_mb"]
-        return cls(
-            component=component,
-            latency_ms=float(d["latency_ms"]),
-            peak_memory_mb=(float(low), float(high)),
-            compute_units={str(k): int(v) for k, v in d["compute_units"].items()},
-            raw=d["raw"],
-            job_id=d.get("job_id"),
-            job_url=d.get("job_url"),
-        )
+        return _load(cls, d, component=component)
 
 
 @dataclass

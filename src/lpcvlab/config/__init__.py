@@ -24,7 +24,7 @@ from lpcvlab.config.schema import SCHEMAS, RunConfig, validate
 from lpcvlab.config.weights import report_weights
 from lpcvlab.errors import ConfigError
 
-__all__ = ["RunConfig", "composition_error", "load_settings", "register"]
+__all__ = ["RunConfig", "as_schema", "composition_error", "load_settings", "register"]
 
 # Keys a run may carry beside the schema: `+reproduce=RUN_ID` is handled before the pipeline.
 EXTRA_KEYS = ("reproduce",)
@@ -110,10 +110,21 @@ def typed(plain: DictConfig) -> DictConfig:
     for key, node in plain.items():
         schema = schema_for(str(key), node) if key in groups else None
         if schema is not None:
-            top[key] = OmegaConf.merge(OmegaConf.structured(schema), node)
+            top[key] = as_schema(node, schema, as_node=True)
         else:
             rest[key] = node
     return OmegaConf.merge(top, rest)
+
+
+def as_schema(node: Any, schema: type, as_node: bool = False) -> Any:
+    """``node`` (a plain mapping or DictConfig: a saved config's group, an option file, a
+    checkpoint's record) read with ``schema`` as a composed config is: defaults filled, values
+    converted to the field types. The dataclass instance (one of ``schema`` is returned as it
+    is), or with ``as_node`` the typed DictConfig."""
+    if isinstance(node, schema):
+        return node
+    merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+    return merged if as_node else OmegaConf.to_object(merged)
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:

@@ -6,6 +6,8 @@ any MLflow run, data or model work (:func:`lpcvlab.config.load_settings`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from lpcvlab.config.schema import (
     AIHubConfig,
     ClipBackboneConfig,
@@ -29,6 +31,8 @@ TRACK1_BACKBONES = (
     "clip_vit_b16, clip_vit_b32, mobileclip2_s0, mobileclip2_s2, mobileclip2_b, clip_tiny"
 )
 TRACK2_BACKBONES = "r2plus1d_18, r3d_18, mc3_18, video_tiny"
+TRACK1_DATA = "demo_retrieval, lpcvc_track1"
+TRACK2_DATA = "demo_video, qevd"
 TRACK1_PREPROCESS = "lpcvc_sample, clip_mean_std"
 TRACK2_PREPROCESS = "lpcvc_sample, dynamic_fps, uniform_span"
 AIHUB_DEVICES = "xr2_gen2_proxy, dragonwing_iq9075_evk, galaxy_s25"
@@ -38,6 +42,14 @@ FP16_RUNTIMES = "runtime=qnn_dlc, runtime=qnn_context_binary or runtime=precompi
 
 def check_combinations(s: RunConfig) -> None:
     """Raise a ConfigError for the first combination of groups that cannot run."""
+    if "gelu_sigmoid" in s.export.rewrites:  # a graph rewrite once; the model swap replaced it
+        given = ",".join(s.export.rewrites)
+        raise ConfigError(
+            f"export.rewrites=[{given}]: gelu_sigmoid is not a graph rewrite; use "
+            "backbone.activation=gelu_sigmoid (the model's GELUs swapped before export, so "
+            "training adapts and parity measures it; Track 2's backbones have none) and drop it "
+            "from export.rewrites"
+        )
     if isinstance(s.track, RetrievalTrackConfig):
         _check_retrieval(s)
     elif isinstance(s.track, VideoTrackConfig):
@@ -132,29 +144,42 @@ def _check_aihub_options(s: RunConfig) -> None:
         )
 
 
-def _check_retrieval(s: RunConfig) -> None:
-    if s.preprocess.image is None:
+def _preprocess_fits(preprocess: Any, section: str, track: str, number: int, options: str) -> None:
+    """A ``preprocess`` option without the track's section (``image`` or ``video``)."""
+    if getattr(preprocess, section) is None:
         raise ConfigError(
-            f"preprocess={s.preprocess.name} has no Track 1 image settings, so it cannot go with "
-            f"track=retrieval; use preprocess={TRACK1_PREPROCESS.replace(', ', ' or preprocess=')}"
+            f"preprocess={preprocess.name} has no Track {number} {section} settings, so it "
+            f"cannot go with track={track}; use "
+            f"preprocess={options.replace(', ', ' or preprocess=')}"
         )
-    if not isinstance(s.backbone, ClipBackboneConfig):
+
+
+def _option_fits(group: str, option: Any, kind: type, track: str, options: str) -> None:
+    """A ``group`` option the track cannot take: one line naming it and the ones it can."""
+    if not isinstance(option, kind):
+        verb = "read" if group == "data" else "use"
         raise ConfigError(
-            f"backbone={s.backbone.name} is {s.backbone.what}, which track=retrieval cannot use; "
-            f"use backbone={TRACK1_BACKBONES.replace(', ', ' or backbone=')}"
+            f"{group}={option.name} is {option.what}, which track={track} cannot {verb}; "
+            f"use {group}={options.replace(', ', f' or {group}=')}"
         )
-    check_clip_levers(s.backbone)
-    if not isinstance(s.data, RetrievalDataConfig):
+
+
+def _train_fits(train: Any, kind: type, track: str, number: int) -> None:
+    """A ``train`` option without the track's section (``conf/train_track/<name>-<track>``)."""
+    if not isinstance(train, (NoTrainConfig, kind)):
         raise ConfigError(
-            f"data={s.data.name} is {s.data.what}, which track=retrieval cannot read; "
-            "use data=demo_retrieval or data=lpcvc_track1"
-        )
-    if not isinstance(s.train, (NoTrainConfig, RetrievalFinetuneConfig)):
-        raise ConfigError(
-            f"train={s.train.name} has no Track 1 section (conf/train_track/"
-            f"{s.train.name}-retrieval.yaml), so it cannot go with track=retrieval; use "
+            f"train={train.name} has no Track {number} section (conf/train_track/"
+            f"{train.name}-{track}.yaml), so it cannot go with track={track}; use "
             "train=finetune or train=none"
         )
+
+
+def _check_retrieval(s: RunConfig) -> None:
+    _preprocess_fits(s.preprocess, "image", "retrieval", 1, TRACK1_PREPROCESS)
+    _option_fits("backbone", s.backbone, ClipBackboneConfig, "retrieval", TRACK1_BACKBONES)
+    check_clip_levers(s.backbone)
+    _option_fits("data", s.data, RetrievalDataConfig, "retrieval", TRACK1_DATA)
+    _train_fits(s.train, RetrievalFinetuneConfig, "retrieval", 1)
     if s.data.root is None:
         d = s.data
         raise ConfigError(
@@ -221,27 +246,10 @@ def check_clip_levers(backbone: ClipBackboneConfig) -> None:
 
 
 def _check_video(s: RunConfig) -> None:
-    if s.preprocess.video is None:
-        raise ConfigError(
-            f"preprocess={s.preprocess.name} has no Track 2 video settings, so it cannot go with "
-            f"track=video; use preprocess={TRACK2_PREPROCESS.replace(', ', ' or preprocess=')}"
-        )
-    if not isinstance(s.backbone, VideoBackboneConfig):
-        raise ConfigError(
-            f"backbone={s.backbone.name} is {s.backbone.what}, which track=video cannot use; "
-            f"use backbone={TRACK2_BACKBONES.replace(', ', ' or backbone=')}"
-        )
-    if not isinstance(s.data, VideoDataConfig):
-        raise ConfigError(
-            f"data={s.data.name} is {s.data.what}, which track=video cannot read; "
-            "use data=demo_video or data=qevd"
-        )
-    if not isinstance(s.train, (NoTrainConfig, VideoFinetuneConfig)):
-        raise ConfigError(
-            f"train={s.train.name} has no Track 2 section (conf/train_track/"
-            f"{s.train.name}-video.yaml), so it cannot go with track=video; use train=finetune "
-            "or train=none"
-        )
+    _preprocess_fits(s.preprocess, "video", "video", 2, TRACK2_PREPROCESS)
+    _option_fits("backbone", s.backbone, VideoBackboneConfig, "video", TRACK2_BACKBONES)
+    _option_fits("data", s.data, VideoDataConfig, "video", TRACK2_DATA)
+    _train_fits(s.train, VideoFinetuneConfig, "video", 2)
     if s.data.root is None:
         d = s.data
         raise ConfigError(

@@ -57,7 +57,7 @@ class Teacher:
 
 def backbone_option(name: str, key: str = "backbone") -> BackboneConfig:
     """The typed config of the backbone option ``name`` (``conf/backbone/<name>.yaml``)."""
-    from lpcvlab.config import schema_for
+    from lpcvlab.config import as_schema, schema_for
 
     folder = conf_dir() / "backbone"
     path = folder / f"{name}.yaml"
@@ -72,8 +72,7 @@ def backbone_option(name: str, key: str = "backbone") -> BackboneConfig:
     schema = schema_for("backbone", body)
     if schema is None:
         raise ConfigError(f"{path}: not a backbone option any schema knows")
-    typed = OmegaConf.merge(OmegaConf.structured(schema), body)
-    return OmegaConf.to_object(typed)  # type: ignore[return-value]
+    return as_schema(body, schema)
 
 
 def resolve_teacher(

@@ -4,17 +4,28 @@ attention scale folded into the query projection, transposes removed (see
 
 Each pass changes the graph in place and returns how many sites it changed. They read static
 shapes from ONNX shape inference (the exported inputs are fixed ``(1, ...)``), never guess one,
-and leave a site alone when a shape is unknown or a weight is not a constant.
+and leave a site alone when a shape is unknown or a weight is not a constant. Dead code goes with
+onnx_ir's ``RemoveUnusedNodesPass``; transpose pairs, identity transposes and Reshape chains with
+onnxscript's rewrite rules (:data:`LAYOUT_RULES`); the rest is matched here, where no library
+rule does it (measured: the same sites, op counts and bitwise ONNX Runtime outputs as the
+hand-written rules they replaced, on clip_tiny and ViT-B/16 exports).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper, shape_inference
+from onnx_ir.passes.common import IdentityEliminationPass, RemoveUnusedNodesPass
+from onnxscript.rewriter import RewriteRuleSet
+from onnxscript.rewriter.rules.common import (
+    no_op_transpose_rule,
+    reshape_reshape_rule,
+    transpose_transpose_rule,
+)
 
 # Ops that only move or select elements: a scalar factor commutes with them.
 LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Identity", "Flatten")
@@ -22,7 +33,7 @@ LAYOUT_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Identit
 
 class GraphIndex:
     """One graph's producers, consumers, constants and (on first use) static shapes: what every
-    pattern-matching rewrite (here and in :mod:`lpcvlab.deploy.rewrites`) looks nodes up in."""
+    pattern-matching pass here looks nodes up in."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
@@ -73,22 +84,6 @@ class GraphIndex:
             return None
         return float(value.reshape(-1)[0])
 
-    def other(self, node: onnx.NodeProto, name: str) -> str | None:
-        """The other input of a two-input node, ``name`` being one of them."""
-        if len(node.input) != 2 or name not in node.input:
-            return None
-        return node.input[1] if node.input[0] == name else node.input[0]
-
-    def only_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
-        """The single node reading ``name``, when it is an ``op_type``."""
-        found = self.consumers.get(name, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op_type else None
-
-    def is_const(self, name: str | None, value: float, rel_tol: float = 1e-3) -> bool:
-        """Whether ``name`` is a scalar float constant close to ``value``."""
-        got = self.scalar(name) if name else None
-        return got is not None and math.isclose(got, value, rel_tol=rel_tol)
-
     def only(self, name: str) -> onnx.NodeProto | None:
         """The single consumer of ``name`` (None if it has several or is a graph output)."""
         found = self.consumers.get(name, [])
@@ -134,20 +129,21 @@ def _rebuild(
         for i, name in enumerate(node.input):
             if name:
                 node.input[i] = resolve(name)
-    # Dead code: ONNX ops have no side effects, so a node nothing reads goes.
-    needed = {o.name for o in model.graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(nodes):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
     del model.graph.node[:]
-    model.graph.node.extend(kept)
-    inits = [i for i in model.graph.initializer if i.name in needed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
+    model.graph.node.extend(nodes)
+    _through_ir(model, lambda m: RemoveUnusedNodesPass()(m).modified)
     del model.graph.value_info[:]
+
+
+def _through_ir(model: onnx.ModelProto, run: Callable[[ir.Model], int]) -> int:
+    """``run`` on the graph as an onnx_ir model, written back in place (its stale shapes dropped)
+    when it changed something; what it returned (sites changed)."""
+    ir_model = ir.from_proto(model)
+    changed = run(ir_model)
+    if changed:
+        model.CopyFrom(ir.to_proto(ir_model))
+        del model.graph.value_info[:]
+    return changed
 
 
 # --------------------------------------------------------------------------- matmul_conv1x1
@@ -455,7 +451,25 @@ def _only_unit_axes_move(shape: Iterable[int], perm: list[int]) -> bool:
     return big == sorted(big)
 
 
+# onnxscript's own rules: identity permutations, transpose pairs (cancelled, or composed into
+# one), Reshape chains (into the last one). What they leave is the Identity of a cancelled pair.
+LAYOUT_RULES = RewriteRuleSet(
+    [no_op_transpose_rule, transpose_transpose_rule, reshape_reshape_rule]
+)
+
+
+def _layout_rules(model: ir.Model) -> int:
+    """:data:`LAYOUT_RULES` once, then the Identity nodes and dead code they leave removed."""
+    changed = LAYOUT_RULES.apply_to_model(model)
+    if changed:
+        IdentityEliminationPass()(model)
+        RemoveUnusedNodesPass()(model)
+    return changed
+
+
 def _drop_once(model: onnx.ModelProto) -> int:
+    """What :data:`LAYOUT_RULES` lacks: transposes of constants (folded into them) and of axes
+    of size 1 only (a Reshape), and Reshapes that change no shape."""
     net = GraphIndex(model)
     replace: dict[int, list[onnx.NodeProto]] = {}
     rename: dict[str, str] = {}
@@ -486,20 +500,7 @@ def _drop_once(model: onnx.ModelProto) -> int:
             if shape_in is None:
                 continue
             perm = _perm(node, len(shape_in))
-            if perm == sorted(perm):
-                changed += bypass(node, src)
-            elif prev is not None and prev.op_type == "Transpose":
-                inner = _perm(prev, len(shape_in))
-                composed = [inner[p] for p in perm]
-                if composed == sorted(composed):
-                    changed += bypass(node, prev.input[0])
-                else:
-                    merged = helper.make_node(
-                        "Transpose", [prev.input[0]], list(node.output), node.name, perm=composed
-                    )
-                    replace[id(node)] = [merged]
-                    changed += 1
-            elif _only_unit_axes_move(shape_in, perm) and shape_out is not None:
+            if _only_unit_axes_move(shape_in, perm) and shape_out is not None:
                 target = net.add_const(f"{node.name}_shape", np.array(shape_out, dtype=np.int64))
                 replace[id(node)] = [
                     helper.make_node("Reshape", [src, target], list(node.output), node.name)
@@ -508,14 +509,6 @@ def _drop_once(model: onnx.ModelProto) -> int:
         elif node.op_type == "Reshape" and shape_out is not None:
             if shape_in == shape_out:
                 changed += bypass(node, src)
-            elif prev is not None and prev.op_type == "Reshape":
-                target = net.add_const(f"{node.name}_shape", np.array(shape_out, dtype=np.int64))
-                replace[id(node)] = [
-                    helper.make_node(
-                        "Reshape", [prev.input[0], target], list(node.output), node.name
-                    )
-                ]
-                changed += 1
     if changed:
         _rebuild(model, replace, rename)
     return changed
@@ -626,7 +619,11 @@ def drop_transposes(model: onnx.ModelProto) -> int:
     identity Reshapes; the sites changed."""
     total = 0
     for _ in range(64):  # each round shortens the graph; a fixed point comes fast
-        changed = _drop_once(model) or _cancel_around_elementwise(model)
+        changed = (
+            _through_ir(model, _layout_rules)
+            or _drop_once(model)
+            or _cancel_around_elementwise(model)
+        )
         if not changed:
             break
         total += changed

@@ -80,7 +80,7 @@ RULES: dict[str, Rule] = {
         Rule(
             "erf",
             "Erf (exact GELU) fails to compile on recent QAIRT releases",
-            "export.rewrites=[gelu_sigmoid]",
+            "backbone.activation=gelu_sigmoid",
             "ching00001/lpcvc2026-track1 (QAIRT 2.42/2.43/2.45); ONNX Runtime QNN EP op list",
         ),
         # Same entry: a 257-token attention (16x16 patches + class token, a prime) crashed the

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lpcvlab.config import as_schema
 from lpcvlab.config.schema import ClipBackboneConfig
 from lpcvlab.config.teacher import CHECKPOINT_KEY, Teacher
 from lpcvlab.config.weights import (
@@ -103,7 +104,7 @@ class ClipBackbone:
     def build_with_original(self) -> tuple[nn.Module, str, nn.Module | None]:
         """:meth:`build`, and the model before ``backbone.activation`` swapped its MLP
         activation (None when nothing was swapped): what the swap costs is measured on it."""
-        s = _typed(self.settings)
+        s = as_schema(self.settings, ClipBackboneConfig)
         with _quiet_root():
             loaded = load_clip(s, self.plan)
         levers = s.image_size is not None or s.context_length is not None
@@ -131,20 +132,10 @@ def build_clip(
     backbone: ClipBackboneConfig, plan: WeightsPlan | None = None
 ) -> tuple[nn.Module, Any, str]:
     """(model in eval mode, tokenizer, weights description) for a ``backbone`` config."""
-    typed = _typed(backbone)
+    typed = as_schema(backbone, ClipBackboneConfig)
     with _quiet_root():
         loaded = load_clip(typed, plan)
     return adapt_clip(loaded.model, typed), tokenizer_for(typed), loaded.weights
-
-
-def _typed(backbone: Any) -> ClipBackboneConfig:
-    """A typed backbone config (a mapping is accepted, for scripts and tests)."""
-    if isinstance(backbone, ClipBackboneConfig):
-        return backbone
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.merge(OmegaConf.structured(ClipBackboneConfig), backbone)
-    return OmegaConf.to_object(node)  # type: ignore[return-value]
 
 
 def _new_model(backbone: ClipBackboneConfig, quick_gelu: bool) -> nn.Module:
@@ -374,8 +365,9 @@ def tokenizer_for(backbone: Any) -> Any:
 
 
 class GeluSigmoid(nn.Module):
-    """``x * sigmoid(1.702 x)``: GELU without ``Erf`` (what ``export.rewrites=[gelu_sigmoid]``
-    makes of an exported graph), here in the model, so fine-tuning adapts to it."""
+    """``x * sigmoid(1.702 x)``: GELU without ``Erf`` (which the NPU compilers lack;
+    ``backbone.activation=gelu_sigmoid``), swapped into the model so that fine-tuning adapts to
+    it and the export holds it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
@@ -506,7 +498,7 @@ def build_clip_teacher(teacher: Teacher, demo_data: bool = False) -> ClipTeacher
     backbone recorded in it (:data:`CHECKPOINT_KEY`) with the checkpoint's weights."""
     if teacher.checkpoint is None:
         assert teacher.backbone is not None
-        backbone = _typed(teacher.backbone)
+        backbone = as_schema(teacher.backbone, ClipBackboneConfig)
         plan = plan_weights(backbone, demo_data=demo_data)  # on demo data: nothing fetched
         model, tokenizer, weights = build_clip(backbone, plan)
         own = plan.normalization  # what its weights were trained with
@@ -529,7 +521,7 @@ def build_clip_teacher(teacher: Teacher, demo_data: bool = False) -> ClipTeacher
             f"{key}: a track={record.get('track')} checkpoint cannot teach a track=retrieval "
             "student; use a Track 1 checkpoint or a CLIP backbone option"
         )
-    backbone = _typed(record["backbone"])
+    backbone = as_schema(record["backbone"], ClipBackboneConfig)
     prefix = CHECKPOINT_PREFIX
     state = {
         k[len(prefix) :]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)

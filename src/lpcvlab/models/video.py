@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torchvision.models import video as tv_video
 
+from lpcvlab.config import as_schema
 from lpcvlab.config.schema import TinyVideoBackboneConfig, VideoBackboneConfig
 from lpcvlab.config.weights import (
     KINETICS_MEAN,
@@ -163,12 +164,8 @@ def _typed(backbone: Any) -> VideoBackboneConfig:
     """A typed backbone config (a mapping is accepted, for scripts and tests)."""
     if isinstance(backbone, VideoBackboneConfig):
         return backbone
-    from omegaconf import OmegaConf
-
-    schema = (
-        TinyVideoBackboneConfig if backbone.get("arch") == "video_tiny" else VideoBackboneConfig
-    )
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), backbone))  # type: ignore[return-value]
+    tiny = backbone.get("arch") == "video_tiny"
+    return as_schema(backbone, TinyVideoBackboneConfig if tiny else VideoBackboneConfig)
 
 
 def _new_video_model(backbone: VideoBackboneConfig, num_classes: int) -> nn.Module:

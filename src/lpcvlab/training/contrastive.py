@@ -110,6 +110,8 @@ def warmup_cosine(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over the first ``warmup`` share of the steps, then cosine decay to
     ``min_lr`` times each group's learning rate (stepped every batch)."""
+    # Not SequentialLR(LinearLR, CosineAnnealingLR): its eta_min is one absolute floor for every
+    # group (train.lr_text's would end at the other's floor) and its recursive form is ~3e-19 off.
     total = max(1, int(total_steps))
     ramp = max(1, int(round(warmup * total)))
 
