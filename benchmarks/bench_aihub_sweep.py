@@ -48,7 +48,7 @@ SETTINGS = [
     "backbone=clip_tiny",
     "data.demo.num_images=16",
     "export.parity_samples=2",
-    "export.rewrites=[gelu_sigmoid]",  # clip_tiny's exact GELU (Erf) stops a run on hub=aihub
+    "backbone.activation=gelu_sigmoid",  # clip_tiny's exact GELU (Erf) stops a run on hub=aihub
     "hub=aihub",
     "tracking.log_models=false",
 ]
