@@ -52,23 +52,41 @@ apart from lpcvlab's lint, so the lint is tested against one it did not write; 6
 on the device (``MODEL_GRAPH_ERROR``). ``rate_limited[kind]`` answers that many creations of a job
 kind with 429, ``lost_answers[kind]`` drops that many creation answers after creating the job,
 and the device list is AIHM's (the IQ-9075 runs Qualcomm Linux 1.5, the phones Android).
+
+Time: a job finishes after ``steps`` status polls and, when ``durations[kind]`` is set (kinds
+``compile``, ``quantize``, ``profile``, ``inference``), not before that many seconds since its
+creation, so a sweep can be timed against jobs of a set length. :meth:`FakeAIHub.
+duplicate_jobs` counts jobs that compute what an earlier job computed (same kind, device,
+options, model and data content) and :meth:`FakeAIHub.dataset_uploads` the datasets uploaded
+and how many distinct contents they held.
+
+Other processes: :class:`FakeServer` serves one fake to the processes a test starts (a
+``python run.py`` sweep, two processes racing for the same job) over a Unix socket;
+:func:`connect`, run in such a process (``tests/inject/sitecustomize.py`` does it when
+``LPCVLAB_TEST_FAKE_AIHUB`` names the socket), sends every HTTP request of that process there.
+Network failures are not simulated across processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http
 import http.client
 import io
 import json
+import os
 import re
 import shlex
 import socket
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -319,6 +337,7 @@ class FakeJob:
     done_seq: int | None = None
     calibration_samples: int = 0  # quantize jobs: samples the calibration dataset held
     seeded: bool = False  # the client asked for the target model at creation
+    created_at: float = field(default_factory=time.monotonic)
 
 
 class _Blobs(MutableMapping[str, bytes]):
@@ -380,6 +399,7 @@ class FakeAIHub:
         self.hold = False  # keep every job running (simulates a slow queue)
         self.compile_failures: dict[str, str] = {}  # model name fragment -> failure reason
         self.inference_failures: dict[str, str] = {}  # job name fragment -> failure reason
+        self.failing_jobs: dict[str, str] = {}  # job ID -> why it fails when it finishes
         self.profile_detail: Callable[[FakeJob], pb.ProfileDetail] = self._profile_detail
         self._errors: list[list[Any]] = []  # [match, times left, failure]
         self.rate_limited: dict[str, int] = {}  # job kind -> creations still answered 429
@@ -392,6 +412,11 @@ class FakeAIHub:
         self.s3_objects: dict[str, bytes] = {}  # uploads made with S3 credentials, by key
         self._parts: dict[str, dict[int, bytes]] = {}  # multipart uploads in progress
         self.offer_credentials = True  # answer S3 credentials to a client that asks for them
+        # seconds a job of a kind (compile, quantize, profile, inference) takes at least
+        self.durations: dict[str, float] = {}
+        # seconds the answer to "<METHOD> <first route part>" (e.g. "POST models": creating a
+        # model before its upload) takes: a slow service, for races between processes
+        self.delays: dict[str, float] = {}
         self.credential_transfers: list[str] = []  # what went through S3 credentials
         self._seq = 0
         self._ids = 0
@@ -402,45 +427,13 @@ class FakeAIHub:
         """Route every HTTP request of this process through the fake, below urllib3's retries."""
         fake = self
 
-        def make_request(
-            pool: HTTPConnectionPool,
-            conn: Any,
-            method: str,
-            url: str,
-            body: Any = None,
-            headers: Any = None,
-            retries: Any = None,
-            timeout: Any = None,
-            chunked: bool = False,
-            response_conn: Any = None,
-            preload_content: bool = True,
-            decode_content: bool = True,
-            enforce_content_length: bool = True,
-        ) -> HTTPResponse:
-            answer = fake.handle(pool, conn, method, url, body, headers or {}, timeout)
-            response = HTTPResponse(
-                body=io.BytesIO(answer.content),
-                headers=HTTPHeaderDict(
-                    {
-                        "Content-Type": answer.content_type,
-                        "Content-Length": str(len(answer.content)),
-                        **answer.headers,
-                    }
-                ),
-                status=answer.status,
-                version=11,
-                version_string="HTTP/1.1",
-                reason=http.HTTPStatus(answer.status).phrase,
-                preload_content=preload_content,
-                decode_content=decode_content,
-                pool=pool,
-                connection=response_conn,
-                retries=retries,
-                enforce_content_length=enforce_content_length,
-                request_method=method,
-                request_url=url,
-            )
-            return response
+        def answer(
+            pool: Any, conn: Any, method: str, url: str, body: Any, headers: Any, timeout: Any
+        ) -> _Answer:
+            delay = fake.delay_for(method, url)
+            if delay:  # (tests record the sleeps the client makes: none when there is none)
+                time.sleep(delay)
+            return fake.handle(pool, conn, method, url, body, headers or {}, timeout)
 
         def no_network(conn: Any, *args: Any, **kwargs: Any) -> None:
             raise AssertionError(f"a test opened a real connection to {conn.host}:{conn.port}")
@@ -448,7 +441,7 @@ class FakeAIHub:
         for name in _PROXY_VARIABLES:  # a proxy would be connected to before _make_request
             monkeypatch.delenv(name, raising=False)
             monkeypatch.delenv(name.lower(), raising=False)
-        monkeypatch.setattr(HTTPConnectionPool, "_make_request", make_request)
+        monkeypatch.setattr(HTTPConnectionPool, "_make_request", _transport(answer))
         monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect", no_network)
 
     def fail_requests(
@@ -464,6 +457,54 @@ class FakeAIHub:
         return sum(
             1 for m, url in self.requests if m == method and re.search(pattern, urlsplit(url).path)
         )
+
+    def delay_for(self, method: str, url: str) -> float:
+        """How long the answer to this request is held back (:attr:`delays`)."""
+        path = urlsplit(url).path
+        route = path[len("/api/v1/") :].strip("/").split("/")[0] if "/api/v1/" in path else ""
+        return self.delays.get(f"{method} {route}", 0.0)
+
+    def duplicate_jobs(self) -> int:
+        """Jobs that compute what an earlier job computed: same kind, device, options, input
+        specs, model (its uploaded bytes, or the job that made it) and data (the arrays)."""
+        return len(self.jobs) - len({self._job_identity(j) for j in self.jobs.values()})
+
+    def dataset_uploads(self) -> tuple[int, int]:
+        """(datasets the client uploaded, distinct contents among them): the arrays they hold,
+        not the bytes of their h5 files."""
+        uploaded = [d for d in self.dataset_names if d in self.datasets]
+        return len(uploaded), len({self._dataset_identity(d) for d in uploaded})
+
+    def _dataset_identity(self, dataset_id: str) -> str:
+        with h5py.File(io.BytesIO(self.datasets[dataset_id]), "r") as h5:
+            entries = h5_to_dataset_entries(h5)
+        h = hashlib.sha256()
+        for name, arrays in entries.items():
+            h.update(name.encode())
+            for a in arrays:
+                h.update(f"{a.dtype}{a.shape}".encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+    def _model_identity(self, model_id: str) -> str:
+        model = self.models[model_id]
+        producer = self.jobs.get(model.producer_id)
+        if producer is not None:
+            return "made by " + self._job_identity(producer)
+        return hashlib.sha256(model.data).hexdigest()
+
+    def _job_identity(self, job: FakeJob) -> str:
+        request = job.request
+        parts = [job.kind, str(job.profiling), job.device, request.options]
+        parts.append(self._model_identity(request.model.model_id))
+        if job.kind == "compile":
+            parts.append(request.tensor_type_list.SerializeToString().hex())
+        elif job.kind == "quantize":
+            parts.append(self._dataset_identity(request.calibration_dataset.dataset_id))
+            parts.append(f"{request.weights_dtype}/{request.activations_dtype}")
+        elif getattr(request, "dataset", None) is not None and request.dataset.dataset_id:
+            parts.append(self._dataset_identity(request.dataset.dataset_id))
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def jobs_of(self, kind: str, profiling: bool | None = None) -> list[FakeJob]:
         return [
@@ -930,12 +971,16 @@ class FakeAIHub:
             if job.profiling
             else pb.JOB_STATE_RUNNING_INFERENCE
         )
-        if self.hold or job.polls < self.steps:
+        duration = self.durations.get("profile" if job.profiling else job.kind, 0.0)
+        early = time.monotonic() - job.created_at < duration
+        if self.hold or job.polls < self.steps or early:
             job.state = pb.JOB_STATE_CREATED if job.polls <= 1 else running
             return
         self._seq += 1
         job.done_seq = self._seq
         try:
+            if job.job_id in self.failing_jobs:
+                raise _JobFailure(self.failing_jobs[job.job_id])
             if job.kind == "compile":
                 self._finish_compile(job)
             elif job.kind == "quantize":
@@ -1222,6 +1267,150 @@ class FakeAIHub:
 
 class _JobFailure(Exception):
     pass
+
+
+def _transport(answer: Callable[..., _Answer]) -> Callable[..., HTTPResponse]:
+    """``HTTPConnectionPool._make_request`` answering each request with ``answer(pool, conn,
+    method, url, body, headers, timeout)``, as a urllib3 response off the socket would."""
+
+    def make_request(
+        pool: HTTPConnectionPool,
+        conn: Any,
+        method: str,
+        url: str,
+        body: Any = None,
+        headers: Any = None,
+        retries: Any = None,
+        timeout: Any = None,
+        chunked: bool = False,
+        response_conn: Any = None,
+        preload_content: bool = True,
+        decode_content: bool = True,
+        enforce_content_length: bool = True,
+    ) -> HTTPResponse:
+        got = answer(pool, conn, method, url, body, headers, timeout)
+        return HTTPResponse(
+            body=io.BytesIO(got.content),
+            headers=HTTPHeaderDict(
+                {
+                    "Content-Type": got.content_type,
+                    "Content-Length": str(len(got.content)),
+                    **got.headers,
+                }
+            ),
+            status=got.status,
+            version=11,
+            version_string="HTTP/1.1",
+            reason=http.HTTPStatus(got.status).phrase,
+            preload_content=preload_content,
+            decode_content=decode_content,
+            pool=pool,
+            connection=response_conn,
+            retries=retries,
+            enforce_content_length=enforce_content_length,
+            request_method=method,
+            request_url=url,
+        )
+
+    return make_request
+
+
+# --------------------------------------------------------------------------- other processes
+
+_AUTHKEY = b"lpcvlab-fake-aihub"
+ENV = "LPCVLAB_TEST_FAKE_AIHUB"  # the socket a process started by a test connects to
+
+
+class FakeServer:
+    """One fake service for the processes a test starts: requests arrive over a Unix socket
+    (``address``), are answered one at a time by ``fake``, and go back. ``close()`` stops it."""
+
+    def __init__(self, fake: FakeAIHub, folder: Path) -> None:
+        self.fake = fake
+        self.address = str(Path(folder) / "fake-aihub.sock")
+        self._listener = Listener(self.address, family="AF_UNIX", authkey=_AUTHKEY)
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        with conn:
+            while True:
+                try:
+                    scheme, host, port, method, url, body, headers = conn.recv()
+                except (EOFError, OSError):
+                    return
+                pool = SimpleNamespace(scheme=scheme, host=host, port=port)
+                delay = self.fake.delay_for(method, url)
+                if delay:
+                    time.sleep(delay)  # outside the lock: other processes meanwhile go on
+                try:
+                    with self._lock:
+                        answer = self.fake.handle(
+                            pool, None, method, url, body, HTTPHeaderDict(headers), None
+                        )
+                    reply: tuple[Any, ...] = ("ok", tuple(answer))
+                except AssertionError as exc:
+                    reply = ("assert", str(exc))
+                except Exception as exc:  # noqa: BLE001 - a dropped answer, told as such
+                    reply = ("dropped", f"{type(exc).__name__}: {exc}")
+                try:
+                    conn.send(reply)
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._listener.close()
+        Path(self.address).unlink(missing_ok=True)
+
+
+def _text(value: Any) -> str:
+    """A header name or value as text (botocore sends some as bytes)."""
+    return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+
+
+def connect(address: str) -> None:
+    """Send every HTTP request of this process to the :class:`FakeServer` at ``address``
+    (below urllib3's retries, as :meth:`FakeAIHub.install` does in-process)."""
+    channel = Client(address, family="AF_UNIX", authkey=_AUTHKEY)
+    lock = threading.Lock()  # boto3 transfers send from several threads
+
+    def answer(
+        pool: Any, conn: Any, method: str, url: str, body: Any, headers: Any, timeout: Any
+    ) -> _Answer:
+        request = (
+            pool.scheme,
+            pool.host,
+            pool.port,
+            method,
+            url,
+            _body_bytes(body),
+            [(_text(k), _text(v)) for k, v in (headers or {}).items()],
+        )
+        with lock:
+            channel.send(request)
+            how, what = channel.recv()
+        if how == "assert":
+            raise AssertionError(what)
+        if how == "dropped":
+            raise u3.ProtocolError("Connection aborted.", http.client.RemoteDisconnected(what))
+        return _Answer(*what)
+
+    def no_network(conn: Any, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"a test opened a real connection to {conn.host}:{conn.port}")
+
+    for name in _PROXY_VARIABLES:
+        os.environ.pop(name, None)
+        os.environ.pop(name.lower(), None)
+    HTTPConnectionPool._make_request = _transport(answer)  # type: ignore[method-assign]
+    urllib3.connection.HTTPConnection.connect = no_network  # type: ignore[method-assign]
 
 
 def _onnx_target(graph: onnx.ModelProto, truncate: bool, out_names: list[str]) -> onnx.ModelProto:

@@ -820,16 +820,30 @@ def test_second_run_reuses_every_job(fake: FakeAIHub, models, tmp_path: Path) ->
     assert any(e["kind"] == "inference" and e["inputs"]["dataset_sha256"] for e in ledger)
 
 
-def test_reused_job_with_expired_outputs_runs_again(
+def test_reused_job_with_expired_outputs_reads_the_kept_outputs(
     fake: FakeAIHub, models, tmp_path: Path
 ) -> None:
+    """AI Hub deletes a job's outputs after 30 days; the cache kept them, so reusing the job
+    costs nothing. Only when that copy is gone too is the job run again."""
     first, _ = hub_with_events(tmp_path)
     jobs = [ComponentJob(models["text_encoder"], text_inputs(3))]
     before = first.run_components(jobs)["text_encoder"]
-    fake.expired |= {j.output_dataset_id for j in fake.jobs_of("inference", profiling=False)}
+    (done,) = fake.jobs_of("inference", profiling=False)
+    assert (tmp_path / "cache" / "aihub_outputs" / f"{done.job_id}.h5").is_file()
+    fake.expired |= {done.output_dataset_id}
+    downloads = fake.count("GET", r"/datasets/.*/download_data")
 
     second, events = hub_with_events(tmp_path)
-    after = second.run_components(jobs)["text_encoder"]
+    kept = second.run_components(jobs)["text_encoder"]
+    assert statuses(events, "text_encoder", "inference") == ["REUSED"]
+    assert len(fake.jobs_of("inference", profiling=False)) == 1
+    assert fake.count("GET", r"/datasets/.*/download_data") == downloads  # read from the cache
+    np.testing.assert_array_equal(kept.inference.outputs, before.inference.outputs)
+
+    for f in (tmp_path / "cache" / "aihub_outputs").iterdir():
+        f.unlink()
+    third, events = hub_with_events(tmp_path)
+    after = third.run_components(jobs)["text_encoder"]
     assert statuses(events, "text_encoder", "compile") == ["REUSED"]
     assert statuses(events, "text_encoder", "inference")[:2] == ["REUSED", "SUBMITTED"]
     assert len(fake.jobs_of("inference", profiling=False)) == 2

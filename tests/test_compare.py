@@ -11,8 +11,26 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from lpcvlab import cli
-from lpcvlab.tracking.compare import build_comparison, pareto_front, swept_params
+from lpcvlab.tracking.compare import (
+    MAX_LABELS,
+    best_run,
+    build_comparison,
+    is_setting,
+    pareto_front,
+    plot_key,
+    plot_numbers,
+    plot_pareto,
+    swept_params,
+)
 from lpcvlab.tracking.runstore import RunInfo, RunLookupError
+from lpcvlab.tracking.sweep import (
+    NOTE_LIMIT,
+    SweepSummary,
+    _note,
+    fitting_table,
+    summarise_sweep,
+    summary_text,
+)
 
 
 def _run(run_id: str, params: dict, metrics: dict, tags: dict | None = None) -> RunInfo:
@@ -190,3 +208,125 @@ def test_the_library_checks_ids_before_they_reach_a_filter(store, tmp_path):
         select_runs(missing, [QUOTED])
     with pytest.raises(RunLookupError, match="is not a run ID"):
         select_runs(missing, sweep=QUOTED)
+
+
+# ----------------------------------------------------------------------------- the best run
+
+
+def test_the_best_run_is_the_one_a_participant_would_submit():
+    """The highest objective; a tie goes to the lower total latency, then to the earlier job;
+    runs that did not finish or have no objective are not candidates."""
+    slow = _run("slow", {}, {"objective": 0.5, "latency_ms/total": 29.4}, {"sweep_job": "0"})
+    fast = _run("fast", {}, {"objective": 0.5, "latency_ms/total": 16.4}, {"sweep_job": "1"})
+    twin = _run("twin", {}, {"objective": 0.5, "latency_ms/total": 16.4}, {"sweep_job": "2"})
+    worse = _run("worse", {}, {"objective": 0.4, "latency_ms/total": 1.0}, {"sweep_job": "3"})
+    assert best_run([slow, fast, twin, worse]).run_id == "fast"
+    assert best_run([twin, fast]).run_id == "fast"  # the earlier job, whatever the order
+    better = _run("better", {}, {"objective": 0.6, "latency_ms/total": 99.0})
+    assert best_run([slow, fast, better]).run_id == "better"
+    failed = RunInfo("x", "x", "FAILED", "1", 0, {}, {"objective": 0.9}, {})
+    assert best_run([failed, slow]).run_id == "slow"
+    assert best_run([failed]) is None
+    no_latency = _run("nolat", {}, {"objective": 0.5}, {"sweep_job": "0"})
+    assert best_run([no_latency, fast]).run_id == "fast"
+
+
+def test_differ_in_lists_settings_never_what_a_run_derived():
+    common = {"backbone.name": "clip_tiny", "seed": "0"}
+    derived_a = {"onnx_ops/image_encoder/Gelu": "2", "compute_units/image_encoder/npu": "10"}
+    derived_a |= {"data/images": "8", "normalization": "mean/std in the graph"}
+    derived_a |= {"threads.torch_intra_op": "1", "calibration_samples/text_encoder": "32"}
+    derived_b = {k: v + "0" for k, v in derived_a.items()}
+    runs = [
+        _run("a", common | {"preprocess.name": "lpcvc_sample"} | derived_a, {}),
+        _run("b", common | {"preprocess.name": "clip_mean_std"} | derived_b, {}),
+    ]
+    assert swept_params(runs) == ["preprocess.name"]
+    assert is_setting("hub.profile_iterations") and is_setting("seed")
+    assert not is_setting("onnx_ops/image_encoder/Gelu") and not is_setting("normalization")
+
+
+def test_a_sweep_with_a_tie_names_the_faster_run_best_in_its_tags_and_in_compare(tmp_path, capsys):
+    """The first job ties the second on the objective but is slower: the parent's tag, its
+    summary and `lpcvlab compare` name the second."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("lpcvc-retrieval")
+    parent = client.create_run(exp, run_name="sweep seed=0,1", tags={"sweep": "true"}).info.run_id
+    ids = {}
+    for job, latency in ((0, 29.4), (1, 16.4)):  # the first job (listed first) is the slower
+        run = client.create_run(
+            exp,
+            run_name=f"clip_tiny seed={job}",
+            tags={"mlflow.parentRunId": parent, "sweep_job": str(job)},
+        ).info.run_id
+        client.log_batch(
+            run,
+            metrics=[
+                Metric("recall_at_10", 0.25, 0, 0),
+                Metric("objective", 0.25, 0, 0),
+                Metric("latency_ms/total", latency, 0, 0),
+                Metric("latency_ms/image_encoder", latency, 0, 0),
+            ],
+            params=[Param("seed", str(job)), Param("onnx_ops/image_encoder/Add", str(job))],
+        )
+        client.set_terminated(run)
+        ids[job] = run
+    summary = summarise_sweep(client, parent, tmp_path / "multirun")
+    assert summary.best_run_id == ids[1]
+    assert client.get_run(parent).data.tags["best_run_id"] == ids[1]
+    assert ids[1] in summary_text(summary, parent)
+    assert cli.main(["compare", parent, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert f"Best: {ids[1][:8]} (seed=1)" in out
+    assert "differ in: seed\n" in out  # not the operator counts
+
+
+def test_a_big_sweep_description_stays_under_mlflows_limit():
+    """The parent's description holds as much of the table as fits in 8,000 characters, best
+    runs first, and says the rest is in sweep_runs.csv."""
+    metrics = {f"latency_ms/component_{c}": 1.0 + c for c in range(6)}
+    runs = [
+        _run(
+            f"{i:032x}",
+            {"seed": str(i), "preprocess.name": f"p{i % 3}", "hub.profile_iterations": str(i)},
+            metrics | {"objective": i / 500, "latency_ms/total": 20.0, "recall_at_10": i / 500},
+            {"sweep_job": str(i)},
+        )
+        for i in range(300)
+    ]
+    comparison = build_comparison(runs)
+    assert len(comparison.render()) > NOTE_LIMIT
+    table = fitting_table(comparison, NOTE_LIMIT // 2)
+    assert len(table) <= NOTE_LIMIT // 2 and "sweep_runs.csv" in table
+    assert f"{299:032x}"[:8] in table  # the best run is shown
+    best = best_run(runs)
+    summary = SweepSummary(300, 300, 0, 300, 0, best.run_id, 0.598, "recall_at_10", table)
+    note = _note(summary_text(summary, "p" * 32), summary, "1")
+    assert len(note) <= NOTE_LIMIT
+    assert len(_note("x" * 9000, summary, "1")) <= NOTE_LIMIT  # whatever the summary's length
+
+
+def test_the_pareto_plot_numbers_points_best_first_with_their_swept_values_only(tmp_path):
+    runs = [
+        _run(
+            f"{i:032x}",
+            {"seed": str(i % 2), "preprocess.name": f"p{i // 2}", "onnx_ops/x/Add": str(i)},
+            {"objective": (i % 3) / 10, "latency_ms/total": 10.0 - i, "recall_at_10": (i % 3) / 10},
+            {"sweep_job": str(i)},
+        )
+        for i in range(6)
+    ]
+    comparison = build_comparison(runs)
+    shown = plot_numbers(comparison, range(6))
+    assert [runs[i].run_id for i in shown[:2]] == [runs[5].run_id, runs[2].run_id]  # ties: faster
+    key = plot_key(comparison, shown)
+    assert key[0] == "best first: preprocess / seed" and key[1] == " 1  p2 / 1"
+    assert not any("onnx_ops" in line or "Add" in line for line in key)
+    assert plot_pareto(comparison, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    slow = {"objective": 0.0, "latency_ms/total": 50.0}
+    many = [*runs, *(_run(f"{i:032x}", {"seed": str(i)}, slow) for i in range(6, 40))]
+    big = build_comparison(many)
+    numbered = plot_numbers(big, range(len(many)))
+    assert len(numbered) < MAX_LABELS and runs[5].run_id == many[numbered[0]].run_id
+    assert plot_key(big, numbered, len(many) - len(numbered))[-1].endswith("more: sweep_runs.csv)")

@@ -3,11 +3,17 @@ its parent run is summarised; a job its own config stops gets a FAILED child run
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from lpcvlab_runs import TINY, all_runs, explain, run_py, store_overrides
+from lpcvlab_runs import REPO, TINY, all_runs, explain, run_py, store_overrides
 
+from lpcvlab.tracking.recorder import PARENT_RUN_ENV
 from lpcvlab.tracking.sweep import SweepSummary, failure_verdict
 
 
@@ -85,3 +91,51 @@ def test_fail_on_is_checked_when_the_config_loads(tmp_path):
     assert proc.returncode == 1
     assert "sweep.fail_on" in proc.stderr and "any" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists() or not all_runs(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_ctrl_c_ends_killed_saying_what_finished(tmp_path):
+    """Ctrl-C (SIGINT) while the basic launcher runs the second of three jobs: exit 130, one
+    paragraph and no traceback; the job that was running KILLED, the parent KILLED with a
+    summary: one finished, which one was stopped, one never started, how to resume."""
+    args = ["-m", *TINY, "seed=0,1,2", "hydra/launcher=basic", *store_overrides(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", PARENT_RUN_ENV)}
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 400
+    while not _running_job(tmp_path, "1"):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "job 1 never started"
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    paragraph = err.strip().splitlines()[-1]
+    assert paragraph.startswith("Stopped by SIGINT. Sweep parent run"), err[-2000:]
+    assert "1 of 3 job(s) finished, 0 failed" in paragraph
+    assert "stopped, KILLED with what they had logged: #1 (" in paragraph and "seed=1" in paragraph
+    assert "1 never started" in paragraph and "python run.py -m" in paragraph
+    runs = all_runs(tmp_path)
+    (parent,) = [r for r in runs if r.tags.get("sweep") == "true"]
+    assert parent.status == "KILLED" and parent.tags["error"] == "interrupted (SIGINT)"
+    assert "1 never started" in parent.tags["mlflow.note.content"]
+    jobs = {r.tags["sweep_job"]: r for r in runs if r.tags.get("sweep") != "true"}
+    assert sorted(jobs) == ["0", "1"]
+    assert jobs["0"].status == "FINISHED" and jobs["1"].status == "KILLED"
+    assert jobs["1"].run_id in paragraph
+
+
+def _running_job(tmp: Path, job: str) -> bool:
+    """Whether sweep job ``job`` has a RUNNING MLflow run (the store may be busy: not yet)."""
+    try:
+        runs = all_runs(tmp)
+    except Exception:  # noqa: BLE001 - the sweep is writing; look again
+        return False
+    return any(r.tags.get("sweep_job") == job and r.status == "RUNNING" for r in runs)

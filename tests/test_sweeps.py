@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from lpcvlab import app
 from lpcvlab.config import load_settings
 from lpcvlab.config.schema import BudgetConfig
-from lpcvlab.errors import ConfigError
+from lpcvlab.errors import ConfigError, RuntimeStageError
 from lpcvlab.objective import score
 from lpcvlab.tracking.recorder import PARENT_RUN_ENV, RetryingClient, start_run
 from lpcvlab.tracking.sweep import read_job_statuses, read_parent, sweep_overrides
@@ -117,6 +117,12 @@ def test_retrying_client_retries_a_raced_dataset_insert():
     other = _LockedOnce(failures=1, message=RACED.replace("datasets.", "runs."))
     with pytest.raises(RuntimeError, match="UNIQUE"):
         RetryingClient(other, delay_s=0.001).log_batch("r")
+    # two jobs saving the runs table's view (an experiment tag) at once
+    view = _LockedOnce(
+        failures=1,
+        message="UNIQUE constraint failed: experiment_tags.key, experiment_tags.experiment_id",
+    )
+    assert RetryingClient(view, delay_s=0.001).log_batch("r") == "r"
 
 
 def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys, tmp_path):
@@ -126,7 +132,7 @@ def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys, tmp_p
     def fail(*args, **kwargs):
         raise ConfigError("backbone.pretrained=/nope: no such checkpoint file")
 
-    monkeypatch.setattr(pipeline, "run", fail)
+    monkeypatch.setattr(pipeline, "run_steps", fail)
     cfg = compose_config("backbone=clip_tiny")
     monkeypatch.setattr(app, "sweep_job", lambda: (False, {}))
     with pytest.raises(SystemExit) as exc:
@@ -141,6 +147,77 @@ def test_run_job_exits_1_alone_but_lets_a_sweep_go_on(monkeypatch, capsys, tmp_p
     noted = sweep._job_error_path(tmp_path)
     assert noted.is_file() and "ConfigError" in noted.read_text()
     assert "no such checkpoint file" in noted.read_text()
+
+
+class _Objective:
+    value = 0.5
+
+
+class _Result:
+    objective = _Objective()
+
+
+class _InFlight:
+    """A hub's jobs in flight: done after ``polls`` looks; ``failure`` raised by the last."""
+
+    interval_s = 0.0
+
+    def __init__(self, polls: int, failure: Exception | None = None) -> None:
+        self.left = polls
+        self.failure = failure
+
+    def poll(self) -> bool:
+        self.left -= 1
+        if self.left == 0 and self.failure is not None:
+            raise self.failure
+        return self.left <= 0
+
+
+def _steps(inflight: _InFlight, seen: list[str]):
+    def run_steps(*args, **kwargs):
+        seen.append("local work")
+        try:
+            yield inflight
+        except RuntimeStageError as exc:
+            seen.append(f"thrown in: {exc}")
+            raise
+        seen.append("finished")
+        return _Result()
+
+    return run_steps
+
+
+def test_run_job_waits_at_the_device_wait_or_defers_it_to_the_sweep(monkeypatch, tmp_path):
+    """Alone (or under the basic / joblib launchers) a job waits at its device wait itself; under
+    the aihub launcher (deferring_waits) a sweep job returns there, to be resumed; a job that
+    fails while waiting has the failure thrown in at its wait."""
+    from lpcvlab import pipeline
+
+    cfg = compose_config("backbone=clip_tiny")
+    seen: list[str] = []
+    monkeypatch.setattr(pipeline, "run_steps", _steps(_InFlight(3), seen))
+    monkeypatch.setattr(app, "sweep_job", lambda: (True, {"sweep_job": "0"}))
+    monkeypatch.setattr(app, "hydra_dirs", lambda: (tmp_path, None))
+    assert app.run_job(cfg) == 0.5  # waited here: no deferral asked for
+    assert seen == ["local work", "finished"]
+
+    seen.clear()
+    inflight = _InFlight(2)
+    monkeypatch.setattr(pipeline, "run_steps", _steps(inflight, seen))
+    with app.deferring_waits():
+        deferred = app.run_job(cfg)
+    assert isinstance(deferred, app.DeferredJob) and seen == ["local work"]
+    assert not deferred.poll() and deferred.poll()
+    assert deferred.resume() == 0.5 and seen == ["local work", "finished"]
+
+    seen.clear()
+    failing = _InFlight(2, RuntimeStageError("image_encoder: AI Hub compile job j1 failed"))
+    monkeypatch.setattr(pipeline, "run_steps", _steps(failing, seen))
+    assert app.run_job(cfg) is None  # a sweep job's failure is noted, and the sweep goes on
+    assert seen == ["local work", "thrown in: image_encoder: AI Hub compile job j1 failed"]
+    from lpcvlab.tracking import sweep
+
+    assert "compile job j1 failed" in sweep._job_error_path(tmp_path).read_text()
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -186,7 +263,10 @@ def test_two_by_two_joblib_sweep_is_one_parent_with_four_children(tmp_path, shar
     m = parent.metrics
     assert (m["sweep/jobs"], m["sweep/finished"], m["sweep/failed"]) == (4, 4, 0)
     assert m["sweep/missing_runs"] == 0
-    best = max(children, key=lambda c: c.metrics["objective"])
+    # the best objective; a tie goes to the lower total latency, then to the earlier job
+    top = max(c.metrics["objective"] for c in children)
+    tied = [c for c in children if c.metrics["objective"] == top]
+    best = min(tied, key=lambda c: (c.metrics["latency_ms/total"], int(c.tags["sweep_job"])))
     assert parent.tags["best_run_id"] == best.run_id
     assert m["best/recall_at_10"] == best.metrics["recall_at_10"]
 

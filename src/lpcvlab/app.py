@@ -1,5 +1,13 @@
 """What ``run.py`` does around a Hydra job: check the config first, run the pipeline, and turn
-user errors and interrupts into short messages instead of tracebacks."""
+user errors and interrupts into short messages instead of tracebacks.
+
+A job is the pipeline as a generator (:func:`lpcvlab.pipeline.run_steps`) that stops at its
+device wait. Alone, or under Hydra's basic / joblib / SLURM launchers, :func:`run_job` waits
+there itself; under the launcher of sweeps on AI Hub (``hydra/launcher=aihub``, the plugin in
+``hydra_plugins.lpcvlab_launcher``) it returns a :class:`DeferredJob`, which that launcher
+resumes once the job's AI Hub jobs are done.
+A sweep stopped by Ctrl-C or SIGTERM ends in :func:`hydra_entry`: one paragraph (the parent run
+KILLED with what finished and how to resume), exit 130 / 143."""
 
 from __future__ import annotations
 
@@ -12,7 +20,9 @@ import shlex
 import signal
 import string
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,6 +55,16 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     # Once is enough: a second SIGTERM must not interrupt the cleanup of the first.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Interrupted("SIGTERM")
+
+
+def ignore_further_signals() -> None:
+    """Once a stop is under way, a second Ctrl-C or SIGTERM must not interrupt its cleanup (the
+    runs being marked KILLED, the sweep's summary)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
 
 
 def install_signal_handlers() -> None:
@@ -110,7 +130,92 @@ def name_overrides() -> list[str]:
     return shown_overrides(overrides, swept or None)
 
 
-def run_job(cfg: DictConfig) -> float | None:
+# True while the launcher of sweeps on AI Hub runs a job: the job may then stop at its device
+# wait and return a DeferredJob (see deferring_waits).
+_deferring: list[bool] = []
+
+
+@contextmanager
+def deferring_waits() -> Iterator[None]:
+    """Within this block, a sweep job that reaches its device wait returns a
+    :class:`DeferredJob` instead of waiting (the ``aihub`` launcher waits on them together)."""
+    _deferring.append(True)
+    try:
+        yield
+    finally:
+        _deferring.pop()
+
+
+@dataclass(frozen=True)
+class _Ended:
+    value: Any  # what the job returns to Hydra (the objective, or None)
+
+
+class _Job:
+    """One job's steps, each advanced with run_job's handling of user errors and interrupts."""
+
+    def __init__(
+        self, steps: Generator[Any, None, Any], out_dir: Path | None, multirun: bool
+    ) -> None:
+        self.steps = steps
+        self.out_dir = out_dir
+        self.multirun = multirun
+
+    def advance(self, error: BaseException | None = None) -> Any:
+        """On to the next device wait (returned: what is in flight) or to the end (an
+        ``_Ended``); ``error`` is thrown in at the wait the job stopped at."""
+        try:
+            if error is None:
+                return self.steps.send(None)
+            return self.steps.throw(error)
+        except StopIteration as done:
+            return _Ended(done.value)
+        except LpcvlabError as exc:
+            if self.multirun:
+                from lpcvlab.tracking.sweep import note_job_failure
+
+                log.error("%s", exc)
+                note_job_failure(self.out_dir, f"{type(exc).__name__}: {exc}")
+                return _Ended(None)
+            print(f"\nerror: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt as exc:
+            stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+            if self.multirun:  # the sweep says it, once, for all its jobs (hydra_entry)
+                raise stop from None
+            print(f"\n{stop.paragraph()}", file=sys.stderr)
+            sys.exit(stop.exit_code)
+
+
+class DeferredJob:
+    """A sweep job stopped at its device wait (:func:`run_job` under
+    :func:`deferring_waits`): its MLflow run is open, its AI Hub jobs are in flight."""
+
+    def __init__(self, job: _Job, waiting: Any) -> None:
+        self._job = job
+        self.waiting = waiting  # the hub's InFlight
+
+    @property
+    def interval_s(self) -> float:
+        return float(self.waiting.interval_s)
+
+    def poll(self) -> bool:
+        """One look at its jobs, without waiting: True once it can be resumed. A failed job
+        raises here: pass the error to :meth:`resume`."""
+        return bool(self.waiting.poll())
+
+    def resume(self, error: BaseException | None = None) -> Any:
+        """The rest of the job (metrics, evaluation, MLflow), or ``error`` thrown in at its wait
+        (its run ends FAILED, or KILLED for an interrupt, which is raised again). Returns the
+        job's return value, or this DeferredJob when it stops at another wait."""
+        got = self._job.advance(error)
+        if isinstance(got, _Ended):
+            return got.value
+        self.waiting = got
+        return self
+
+
+def run_job(cfg: DictConfig) -> Any:
     """Run one job; returns the objective for sweepers (``track.objective``, budget applied).
 
     The config is loaded and checked first (typed values, group combinations): a mistake stops
@@ -119,44 +224,50 @@ def run_job(cfg: DictConfig) -> float | None:
     output for the sweep callback, and the job returns None: raising would make Hydra's basic
     sweeper abort the sweep (and skip its end-of-sweep callbacks), while None lets it go on, and
     the Optuna sweeper records the trial as failed. Ctrl-C and SIGTERM print what was kept and
-    how to resume.
+    how to resume (a sweep's jobs leave that to the sweep: :func:`hydra_entry`). Under
+    :func:`deferring_waits` a sweep job that reaches its device wait returns a
+    :class:`DeferredJob` instead of waiting.
     """
-    from lpcvlab.config import load_settings
-
     install_signal_handlers()
     quiet_third_party()
     out_dir, hydra_dir = hydra_dirs()
     multirun, tags = sweep_job()
-    try:
-        if cfg.get("reproduce"):
-            from lpcvlab.tracking.reproduce import reproduce_from_hydra
+    job = _Job(_job_steps(cfg, out_dir, hydra_dir, tags), out_dir, multirun)
+    got = job.advance()
+    if multirun and _deferring and not isinstance(got, _Ended):
+        return DeferredJob(job, got)
+    while not isinstance(got, _Ended):  # waiting here, blocking
+        from lpcvlab.hubs.base import wait
 
-            return reproduce_from_hydra(cfg, out_dir, run_config)
-        load_settings(cfg)  # fails in well under a second, before the imports below
-        from lpcvlab import pipeline
+        try:
+            wait(got)
+        except BaseException as exc:  # noqa: BLE001 - thrown into the job, which re-raises
+            got = job.advance(exc)
+        else:
+            got = job.advance()
+    return got.value
 
-        result = pipeline.run(
-            cfg,
-            work_dir=out_dir,
-            hydra_dir=hydra_dir,
-            extra_tags=tags,
-            name_overrides=name_overrides(),
-        )
-    except LpcvlabError as exc:
-        if multirun:
-            from lpcvlab.tracking.sweep import note_job_failure
 
-            log.error("%s", exc)
-            note_job_failure(out_dir, f"{type(exc).__name__}: {exc}")
-            return None
-        print(f"\nerror: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as exc:
-        stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
-        print(f"\n{stop.paragraph()}", file=sys.stderr)
-        if multirun:
-            raise
-        sys.exit(stop.exit_code)
+def _job_steps(
+    cfg: DictConfig, out_dir: Path | None, hydra_dir: Path | None, tags: dict[str, str]
+) -> Generator[Any, None, Any]:
+    """The job as steps that stop at its device wait: the pipeline's, or a reproduction."""
+    from lpcvlab.config import load_settings
+
+    if cfg.get("reproduce"):
+        from lpcvlab.tracking.reproduce import reproduce_from_hydra
+
+        return reproduce_from_hydra(cfg, out_dir, run_config)
+    load_settings(cfg)  # fails in well under a second, before the imports below
+    from lpcvlab import pipeline
+
+    result = yield from pipeline.run_steps(
+        cfg,
+        work_dir=out_dir,
+        hydra_dir=hydra_dir,
+        extra_tags=tags,
+        name_overrides=name_overrides(),
+    )
     assert result.objective is not None
     return result.objective.value
 
@@ -338,6 +449,7 @@ def hydra_entry(
     from lpcvlab.config import composition_error
 
     _help_on_demand()
+    install_signal_handlers()  # a sweep's parent run is open before its first job starts
     user_wants_full = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let the exception reach us instead of a printout
     try:
@@ -345,6 +457,8 @@ def hydra_entry(
             check_before_hydra_runs(config_dir, config_name, sys.argv[1:])
         main()
         _exit_if_the_sweep_failed()
+    except KeyboardInterrupt as exc:
+        _stopped(exc)
     except Exception as exc:
         message = composition_error(exc)
         if message is None and isinstance(exc, LpcvlabError):
@@ -358,3 +472,20 @@ def hydra_entry(
     finally:
         if not user_wants_full:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def _stopped(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM reached the top (a sweep, whatever its launcher; a single run has said
+    it already): one paragraph -- the sweep's parent KILLED with what finished, what was stopped,
+    what never started and how to resume --, no traceback, exit 130 / 143."""
+    ignore_further_signals()
+    stop = exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+    paragraph = None
+    try:
+        from lpcvlab.tracking.sweep import stop_sweep
+
+        paragraph = stop_sweep(stop)
+    except Exception as err:  # noqa: BLE001 - the stop is still said, and the exit code right
+        log.error("the stopped sweep could not be summarised: %s", err)
+    print(f"\n{paragraph or stop.paragraph()}", file=sys.stderr)
+    sys.exit(stop.exit_code)

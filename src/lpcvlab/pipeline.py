@@ -4,6 +4,11 @@ The config is read once, here: :func:`run` loads and checks the typed settings, 
 tracking store, builds the track (with its backbone factory), the hub back-end and the precision
 plan, and hands each stage those objects and its own settings. The pipeline owns the MLflow
 run; each stage is a function of the previous stage's record.
+
+:func:`run_steps` is the same run as a generator that yields at the device wait (what the hub
+has in flight, :class:`~lpcvlab.hubs.base.InFlight`), so that a sweep can do the local work of
+its next config, and wait on every config's AI Hub jobs together, while this run's MLflow run
+stays open; :func:`run` drives it to the end, blocking. ``hub=local`` never yields.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +34,7 @@ from lpcvlab.deploy.precision.calibration import choose_calibration
 from lpcvlab.deploy.precision.fidelity import component_fidelity, metric_fidelity
 from lpcvlab.deploy.rewrites import op_counts
 from lpcvlab.errors import Interrupted, ParityError
-from lpcvlab.hubs import INFERENCE, ComponentJob, Hub, build_hub
+from lpcvlab.hubs import INFERENCE, ComponentJob, Hub, InFlight, build_hub, drive
 from lpcvlab.hubs.cache import StageCache
 from lpcvlab.objective import Objective, score
 from lpcvlab.tracking.recorder import (
@@ -221,6 +226,21 @@ def run(
     config, so that a reproduction logs the same params as the run it reproduces;
     ``name_overrides`` are the overrides the run's name shows (:func:`run_name`).
     """
+    return drive(run_steps(cfg, work_dir, hydra_dir, extra_tags, name_overrides))
+
+
+def run_steps(
+    cfg: DictConfig | RunConfig,
+    work_dir: Path | None = None,
+    hydra_dir: Path | None = None,
+    extra_tags: dict[str, str] | None = None,
+    name_overrides: Sequence[str] = (),
+) -> Generator[InFlight, None, PipelineResult]:
+    """:func:`run` as a generator: it yields what the hub has in flight at the device wait, and
+    is resumed once that is done (its ``poll()`` returned True). An exception thrown in at the
+    wait (a failed job, Ctrl-C) ends the run as it would have ended there (FAILED, KILLED).
+    Before the wait the model is released: a sweep holds each waiting run's data and exports,
+    not its weights."""
     settings = load_settings(cfg)  # every value and combination, before anything else
     rank = worker_rank()
     if rank:  # a DDP training worker started by a launcher: it trains, and that is all
@@ -257,7 +277,7 @@ def run(
                 params = flatten(OmegaConf.to_container(resolved, resolve=True))
                 rec.log_params(params | thread_params())  # threads: results can depend on them
                 rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
-                result = _stages(settings, track, precision, rec, work_dir)
+                result = yield from _stages(settings, track, precision, rec, work_dir)
                 result.objective = score(
                     settings.track.objective, settings.budget, result.metrics, settings.fidelity
                 )
@@ -338,7 +358,7 @@ def _interrupted(
 
 def _stages(
     s: RunConfig, track: Track, plan: PrecisionPlan, rec: RunRecorder, work_dir: Path
-) -> PipelineResult:
+) -> Generator[InFlight, None, PipelineResult]:
     seed_everything(s.seed)
     clock = StageClock()
     # The hub first, inside the run: credentials, network and device are checked before any
@@ -449,19 +469,29 @@ def _stages(
         precisions = selective_quantization(s, track, data, exports, precisions, rec, work_dir)
         clock.lap("sensitivity")
 
+    weights = bundle.weights
+    del bundle, comp  # exported: a run waiting on the device holds no weights
+
     console.stage("compile, profile, infer", f"hub={s.hub.name}")
-    runs = hub.run_components(
+    pending = hub.start_components(
         [
             ComponentJob(exp, data.inputs[name], precision=precisions[name])
             for name, exp in exports.items()
         ]
     )
+    try:
+        if not pending.poll():
+            yield pending  # the device wait: resumed when every job is done
+    except BaseException:
+        pending.stop()
+        raise
+    runs = pending.result()
     rec.set_tags(cache.tags())
     deployed = deployed_graphs(runs)  # the fp16 / quantized graphs deployed (checked once)
     lint.check(rec, deployed, specs)
     log_compiled_artifacts(rec, runs, log_files=s.tracking.log_models)
     if s.tracking.log_models:
-        log_deployed_models(s, rec, runs, bundle.weights)
+        log_deployed_models(s, rec, runs, weights)
     reused = ""
     if cache.hits:
         stages: dict[str, list[str]] = {}
@@ -515,7 +545,7 @@ def _stages(
     rec.log_metrics(clock.metrics())
     metrics |= clock.metrics()
     return PipelineResult(
-        rec.run_id, metrics, exports, runs, evaluation, bundle.weights, cache_reused=reused
+        rec.run_id, metrics, exports, runs, evaluation, weights, cache_reused=reused
     )
 
 

@@ -9,6 +9,10 @@ come from outside.
 written the graph into the export's temporary folder, the folder's path is written to FILE and
 the export waits (up to ten minutes) for a signal to stop it, so a test's SIGTERM arrives during
 the export stage, whatever the machine's speed.
+
+``LPCVLAB_TEST_FAKE_AIHUB=SOCKET`` makes the process talk to the fake AI Hub a test serves there
+(``tests/aihub_fake.py``'s ``FakeServer``) instead of the network: every process of a sweep, or
+two processes racing for the same job, see one service.
 """
 
 import os
@@ -48,3 +52,14 @@ if _HOLD is not None:
         return result
 
     torch.onnx.export = _held_export
+
+_FAKE = os.environ.get("LPCVLAB_TEST_FAKE_AIHUB")
+
+if _FAKE:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import aihub_fake
+
+    aihub_fake.connect(_FAKE)

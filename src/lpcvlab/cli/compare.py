@@ -59,6 +59,14 @@ def compare_command(args: argparse.Namespace) -> int:
             "\nPareto front (higher accuracy, lower total latency): "
             + ", ".join(f"{runs[i].short_id} ({compare.label(comparison, i)})" for i in front)
         )
+    best = compare.best_run(runs)
+    if best is not None:
+        latency = best.metrics.get(compare.TOTAL_LATENCY, float("nan"))
+        print(
+            f"Best: {best.short_id} ({compare.label(comparison, runs.index(best))}), objective "
+            f"{best.metrics[compare.OBJECTIVE]:.4f}, {compare.TOTAL_LATENCY} {latency:.3f} ms "
+            "(a tie in the objective goes to the lower latency, then to the earlier job)"
+        )
     failed = [r for r in runs if gate_failed(r)]
     if failed:
         print(

@@ -21,8 +21,10 @@ from lpcvlab.hubs.base import (
     INFERENCE,
     ComponentJob,
     Hub,
+    InFlight,
     JobListener,
     SequentialHub,
+    drive,
 )
 
 __all__ = [
@@ -30,9 +32,11 @@ __all__ = [
     "INFERENCE",
     "ComponentJob",
     "Hub",
+    "InFlight",
     "JobListener",
     "SequentialHub",
     "build_hub",
+    "drive",
 ]
 
 

@@ -7,6 +7,13 @@ hands a hub one :class:`ComponentJob` per network and receives one
 the hub it wraps only for what it does not hold, and the hub alone decides how its stages run
 (one after the other locally; every job submitted before any is waited on, remotely).
 
+A remote hub's stages are mostly waiting on a service: :meth:`Hub.start_components` submits
+them and returns at once with what is in flight (:class:`InFlight`: a non-blocking ``poll()``,
+then ``result()``), so the caller decides how to wait -- one run blocks (:func:`wait`), a sweep
+waits on the jobs of all its configs together. A hub with nothing to wait for returns
+:class:`Done`. The pipeline is a generator that yields at that wait (:func:`drive` runs one to
+the end, blocking).
+
 A job also carries the component's precision
 (:class:`~lpcvlab.deploy.precision.ComponentPrecision`):
 a non-fp32 component is first *quantized* -- how is the hub's own (``hub=local`` emulates it with
@@ -16,10 +23,11 @@ runtime's fp16 options) -- and the model that comes out is what is compiled, pro
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -69,6 +77,68 @@ class ComponentJob:
         return self.exported.component
 
 
+class InFlight(Protocol):
+    """Components a hub is still computing (remote jobs submitted, not yet done).
+
+    ``poll()`` looks once, without waiting, and returns True when everything is done; a failed
+    job raises there. ``result()`` is then the runs, as ``run_components`` returns them.
+    ``stop()`` gives up waiting (an interrupt, a failure elsewhere) and says what is left
+    running. ``interval_s`` is how long to wait between two polls.
+    """
+
+    interval_s: float
+
+    def poll(self) -> bool: ...
+
+    def result(self) -> dict[str, ComponentRun]: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass
+class Done:
+    """What a hub that computes everything before it returns has in flight: nothing."""
+
+    runs: dict[str, ComponentRun]
+    interval_s: float = 0.0
+
+    def poll(self) -> bool:
+        return True
+
+    def result(self) -> dict[str, ComponentRun]:
+        return self.runs
+
+    def stop(self) -> None:
+        return None
+
+
+def wait(inflight: InFlight) -> None:
+    """Poll ``inflight`` until it is done (the blocking way to wait; a failure raises)."""
+    while not inflight.poll():
+        time.sleep(inflight.interval_s)
+
+
+T = TypeVar("T")
+
+
+def drive(steps: Generator[InFlight, None, T]) -> T:
+    """Run a generator that yields at each device wait (:func:`lpcvlab.pipeline.run_steps`) to
+    its end, blocking at each wait: its return value. An exception while waiting (a failed
+    job, Ctrl-C) is thrown into the generator at its wait, so that it ends the way it would
+    have had it been raised there (an MLflow run FAILED or KILLED)."""
+    try:
+        waiting = next(steps)
+        while True:
+            try:
+                wait(waiting)
+            except BaseException as exc:  # noqa: BLE001 - the generator decides, and re-raises
+                waiting = steps.throw(exc)
+                continue
+            waiting = steps.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
 @runtime_checkable
 class Hub(Protocol):
     """``job_listener``, when the pipeline sets it, is called for every remote job as soon as its
@@ -105,6 +175,10 @@ class Hub(Protocol):
 
     def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]: ...
 
+    def start_components(self, jobs: list[ComponentJob]) -> InFlight:
+        """``run_components`` without the wait: submitted, and returned at once."""
+        ...
+
 
 class SequentialHub:
     """Mixin: compile -> profile -> infer, one component after the other, only what is asked."""
@@ -129,6 +203,10 @@ class SequentialHub:
 
     def infer(self, compiled: CompileResult, inputs: np.ndarray) -> InferenceResult:
         raise NotImplementedError
+
+    def start_components(self, jobs: list[ComponentJob]) -> InFlight:
+        """Nothing to wait for: the stages run here, now."""
+        return Done(self.run_components(jobs))
 
     def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
         runs: dict[str, ComponentRun] = {}

@@ -60,8 +60,10 @@ from lpcvlab.hubs.base import (
     QUANTIZE,
     CompiledCheck,
     ComponentJob,
+    Done,
     GraphCheck,
     Hub,
+    InFlight,
     JobListener,
 )
 from lpcvlab.types import (
@@ -456,6 +458,11 @@ class CachedHub:
 
     def identity(self) -> dict[str, Any]:
         return self.inner.identity()
+
+    def start_components(self, jobs: list[ComponentJob]) -> InFlight:
+        """The cache wraps hubs that compute here (a hub with remote jobs keeps its own record
+        and is not wrapped): done when it returns."""
+        return Done(self.run_components(jobs))
 
     def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
         plans = [self._plan(job) for job in jobs]

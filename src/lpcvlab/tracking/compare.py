@@ -8,17 +8,25 @@ weights and runtime. A sweep parent run gets the same table as ``sweep_runs.csv`
 accuracy-vs-latency Pareto plot as ``pareto.png``. A run that failed the fidelity gate is marked
 (``fidelity_gate=failed``, a cross in the plot) and left off the Pareto front: its accuracy is
 not what the device would deliver safely.
+
+"Differ in" lists settings only (config values such as ``backbone.name`` or ``seed``), never what
+a run derived (operator and layer counts, data sizes, the normalisation its weights use). The
+best run is the one a participant would submit (:func:`best_run`): the highest objective, a tie
+going to the lower ``latency_ms/total``, then to the earlier job -- the same rule for a sweep's
+parent, its summary, this table and the plot.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lpcvlab.config.schema import RunConfig
 from lpcvlab.errors import LpcvlabError
 from lpcvlab.tracking.runstore import (
     RunInfo,
@@ -46,6 +54,9 @@ TOTAL_LATENCY = "latency_ms/total"
 PRECISION = "precision"  # the column of the deployment precision (from the run's tags)
 GATE_FAILED = "failed"
 _INFO_TAGS = ("weights", "runtime", "device", "hub")
+OBJECTIVE = "objective"  # what a run returned to the sweeper (budget and gates applied)
+# The top-level config keys: a param under one of them is a setting, anything else was derived.
+_SETTINGS = frozenset(f.name for f in dataclasses.fields(RunConfig))
 
 
 @dataclass
@@ -87,15 +98,23 @@ def objective_name(run: RunInfo) -> str:
     return run.params.get("track.objective", "recall_at_10")
 
 
+def is_setting(param: str) -> bool:
+    """A config value (``backbone.name``, ``seed``, ``hub.profile_iterations``), not something
+    the run derived and logged as a param (``onnx_ops/...``, ``compute_units/...``, ``data/...``,
+    ``normalization``, thread counts)."""
+    return "/" not in param and param.split(".", 1)[0] in _SETTINGS
+
+
 def swept_params(runs: Sequence[RunInfo]) -> list[str]:
-    """Params that differ between runs, a config group collapsed to ``<group>.name``.
+    """Settings that differ between runs, a config group collapsed to ``<group>.name``.
 
     ``backbone.model_cfg.*`` differs whenever ``backbone.name`` does; such keys are shown only when
     they also differ between runs that chose the same group option (an explicit override).
+    Derived params (:func:`is_setting`) are never listed.
     """
     if len(runs) < 2:
         return []
-    keys = sorted(set().union(*(r.params for r in runs)))
+    keys = sorted(k for k in set().union(*(r.params for r in runs)) if is_setting(k))
     differ = [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
     groups = {k[: -len(".name")] for k in differ if k.endswith(".name")}
     out = []
@@ -175,6 +194,31 @@ def build_comparison(runs: Sequence[RunInfo]) -> Comparison:
     return Comparison(runs, swept, accuracy, components, columns, rows)
 
 
+def ranking(run: RunInfo) -> tuple[float, float, int, int]:
+    """Sort key, best first: the higher objective, then the lower total latency, then the
+    earlier job (its number in the sweep, else its start time). Missing numbers sort last."""
+    objective = run.metrics.get(OBJECTIVE, math.nan)
+    latency = run.metrics.get(TOTAL_LATENCY, math.nan)
+    job = run.tags.get("sweep_job", "")
+    return (
+        -objective if math.isfinite(objective) else math.inf,
+        latency if math.isfinite(latency) else math.inf,
+        int(job) if job.isdigit() else 1 << 62,
+        run.start_time,
+    )
+
+
+def best_run(runs: Sequence[RunInfo]) -> RunInfo | None:
+    """The run a participant would submit: among FINISHED runs with an objective, the highest
+    objective, a tie going to the lower ``latency_ms/total``, then to the earlier job."""
+    scored = [
+        r
+        for r in runs
+        if r.status == "FINISHED" and math.isfinite(r.metrics.get(OBJECTIVE, math.nan))
+    ]
+    return min(scored, key=ranking, default=None)
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats: lower latency (x) and higher accuracy (y)."""
     order = sorted(
@@ -221,7 +265,9 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
     ok = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
     if not ok:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, (ax, key) = plt.subplots(
+        1, 2, figsize=(10, 4.8), dpi=120, gridspec_kw={"width_ratios": [2.3, 1]}
+    )
     passed = [i for i in ok if i not in failed]
     ax.scatter(
         [points[i][0] for i in passed],
@@ -248,10 +294,14 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
         label="Pareto front",
         zorder=3,
     )
-    for i in ok:
-        ax.annotate(
-            label(comparison, i), points[i], fontsize=7, xytext=(4, 4), textcoords="offset points"
-        )
+    best = best_run(runs)
+    if best is not None and runs.index(best) in ok:
+        b = runs.index(best)
+        ax.scatter(
+            [points[b][0]], [points[b][1]], marker="*", s=220, color="gold", edgecolors="black",
+            label="best (objective; ties: lower latency)", zorder=4,
+        )  # fmt: skip
+    _number_points(ax, key, comparison, points, ok)
     budgets = {runs[i].params.get("budget.latency_ms") for i in ok} - {None, "None", "null"}
     for b in sorted(budgets):
         ax.axvline(float(b), color="tab:orange", linestyle="--", label=f"budget {float(b):g} ms")
@@ -262,7 +312,7 @@ def plot_pareto(comparison: Comparison, path: Path, title: str = "") -> Path | N
     ax.set_ylabel(" / ".join(objectives))
     ax.set_title(title or "accuracy vs latency")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +326,60 @@ def label(comparison: Comparison, i: int) -> str:
     row = comparison.rows[i]
     parts = [f"{param_column(p)}={row.get(param_column(p), '')}" for p in comparison.swept]
     return " ".join(parts) or comparison.runs[i].short_id
+
+
+# Points numbered in the plot and listed beside it: beyond this many, only the front and the
+# best run (the CSV and the table name every run).
+MAX_LABELS = 24
+
+
+def plot_numbers(comparison: Comparison, ok: Sequence[int]) -> list[int]:
+    """The runs numbered in the plot, best first (:func:`ranking`): every one of ``ok``, or
+    beyond :data:`MAX_LABELS` the Pareto front and the best run."""
+    runs = comparison.runs
+    shown = sorted(ok, key=lambda i: ranking(runs[i]))
+    if len(shown) > MAX_LABELS:
+        keep = set(pareto_front(accuracy_latency(runs)))
+        best = best_run(runs)
+        if best is not None:
+            keep.add(runs.index(best))
+        shown = [i for i in shown if i in keep]
+    return shown
+
+
+def plot_key(comparison: Comparison, shown: Sequence[int], hidden: int = 0) -> list[str]:
+    """The list beside the plot: a header naming the swept settings, then each number with its
+    run's swept values only."""
+    columns = [param_column(p) for p in comparison.swept]
+    lines = [f"best first: {' / '.join(columns) if columns else 'run'}"]
+    for n, i in enumerate(shown, start=1):
+        values = " / ".join(str(comparison.rows[i].get(c, "")) for c in columns)
+        lines.append(f"{n:>2}  {values or comparison.runs[i].short_id}")
+    if hidden:
+        lines.append(f"(+{hidden} more: sweep_runs.csv)")
+    return lines
+
+
+def _number_points(
+    ax: Any, key: Any, comparison: Comparison, points: list[tuple[float, float]], ok: list[int]
+) -> None:
+    """Number the points best first and list, beside the plot, each number with the run's
+    swept values, one run a line: short labels on the points never overlap the way a setting
+    list per point does."""
+    shown = plot_numbers(comparison, ok)
+    for n, i in enumerate(shown, start=1):
+        ax.annotate(
+            str(n),
+            points[i],
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7},
+        )
+    text = "\n".join(plot_key(comparison, shown, len(ok) - len(shown)))
+    key.axis("off")
+    key.text(0, 1, text, va="top", ha="left", fontsize=7, family="monospace", wrap=True)
+    ax.margins(x=0.08, y=0.08)
 
 
 def param_column(param: str) -> str:

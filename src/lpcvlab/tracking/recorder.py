@@ -329,9 +329,10 @@ def prune_vanished(client: Any) -> list[VanishedRun]:
 
 
 _LOCKED = ("database is locked", "database table is locked")
-# Two jobs logging the same dataset at once: both find it absent, one insert wins and the other's
-# transaction is rolled back; on the retry the store finds the row and links it.
-_RACED = ("unique constraint failed: datasets.",)
+# Two jobs logging the same dataset (or saving the same experiment tag: the runs table's view) at
+# once: both find it absent, one insert wins and the other's transaction is rolled back; on the
+# retry the store finds the row and links (updates) it.
+_RACED = ("unique constraint failed: datasets.", "unique constraint failed: experiment_tags.")
 
 
 class RetryingClient:
@@ -760,36 +761,45 @@ def start_run(
     parent_run_id: str | None = None,
     system_metrics: bool = False,
 ) -> Iterator[RunRecorder]:
-    """Open a run (MLflow's ``start_run``: it adds the source and git tags, and nests the run
+    """Open a run (with MLflow's source and git tags, as ``mlflow.start_run`` gives them, nested
     under ``parent_run_id`` or the sweep's parent); it ends FINISHED, FAILED (with
     ``error.txt``) or KILLED (Ctrl-C or SIGTERM). ``system_metrics`` starts MLflow's own
     sampler (``system/*`` metrics every ``tracking.system_metrics_interval_s``) for the run's
-    lifetime. The command line is a tag unless ``tags`` names it already."""
+    lifetime. The command line is a tag unless ``tags`` names it already.
+
+    The run is made and ended through the client, never as MLflow's process-wide "active run":
+    a sweep on AI Hub keeps one run per config open while their jobs are waited on together,
+    and ending one must not end another."""
+    from mlflow.tracking.context.registry import resolve_tags
+
     uri = resolve_uri(str(tracking.uri))
     client: Any = RetryingClient(MlflowClient(tracking_uri=uri))
     exp_id = get_experiment_id(client, experiment, tracking.artifact_root)
     parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
-    mlflow.set_tracking_uri(uri)
-    if mlflow.active_run() is not None:  # a run another caller left open in this process
-        mlflow.end_run()
+    mlflow.set_tracking_uri(uri)  # for what logs through MLflow's module-level functions
     all_tags = {COMMAND_TAG: command_line()} | dict(tags) | process_tags()
+    all_tags = {k: str(v) for k, v in resolve_tags(all_tags).items()}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    created = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+    rec = RunRecorder(client, created.info.run_id, uri, exp_id)
+    monitor = None
     if system_metrics:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
         interval = getattr(tracking, "system_metrics_interval_s", None) or 10.0
-        mlflow.set_system_metrics_sampling_interval(float(interval))
-    active = mlflow.start_run(
-        experiment_id=exp_id,
-        run_name=run_name,
-        tags=all_tags,
-        parent_run_id=parent,
-        log_system_metrics=system_metrics,
-    )
-    rec = RunRecorder(client, active.info.run_id, uri, exp_id)
+        monitor = SystemMetricsMonitor(
+            rec.run_id, sampling_interval=float(interval), tracking_uri=uri
+        )
+        monitor.start()
+    status = "FAILED"
     try:
         yield rec
+        status = "FINISHED"
     except KeyboardInterrupt as exc:
         how = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
         rec.set_tags({"error": f"interrupted ({how})"})
-        mlflow.end_run(status="KILLED")
+        status = "KILLED"
         raise
     except BaseException as exc:
         rec.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
@@ -797,7 +807,8 @@ def start_run(
             p = Path(tmp) / "error.txt"
             p.write_text("".join(traceback.format_exception(exc)))
             rec.log_artifact(p)
-        mlflow.end_run(status="FAILED")
         raise
-    else:
-        mlflow.end_run(status="FINISHED")
+    finally:
+        if monitor is not None:
+            monitor.finish()
+        client.set_terminated(rec.run_id, status=status)

@@ -8,11 +8,20 @@
   worker for joblib, a cluster node for submitit) reads that file and sets the variable, which
   :func:`lpcvlab.tracking.recorder.start_run` turns into the ``mlflow.parentRunId`` tag; the file
   works where environment variables do not travel, as long as the sweep dir is on a shared disk;
-- ``on_job_end`` writes ``<sweep dir>/.lpcvlab/jobs/<num>.json``: status, objective, error;
+- ``on_job_start`` also leaves ``<sweep dir>/.lpcvlab/jobs/<num>.started``, and ``on_job_end``
+  writes ``<sweep dir>/.lpcvlab/jobs/<num>.json``: status, objective, error;
 - ``on_multirun_end`` logs the summary on the parent (jobs, finished, failed, runs missing, the
-  best run by ``objective``, ``sweep_runs.csv``, ``pareto.png``), writes it with the runs' table
-  and a link to the best child as the parent's description, registers the best child's models
-  when ``sweep.register_best`` (:mod:`lpcvlab.tracking.registry`), and ends it.
+  best run -- the highest ``objective``, a tie going to the lower ``latency_ms/total``, then to
+  the earlier job, :func:`lpcvlab.tracking.compare.best_run` --, ``sweep_runs.csv``,
+  ``pareto.png``), writes it with the runs' table (as much of it as fits MLflow's 8,000
+  characters; the CSV has every run) and a link to the best child as the parent's description,
+  registers the best child's models when ``sweep.register_best``
+  (:mod:`lpcvlab.tracking.registry`), and ends it.
+
+A sweep stopped by Ctrl-C or SIGTERM, whatever its launcher, ends through :func:`stop_sweep`
+(called by ``lpcvlab.app.hydra_entry``): the parent is summarised and marked KILLED, every child
+still RUNNING (a joblib worker the launcher killed) KILLED too, and one paragraph says how many
+jobs finished, which were stopped, how many never started and how to resume.
 
 A job that fails with a user error returns no objective (``lpcvlab.app.run_job``) and leaves its
 reason in ``<job output dir>/.lpcvlab/job_error.txt`` for ``on_job_end``: its run is FAILED (or
@@ -48,7 +57,7 @@ from typing import Any, NoReturn
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lpcvlab.errors import ConfigError, LpcvlabError
+from lpcvlab.errors import ConfigError, Interrupted, LpcvlabError
 from lpcvlab.util.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,9 @@ STATE_DIR = ".lpcvlab"
 PARENT_FILE = "parent_run.json"
 JOBS_DIR = "jobs"
 JOB_ERROR_FILE = "job_error.txt"
+STARTED = ".started"  # <num>.started: the job began (in whichever process ran it)
+# MLflow's limit on a tag's value, the description (mlflow.note.content) included.
+NOTE_LIMIT = 8000
 
 
 _verdict: list[str] = []  # why the last sweep of this process fails (see sweep_failure)
@@ -131,6 +143,7 @@ class SweepSummary:
     objective_name: str
     table: str = ""  # the runs side by side, as `lpcvlab compare` prints them
     best_run_name: str = ""
+    stopped: str = ""  # how the sweep was stopped, when it was (see stop_sweep)
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -186,6 +199,23 @@ def sweep_overrides(config: DictConfig, swept_only: bool = False) -> list[str]:
     return [text for text, o in zip(overrides, parsed, strict=True) if o.is_sweep_override()]
 
 
+def expected_jobs(config: DictConfig) -> int | None:
+    """How many jobs the sweep would run: every combination of the basic sweeper's overrides,
+    or the ``n_trials`` of a search (Optuna); None when the sweeper does not say."""
+    sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_") or "")
+    if sweeper.endswith(".BasicSweeper"):
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        try:
+            parsed = OverridesParser.create().parse_overrides(sweep_overrides(config))
+            return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+        except Exception:  # a syntax the grammar does not know: not counted
+            return None
+    trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
+    return int(trials) if isinstance(trials, int) else None
+
+
 def refuse_a_sweep_no_job_can_run(config: DictConfig) -> None:
     """Raise the one-line ConfigError of a config mistake that every job of the sweep shares.
 
@@ -216,6 +246,9 @@ def _stop_the_sweep(exc: LpcvlabError) -> NoReturn:
     raise SystemExit(1) from None
 
 
+_active: list[MlflowSweepCallback] = []  # the sweep this process launched (stop_sweep)
+
+
 class MlflowSweepCallback(Callback):
     """Parent run for a multirun; see the module docstring."""
 
@@ -226,6 +259,7 @@ class MlflowSweepCallback(Callback):
         self._register_best = False
         self._registry_name: str | None = None
         self._fail_on = "any"
+        self._expected: int | None = None
 
     # -- the launching process ---------------------------------------------------------
 
@@ -289,8 +323,10 @@ class MlflowSweepCallback(Callback):
 
         state = sweep / STATE_DIR
         (state / JOBS_DIR).mkdir(parents=True, exist_ok=True)
-        for stale in (state / JOBS_DIR).glob("*.json"):  # a re-used sweep dir
+        for stale in (state / JOBS_DIR).glob("*"):  # a re-used sweep dir
             stale.unlink()
+        self._expected = expected_jobs(config)
+        _active[:] = [self]
         _write_json(state / PARENT_FILE, asdict(self._parent))
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         atexit.register(self._finish_at_exit)
@@ -309,6 +345,9 @@ class MlflowSweepCallback(Callback):
         from lpcvlab.tracking.recorder import PARENT_RUN_ENV
 
         _job_error_path(config.hydra.runtime.output_dir).unlink(missing_ok=True)
+        num = int(config.hydra.job.num)
+        overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task") or []]
+        _write_json(sweep_dir(config) / STATE_DIR / JOBS_DIR / f"{num:05d}{STARTED}", overrides)
         _plain_start_method()
         parent = read_parent(sweep_dir(config))
         if parent is not None:
@@ -349,10 +388,13 @@ class MlflowSweepCallback(Callback):
         if not self._done and self._config is not None:
             self._finish(self._config, status="FAILED")
 
-    def _finish(self, config: DictConfig, status: str | None) -> None:
-        """Summarise and end the parent; ``status`` None = decide from the jobs."""
+    def _finish(
+        self, config: DictConfig, status: str | None, stop: Interrupted | None = None
+    ) -> str:
+        """Summarise and end the parent; ``status`` None = decide from the jobs. ``stop``: the
+        sweep was interrupted; returns the paragraph that says so (else the summary)."""
         if self._done or self._parent is None:
-            return
+            return ""
         self._done = True
         from mlflow.tracking import MlflowClient
 
@@ -360,9 +402,19 @@ class MlflowSweepCallback(Callback):
 
         client = RetryingClient(MlflowClient(tracking_uri=self._parent.tracking_uri))
         run_id = self._parent.run_id
+        paragraph = ""
         try:
+            if stop is not None:
+                status = "KILLED"
+                stopped = _kill_orphans(client, run_id, stop)
             summary = summarise_sweep(client, run_id, sweep_dir(config))
-            if status is None:
+            if stop is not None:
+                paragraph = stop_paragraph(
+                    client, stop, summary, run_id, config, self._expected, stopped
+                )
+                summary.stopped = paragraph
+                client.set_tag(run_id, "error", f"interrupted ({stop.signal_name})")
+            elif status is None:
                 all_failed = summary.jobs > 0 and summary.failed == summary.jobs
                 status = "FAILED" if all_failed else "FINISHED"
             else:
@@ -370,20 +422,23 @@ class MlflowSweepCallback(Callback):
                     run_id,
                     "error",
                     "the sweep ended before Hydra's on_multirun_end (a job raised an unexpected "
-                    "exception, or the sweep was interrupted); see the console and job logs",
+                    "exception); see the console and job logs",
                 )
             registered = []
             if self._register_best and status == "FINISHED" and summary.best_run_id:
                 registered = self._register(client, summary.best_run_id)
             text = summary_text(summary, run_id, registered)
             client.set_tag(run_id, NOTE_TAG, _note(text, summary, self._parent.experiment_id))
-            print("\n" + text)
+            if stop is None:
+                print("\n" + text)
             verdict = failure_verdict(self._fail_on, summary, run_id)
-            if verdict is not None:
+            if verdict is not None and stop is None:
                 _verdict.append(verdict)
         finally:
             client.set_terminated(run_id, status=status or "FAILED")
             os.environ.pop(PARENT_RUN_ENV, None)
+            _active.clear()
+        return paragraph
 
     def _register(self, client: Any, best_run_id: str) -> list[str]:
         """Register the best child's models (``sweep.register_best``); a failure is reported
@@ -401,6 +456,120 @@ class MlflowSweepCallback(Callback):
         lines = [v.line() for v in versions]
         client.set_tag(self._parent.run_id, "registered", "; ".join(lines)[:5000])
         return lines
+
+
+def stop_sweep(stop: Interrupted) -> str | None:
+    """End the sweep this process launched, stopped by ``stop`` (Ctrl-C, SIGTERM): its parent
+    summarised and KILLED, every child still RUNNING KILLED; returns the paragraph to print
+    (None when no sweep is running here: a single run says its own)."""
+    if not _active:
+        return None
+    callback = _active[0]
+    if callback._config is None:
+        return None
+    return callback._finish(callback._config, status="KILLED", stop=stop) or None
+
+
+def _kill_orphans(client: Any, parent_id: str, stop: Interrupted) -> list[str]:
+    """Children of the stopped sweep still RUNNING whose process is gone (a joblib worker its
+    launcher killed before the run could end itself) or that this process ran: KILLED. A child
+    whose process is still alive and ending by itself is given a few seconds. Returns the IDs of
+    every KILLED child."""
+    from lpcvlab.tracking.recorder import PID_TAG, STARTED_TAG, process_alive
+    from lpcvlab.tracking.runstore import child_runs
+
+    deadline = time.monotonic() + 10.0
+    while True:
+        children = child_runs(client, parent_id)
+        running = [c for c in children if c.status == "RUNNING"]
+        alive = [
+            c
+            for c in running
+            if c.tags.get(PID_TAG) != str(os.getpid())
+            and process_alive(c.tags.get(PID_TAG), c.tags.get(STARTED_TAG))
+        ]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for c in running:
+        if c in alive:
+            continue
+        client.set_tag(c.run_id, "error", f"interrupted ({stop.signal_name}): the sweep stopped")
+        client.set_terminated(c.run_id, status="KILLED")
+    killed = {c.run_id for c in children if c.status == "KILLED"}
+    return sorted(killed | {c.run_id for c in running if c not in alive})
+
+
+def stop_paragraph(
+    client: Any,
+    stop: Interrupted,
+    summary: SweepSummary,
+    parent_id: str,
+    config: DictConfig,
+    expected: int | None,
+    stopped_runs: Sequence[str],
+) -> str:
+    """What a stopped sweep prints and its parent's description says: the jobs finished, which
+    were stopped (with their KILLED runs), how many never started, and how to resume."""
+    from lpcvlab.tracking.recorder import command_line
+
+    sweep = sweep_dir(config)
+    statuses = {j.num for j in read_job_statuses(sweep)}
+    started = read_started(sweep)
+    halted = {n: o for n, o in started.items() if n not in statuses}
+    never = max(0, expected - len(started)) if expected is not None else None
+    runs = _runs_by_job(client, stopped_runs)
+    parts = [
+        f"Stopped by {stop.signal_name}. Sweep parent run {parent_id} is marked KILLED: "
+        f"{summary.finished} of {expected if expected is not None else summary.jobs} job(s) "
+        f"finished, {summary.failed} failed"
+    ]
+    if halted:
+        from lpcvlab.tracking.recorder import override_key
+
+        swept = {override_key(o) for o in sweep_overrides(config, swept_only=True)}
+        shown = {n: [x for x in o if override_key(x) in swept] or o for n, o in halted.items()}
+        jobs = "; ".join(
+            f"#{n} ({' '.join(o) or 'no overrides'}"
+            + (f", MLflow run {runs[n]}" if n in runs else "")
+            + ")"
+            for n, o in sorted(shown.items())
+        )
+        parts.append(f"stopped, KILLED with what they had logged: {jobs}")
+    if never is not None:
+        parts.append(f"{never} never started")
+    cache = OmegaConf.select(config, "cache.dir", default=None)
+    aihub = OmegaConf.select(config, "hub.name", default="") == "aihub"
+    kept = (
+        f"Finished exports and hub results stay in the stage cache ({cache})"
+        + (" and the AI Hub job ledger (jobs still running on AI Hub are picked up, not paid again)"
+           if aihub else "")
+        + ", so running the same command again picks up from there: "
+        + command_line()
+        + f". What finished: lpcvlab compare {parent_id}."
+    )  # fmt: skip
+    return "; ".join(parts) + ". " + kept
+
+
+def read_started(sweep: Path) -> dict[int, list[str]]:
+    """Jobs that began (``on_job_start``), by number, with their overrides."""
+    out = {}
+    for path in sorted((sweep / STATE_DIR / JOBS_DIR).glob(f"*{STARTED}")):
+        try:
+            out[int(path.name.removesuffix(STARTED))] = list(json.loads(path.read_text()))
+        except (ValueError, OSError):
+            continue
+    return out
+
+
+def _runs_by_job(client: Any, run_ids: Sequence[str]) -> dict[int, str]:
+    """The stopped children's sweep job numbers (tag ``sweep_job``) and run IDs."""
+    out = {}
+    for run_id in run_ids:
+        job = client.get_run(run_id).data.tags.get("sweep_job", "")
+        if job.isdigit():
+            out[int(job)] = run_id
+    return out
 
 
 def record_failed_job(config: DictConfig, status: JobStatus) -> str | None:
@@ -475,7 +644,12 @@ def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
     """Log the sweep's outcome on its parent run and return it."""
     from mlflow.entities import Metric, RunTag
 
-    from lpcvlab.tracking.compare import build_comparison, objective_name, plot_pareto
+    from lpcvlab.tracking.compare import (
+        best_run,
+        build_comparison,
+        objective_name,
+        plot_pareto,
+    )
     from lpcvlab.tracking.runstore import child_runs
 
     children = child_runs(client, parent_id)
@@ -483,8 +657,7 @@ def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
     n_jobs = len(jobs) if jobs else len(children)
     failed = sum(j.failed for j in jobs) if jobs else sum(c.status == "FAILED" for c in children)
     finished = [c for c in children if c.status == "FINISHED"]
-    scored = [c for c in finished if math.isfinite(c.metrics.get("objective", math.nan))]
-    best = max(scored, key=lambda c: c.metrics["objective"], default=None)
+    best = best_run(finished)
     obj_name = objective_name(children[0]) if children else "objective"
     summary = SweepSummary(
         jobs=n_jobs,
@@ -516,7 +689,7 @@ def summarise_sweep(client: Any, parent_id: str, sweep: Path) -> SweepSummary:
         client.log_artifact(parent_id, str(tmpdir / "jobs.json"))
         if children:
             comparison = build_comparison(children)
-            summary.table = comparison.render()
+            summary.table = fitting_table(comparison, NOTE_LIMIT // 2)
             client.log_artifact(parent_id, str(comparison.to_csv(tmpdir / "sweep_runs.csv")))
             plot = plot_pareto(comparison, tmpdir / "pareto.png", title=f"sweep {parent_id[:8]}")
             if plot is not None:
@@ -534,10 +707,13 @@ def summary_text(summary: SweepSummary, parent_id: str, registered: Sequence[str
         f"{summary.failed} failed"
         + (f", {summary.missing_runs} without an MLflow run" if summary.missing_runs else ""),
     ]
+    if summary.stopped:
+        lines.append(summary.stopped)
     if summary.best_run_id:
         lines.append(
-            f"best by objective ({summary.objective_name}, budget applied): run "
-            f"{summary.best_run_id} = {summary.best_objective:.4f}"
+            f"best by objective ({summary.objective_name}, budget applied; a tie goes to the "
+            f"lower latency_ms/total, then the earlier job): run {summary.best_run_id} = "
+            f"{summary.best_objective:.4f}"
         )
     lines += [f"best run registered: {line}" for line in registered]
     lines.append(f"compare: lpcvlab compare {parent_id}")
@@ -546,7 +722,8 @@ def summary_text(summary: SweepSummary, parent_id: str, registered: Sequence[str
 
 def _note(text: str, summary: SweepSummary, experiment_id: str) -> str:
     """The parent's description (markdown): a link to the best child first (the UI shows a
-    description's first lines), then the summary and the runs' table."""
+    description's first lines), then the summary and the runs' table, under MLflow's limit on a
+    tag (the table cut to the best runs where needed; ``sweep_runs.csv`` has them all)."""
     from lpcvlab.tracking.recorder import ui_link
 
     note = ""
@@ -557,7 +734,63 @@ def _note(text: str, summary: SweepSummary, experiment_id: str) -> str:
             f"objective {summary.best_objective:.4f} ({summary.objective_name}, budget "
             "applied)\n\n"
         )
-    return note + f"```text\n{text}\n\n{summary.table}\n```\n"
+    room = NOTE_LIMIT - len(note) - len(text) - 20
+    if room < 200:  # a long stop paragraph and summary: the table is the artifact alone
+        text = text[: max(0, NOTE_LIMIT - len(note) - 100)]
+        table = "the runs: the sweep_runs.csv artifact"
+    else:
+        table = summary.table if len(summary.table) <= room else _cut(summary.table, room)
+    return note + f"```text\n{text}\n\n{table}\n```\n"
+
+
+def _cut(table: str, room: int) -> str:
+    """A table cut to its first lines within ``room`` characters, saying where the rest is."""
+    tail = "... (more runs: the sweep_runs.csv artifact)"
+    kept = []
+    used = len(tail) + 1
+    for line in table.splitlines():
+        if used + len(line) + 1 > room:
+            break
+        kept.append(line)
+        used += len(line) + 1
+    return "\n".join([*kept, tail])
+
+
+def fitting_table(comparison: Any, room: int) -> str:
+    """The runs' table in at most ``room`` characters: every run when it fits, else the best
+    runs first (:func:`lpcvlab.tracking.compare.ranking`) and a line saying how many more the
+    ``sweep_runs.csv`` artifact holds."""
+    import dataclasses
+
+    from lpcvlab.tracking.compare import ranking
+
+    full = comparison.render()
+    if len(full) <= room:
+        return full
+    n = len(comparison.runs)
+    order = sorted(range(n), key=lambda i: ranking(comparison.runs[i]))
+
+    def first(k: int) -> str:
+        part = dataclasses.replace(
+            comparison,
+            runs=[comparison.runs[i] for i in order[:k]],
+            rows=[comparison.rows[i] for i in order[:k]],
+        )
+        return (
+            part.render()
+            + f"\n({n - k} more run(s), all in the sweep_runs.csv artifact; best first)"
+        )
+
+    lo, hi = 0, n  # the most rows that fit: binary search (a render per try)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(first(mid)) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        return f"{n} run(s): the table is the sweep_runs.csv artifact"
+    return first(lo)
 
 
 def _base_config_yaml(config: DictConfig) -> str:

@@ -14,8 +14,11 @@ The package, by job:
 
 Every job goes into the ledger keyed by the content hash of its inputs, device and options, so
 an identical rerun reuses finished jobs and an interrupted run picks up its in-flight jobs
-instead of paying again (``hub.reuse=false`` forces new jobs). The API token is never logged,
-stored or returned.
+instead of paying again (``hub.reuse=false`` forces new jobs); a key is claimed while its job is
+submitted, so two processes needing the same job at once pay for one. Datasets are uploaded once
+per content and device outputs kept in the cache. :meth:`AIHub.start_components` returns what is
+in flight without waiting (a sweep waits on all its configs' jobs together);
+:meth:`AIHub.run_components` waits. The API token is never logged, stored or returned.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from lpcvlab.config.schema import AIHubConfig, DeviceConfig, RuntimeConfig
 from lpcvlab.errors import ConfigError, RuntimeStageError
 from lpcvlab.hubs.aihub import client as _client
 from lpcvlab.hubs.aihub.client import Redactor, make_client
-from lpcvlab.hubs.aihub.jobs import JobDriver, JobLedger
+from lpcvlab.hubs.aihub.jobs import DatasetRecords, Drive, JobDriver, JobLedger
 from lpcvlab.hubs.aihub.settings import checked_settings
 from lpcvlab.hubs.aihub.stages import ComponentState, HubTarget, Stages, check_inputs
 from lpcvlab.hubs.base import (
@@ -43,7 +46,9 @@ from lpcvlab.hubs.base import (
     CompiledCheck,
     ComponentJob,
     GraphCheck,
+    InFlight,
     JobListener,
+    wait,
 )
 from lpcvlab.types import (
     CompileResult,
@@ -54,9 +59,10 @@ from lpcvlab.types import (
     ProfileResult,
 )
 
-__all__ = ["LEDGER_NAME", "AIHub", "HubTarget"]
+__all__ = ["DATASETS_NAME", "LEDGER_NAME", "AIHub", "HubTarget"]
 
 LEDGER_NAME = "aihub_ledger.jsonl"
+DATASETS_NAME = "aihub_datasets.jsonl"  # beside the ledger: uploaded datasets by content
 # Settings that change how lpcvlab waits, records or shares, never what a job computes.
 _OPERATIONAL = ("poll_interval_s", "connect_timeout_s", "ledger_path", "reuse", "share_with")
 
@@ -101,8 +107,9 @@ class AIHub:
         self.target_runtime = str(runtime.target_runtime)
         self.track = track
         self.channel_last_inputs = frozenset(settings.channel_last_inputs)
-        ledger_path = settings.ledger_path or Path(cache_dir) / LEDGER_NAME
-        self.ledger = JobLedger(Path(ledger_path))
+        ledger_path = Path(settings.ledger_path or Path(cache_dir) / LEDGER_NAME)
+        self.ledger = JobLedger(ledger_path)
+        self.datasets = DatasetRecords(ledger_path.with_name(DATASETS_NAME))
         self.client = client if client is not None else make_client()
         self._redact = Redactor(self.client.config.api_token)
         self.job_listener: JobListener | None = None
@@ -128,6 +135,8 @@ class AIHub:
             track=track,
             fp16_options=runtime.fp16_options or "",
             models_dir=Path(cache_dir) / "aihub_models",
+            outputs_dir=Path(cache_dir) / "aihub_outputs",
+            datasets=self.datasets,
             redact=self._redact,
             emit=self._emit,
         )
@@ -175,10 +184,16 @@ class AIHub:
         }
 
     def run_components(self, jobs: list[ComponentJob]) -> dict[str, ComponentRun]:
-        """Every compile job (a quantized component's quantize job) goes up before any wait; as
-        each finishes, the jobs that follow it go up at once (compile after quantize; the
-        profile and inference jobs its component asked for after compile), and every job is
-        waited on together. A stage not asked for comes back as None."""
+        """:meth:`start_components`, waited on here. A stage not asked for comes back as None."""
+        inflight = self.start_components(jobs)
+        wait(inflight)
+        return inflight.result()
+
+    def start_components(self, jobs: list[ComponentJob]) -> InFlight:
+        """Every compile job (a quantized component's quantize job) goes up now, and what is in
+        flight comes back without waiting: as each job finishes (:meth:`_InFlight.poll`), the
+        jobs that follow it go up at once (compile after quantize; the profile and inference
+        jobs its component asked for after compile)."""
         states = [
             ComponentState(j.exported, inputs=j.inputs, wanted=j.stages, precision=j.precision)
             for j in jobs
@@ -195,14 +210,7 @@ class AIHub:
             else self._stages.start_compile(s)
             for s in states
         ]
-        self._driver.drive(first)
-        runs: dict[str, ComponentRun] = {}
-        for s in states:
-            assert s.compiled is not None
-            inference = self._stages.finish_inference(s) if INFERENCE in s.wanted else None
-            profile = s.profile if PROFILE in s.wanted else None
-            runs[s.component] = ComponentRun(s.compiled, profile, inference, s.quantized)
-        return runs
+        return _InFlight(self, states, Drive(self._driver, first))
 
     # ------------------------------------------------------------------ one stage at a time
 
@@ -238,3 +246,31 @@ class AIHub:
         if not self._device_checked:
             _client.check_device(self.client, self.device, self._redact)
             self._device_checked = True
+
+
+class _InFlight:
+    """The components of one :meth:`AIHub.start_components` call on their way through AI Hub."""
+
+    def __init__(self, hub: AIHub, states: list[ComponentState], drive: Drive) -> None:
+        self._hub = hub
+        self._states = states
+        self._drive = drive
+        self.interval_s = float(hub.settings.poll_interval_s)
+
+    def poll(self) -> bool:
+        return self._drive.step()
+
+    def stop(self) -> None:
+        self._drive.stop()
+
+    def result(self) -> dict[str, ComponentRun]:
+        if not self._drive.done:
+            raise RuntimeStageError("AI Hub jobs are still running; poll() until it is done")
+        runs: dict[str, ComponentRun] = {}
+        for s in self._states:
+            assert s.compiled is not None
+            wanted = s.wanted
+            inference = self._hub._stages.finish_inference(s) if INFERENCE in wanted else None
+            profile = s.profile if PROFILE in wanted else None
+            runs[s.component] = ComponentRun(s.compiled, profile, inference, s.quantized)
+        return runs

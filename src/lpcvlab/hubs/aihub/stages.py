@@ -15,10 +15,12 @@
    ``hub.inference_window`` in flight (each finished chunk starts the next); every chunk goes
    up from an h5 file in a temporary folder of lpcvlab's and its outputs come down into one, so
    neither the client's Dataset nor its job keeps the arrays and no file is left behind: memory
-   stays flat in the number of chunks. Outputs come back in input order, a reused job whose
-   outputs AI Hub has deleted (after 30 days) runs again, and the first
-   ``hub.parity_samples`` are compared with ONNX Runtime on this machine
-   (:func:`lpcvlab.hubs.parity.device_parity`).
+   stays flat in the number of chunks. A chunk whose arrays are already on AI Hub (the same
+   content uploaded by this or an earlier run, :class:`~lpcvlab.hubs.aihub.jobs.DatasetRecords`)
+   is not uploaded again. Outputs come back in input order and are kept in ``outputs_dir``, so a
+   reused job whose outputs AI Hub has deleted (after 30 days) is read from there (run again
+   only when that copy is gone too), and the first ``hub.parity_samples`` are compared with
+   ONNX Runtime on this machine (:func:`lpcvlab.hubs.parity.device_parity`).
 
 When compile finishes, :meth:`Stages.after_compile` starts the stages the component asked for
 (``ComponentJob.stages``); every job goes through the :class:`~lpcvlab.hubs.aihub.jobs.JobDriver`,
@@ -61,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime as dt
 import hashlib
 import inspect
 import io
@@ -81,6 +84,7 @@ import h5py
 import numpy as np
 import onnx
 import qai_hub
+import qai_hub.client as hub_client
 from qai_hub.util.dataset_entries_converters import dataset_entries_to_h5, h5_to_dataset_entries
 
 from lpcvlab.config.schema import AIHubConfig
@@ -89,7 +93,16 @@ from lpcvlab.deploy.precision import FP32, ComponentPrecision
 from lpcvlab.deploy.precision.emulate import emulate
 from lpcvlab.errors import RuntimeStageError
 from lpcvlab.hubs.aihub.client import find_job_by_name, guard, submit, target_io
-from lpcvlab.hubs.aihub.jobs import Emit, JobDriver, JobTrail, LedgerEntry, Pending
+from lpcvlab.hubs.aihub.jobs import (
+    DatasetRecord,
+    DatasetRecords,
+    Emit,
+    JobDriver,
+    JobTrail,
+    LedgerEntry,
+    Pending,
+    dataset_key,
+)
 from lpcvlab.hubs.aihub.settings import (
     QUANTIZE_DTYPES,
     channel_last_shape,
@@ -115,6 +128,7 @@ from lpcvlab.types import (
     QuantizeResult,
 )
 from lpcvlab.util.hashing import array_sha256, file_sha256
+from lpcvlab.util.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +296,26 @@ def check_inputs(exported: ExportResult, inputs: np.ndarray | None) -> None:
         )
 
 
+def _read_outputs(path: Path) -> dict[str, list[np.ndarray]] | None:
+    """The entries of a device-outputs h5 file; None when it cannot be read (cut short)."""
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5_to_dataset_entries(h5)
+    except OSError:
+        return None
+
+
+# A recorded dataset is reused while AI Hub keeps it at least this long (a job started on it
+# must not outlive it).
+DATASET_MARGIN = dt.timedelta(days=1)
+
+
+def _utcnow(like: dt.datetime) -> dt.datetime:
+    """Now, aware or naive as ``like`` is (the client's times may be either)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return now if like.tzinfo is not None else now.replace(tzinfo=None)
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -301,6 +335,8 @@ class Stages:
         track: str,
         fp16_options: str = "",
         models_dir: Path | None = None,
+        outputs_dir: Path | None = None,
+        datasets: DatasetRecords | None = None,
         redact: Callable[[object], str],
         emit: Emit,
     ) -> None:
@@ -319,6 +355,11 @@ class Stages:
         self.compiled_check: CompiledCheck | None = None
         # Where quantize jobs' models come down to (one folder per job): the deployed graph.
         self.models_dir = Path(models_dir) if models_dir is not None else None
+        # Where inference jobs' device outputs are kept (one h5 file per job): a reused job is
+        # read from here, never paid again when AI Hub has deleted its outputs.
+        self.outputs_dir = Path(outputs_dir) if outputs_dir is not None else None
+        # Which AI Hub dataset holds which arrays: inputs go up once while AI Hub keeps them.
+        self.datasets = datasets
         self._redact = redact
         self._emit = emit
         self._hub_device = qai_hub.Device(name=device)
@@ -452,17 +493,8 @@ class Stages:
             # again by it (client.find_job_by_name) instead of being paid for twice.
             name = f"{base} [{secrets.token_hex(4)}]"
             samples = np.asarray(cal.samples).astype(input_dtype, copy=False)
-            entries = {input_name: [samples[i : i + 1] for i in range(len(cal))]}
-            dataset = self._call(
-                lambda: self.client.upload_dataset(entries, name=f"{base} calibration"),
-                f"uploading the calibration data of {state.component}",
-            )
-            log.info(
-                "AI Hub: uploaded %d calibration samples of %s (%s) as dataset %s",
-                len(cal),
-                state.component,
-                cal.source,
-                dataset.dataset_id,
+            dataset = self._dataset(
+                state.component, f"{base} calibration", input_name, samples, "calibration "
             )
             return submit(
                 self.client,
@@ -893,7 +925,7 @@ class Stages:
             def submit_job() -> Any:
                 assert state.inputs is not None
                 batch = self._device_batch(handle, state.inputs[a:b])
-                return self._submit_inference(state, handle, batch, label, options)
+                return self._submit_inference(state, handle, batch, digest, label, options)
 
             def on_success(p: Pending) -> list[Pending]:
                 follow = [start_chunk(ci + window)] if ci + window < len(bounds) else []
@@ -925,17 +957,99 @@ class Stages:
         state: ComponentState,
         handle: HubTarget,
         batch: np.ndarray,
+        digest: str,
         label: str,
         options: str,
     ) -> Any:
         name = self._job_name(state.component, f"inference {label}".strip())
+        dataset = self._dataset(state.component, name, handle.input_name, batch, digest=digest)
+        model = self._target_model(handle)
+        return self._submit_inference_job(model, dataset, name, options, f"submitting {name}")
+
+    def _dataset(
+        self,
+        component: str,
+        name: str,
+        input_name: str,
+        batch: np.ndarray,
+        what: str = "",
+        digest: str | None = None,
+    ) -> Any:
+        """The AI Hub dataset holding ``batch`` (sample ``i`` as ``batch[i:i+1]`` under
+        ``input_name``): the one this or any earlier run uploaded with the same arrays, while AI
+        Hub keeps it, else uploaded now and recorded. The look-up and upload hold the arrays'
+        claim, so two configs or processes needing them upload them once."""
+        digest = digest or array_sha256(batch)
+        if self.datasets is None or not self.settings.reuse:
+            return self._upload_dataset(component, name, input_name, batch, what)
+        api_url = self.client.config.api_url
+        key = dataset_key(input_name, digest, api_url)
+        with self.datasets.claim(key):
+            record = self.datasets.latest(key)
+            found = self._live_dataset(record) if record is not None else None
+            if found is not None:
+                assert record is not None
+                log.info(
+                    "AI Hub: reusing dataset %s (%d %ssamples of %s, uploaded %s)",
+                    found.dataset_id,
+                    record.samples,
+                    what,
+                    component,
+                    record.uploaded,
+                )
+                return found
+            dataset = self._upload_dataset(component, name, input_name, batch, what)
+            expires = getattr(dataset, "expiration_time", None)
+            self.datasets.record(
+                DatasetRecord(
+                    key=key,
+                    dataset_id=dataset.dataset_id,
+                    name=name,
+                    input_name=input_name,
+                    samples=len(batch),
+                    sha256=digest,
+                    api_url=api_url,
+                    expires=expires.isoformat() if expires is not None else "",
+                )
+            )
+            return dataset
+
+    def _live_dataset(self, record: DatasetRecord) -> Any | None:
+        """The recorded dataset when AI Hub still has it for at least a day (a job started on
+        it must not outlive it), else None: it is uploaded again."""
+        try:
+            dataset = guard(
+                lambda: self.client.get_dataset(record.dataset_id),
+                f"fetching dataset {record.dataset_id}",
+                self._redact,
+                passthrough=(hub_client.UserError,),
+            )
+        except hub_client.UserError:
+            dataset = None
+        expires = getattr(dataset, "expiration_time", None)
+        if (
+            dataset is None
+            or dataset.is_expired()
+            or (expires is not None and expires - _utcnow(expires) < DATASET_MARGIN)
+        ):
+            log.info(
+                "AI Hub: dataset %s (%s) has expired or is about to; uploading its arrays again",
+                record.dataset_id,
+                record.name,
+            )
+            return None
+        return dataset
+
+    def _upload_dataset(
+        self, component: str, name: str, input_name: str, batch: np.ndarray, what: str = ""
+    ) -> Any:
         # The h5 file is written here and uploaded by path: the client then keeps no copy of
         # the arrays in its Dataset (and so in the job), and the file goes whatever happens
         # (the client's own temporary file stays behind when an upload fails).
         with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
             path = Path(tmp) / "inputs.h5"
             with h5py.File(path, "w") as h5:
-                entries = {handle.input_name: [batch[i : i + 1] for i in range(len(batch))]}
+                entries = {input_name: [batch[i : i + 1] for i in range(len(batch))]}
                 dataset_entries_to_h5(entries, h5)
             del entries
             dataset = self._call(
@@ -943,28 +1057,34 @@ class Stages:
                 f"uploading the inputs of {name}",
             )
         log.info(
-            "AI Hub: uploaded %d %s samples of %s as dataset %s",
+            "AI Hub: uploaded %d %s %ssamples of %s as dataset %s",
             len(batch),
-            "x".join(map(str, handle.device_shape)),
-            state.component,
+            "x".join(map(str, (1, *batch.shape[1:]))),
+            what,
+            component,
             dataset.dataset_id,
         )
-        model = self._target_model(handle)
-        return self._submit_inference_job(model, dataset, name, options, f"submitting {name}")
+        return dataset
 
     def _download_outputs(self, state: ComponentState, p: Pending, expected: int) -> np.ndarray:
-        # Into a folder of lpcvlab's, read, and gone: downloaded to memory, the client leaves an
-        # empty temporary file behind per download and keeps the outputs in its Dataset.
-        with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
-            with contextlib.redirect_stdout(io.StringIO()):  # "Downloaded dataset to <tmp>"
-                path = self._call(
-                    lambda: p.job.download_output_data(tmp),
-                    f"downloading outputs of {p.job.job_id}",
-                )
-            out = None
-            if path:
-                with h5py.File(path, "r") as h5:
-                    out = h5_to_dataset_entries(h5)
+        # Into a folder of lpcvlab's, then kept in ``outputs_dir`` (one h5 file per job): a
+        # reused job is read from there, so AI Hub deleting its outputs (after 30 days) costs no
+        # new job. Downloaded to memory, the client leaves an empty temporary file behind per
+        # download and keeps the outputs in its Dataset.
+        kept = self.outputs_dir / f"{p.job.job_id}.h5" if self.outputs_dir is not None else None
+        out = _read_outputs(kept) if kept is not None and kept.is_file() else None
+        if out is None:
+            with tempfile.TemporaryDirectory(prefix="lpcvlab-aihub-") as tmp:
+                with contextlib.redirect_stdout(io.StringIO()):  # "Downloaded dataset to <tmp>"
+                    path = self._call(
+                        lambda: p.job.download_output_data(tmp),
+                        f"downloading outputs of {p.job.job_id}",
+                    )
+                out = _read_outputs(Path(path)) if path else None
+                if out and kept is not None:
+                    atomic_write(kept, lambda dest: shutil.copyfile(path, dest))
+        else:
+            log.info("AI Hub: outputs of %s read from %s", p.job.job_id, kept)
         if not out:
             raise RuntimeStageError(
                 f"{state.component}: inference job {p.job.job_id} produced no output data "
