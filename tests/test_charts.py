@@ -5,7 +5,7 @@ from __future__ import annotations
 from lpcvlab_runs import seeded_store
 from mlflow.tracking import MlflowClient
 
-from lpcvlab.pipeline import counts
+from lpcvlab.tracking.recorder import counts
 from lpcvlab.training.fit import SharedRunMLFlowLogger
 
 

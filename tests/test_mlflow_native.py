@@ -33,10 +33,11 @@ from lpcvlab import cli, pipeline
 from lpcvlab.config import load_settings
 from lpcvlab.data.track1 import content_sha256, read_track1
 from lpcvlab.errors import DataError
-from lpcvlab.pipeline import system_metrics_on
-from lpcvlab.tracking.recorder import NOTE_TAG, command_line, start_run, ui_link
+from lpcvlab.tracking.naming import command_line
+from lpcvlab.tracking.recorder import NOTE_TAG, start_run, system_metrics_on
 from lpcvlab.tracking.registry import RegisterError, register_run
 from lpcvlab.tracking.runstore import RunInfo
+from lpcvlab.tracking.views import ui_link
 
 IMAGE, TEXT = "image_encoder", "text_encoder"
 SWEEP = [

@@ -7,8 +7,7 @@ from conftest import compose_config
 from lpcvlab_runs import TINY, all_runs, explain, run_py, seeded_store, store_overrides
 
 from lpcvlab.config import load_settings
-from lpcvlab.pipeline import run_name
-from lpcvlab.tracking.recorder import NAME_MAX, shown_overrides
+from lpcvlab.tracking.naming import NAME_MAX, run_name, shown_overrides
 
 
 def _name(*overrides: str, shown: list[str] | None = None) -> str:

@@ -19,14 +19,8 @@ from mlflow.tracking import MlflowClient
 from lpcvlab import cli
 from lpcvlab.config.schema import TrackingConfig
 from lpcvlab.errors import TrackingStoreError
-from lpcvlab.tracking.recorder import (
-    FAILURE_TAG,
-    VANISHED,
-    check_store,
-    process_tags,
-    prune_vanished,
-    start_run,
-)
+from lpcvlab.tracking.recorder import start_run
+from lpcvlab.tracking.store import FAILURE_TAG, VANISHED, check_store, process_tags, prune_vanished
 
 
 def _run_py(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -23,7 +23,8 @@ from lpcvlab.config import load_settings
 from lpcvlab.config.schema import BudgetConfig
 from lpcvlab.errors import ConfigError, RuntimeStageError
 from lpcvlab.objective import score
-from lpcvlab.tracking.recorder import PARENT_RUN_ENV, RetryingClient, start_run
+from lpcvlab.tracking.recorder import PARENT_RUN_ENV, start_run
+from lpcvlab.tracking.store import RetryingClient
 from lpcvlab.tracking.sweep import read_job_statuses, read_parent, sweep_overrides
 
 # ----------------------------------------------------------------------------- fast

@@ -8,7 +8,7 @@ import json
 from lpcvlab_runs import seeded_store
 from mlflow.tracking import MlflowClient
 
-from lpcvlab.tracking.recorder import VIEW_TAG, ensure_table_view, table_view, ui_link
+from lpcvlab.tracking.views import VIEW_TAG, ensure_table_view, table_view, ui_link
 
 
 def _columns(value: str) -> list[str]:

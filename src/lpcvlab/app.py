@@ -110,7 +110,7 @@ def name_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lpcvlab.tracking.recorder import override_key, shown_overrides
+    from lpcvlab.tracking.naming import override_key, shown_overrides
 
     if not HydraConfig.initialized():
         return []
@@ -258,7 +258,7 @@ def _job_steps(
         from lpcvlab.tracking.reproduce import reproduce_from_hydra
 
         return reproduce_from_hydra(cfg, out_dir, run_config)
-    load_settings(cfg)  # fails in well under a second, before the imports below
+    settings = load_settings(cfg)  # fails in well under a second, before the imports below
     from lpcvlab import pipeline
 
     result = yield from pipeline.run_steps(
@@ -267,6 +267,7 @@ def _job_steps(
         hydra_dir=hydra_dir,
         extra_tags=tags,
         name_overrides=name_overrides(),
+        settings=settings,  # loaded once, here
     )
     assert result.objective is not None
     return result.objective.value

@@ -1,9 +1,11 @@
 """One run, start to end: data -> model -> (train) -> export -> hub -> metrics -> MLflow.
 
-The config is read once, here: :func:`run` loads and checks the typed settings, checks the
-tracking store, builds the track (with its backbone factory), the hub back-end and the precision
-plan, and hands each stage those objects and its own settings. The pipeline owns the MLflow
-run; each stage is a function of the previous stage's record.
+The config is read once, at the top (``run.py`` hands its loaded settings to :func:`run`; a
+caller without them has them loaded here): :func:`run` checks the tracking store, builds the
+track (with its backbone factory), the hub back-end and the precision plan, and hands each stage
+those objects and its own settings. The pipeline owns the MLflow run and reads as the list of
+stages :func:`_stages` runs, each a function of the previous stage's record; how a record is
+written to MLflow is the recorder's (:class:`~lpcvlab.tracking.recorder.RunRecorder`).
 
 :func:`run_steps` is the same run as a generator that yields at the device wait (what the hub
 has in flight, :class:`~lpcvlab.hubs.base.InFlight`), so that a sweep can do the local work of
@@ -14,12 +16,10 @@ stays open; :func:`run` drives it to the end, blocking. ``hub=local`` never yiel
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,44 +32,32 @@ from lpcvlab.deploy.hazards import DeviceLint
 from lpcvlab.deploy.precision import ComponentPrecision, PrecisionPlan
 from lpcvlab.deploy.precision.calibration import choose_calibration
 from lpcvlab.deploy.precision.fidelity import component_fidelity, metric_fidelity
-from lpcvlab.deploy.rewrites import op_counts
 from lpcvlab.errors import Interrupted, ParityError
 from lpcvlab.hubs import INFERENCE, ComponentJob, Hub, InFlight, build_hub, drive
 from lpcvlab.hubs.cache import StageCache
 from lpcvlab.objective import Objective, score
-from lpcvlab.tracking.recorder import (
-    ModelFacts,
-    RunRecorder,
-    check_store,
-    compose_run_name,
-    ensure_table_view,
-    flatten,
-    git_info,
-    prune_vanished,
-    resolve_uri,
-    start_run,
-    ui_link,
-)
+from lpcvlab.tracking.models import model_facts
+from lpcvlab.tracking.naming import run_name, run_tags
+from lpcvlab.tracking.recorder import RunRecorder, start_run, system_metrics_on
+from lpcvlab.tracking.store import check_store, prune_store, resolve_uri
+from lpcvlab.tracking.summary import PipelineResult, print_summary, results_text
+from lpcvlab.tracking.views import ensure_table_view
 from lpcvlab.tracks import Track, TrackData, build_track
 from lpcvlab.training.launch import worker_rank
-from lpcvlab.types import CompiledIO, ComponentRun, EvalResult, ExportResult, ModelBundle
+from lpcvlab.types import (
+    CompiledIO,
+    ComponentRun,
+    EvalResult,
+    ExportResult,
+    ModelBundle,
+    ReferenceParity,
+)
 from lpcvlab.util import console
 from lpcvlab.util.seeding import seed_everything, thread_params
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class PipelineResult:
-    run_id: str
-    metrics: dict[str, float]
-    exports: dict[str, ExportResult] = field(default_factory=dict)
-    runs: dict[str, ComponentRun] = field(default_factory=dict)
-    eval: EvalResult | None = None
-    weights: str = ""
-    objective: Objective | None = None  # what run.py returns to a sweeper (budget applied)
-    experiment_id: str = ""
-    cache_reused: str = ""  # "<component> <stage>/<stage>; ... (from run <id>)" from the cache
+__all__ = ["PipelineResult", "run", "run_steps"]
 
 
 class StageClock:
@@ -89,98 +77,6 @@ class StageClock:
         return {f"stage_seconds/{k}": v for k, v in (self.seconds | total).items()}
 
 
-def run_name(s: RunConfig, shown: Sequence[str] = ()) -> str:
-    """``tracking.run_name``, else the backbone and what distinguishes the run: ``shown`` (the
-    command line's or sweep's overrides, :func:`lpcvlab.app.name_overrides`), then training,
-    precision, hub and seed where they are not the defaults."""
-    if s.tracking.run_name:
-        return str(s.tracking.run_name)
-    implied = [
-        f"{key}={value}"
-        for key, value, default in (
-            ("train", s.train.name, "none"),
-            ("precision", s.precision.name, "fp32"),
-            ("hub", s.hub.name, "local"),
-            ("seed", str(s.seed), "0"),
-        )
-        if value != default
-    ]
-    return compose_run_name(s.backbone.name, shown, implied)
-
-
-def run_tags(s: RunConfig) -> dict[str, str]:
-    tags = {
-        "track": s.track.name,
-        "backbone": s.backbone.name,
-        "preprocess": s.preprocess.name,
-        "data": s.data.name,
-        "device": s.device.name,
-        "runtime": s.runtime.name,
-        "hub": s.hub.name,
-        "train": s.train.name,
-        "seed": str(s.seed),
-        "precision": s.precision.name,
-    }
-    if s.hub.name == "local":
-        tags["measured_on"] = "host_cpu"
-    return tags | git_info()
-
-
-def system_metrics_on(s: RunConfig) -> bool:
-    """MLflow's system metrics: ``tracking.system_metrics``, or on when the run trains."""
-    if s.tracking.system_metrics is not None:
-        return bool(s.tracking.system_metrics)
-    return s.train.name != "none"
-
-
-def model_facts(s: RunConfig, component: str, weights: str) -> ModelFacts:
-    """What a component's logged model records besides its file (see :class:`ModelFacts`); the
-    file is the fp32 export, ``precision`` what the component is deployed in."""
-    deployment = {}
-    if s.hub.name == "aihub":
-        deployment = {
-            "aihub.device": str(s.device.aihub_name),
-            "aihub.runtime": str(s.runtime.target_runtime),
-        }
-    return ModelFacts(
-        tags={"track": s.track.name},
-        params={
-            "backbone": s.backbone.name,
-            "preprocess": s.preprocess.name,
-            "weights": weights,
-            "precision": s.precision.of(component),
-            "export.opset": str(s.export.opset),
-        },
-        deployment=deployment,
-    )
-
-
-def component_metrics(name: str, run: ComponentRun) -> dict[str, float]:
-    prof, inf = run.profile, run.inference
-    assert prof is not None and inf is not None
-    metrics = {
-        f"latency_ms/{name}": prof.latency_ms,
-        f"peak_memory_mb/{name}": prof.peak_memory_mb[1],
-        f"peak_memory_mb_low/{name}": prof.peak_memory_mb[0],
-        f"inference_seconds/{name}": inf.seconds,
-    }
-    metrics |= {f"{k}/{name}": v for k, v in inf.metrics.items()}
-    return metrics
-
-
-def counts(values: dict[str, float]) -> dict[str, str]:
-    """Values that never change during a run (data sizes, layers per compute unit, operator
-    counts), as params: the run's charts then open on what it measured, not on one-point bars."""
-    return {k: str(int(v)) if float(v).is_integer() else f"{v:g}" for k, v in values.items()}
-
-
-def component_params(name: str, run: ComponentRun) -> dict[str, str]:
-    """A component's layers per compute unit on the device (``compute_units/<name>/<unit>``)."""
-    assert run.profile is not None
-    units = run.profile.compute_units
-    return counts({f"compute_units/{name}/{u.lower()}": float(n) for u, n in units.items()})
-
-
 def _work_dir(work_dir: Path | None) -> Path:
     if work_dir is None:
         # Outside Hydra (an API call): a folder of its own, even for two runs in one second.
@@ -198,35 +94,23 @@ def _resolved(cfg: DictConfig | RunConfig) -> DictConfig:
     return OmegaConf.masked_copy(node, keep)
 
 
-def prune_store(uri: str) -> None:
-    """Mark this host's runs whose process vanished as FAILED, and say which (a run killed with
-    SIGKILL, or by the out-of-memory killer, would otherwise stay RUNNING forever)."""
-    from mlflow.tracking import MlflowClient
-
-    for gone in prune_vanished(MlflowClient(tracking_uri=uri)):
-        log.warning(
-            "MLflow run %s (%s) was still RUNNING but its process %s is gone: marked FAILED "
-            "(failure=process-vanished)",
-            gone.run_id,
-            gone.name,
-            gone.pid,
-        )
-
-
 def run(
     cfg: DictConfig | RunConfig,
     work_dir: Path | None = None,
     hydra_dir: Path | None = None,
     extra_tags: dict[str, str] | None = None,
     name_overrides: Sequence[str] = (),
+    settings: RunConfig | None = None,
 ) -> PipelineResult:
     """Run one configured job in its own MLflow run and return what it measured.
 
     ``extra_tags`` are added to the run's tags (e.g. ``reproduced_from``) without changing the
     config, so that a reproduction logs the same params as the run it reproduces;
-    ``name_overrides`` are the overrides the run's name shows (:func:`run_name`).
+    ``name_overrides`` are the overrides the run's name shows (:func:`run_name`); ``settings``
+    are ``cfg`` loaded already (:func:`lpcvlab.config.load_settings`), so that a run loads its
+    config once.
     """
-    return drive(run_steps(cfg, work_dir, hydra_dir, extra_tags, name_overrides))
+    return drive(run_steps(cfg, work_dir, hydra_dir, extra_tags, name_overrides, settings))
 
 
 def run_steps(
@@ -235,13 +119,15 @@ def run_steps(
     hydra_dir: Path | None = None,
     extra_tags: dict[str, str] | None = None,
     name_overrides: Sequence[str] = (),
+    settings: RunConfig | None = None,
 ) -> Generator[InFlight, None, PipelineResult]:
     """:func:`run` as a generator: it yields what the hub has in flight at the device wait, and
     is resumed once that is done (its ``poll()`` returned True). An exception thrown in at the
     wait (a failed job, Ctrl-C) ends the run as it would have ended there (FAILED, KILLED).
     Before the wait the model is released: a sweep holds each waiting run's data and exports,
     not its weights."""
-    settings = load_settings(cfg)  # every value and combination, before anything else
+    if settings is None:  # every value and combination, before anything else
+        settings = load_settings(cfg)
     rank = worker_rank()
     if rank:  # a DDP training worker started by a launcher: it trains, and that is all
         return train_worker(settings, rank, _work_dir(work_dir))
@@ -274,27 +160,21 @@ def run_steps(
             run_id = rec.run_id
             ensure_table_view(rec.client, rec.experiment_id, settings.track.objective)
             try:
-                params = flatten(OmegaConf.to_container(resolved, resolve=True))
-                rec.log_params(params | thread_params())  # threads: results can depend on them
-                rec.log_text(OmegaConf.to_yaml(resolved, resolve=True), "config.yaml")
+                rec.log_config(resolved, thread_params())  # threads: results can depend on them
                 result = yield from _stages(settings, track, precision, rec, work_dir)
                 result.objective = score(
                     settings.track.objective, settings.budget, result.metrics, settings.fidelity
                 )
-                rec.log_metrics(result.objective.metrics())
-                rec.set_tags(result.objective.tags())
+                rec.log_objective(result.objective)
                 result.metrics |= result.objective.metrics()
                 result.experiment_id = rec.experiment_id
                 summary = results_text(settings, result)
-                rec.set_note(f"```text\n{summary}\n```\n")
+                rec.log_summary(summary)
             finally:
-                if hydra_dir is not None and hydra_dir.is_dir():
-                    rec.log_artifact(hydra_dir, ".hydra")
-                for logfile in work_dir.glob("*.log"):
-                    rec.log_artifact(logfile)
+                rec.log_job_files(hydra_dir, work_dir)
     except KeyboardInterrupt as exc:
         raise _interrupted(exc, run_id, settings, work_dir) from None
-    _print_summary(summary, result, rec.tracking_uri, experiment)
+    print_summary(summary, result, rec.tracking_uri, experiment)
     return result
 
 
@@ -359,56 +239,122 @@ def _interrupted(
 def _stages(
     s: RunConfig, track: Track, plan: PrecisionPlan, rec: RunRecorder, work_dir: Path
 ) -> Generator[InFlight, None, PipelineResult]:
+    """The run's stages in order, each a function of the records before it."""
     seed_everything(s.seed)
     clock = StageClock()
-    # The hub first, inside the run: credentials, network and device are checked before any
-    # data or model work, and a failure is recorded on the run.
+    hub, cache = open_hub(s, rec)  # credentials, network, device: before any data or model work
+    data = load_data(s, track, rec, work_dir)
+    clock.lap("data")
+    bundle = build_model(s, track, rec, data)
+    clock.lap("model")
+    reference = check_reference(track, rec, bundle, data)
+    clock.lap("reference")
+    if s.train.name != "none":
+        bundle = train(s, track, rec, bundle, data, work_dir)
+        clock.lap("train")
+    # Calibration data is chosen and checked before anything is exported or paid for.
+    precisions = _precisions(plan, track, data, bundle, rec)
+    exports = export_all(s, cache, rec, bundle, data)
+    lint = check_graphs(s, hub, rec, exports, work_dir)
+    clock.lap("export")
+    if s.precision.sensitivity or s.precision.exclude == "auto":
+        from lpcvlab.deploy.precision.selective import selective_quantization
+
+        console.stage("precision", "sensitivity sweep / exclude=auto")
+        precisions = selective_quantization(s, track, data, exports, precisions, rec, work_dir)
+        clock.lap("sensitivity")
+    weights = bundle.weights
+    del bundle  # exported: a run waiting on the device holds no weights
+    runs = yield from deploy(s, hub, cache, rec, exports, data, precisions, lint, weights)
+    reused = cache_reuse(cache)
+    clock.lap("runtime")
+    metrics: dict[str, float] = {}
+    for name, run in runs.items():
+        metrics |= rec.log_component_run(name, run)
+    evaluation = evaluate(s, track, rec, data, runs, work_dir)
+    metrics |= evaluation.metrics
+    metrics |= {f"parity_cosine_min/{n}": e.parity_cosine_min for n, e in exports.items()}
+    metrics |= reference.metrics()
+    clock.lap("metrics")
+    lowered = [n for n, p in precisions.items() if p.name != "fp32"]
+    if lowered:
+        outputs = _outputs(runs)
+        metrics |= _fidelity(
+            s, hub, cache, rec, track, data, exports, outputs, evaluation, lowered, work_dir
+        )
+        clock.lap("fidelity")
+    rec.log_metrics(clock.metrics())
+    metrics |= clock.metrics()
+    return PipelineResult(
+        rec.run_id, metrics, exports, runs, evaluation, weights, cache_reused=reused
+    )
+
+
+def open_hub(s: RunConfig, rec: RunRecorder) -> tuple[Hub, StageCache]:
+    """The hub, inside the run (credentials, network and device are checked before any data or
+    model work, and a failure is recorded on the run), wrapped in the stage cache."""
     hub: Hub = build_hub(
         s.hub, s.device, s.runtime, track=s.track.name, cache_dir=s.paths.cache_dir
     )
     hub.job_listener = rec.on_job
-    hub.preflight()  # credentials, network and device: before any data or model work
+    hub.preflight()
     cache = StageCache.from_settings(s.cache, rec.run_id, job_listener=rec.on_job)
-    hub = cache.wrap(hub)
-    training = s.train.name != "none"
+    return cache.wrap(hub), cache
 
+
+def load_data(s: RunConfig, track: Track, rec: RunRecorder, work_dir: Path) -> TrackData:
     console.stage("data", f"{s.data.name} (track={s.track.name})")
-    data = track.load_data(work_dir, training=training)
-    clock.lap("data")
-    rec.log_params(counts({f"data/{k}": v for k, v in data.stats.items()}))
-    rec.log_datasets(data.datasets)
-    for report in data.reports:
-        rec.log_artifact(report, "data")
+    data = track.load_data(work_dir, training=s.train.name != "none")
+    rec.log_data(data.stats, data.datasets, data.reports)
+    return data
 
+
+def build_model(s: RunConfig, track: Track, rec: RunRecorder, data: TrackData) -> ModelBundle:
+    """The backbone with its weights (seeded: the starting weights depend on the seed alone,
+    not on the data), and what a model lever (an activation swap) costs."""
     console.stage("model", s.backbone.name)
-    seed_everything(s.seed)  # the starting weights depend on the seed alone, not on the data
+    seed_everything(s.seed)
     bundle = track.build_model()
-    rec.set_tags({"weights": bundle.weights} | bundle.facts)
-    rec.log_params(bundle.facts)  # the activation and the normalisation the run applies
-    if hasattr(track, "lever_metrics"):  # what a model lever (an activation swap) costs
+    rec.log_weights(bundle.weights, bundle.facts)
+    if hasattr(track, "lever_metrics"):
         rec.log_metrics(track.lever_metrics(bundle, data))
-    clock.lap("model")
-    # The model as loaded against the weights' authors' code, before anything changes it.
+    return bundle
+
+
+def check_reference(
+    track: Track, rec: RunRecorder, bundle: ModelBundle, data: TrackData
+) -> ReferenceParity:
+    """The model as loaded against the weights' authors' code, before anything changes it; a
+    ParityError names what differs."""
     console.stage("reference", "the model as loaded against the weights' authors' code")
     reference = track.reference_parity(bundle, data)
-    rec.log_metrics(reference.metrics())
-    rec.set_tags({"reference": reference.reference[:5000]})
-    clock.lap("reference")
+    rec.log_reference(reference)
     failure = reference.failure()
     if failure:
         raise ParityError(failure)
+    return reference
 
-    if training:
-        console.stage("train", s.train.name)
-        bundle = track.train(bundle, data, s.train, rec, work_dir)
-        # Where the deployed weights came from: tag, description and logged models agree.
-        bundle = dataclasses.replace(bundle, weights=f"finetuned:{bundle.weights}")
-        rec.set_tags({"weights": bundle.weights})
-        clock.lap("train")
 
-    # Calibration data is chosen and checked before anything is exported or paid for.
-    precisions = _precisions(plan, track, data, bundle, rec)
+def train(
+    s: RunConfig,
+    track: Track,
+    rec: RunRecorder,
+    bundle: ModelBundle,
+    data: TrackData,
+    work_dir: Path,
+) -> ModelBundle:
+    console.stage("train", s.train.name)
+    bundle = track.train(bundle, data, s.train, rec, work_dir)
+    # Where the deployed weights came from: tag, description and logged models agree.
+    bundle = dataclasses.replace(bundle, weights=f"finetuned:{bundle.weights}")
+    rec.log_weights(bundle.weights)
+    return bundle
 
+
+def export_all(
+    s: RunConfig, cache: StageCache, rec: RunRecorder, bundle: ModelBundle, data: TrackData
+) -> dict[str, ExportResult]:
+    """Every component to ONNX (or from the stage cache), checked against PyTorch."""
     console.stage("export", ", ".join(c.name for c in bundle.components))
     onnx_dir = Path(s.paths.cache_dir) / "onnx"
     exports: dict[str, ExportResult] = {}
@@ -430,48 +376,44 @@ def _stages(
             rewrites=s.export.rewrites,
         )
         exports[comp.name] = exp
-        shape = "x".join(map(str, exp.input.shape))
-        rec.set_tags(
-            {
-                f"onnx_sha256/{comp.name}": exp.sha256,
-                f"onnx_input/{comp.name}": f"{exp.input.name} {shape} {exp.input.dtype}",
-            }
-        )
-        if s.tracking.log_models:
-            rec.log_model(
-                comp.name, exp.path, exp.sha256, model_facts(s, comp.name, bundle.weights)
-            )
-        rec.log_metrics(
-            {
-                f"parity_cosine_min/{comp.name}": exp.parity_cosine_min,
-                f"export_seconds/{comp.name}": exp.seconds,
-            }
-            | export_metrics(comp.name, exp),
-            models=[comp.name],
-        )
-        rec.log_params(export_params(comp.name, exp))
-        if s.tracking.log_onnx:
-            rec.log_artifact(exp.path, "onnx")
+        facts = model_facts(s, comp.name, bundle.weights) if s.tracking.log_models else None
+        rec.log_export(exp, facts, log_onnx=s.tracking.log_onnx)
     rec.set_tags(cache.tags())
-    # Device hazards of every graph to compile, before any hub stage (export.lint).
+    return exports
+
+
+def check_graphs(
+    s: RunConfig, hub: Hub, rec: RunRecorder, exports: dict[str, ExportResult], work_dir: Path
+) -> DeviceLint:
+    """Device hazards of every graph to compile, before any hub stage (``export.lint``); the
+    hub shows the lint every fp16 / quantized graph it makes before compiling it, and the I/O
+    of every model it compiled (the submission contract: ``io_contract``)."""
     lint = DeviceLint.from_settings(s, work_dir)
     specs = {n: e.input for n, e in exports.items()}
     lint.check(rec, {n: ("export", e.path) for n, e in exports.items()}, specs)
-    # ... and of every fp16 / quantized graph the hub makes, before it is compiled; and the
-    # I/O of every model the hub compiled against the submission contract (io_contract).
     hub.graph_check = lambda name, label, path: lint.check(rec, {name: (label, path)}, specs)
-    hub.compiled_check = lambda name, io, where: check_compiled(rec, lint, name, io, where)
-    clock.lap("export")
-    if s.precision.sensitivity or s.precision.exclude == "auto":
-        from lpcvlab.deploy.precision.selective import selective_quantization
 
-        console.stage("precision", "sensitivity sweep / exclude=auto")
-        precisions = selective_quantization(s, track, data, exports, precisions, rec, work_dir)
-        clock.lap("sensitivity")
+    def compiled(name: str, io: CompiledIO, where: str) -> None:
+        rec.log_compiled_io(name, io)
+        lint.check_compiled(rec, name, io, where)
 
-    weights = bundle.weights
-    del bundle, comp  # exported: a run waiting on the device holds no weights
+    hub.compiled_check = compiled
+    return lint
 
+
+def deploy(
+    s: RunConfig,
+    hub: Hub,
+    cache: StageCache,
+    rec: RunRecorder,
+    exports: dict[str, ExportResult],
+    data: TrackData,
+    precisions: dict[str, ComponentPrecision],
+    lint: DeviceLint,
+    weights: str,
+) -> Generator[InFlight, None, dict[str, ComponentRun]]:
+    """Compile, profile and run every component on the hub; yields once at the device wait
+    (resumed when every job is done). The deployed graphs are checked and logged."""
     console.stage("compile, profile, infer", f"hub={s.hub.name}")
     pending = hub.start_components(
         [
@@ -481,72 +423,18 @@ def _stages(
     )
     try:
         if not pending.poll():
-            yield pending  # the device wait: resumed when every job is done
+            yield pending
     except BaseException:
         pending.stop()
         raise
     runs = pending.result()
     rec.set_tags(cache.tags())
-    deployed = deployed_graphs(runs)  # the fp16 / quantized graphs deployed (checked once)
-    lint.check(rec, deployed, specs)
-    log_compiled_artifacts(rec, runs, log_files=s.tracking.log_models)
-    if s.tracking.log_models:
-        log_deployed_models(s, rec, runs, weights)
-    reused = ""
-    if cache.hits:
-        stages: dict[str, list[str]] = {}
-        for h in cache.hits:
-            stages.setdefault(h.component, []).append(h.stage)
-        sources = ", ".join(sorted({h.run_id for h in cache.hits}))
-        reused = "; ".join(f"{c} {'/'.join(st)}" for c, st in stages.items())
-        reused += f" (from run {sources})"
-        console.stage("cache", f"reused {reused}")
-    clock.lap("runtime")
-    metrics: dict[str, float] = {}
-    for name, crun in runs.items():
-        measured = component_metrics(name, crun)
-        rec.log_metrics(measured, models=[name])
-        rec.log_params(component_params(name, crun))
-        metrics |= measured
-        assert crun.profile is not None
-        rec.log_dict(crun.profile.raw, f"profiles/{name}.json")
-        if crun.quantized is not None:
-            quantized = quantized_metrics(name, crun)
-            rec.log_metrics(quantized, models=[name])
-            rec.log_params(quantized_params(name, crun))
-            rec.set_tags(quantized_tags(name, crun))
-            metrics |= quantized
-
-    console.stage("metrics", s.track.name)
-    outputs = {}
-    for name, crun in runs.items():
-        assert crun.inference is not None
-        outputs[name] = crun.inference.outputs
-    evaluation = track.evaluate(data, outputs, work_dir)
-    rec.log_metrics(evaluation.metrics, models=list(exports), dataset="evaluation")
-    rec.set_tags(evaluation.tags)
-    for path in evaluation.artifacts:
-        rec.log_artifact(path, "results")
-    if evaluation.summary:
-        rec.log_text(json.dumps(evaluation.summary, indent=2, default=str), "results/summary.json")
-    metrics |= evaluation.metrics
-    metrics |= {f"parity_cosine_min/{n}": e.parity_cosine_min for n, e in exports.items()}
-    metrics |= reference.metrics()
-    clock.lap("metrics")
-    lowered = [n for n, p in precisions.items() if p.name != "fp32"]
-    if lowered:
-        fidelity = _fidelity(
-            s, hub, cache, track, data, exports, outputs, evaluation, lowered, work_dir
-        )
-        rec.log_metrics(fidelity)
-        rec.set_tags(cache.tags() | _reference_tag(cache))
-        metrics |= fidelity
-        clock.lap("fidelity")
-    rec.log_metrics(clock.metrics())
-    metrics |= clock.metrics()
-    return PipelineResult(
-        rec.run_id, metrics, exports, runs, evaluation, weights, cache_reused=reused
-    )
+    specs = {n: e.input for n, e in exports.items()}
+    lint.check(rec, deployed_graphs(runs), specs)  # the fp16 / quantized graphs (checked once)
+    for name, run in runs.items():
+        facts = model_facts(s, name, weights) if s.tracking.log_models else None
+        rec.log_deployed(name, run, facts, log_files=s.tracking.log_models)
+    return runs
 
 
 def deployed_graphs(runs: dict[str, ComponentRun]) -> dict[str, tuple[str, Path]]:
@@ -558,102 +446,41 @@ def deployed_graphs(runs: dict[str, ComponentRun]) -> dict[str, tuple[str, Path]
     }
 
 
-def check_compiled(
-    rec: RunRecorder, lint: DeviceLint, component: str, io: CompiledIO, where: str
-) -> None:
-    """A compiled model's I/O: recorded (``compiled_io/<component>``, what ``lpcvlab submit``
-    checks), then checked against the submission contract by the device lint."""
-    rec.set_tags({f"compiled_io/{component}": json.dumps(io.to_record(), separators=(",", ":"))})
-    lint.check_compiled(rec, component, io, where)
+def cache_reuse(cache: StageCache) -> str:
+    """``"<component> <stage>/<stage>; ... (from run <id>)"``: what the stage cache gave."""
+    if not cache.hits:
+        return ""
+    stages: dict[str, list[str]] = {}
+    for h in cache.hits:
+        stages.setdefault(h.component, []).append(h.stage)
+    sources = ", ".join(sorted({h.run_id for h in cache.hits}))
+    reused = "; ".join(f"{c} {'/'.join(st)}" for c, st in stages.items())
+    reused += f" (from run {sources})"
+    console.stage("cache", f"reused {reused}")
+    return reused
 
 
-def log_compiled_artifacts(
-    rec: RunRecorder, runs: dict[str, ComponentRun], log_files: bool = True
-) -> None:
-    """What the hub built, where it says (AI Hub: each compile job's target model, ``.dlc`` /
-    ``.bin``): ``deployed_sha256/<component>`` names that file, ``deployed_artifact/<component>``
-    where it is logged (``deployed/<component>/``, with ``tracking.log_models``), beside the
-    ONNX it was compiled from (``onnx_sha256/<component>``)."""
-    for name, crun in runs.items():
-        c = crun.compiled
-        if c.artifact is None or c.artifact_sha256 is None:
-            continue
-        tags = {
-            f"deployed_sha256/{name}": c.artifact_sha256,
-            f"deployed_artifact/{name}": f"deployed/{name}/{c.artifact.name}",
-        }
-        if c.toolchain:
-            tags[f"toolchain/{name}"] = c.toolchain
-        rec.set_tags(tags)
-        if log_files:
-            rec.log_artifact(c.artifact, f"deployed/{name}")
+def _outputs(runs: dict[str, ComponentRun]) -> dict[str, np.ndarray]:
+    outputs = {}
+    for name, run in runs.items():
+        assert run.inference is not None
+        outputs[name] = run.inference.outputs
+    return outputs
 
 
-def log_deployed_models(
-    s: RunConfig, rec: RunRecorder, runs: dict[str, ComponentRun], weights: str
-) -> None:
-    """Each graph deployed in place of the fp32 export (fp16 / quantized ONNX, either hub) as
-    the component's logged model, the fp32 export's model its parent; tags name both."""
-    for name, crun in runs.items():
-        q = crun.quantized
-        if q is None or q.model is None:
-            continue
-        parent = rec.models.get(name, "")
-        facts = model_facts(s, name, weights)
-        extra = {"deployed_graph": q.precision, "parent_model_id": parent}
-        facts = dataclasses.replace(facts, tags=facts.tags | extra)
-        model_id = rec.log_model(name, Path(q.model.path), q.model.sha256, facts)
-        # The hub's compiled file, where there is one, is what runs (log_compiled_artifacts).
-        deployed = crun.compiled.artifact_sha256 or q.model.sha256
-        rec.set_tags(
-            {
-                f"deployed_model/{name}": model_id,
-                f"deployed_sha256/{name}": deployed,
-                f"parent_model/{name}": parent,
-            }
-        )
-
-
-def export_metrics(name: str, exp: ExportResult) -> dict[str, float]:
-    """What each rewrite of the exported graph cost (cosine against PyTorch)."""
-    return {f"rewrite_cosine_min/{name}/{r}": c for r, c in exp.rewrite_cosine_min.items()}
-
-
-def export_params(name: str, exp: ExportResult) -> dict[str, str]:
-    """The exported graph's operator histogram and each rewrite's sites (counts: params)."""
-    ops = exp.op_counts or op_counts(exp.path)
-    values = {f"onnx_ops/{name}/{op}": float(n) for op, n in ops.items()}
-    values |= {f"rewrite_sites/{name}/{r}": float(n) for r, n in exp.rewrite_sites.items()}
-    values |= {f"onnx_ops_plain/{name}/{op}": float(n) for op, n in exp.op_counts_plain.items()}
-    return counts(values)
-
-
-def quantized_metrics(name: str, run: ComponentRun) -> dict[str, float]:
-    """How long making a non-fp32 component took."""
-    q = run.quantized
-    assert q is not None
-    return {f"quantize_seconds/{name}": q.seconds}
-
-
-def quantized_params(name: str, run: ComponentRun) -> dict[str, str]:
-    """The operators of a non-fp32 component's graph (counts; its calibration size is logged
-    with its calibration data, :func:`_precisions`)."""
-    q = run.quantized
-    assert q is not None
-    values: dict[str, float] = {}
-    if q.model is not None:
-        ops = q.model.op_counts or op_counts(q.model.path)
-        values |= {f"onnx_ops_{q.precision}/{name}/{op}": float(n) for op, n in ops.items()}
-    return counts(values)
-
-
-def quantized_tags(name: str, run: ComponentRun) -> dict[str, str]:
-    q = run.quantized
-    assert q is not None
-    tags = {f"precision_method/{name}": q.method}
-    if q.model is not None:
-        tags[f"onnx_sha256/{name}/{q.precision}"] = q.model.sha256
-    return tags
+def evaluate(
+    s: RunConfig,
+    track: Track,
+    rec: RunRecorder,
+    data: TrackData,
+    runs: dict[str, ComponentRun],
+    work_dir: Path,
+) -> EvalResult:
+    """The track's metrics on the device outputs."""
+    console.stage("metrics", s.track.name)
+    evaluation = track.evaluate(data, _outputs(runs), work_dir)
+    rec.log_evaluation(evaluation, list(runs))
+    return evaluation
 
 
 def _precisions(
@@ -672,13 +499,7 @@ def _precisions(
             calibration = choose_calibration(
                 comp.name, comp.input, n, data.inputs[comp.name], train
             )
-            rec.set_tags(
-                {
-                    f"calibration/{comp.name}/source": calibration.source,
-                    f"calibration/{comp.name}/sha256": calibration.sha256,
-                }
-            )
-            rec.log_params(counts({f"calibration_samples/{comp.name}": len(calibration)}))
+            rec.log_calibration(comp.name, calibration)
         out[comp.name] = ComponentPrecision(
             plan.of(comp.name), calibration, *plan.excluded(comp.name)
         )
@@ -692,6 +513,7 @@ def _fidelity(
     s: RunConfig,
     hub: Hub,
     cache: StageCache,
+    rec: RunRecorder,
     track: Track,
     data: TrackData,
     exports: dict[str, ExportResult],
@@ -701,7 +523,7 @@ def _fidelity(
     work_dir: Path,
 ) -> dict[str, float]:
     """Every non-fp32 component's outputs against the fp32 export's on the same inputs, and
-    the track's objective computed from the fp32 outputs."""
+    the track's objective computed from the fp32 outputs (logged, and returned)."""
     console.stage("fidelity", f"{', '.join(lowered)} against the fp32 export")
     if hub.records_jobs:  # the reference is never a paid job: this machine computes it
         local = build_hub(
@@ -730,91 +552,9 @@ def _fidelity(
     fp32 = track.evaluate(data, outputs | reference, fp32_dir)
     objective = s.track.objective
     metrics |= metric_fidelity(objective, evaluation.metrics[objective], fp32.metrics[objective])
-    return metrics
-
-
-def _reference_tag(cache: StageCache) -> dict[str, str]:
-    """Where the fp32 reference outputs came from."""
-    runs = {
+    cached = {
         h.run_id for h in cache.hits if h.component.endswith(REFERENCE) and h.stage == INFERENCE
     }
-    found = f"stage cache (run {', '.join(sorted(runs))})" if runs else "computed on this machine"
-    return {"fidelity/reference": f"fp32 export, onnxruntime CPU; {found}"}
-
-
-def results_text(s: RunConfig, res: PipelineResult) -> str:
-    """The results table: what the terminal prints at the end, and the run's MLflow
-    description (metrics, latency and memory per component, precision, weights, cache reuse)."""
-    assert res.eval is not None
-    acc = [(k, v) for k, v in sorted(res.eval.metrics.items())]
-    comp_rows = []
-    for name, crun in res.runs.items():
-        assert crun.profile is not None
-        low, high = crun.profile.peak_memory_mb
-        fidelity = res.metrics.get(f"fidelity_cosine_min/{name}")
-        reference = res.metrics.get(f"reference_cosine_min/{name}")
-        comp_rows.append(
-            [
-                name,
-                s.precision.of(name),
-                crun.profile.latency_ms,
-                f"{console.fmt(low, 1)}-{console.fmt(high, 1)}",
-                f"{res.exports[name].parity_cosine_min:.6f}",
-                "-" if reference is None else f"{reference:.6f}",
-                "-" if fidelity is None else f"{fidelity:.6f}",
-            ]
-        )
-    where = "host CPU (onnxruntime)" if s.hub.name == "local" else s.device.aihub_name
-    lines = [
-        f"Results: track={s.track.name} backbone={s.backbone.name} "
-        f"preprocess={s.preprocess.name} precision={s.precision.name} weights={res.weights}",
-        console.table(["metric", "value"], acc),
-        "",
-        console.table(
-            [
-                f"component ({where})",
-                "precision",
-                "latency ms",
-                "peak memory MB",
-                "parity cos min",
-                "reference cos min",
-                "vs fp32 cos min",
-            ],
-            comp_rows,
-        ),
-    ]
-    if res.eval.notes:
-        lines += ["", *res.eval.notes]
-    if res.cache_reused:
-        lines += ["", f"Stage cache: reused {res.cache_reused}"]
-    obj = res.objective
-    if obj is not None and obj.fidelity is not None:
-        objective = s.track.objective
-        fp32 = res.metrics.get(f"{objective}_fp32", float("nan"))
-        lines += [
-            "",
-            f"{objective}: {obj.raw:.4f} here, {fp32:.4f} from the fp32 outputs",
-            obj.fidelity.line()
-            + (f"; returned to the sweeper: {obj.value:.4f}" if not obj.fidelity.passed else ""),
-        ]
-    if obj is not None and obj.budget_ms is not None:
-        verdict = "OVER budget" if obj.over_budget else "within budget"
-        lines += [
-            "",
-            f"Latency budget {obj.budget_ms:g} ms: total {obj.total_latency_ms:.3f} ms, "
-            f"{verdict}; {obj.name}={obj.raw:.4f}, returned to the sweeper: {obj.value:.4f}",
-        ]
-    return "\n".join(lines)
-
-
-def _print_summary(summary: str, res: PipelineResult, uri: str, experiment: str) -> None:
-    print()
-    print(summary)
-    print()
-    print(f"MLflow run {res.run_id} in experiment {experiment!r} at {uri}")
-    if uri.startswith("sqlite:"):
-        print(
-            f"Open the UI: mlflow ui --backend-store-uri {uri}, then "
-            f"http://127.0.0.1:5000/{ui_link(res.experiment_id, res.run_id)}; all runs: "
-            f"http://127.0.0.1:5000/{ui_link(res.experiment_id)}"
-        )
+    rec.log_fidelity(metrics, sorted(cached))
+    rec.set_tags(cache.tags())
+    return metrics

@@ -55,7 +55,7 @@ def store_uri(args: argparse.Namespace) -> str:
 
 def store_client(args: argparse.Namespace) -> Any:
     """A client of the store that retries SQLite's "database is locked" (a sweep may be writing)."""
-    from lpcvlab.tracking.recorder import RetryingClient
     from lpcvlab.tracking.runstore import open_store
+    from lpcvlab.tracking.store import RetryingClient
 
     return RetryingClient(open_store(store_uri(args)))

@@ -27,8 +27,8 @@ def add_runs_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def prune_command(args: argparse.Namespace) -> int:
-    from lpcvlab.tracking.recorder import check_store, prune_vanished
     from lpcvlab.tracking.runstore import open_store
+    from lpcvlab.tracking.store import check_store, prune_vanished
 
     uri = store_uri(args)
     client = open_store(uri)

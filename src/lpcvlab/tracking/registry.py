@@ -33,15 +33,15 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 from lpcvlab.errors import LpcvlabError
-from lpcvlab.tracking.recorder import (
+from lpcvlab.tracking.models import (
     COMPONENT_TAG,
     ONNX_SHA_TAG,
     ModelFacts,
     find_onnx_model,
     log_onnx_model,
-    ui_link,
 )
 from lpcvlab.tracking.runstore import RunInfo, get_run
+from lpcvlab.tracking.views import ui_link
 from lpcvlab.util.hashing import file_sha256
 
 DEFAULT_NAMES = {"retrieval": "lpcvc-track1", "video": "lpcvc-track2"}

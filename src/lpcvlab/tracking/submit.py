@@ -47,7 +47,7 @@ from lpcvlab.config.schema import (
     VideoTrackConfig,
 )
 from lpcvlab.errors import LpcvlabError
-from lpcvlab.tracking.recorder import ONNX_SHA_TAG
+from lpcvlab.tracking.models import ONNX_SHA_TAG
 from lpcvlab.tracking.registry import components, latency_measured_on, register_run
 from lpcvlab.tracking.runstore import RunInfo, get_run
 from lpcvlab.types import CompiledIO, io_mismatches

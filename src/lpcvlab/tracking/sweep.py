@@ -271,15 +271,14 @@ class MlflowSweepCallback(Callback):
             _stop_the_sweep(exc)
         from mlflow.tracking import MlflowClient
 
-        from lpcvlab.tracking.recorder import (
-            PARENT_RUN_ENV,
+        from lpcvlab.tracking.naming import git_info, source_tags
+        from lpcvlab.tracking.recorder import PARENT_RUN_ENV
+        from lpcvlab.tracking.store import (
             RetryingClient,
             check_store,
             get_experiment_id,
-            git_info,
             process_tags,
             resolve_uri,
-            source_tags,
         )
 
         try:
@@ -398,7 +397,8 @@ class MlflowSweepCallback(Callback):
         self._done = True
         from mlflow.tracking import MlflowClient
 
-        from lpcvlab.tracking.recorder import NOTE_TAG, PARENT_RUN_ENV, RetryingClient
+        from lpcvlab.tracking.recorder import NOTE_TAG, PARENT_RUN_ENV
+        from lpcvlab.tracking.store import RetryingClient
 
         client = RetryingClient(MlflowClient(tracking_uri=self._parent.tracking_uri))
         run_id = self._parent.run_id
@@ -475,8 +475,8 @@ def _kill_orphans(client: Any, parent_id: str, stop: Interrupted) -> list[str]:
     launcher killed before the run could end itself) or that this process ran: KILLED. A child
     whose process is still alive and ending by itself is given a few seconds. Returns the IDs of
     every KILLED child."""
-    from lpcvlab.tracking.recorder import PID_TAG, STARTED_TAG, process_alive
     from lpcvlab.tracking.runstore import child_runs
+    from lpcvlab.tracking.store import PID_TAG, STARTED_TAG, process_alive
 
     deadline = time.monotonic() + 10.0
     while True:
@@ -511,7 +511,7 @@ def stop_paragraph(
 ) -> str:
     """What a stopped sweep prints and its parent's description says: the jobs finished, which
     were stopped (with their KILLED runs), how many never started, and how to resume."""
-    from lpcvlab.tracking.recorder import command_line
+    from lpcvlab.tracking.naming import command_line
 
     sweep = sweep_dir(config)
     statuses = {j.num for j in read_job_statuses(sweep)}
@@ -525,7 +525,7 @@ def stop_paragraph(
         f"finished, {summary.failed} failed"
     ]
     if halted:
-        from lpcvlab.tracking.recorder import override_key
+        from lpcvlab.tracking.naming import override_key
 
         swept = {override_key(o) for o in sweep_overrides(config, swept_only=True)}
         shown = {n: [x for x in o if override_key(x) in swept] or o for n, o in halted.items()}
@@ -579,13 +579,8 @@ def record_failed_job(config: DictConfig, status: JobStatus) -> str | None:
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    from lpcvlab.tracking.recorder import (
-        COMMAND_TAG,
-        RetryingClient,
-        git_info,
-        process_tags,
-        resolve_uri,
-    )
+    from lpcvlab.tracking.naming import COMMAND_TAG, git_info
+    from lpcvlab.tracking.store import RetryingClient, process_tags, resolve_uri
     from lpcvlab.util.secrets import mask_secrets
 
     parent = read_parent(sweep_dir(config))
@@ -724,7 +719,7 @@ def _note(text: str, summary: SweepSummary, experiment_id: str) -> str:
     """The parent's description (markdown): a link to the best child first (the UI shows a
     description's first lines), then the summary and the runs' table, under MLflow's limit on a
     tag (the table cut to the best runs where needed; ``sweep_runs.csv`` has them all)."""
-    from lpcvlab.tracking.recorder import ui_link
+    from lpcvlab.tracking.views import ui_link
 
     note = ""
     if summary.best_run_id:

@@ -443,18 +443,7 @@ class Stages:
             "input_specs": {spec.name: [list(spec.shape), spec.dtype]},
         }
 
-        def submit_job() -> Any:
-            model = self._source_model(state)
-            return self._submit(
-                lambda: self.client.submit_compile_job(
-                    model,
-                    device=self._hub_device,
-                    name=self._job_name(state.component, "onnx"),
-                    input_specs={spec.name: (tuple(spec.shape), spec.dtype)},
-                    options=options,
-                ),
-                f"submitting the ONNX compile job of {state.component}",
-            )
+        submit_job = self._compile_submitter(state, spec.dtype, options, onnx=True)
 
         def on_success(p: Pending) -> list[Pending]:
             target = self._call(p.job.get_target_model, f"reading the model of {p.job.job_id}")
@@ -620,18 +609,7 @@ class Stages:
         if self.target_runtime in QNN_RUNTIMES:  # the ledger never reuses across versions
             inputs["qairt_version"] = self._qairt_key()
 
-        def submit_job() -> Any:
-            model = self._source_model(state)
-            return self._submit(
-                lambda: self.client.submit_compile_job(
-                    model,
-                    device=self._hub_device,
-                    name=self._job_name(state.component),
-                    input_specs={spec.name: (tuple(spec.shape), dtype)},
-                    options=options,
-                ),
-                f"submitting the compile job of {state.component}",
-            )
+        submit_job = self._compile_submitter(state, dtype, options)
 
         def on_success(p: Pending) -> list[Pending]:
             state.compiled = self._compiled_result(state, p)
@@ -645,6 +623,29 @@ class Stages:
         pending = self.driver.start("compile", state.trail, inputs, options, submit_job, on_success)
         self._share(pending)
         return pending
+
+    def _compile_submitter(
+        self, state: ComponentState, dtype: str, options: str, onnx: bool = False
+    ) -> Callable[[], Any]:
+        """What submits a compile job of the component's source model (the ONNX-target compile
+        of AIHM's quantize flow with ``onnx``), its input of ``dtype``."""
+        spec = state.exported.input
+        what = "ONNX compile job" if onnx else "compile job"
+
+        def submit_job() -> Any:
+            model = self._source_model(state)
+            return self._submit(
+                lambda: self.client.submit_compile_job(
+                    model,
+                    device=self._hub_device,
+                    name=self._job_name(state.component, "onnx" if onnx else ""),
+                    input_specs={spec.name: (tuple(spec.shape), dtype)},
+                    options=options,
+                ),
+                f"submitting the {what} of {state.component}",
+            )
+
+        return submit_job
 
     def after_compile(self, state: ComponentState) -> list[Pending]:
         """The jobs of the stages the component asked for, once it is compiled."""
