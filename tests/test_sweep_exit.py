@@ -107,6 +107,7 @@ def test_a_sweep_stopped_by_ctrl_c_ends_killed_saying_what_finished(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_reaches_it,
     )
     deadline = time.monotonic() + 400
     while not _running_job(tmp_path, "1"):
@@ -130,6 +131,13 @@ def test_a_sweep_stopped_by_ctrl_c_ends_killed_saying_what_finished(tmp_path):
     assert sorted(jobs) == ["0", "1"]
     assert jobs["0"].status == "FINISHED" and jobs["1"].status == "KILLED"
     assert jobs["1"].run_id in paragraph
+
+
+def _ctrl_c_reaches_it() -> None:
+    """In the child: SIGINT's default disposition, as a terminal's foreground job has. A suite
+    started in the background by a non-interactive shell (``cmd &``) ignores SIGINT, its
+    children inherit that, and Python then leaves Ctrl-C ignored: the sweep would never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _running_job(tmp: Path, job: str) -> bool:
