@@ -116,12 +116,12 @@ def test_kinetics_miss_names_the_torch_hub_file_and_a_hit_is_silent(tmp_path, mo
 def test_the_model_stage_no_longer_contradicts_itself():
     from omegaconf import OmegaConf
 
-    from lpcvlab.models.video import build_video_model
+    from lpcvlab.models.video import load_video
 
     tiny = {"name": "video_tiny", "arch": "video_tiny", "pretrained": "kinetics400"}
     tiny = OmegaConf.create(tiny)
     with pytest.raises(ConfigError) as info:
-        build_video_model(tiny, 4)
+        load_video(tiny, 4)
     assert "use kinetics400" not in str(info.value)
     assert "backbone.pretrained=null" in str(info.value)
 

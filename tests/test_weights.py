@@ -25,10 +25,10 @@ from weights_files import (
 
 from lpcvlab.config import load_settings
 from lpcvlab.config import weights as config_weights
-from lpcvlab.config.weights import inspect_checkpoint, plan_weights
+from lpcvlab.config.weights import clip_cache_lookup, inspect_checkpoint, plan_weights
 from lpcvlab.errors import ConfigError
-from lpcvlab.models.clip import _cached_checkpoint, build_clip
-from lpcvlab.models.video import build_video_model
+from lpcvlab.models.clip import build_clip
+from lpcvlab.models.video import load_video
 from lpcvlab.models.weights import quiet_open_clip
 from lpcvlab.tracks import TrackData, build_track
 
@@ -485,18 +485,18 @@ def test_video_head_sized_from_class_map_and_kinetics_checkpoint_loads(tmp_path,
     kinetics = r3d_18(weights=None)  # 400-class head, like the torchvision checkpoint
     path = tmp_path / "r3d_18-kinetics.pth"
     torch.save(kinetics.state_dict(), path)
-    model, weights = build_video_model(_video_backbone(pretrained=str(path)), num_classes=92)
+    model, weights, _ = load_video(_video_backbone(pretrained=str(path)), num_classes=92)
     assert weights == str(path) and model.fc.out_features == 92
     assert torch.equal(model.stem[0].weight, kinetics.stem[0].weight)
 
     # The kinetics400 tag is taken from the torch hub cache when the file is there.
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     offline = _video_backbone(pretrained="kinetics400", download=False)
-    _, weights = build_video_model(offline, 92)
+    _, weights, _ = load_video(offline, 92)
     assert weights == "random"
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     (tmp_path / "hub" / "checkpoints" / "r3d_18-b3b3357e.pth").write_bytes(path.read_bytes())
-    model, weights = build_video_model(_video_backbone(pretrained="kinetics400"), 92)
+    model, weights, _ = load_video(_video_backbone(pretrained="kinetics400"), 92)
     assert weights == "kinetics400"
     assert torch.equal(model.stem[0].weight, kinetics.stem[0].weight)
 
@@ -507,7 +507,7 @@ def test_video_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "mc3.pth"
     torch.save(mc3_18(weights=None).state_dict(), path)
     with pytest.raises(ConfigError, match="does not fit"):
-        build_video_model(_video_backbone(arch="r2plus1d_18", pretrained=str(path)), 92)
+        load_video(_video_backbone(arch="r2plus1d_18", pretrained=str(path)), 92)
 
 
 def _video_inputs(n: int = 2) -> TrackData:
@@ -603,17 +603,17 @@ def test_missing_checkpoint_file_is_a_config_error(tmp_path):
 
 
 def test_open_clip_tag_resolves_from_an_existing_hf_cache_only(tmp_path):
-    assert _cached_checkpoint("ViT-B-32", "openai", str(tmp_path)) is None  # nothing fetched
+    assert clip_cache_lookup("ViT-B-32", "openai", str(tmp_path)).found is None  # nothing fetched
     repo = tmp_path / "models--timm--vit_base_patch32_clip_224.openai"
     snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
     (snap / "open_clip_model.safetensors").write_bytes(b"weights")
-    found = _cached_checkpoint("ViT-B-32", "openai", str(tmp_path))
-    assert found == str(snap / "open_clip_model.safetensors")
+    found = clip_cache_lookup("ViT-B-32", "openai", str(tmp_path)).found
+    assert found == (snap / "open_clip_model.safetensors")
 
 
 def test_unknown_open_clip_tag_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not an open_clip tag"):
-        _cached_checkpoint("ViT-B-32", "no_such_tag", str(tmp_path))
+        clip_cache_lookup("ViT-B-32", "no_such_tag", str(tmp_path))

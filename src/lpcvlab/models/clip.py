@@ -33,7 +33,6 @@ from lpcvlab.config.weights import (
     LPCVLAB,
     TAG,
     WeightsPlan,
-    clip_cache_lookup,
     looks_like_path,
     normalization_text,
     plan_weights,
@@ -56,12 +55,6 @@ log = logging.getLogger(__name__)
 CONTEXT_LENGTH = 77
 # What an OpenAI archive's state dict holds beside the weights (load_openai_model reads them).
 _ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
-
-
-def _cached_checkpoint(model_name: str, tag: str, cache_dir: str | None) -> str | None:
-    """Path of the tag's checkpoint if it is already on disk; no network access."""
-    found = clip_cache_lookup(model_name, tag, cache_dir).found
-    return str(found) if found is not None else None
 
 
 _quiet_root = quiet_open_clip  # open_clip's INFO narration and "initialized randomly" line

@@ -181,14 +181,6 @@ def _new_video_model(backbone: VideoBackboneConfig, num_classes: int) -> nn.Modu
     )
 
 
-def build_video_model(
-    backbone: VideoBackboneConfig, num_classes: int, plan: WeightsPlan | None = None
-) -> tuple[nn.Module, str]:
-    """(model, weights description) for a Track 2 ``backbone`` config."""
-    model, weights, _ = load_video(backbone, num_classes, plan)
-    return model, weights
-
-
 def load_video(
     backbone: VideoBackboneConfig, num_classes: int, plan: WeightsPlan | None = None
 ) -> tuple[nn.Module, str, WeightsPlan | None]:
