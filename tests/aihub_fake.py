@@ -13,7 +13,7 @@ real connection, an unknown host or an unknown route fails the test.
 exceptions (``"refused"``: ``NewConnectionError``; ``"dns"``: ``NameResolutionError``;
 ``"connect_timeout"``: ``ConnectTimeoutError`` after waiting the caller's connect timeout;
 ``"read_timeout"``: ``ReadTimeoutError``; ``"dropped"``: ``ProtocolError``) or as an HTTP status
-(``503``). Tests set ``qai_hub.util.session.BACKOFF_FACTOR`` to 0 so that retries do not sleep.
+(``503``). Tests call :func:`without_backoff_sleeps` so that retries do not sleep.
 
 The fake behaves like the service where the hub relies on it:
 
@@ -377,6 +377,18 @@ class _Blobs(MutableMapping[str, bytes]):
 
     def __len__(self) -> int:
         return len(self._memory) if self.folder is None else len(self._names)
+
+
+def without_backoff_sleeps(monkeypatch: Any) -> None:
+    """The client's own retries run for real, without their back-off sleeps: the factor its
+    per-call retries read (``BACKOFF_FACTOR``), and the waits of the retries it decorated at
+    import (dataset and model uploads), which still call ``time.sleep``, with 0, so that a test
+    recording the sleeps sees every retry."""
+    import backoff._sync
+    import qai_hub.util.session
+
+    monkeypatch.setattr(qai_hub.util.session, "BACKOFF_FACTOR", 0)
+    monkeypatch.setattr(backoff._sync, "time", SimpleNamespace(sleep=lambda _s: time.sleep(0)))
 
 
 class FakeAIHub:

@@ -22,7 +22,7 @@ import pytest
 import qai_hub
 import qai_hub.public_api_pb2 as pb
 import qai_hub.util.session
-from aihub_fake import API_HOST, DEVICES, FakeAIHub, ledger_lines
+from aihub_fake import API_HOST, DEVICES, FakeAIHub, ledger_lines, without_backoff_sleeps
 from conftest import compose_config
 from omegaconf import OmegaConf
 from onnx import TensorProto, helper, numpy_helper
@@ -171,8 +171,7 @@ def video_inputs(n: int, seed: int = 0) -> np.ndarray:
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeAIHub:
     monkeypatch.setenv("QAI_HUB_API_TOKEN", TOKEN)
     monkeypatch.setenv("QAIHUB_CLIENT_INI", str(tmp_path / "absent-client.ini"))
-    # The client's own retries run for real, without their back-off sleeps.
-    monkeypatch.setattr(qai_hub.util.session, "BACKOFF_FACTOR", 0)
+    without_backoff_sleeps(monkeypatch)
     hub = FakeAIHub(TOKEN)
     hub.install(monkeypatch)
     return hub

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aihub_fake import FakeAIHub
+from aihub_fake import FakeAIHub, without_backoff_sleeps
 from test_aihub import fake, make_hub, models  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.hub
@@ -62,7 +62,6 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 def run_chunks(chunks: int, tmp: str) -> dict[str, int]:
     """In the child: the fake service (storage on disk), one compile, ``chunks`` inference jobs."""
-    import qai_hub.util.session
     from onnx import TensorProto, helper
     from test_aihub import TOKEN, _export
 
@@ -73,7 +72,7 @@ def run_chunks(chunks: int, tmp: str) -> dict[str, int]:
     patch = pytest.MonkeyPatch()
     patch.setenv("QAI_HUB_API_TOKEN", TOKEN)
     patch.setenv("QAIHUB_CLIENT_INI", str(work / "absent-client.ini"))
-    patch.setattr(qai_hub.util.session, "BACKOFF_FACTOR", 0)
+    without_backoff_sleeps(patch)
     service = FakeAIHub(TOKEN, steps=1, storage=work / "service")
     service.install(patch)
     spec = TensorSpec("clip", SHAPE, "float32")
@@ -140,6 +139,9 @@ def test_a_failed_upload_leaves_no_temp_file(
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
+    # torch makes its compile cache in the temporary folder when torch._dynamo is first
+    # imported (here, when this test runs alone): not a file of the upload's
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torchinductor"))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     fake.offer_credentials = credentials
     hub = make_hub(tmp_path)
