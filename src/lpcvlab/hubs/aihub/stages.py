@@ -377,6 +377,15 @@ class Stages:
     def _call(self, fn: Callable[[], Any], what: str) -> Any:
         return guard(fn, what, self._redact)
 
+    def _job_model(self, state: ComponentState, job: Any, kind: str) -> Any:
+        """The model a finished compile or quantize job made; a job without one fails its run."""
+        target = self._call(job.get_target_model, f"reading the model of {job.job_id}")
+        if target is None:
+            raise RuntimeStageError(
+                f"{state.component}: {kind} job {job.job_id} finished without a model ({job.url})"
+            )
+        return target
+
     def _submit(self, fn: Callable[[], Any], what: str) -> Any:
         return submit(self.client, fn, what, self._redact)
 
@@ -446,12 +455,7 @@ class Stages:
         submit_job = self._compile_submitter(state, spec.dtype, options, onnx=True)
 
         def on_success(p: Pending) -> list[Pending]:
-            target = self._call(p.job.get_target_model, f"reading the model of {p.job.job_id}")
-            if target is None:
-                raise RuntimeStageError(
-                    f"{state.component}: ONNX compile job {p.job.job_id} finished without a "
-                    f"model ({p.job.url})"
-                )
+            target = self._job_model(state, p.job, "ONNX compile")
             io = self._target_io(target, p.job.job_id)
             state.onnx_input, _ = self._device_input(exported, io, p.entry)
             return [self._start_quantize_job(state, target, p.job.job_id)]
@@ -503,12 +507,7 @@ class Stages:
             )
 
         def on_success(p: Pending) -> list[Pending]:
-            target = self._call(p.job.get_target_model, f"reading the model of {p.job.job_id}")
-            if target is None:
-                raise RuntimeStageError(
-                    f"{state.component}: quantize job {p.job.job_id} finished without a model "
-                    f"({p.job.url})"
-                )
+            target = self._job_model(state, p.job, "quantize")
             state.quantized_model = target
             deployed = self._download_quantized(state, target, p.job.job_id)
             if deployed is not None:  # its hazards, before its compile job is paid for
@@ -706,12 +705,7 @@ class Stages:
 
     def _compiled_result(self, state: ComponentState, p: Pending) -> CompileResult:
         job = p.job
-        target = self._call(job.get_target_model, f"reading the target model of {job.job_id}")
-        if target is None:
-            raise RuntimeStageError(
-                f"{state.component}: compile job {job.job_id} finished without a target model "
-                f"({job.url})"
-            )
+        target = self._job_model(state, job, "compile")
         io = self._target_io(target, job.job_id)
         first, channel_last = self._device_input(state.exported, io, p.entry)
         io = CompiledIO((first, *(t for t in io.inputs if t.name != first.name)), io.outputs)
